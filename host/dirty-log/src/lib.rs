@@ -1,0 +1,302 @@
+//! Dirty tracking of guest RAM that lives in another process (or this one).
+//!
+//! [`DirtyLog`] is the one concept: "which pages were written since the last
+//! sync". [`UffdWpDirtyLog`] implements it with no help from the VMM beyond a
+//! userfaultfd it created at start (the `freehint-preload` library does that):
+//!
+//! 1. take the VMM's userfaultfd with `pidfd_open` + `pidfd_getfd`;
+//! 2. `UFFDIO_API` with `WP_ASYNC | WP_UNPOPULATED | WP_HUGETLBFS_SHMEM` and
+//!    `UFFDIO_REGISTER` (mode WP) on the VMM's RAM mappings, issued from
+//!    here: a userfaultfd acts on the mm of the process that created it;
+//! 3. each sync is `ioctl(PAGEMAP_SCAN)` on `/proc/PID/pagemap` with
+//!    `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC` for category
+//!    `PAGE_IS_WRITTEN`: the kernel returns the written ranges and
+//!    write-protects them again in the same walk, so no write is lost
+//!    between reading and re-arming.
+//!
+//! Writes are resolved by the kernel (async WP): the VMM never blocks.
+
+#![deny(missing_docs)]
+
+pub mod sys;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+
+/// Errors from dirty tracking.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyLogError {
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Os {
+        /// What was attempted.
+        op: String,
+        /// What the kernel said.
+        source: io::Error,
+    },
+    /// The VMM process has no userfaultfd to take.
+    #[error("process {pid} has no userfaultfd open; start it with LD_PRELOAD=libfreehint_preload.so")]
+    NoUserfaultfd {
+        /// The VMM's pid.
+        pid: i32,
+    },
+    /// The kernel lacks a feature dirty tracking needs.
+    #[error("kernel lacks userfaultfd features {missing:#x} (need WP_ASYNC, WP_UNPOPULATED, WP_HUGETLBFS_SHMEM; Linux >= 6.7)")]
+    MissingFeatures {
+        /// Feature bits that were asked for and not granted.
+        missing: u64,
+    },
+    /// A range to track is not page aligned.
+    #[error("range {start:#x}+{len:#x} is not aligned to its page size {page_bytes}")]
+    Unaligned {
+        /// Start address.
+        start: u64,
+        /// Length.
+        len: u64,
+        /// Page size.
+        page_bytes: u64,
+    },
+    /// The kernel returned a range outside what was asked for.
+    #[error("PAGEMAP_SCAN returned {start:#x}..{end:#x}, outside the scanned range")]
+    BadScanResult {
+        /// Start of the returned range.
+        start: u64,
+        /// End of the returned range.
+        end: u64,
+    },
+}
+
+fn os(op: impl Into<String>) -> impl FnOnce(io::Error) -> DirtyLogError {
+    let op = op.into();
+    move |source| DirtyLogError::Os { op, source }
+}
+
+/// One virtual-address range of the VMM that holds guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrackedRange {
+    /// The caller's name for the region the range belongs to.
+    pub region: usize,
+    /// Start address in the VMM's address space.
+    pub vaddr_start: u64,
+    /// Length in bytes.
+    pub len_bytes: u64,
+    /// The page unit of the backing (4 KiB, or the hugetlbfs page size).
+    pub page_bytes: u64,
+    /// Index of the range's first page within its region.
+    pub first_page: u64,
+}
+
+/// Written pages: `count` pages starting at page `first_page` of `region`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyRun {
+    /// The region (as named in [`TrackedRange::region`]).
+    pub region: usize,
+    /// First written page within the region.
+    pub first_page: u64,
+    /// Number of consecutive written pages.
+    pub count: u64,
+}
+
+/// Which pages were written since the last sync.
+pub trait DirtyLog: Send {
+    /// Reports the pages written since the previous call (or since tracking
+    /// began) to `sink`, and re-arms tracking for them atomically with the
+    /// report: a write that lands after its page was reported is reported by
+    /// the next call.
+    fn sync(&mut self, sink: &mut dyn FnMut(DirtyRun)) -> Result<(), DirtyLogError>;
+}
+
+/// How to find the VMM's mappings of a RAM file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// Start address.
+    pub start: u64,
+    /// End address (exclusive).
+    pub end: u64,
+    /// Offset of the mapping in the file.
+    pub file_offset: u64,
+}
+
+/// The mappings of `path` in `/proc/PID/maps`.
+pub fn find_mappings(pid: i32, path: &Path) -> Result<Vec<Mapping>, DirtyLogError> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(os(format!("reading /proc/{pid}/maps")))?;
+    let want = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let want = want.to_string_lossy();
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        // start-end perms offset dev inode path
+        let mut it = line.splitn(6, ' ');
+        let (Some(range), Some(_perms), Some(off), Some(_dev), Some(_inode), Some(rest)) =
+            (it.next(), it.next(), it.next(), it.next(), it.next(), it.next())
+        else {
+            continue;
+        };
+        let p = rest.trim_start();
+        let p = p.strip_suffix(" (deleted)").unwrap_or(p);
+        if p != want {
+            continue;
+        }
+        let Some((s, e)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end), Ok(file_offset)) = (
+            u64::from_str_radix(s, 16),
+            u64::from_str_radix(e, 16),
+            u64::from_str_radix(off, 16),
+        ) else {
+            continue;
+        };
+        out.push(Mapping {
+            start,
+            end,
+            file_offset,
+        });
+    }
+    Ok(out)
+}
+
+/// Dirty tracking with async userfaultfd write-protect and `PAGEMAP_SCAN`.
+#[derive(Debug)]
+pub struct UffdWpDirtyLog {
+    uffd: OwnedFd,
+    pagemap: File,
+    ranges: Vec<TrackedRange>,
+    buf: Vec<sys::PageRegion>,
+}
+
+impl UffdWpDirtyLog {
+    /// Tracks `ranges` of process `pid`, using the userfaultfd that process
+    /// created (with the preload library). All pages start write-protected:
+    /// the first sync reports only pages written after this call.
+    pub fn attach_process(pid: i32, ranges: Vec<TrackedRange>) -> Result<Self, DirtyLogError> {
+        let fd_num = find_userfaultfd(pid)?;
+        let pidfd = sys::pidfd_open(pid).map_err(os(format!("pidfd_open({pid})")))?;
+        let uffd = sys::pidfd_getfd(&pidfd, fd_num)
+            .map_err(os(format!("pidfd_getfd(pid {pid}, fd {fd_num})")))?;
+        let pagemap = File::open(format!("/proc/{pid}/pagemap"))
+            .map_err(os(format!("opening /proc/{pid}/pagemap")))?;
+        Self::start(uffd, pagemap, ranges)
+    }
+
+    /// Tracks `ranges` of this process with a userfaultfd created here.
+    pub fn attach_self(ranges: Vec<TrackedRange>) -> Result<Self, DirtyLogError> {
+        // SAFETY: the userfaultfd syscall takes flags and returns a new fd.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK)
+        };
+        if fd < 0 {
+            return Err(os("userfaultfd")(io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a new descriptor that we own.
+        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let pagemap = File::open("/proc/self/pagemap").map_err(os("opening /proc/self/pagemap"))?;
+        Self::start(uffd, pagemap, ranges)
+    }
+
+    fn start(uffd: OwnedFd, pagemap: File, ranges: Vec<TrackedRange>) -> Result<Self, DirtyLogError> {
+        for r in &ranges {
+            if r.vaddr_start % r.page_bytes != 0 || r.len_bytes % r.page_bytes != 0 || r.len_bytes == 0 {
+                return Err(DirtyLogError::Unaligned {
+                    start: r.vaddr_start,
+                    len: r.len_bytes,
+                    page_bytes: r.page_bytes,
+                });
+            }
+        }
+        let want = sys::UFFD_FEATURE_WP_ASYNC
+            | sys::UFFD_FEATURE_WP_UNPOPULATED
+            | sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+        let got = sys::uffdio_api(&uffd, want).map_err(os("UFFDIO_API"))?;
+        if got & want != want {
+            return Err(DirtyLogError::MissingFeatures {
+                missing: want & !got,
+            });
+        }
+        for r in &ranges {
+            sys::uffdio_register_wp(&uffd, r.vaddr_start, r.len_bytes)
+                .map_err(os(format!("UFFDIO_REGISTER {:#x}+{:#x}", r.vaddr_start, r.len_bytes)))?;
+            sys::uffdio_writeprotect(&uffd, r.vaddr_start, r.len_bytes)
+                .map_err(os(format!("UFFDIO_WRITEPROTECT {:#x}+{:#x}", r.vaddr_start, r.len_bytes)))?;
+        }
+        Ok(Self {
+            uffd,
+            pagemap,
+            ranges,
+            buf: vec![sys::PageRegion::default(); 4096],
+        })
+    }
+
+    /// The tracked ranges.
+    pub fn ranges(&self) -> &[TrackedRange] {
+        &self.ranges
+    }
+}
+
+impl DirtyLog for UffdWpDirtyLog {
+    fn sync(&mut self, sink: &mut dyn FnMut(DirtyRun)) -> Result<(), DirtyLogError> {
+        for r in &self.ranges {
+            let end = r.vaddr_start + r.len_bytes;
+            let mut pos = r.vaddr_start;
+            while pos < end {
+                let (n, walk_end) = sys::pagemap_scan_written(&self.pagemap, pos, end, &mut self.buf)
+                    .map_err(os("PAGEMAP_SCAN"))?;
+                for pr in &self.buf[..n] {
+                    if pr.start < pos || pr.end > end || pr.start >= pr.end {
+                        return Err(DirtyLogError::BadScanResult {
+                            start: pr.start,
+                            end: pr.end,
+                        });
+                    }
+                    // Round outwards to the tracking unit (a hugetlb page is
+                    // reported whole by the kernel anyway).
+                    let first = (pr.start - r.vaddr_start) / r.page_bytes;
+                    let last = (pr.end - r.vaddr_start).div_ceil(r.page_bytes);
+                    sink(DirtyRun {
+                        region: r.region,
+                        first_page: r.first_page + first,
+                        count: last - first,
+                    });
+                }
+                if walk_end <= pos {
+                    return Err(DirtyLogError::BadScanResult {
+                        start: pos,
+                        end: walk_end,
+                    });
+                }
+                pos = walk_end;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UffdWpDirtyLog {
+    fn drop(&mut self) {
+        // Leave the VMM's memory as we found it: unregistering drops the
+        // write protection so later writes cost nothing.
+        for r in &self.ranges {
+            if let Err(e) = sys::uffdio_unregister(&self.uffd, r.vaddr_start, r.len_bytes) {
+                tracing::debug!("UFFDIO_UNREGISTER {:#x}: {e}", r.vaddr_start);
+            }
+        }
+    }
+}
+
+/// The fd number of the userfaultfd open in process `pid`.
+pub fn find_userfaultfd(pid: i32) -> Result<i32, DirtyLogError> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).map_err(os(format!("reading {dir}")))?;
+    for e in entries.flatten() {
+        if let Ok(target) = std::fs::read_link(e.path()) {
+            if target.as_os_str() == "anon_inode:[userfaultfd]" {
+                if let Some(n) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    return Ok(n);
+                }
+            }
+        }
+    }
+    Err(DirtyLogError::NoUserfaultfd { pid })
+}
