@@ -1,0 +1,255 @@
+//! The migration bitmap and the hint/sync lock.
+//!
+//! [`HintFilter`] owns the [`MigrationBitmap`] (which pages still have to be
+//! sent) behind one mutex. Three things touch the bitmap, all under that
+//! mutex:
+//!
+//! * the sender claims pages to send ([`HintFilter::claim`]): test and clear;
+//! * a bitmap sync ([`HintFilter::sync`]) closes the open hint epoch, merges
+//!   the dirty log, and opens the next epoch — in that order, without
+//!   releasing the lock;
+//! * free-page hints ([`HintFilter::apply_hints`]) clear pages, but only if
+//!   their cmd_id is the open epoch; any other hint is dropped and counted.
+//!
+//! Why this is enough (design §4, seed 004): a hint for epoch k was
+//! generated after the guest saw cmd_id k, which the engine published after
+//! the sync that opened k. Any write to the page after the hint was
+//! generated is therefore in the dirty log at the sync that closes k, and
+//! that sync sets the bit again. A hint that arrives after that sync carries
+//! a closed cmd_id and is dropped, so it can never clear a bit the sync set.
+
+#![deny(missing_docs)]
+
+mod bitmap;
+
+pub use bitmap::{MigrationBitmap, PageRun, RegionLayout};
+
+use freehint_types::{CmdId, GpaRange, HintOutcome, HintSink};
+
+#[cfg(loom)]
+use loom::sync::{Mutex, MutexGuard};
+#[cfg(not(loom))]
+use std::sync::{Mutex, MutexGuard};
+
+/// Counters of everything the filter did, with units in their names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HintStats {
+    /// Hint ranges applied to the bitmap.
+    pub hint_ranges_applied: u64,
+    /// Hint ranges dropped because their cmd_id was not the open epoch.
+    pub hints_dropped_stale: u64,
+    /// Hint ranges rejected as invalid (outside RAM, empty, wrapping).
+    pub hints_rejected_invalid: u64,
+    /// Pages that hints cleared while they were still to be sent.
+    pub pages_skipped_free: u64,
+    /// Bytes of guest memory covered by applied hints.
+    pub hinted_bytes: u64,
+    /// Pages discarded by free page reporting while still to be sent.
+    pub pages_skipped_reported: u64,
+    /// Epochs opened.
+    pub epochs_opened: u64,
+}
+
+/// What the lock protects.
+struct State {
+    bitmap: MigrationBitmap,
+    open_epoch: Option<CmdId>,
+    last_cmd_id: CmdId,
+    stats: HintStats,
+    /// Pages the guest reported (and the device discarded) since the last
+    /// sync; they become zero records in the next round.
+    reported: Vec<PageRun>,
+}
+
+/// What a sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// The epoch the sync closed, if one was open.
+    pub closed_epoch: Option<CmdId>,
+    /// The epoch it opened, if asked to.
+    pub opened_epoch: Option<CmdId>,
+    /// Pages to send after the sync.
+    pub pages_to_send: u64,
+    /// Pages that free page reporting discarded and that were not written
+    /// since: send them as zero records in the next round.
+    pub discarded: Vec<PageRun>,
+}
+
+/// Where the sender is in its walk over the bitmap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// Region index.
+    pub region: usize,
+    /// Next page to look at within the region.
+    pub page: u64,
+}
+
+/// The migration bitmap behind the hint/sync lock. Implements [`HintSink`].
+pub struct HintFilter {
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for HintFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HintFilter").finish_non_exhaustive()
+    }
+}
+
+impl HintFilter {
+    /// A filter over `bitmap` with no epoch open.
+    pub fn new(bitmap: MigrationBitmap) -> Self {
+        Self {
+            state: Mutex::new(State {
+                bitmap,
+                open_epoch: None,
+                last_cmd_id: CmdId(CmdId::MIN_ROUND - 1),
+                stats: HintStats::default(),
+                reported: Vec::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the bitmap half
+        // updated in a way later users could not cope with: every update is
+        // a set or clear of whole runs. So a poisoned lock is taken over.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the open epoch, runs `merge` on the bitmap (merge the dirty
+    /// log into it), and, if `open_next`, opens a fresh epoch — all under
+    /// the lock. Returns `merge`'s error untouched if it fails; the epoch is
+    /// then closed and none is opened.
+    ///
+    /// After this returns, publish [`SyncReport::opened_epoch`] to the guest
+    /// (never before: a hint generated before the sync must not carry it).
+    pub fn sync<E>(
+        &self,
+        open_next: bool,
+        merge: impl FnOnce(&mut MigrationBitmap) -> Result<(), E>,
+    ) -> Result<SyncReport, E> {
+        let mut st = self.lock();
+        let closed_epoch = st.open_epoch.take();
+        merge(&mut st.bitmap)?;
+        let reported = std::mem::take(&mut st.reported);
+        let mut discarded = Vec::with_capacity(reported.len());
+        for run in reported {
+            // A page written after it was discarded is set again: it will
+            // be sent as data, so no zero record for it.
+            st.bitmap.unset_subruns(run, &mut discarded);
+        }
+        let opened_epoch = if open_next {
+            let id = st.last_cmd_id.next_round();
+            st.last_cmd_id = id;
+            st.open_epoch = Some(id);
+            st.stats.epochs_opened += 1;
+            Some(id)
+        } else {
+            None
+        };
+        Ok(SyncReport {
+            closed_epoch,
+            opened_epoch,
+            pages_to_send: st.bitmap.count_set(),
+            discarded,
+        })
+    }
+
+    /// Claims up to `max_pages` pages to send, starting at `cursor` and
+    /// moving it on: the pages are cleared from the bitmap and appended to
+    /// `out` as (region, page). Claims come from one region at a time.
+    /// Returns the number of pages claimed; 0 means the walk reached the end.
+    pub fn claim(
+        &self,
+        cursor: &mut Cursor,
+        max_pages: usize,
+        out: &mut Vec<(usize, u64)>,
+    ) -> usize {
+        let mut st = self.lock();
+        st.bitmap.take_set(cursor, max_pages, out)
+    }
+
+    /// The open epoch, if any.
+    pub fn open_epoch(&self) -> Option<CmdId> {
+        self.lock().open_epoch
+    }
+
+    /// Pages still to be sent.
+    pub fn pages_to_send(&self) -> u64 {
+        self.lock().bitmap.count_set()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> HintStats {
+        self.lock().stats
+    }
+
+    /// Runs `f` on the bitmap under the lock (setup and inspection).
+    pub fn with_bitmap<R>(&self, f: impl FnOnce(&mut MigrationBitmap) -> R) -> R {
+        f(&mut self.lock().bitmap)
+    }
+
+    /// Applies free-page hints tagged `cmd_id`.
+    pub fn apply_hints(&self, cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
+        let mut out = HintOutcome::default();
+        let mut st = self.lock();
+        if st.open_epoch != Some(cmd_id) {
+            out.ranges_dropped_stale = ranges.len() as u64;
+            st.stats.hints_dropped_stale += out.ranges_dropped_stale;
+            return out;
+        }
+        for r in ranges {
+            match st.bitmap.runs_inside(*r) {
+                Some(runs) => {
+                    for run in runs {
+                        out.pages_cleared += st.bitmap.clear_run(run);
+                    }
+                    out.ranges_applied += 1;
+                    st.stats.hinted_bytes += r.len_bytes;
+                }
+                None => {
+                    tracing::debug!("hint {r} rejected: not inside guest RAM");
+                    out.ranges_rejected_invalid += 1;
+                }
+            }
+        }
+        st.stats.hint_ranges_applied += out.ranges_applied;
+        st.stats.hints_rejected_invalid += out.ranges_rejected_invalid;
+        st.stats.pages_skipped_free += out.pages_cleared;
+        out
+    }
+
+    /// Applies free page reporting: the ranges were discarded by the device.
+    pub fn apply_reported(&self, ranges: &[GpaRange]) -> HintOutcome {
+        let mut out = HintOutcome::default();
+        let mut st = self.lock();
+        for r in ranges {
+            match st.bitmap.runs_inside(*r) {
+                Some(runs) => {
+                    for run in runs {
+                        let cleared = st.bitmap.clear_run(run);
+                        out.pages_cleared += cleared;
+                        st.stats.pages_skipped_reported += cleared;
+                        st.reported.push(run);
+                    }
+                    out.ranges_applied += 1;
+                }
+                None => {
+                    out.ranges_rejected_invalid += 1;
+                    st.stats.hints_rejected_invalid += 1;
+                }
+            }
+        }
+        out
+    }
+}
+
+impl HintSink for HintFilter {
+    fn free_page_hints(&self, cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
+        self.apply_hints(cmd_id, ranges)
+    }
+
+    fn reported_free(&self, ranges: &[GpaRange]) -> HintOutcome {
+        self.apply_reported(ranges)
+    }
+}

@@ -1,0 +1,199 @@
+#![cfg(not(loom))]
+//! Behaviour of the hint filter: epochs, bounds, reporting.
+
+use freehint_hint_filter::{Cursor, HintFilter, MigrationBitmap, PageRun, RegionLayout};
+use freehint_types::{CmdId, GpaRange};
+use proptest::prelude::*;
+
+const MIB: u64 = 1 << 20;
+
+fn two_regions() -> HintFilter {
+    // 16 MiB of 4 KiB pages at 0, a hole, then 8 MiB of 2 MiB pages at 1 GiB.
+    let mut bm = MigrationBitmap::new(vec![
+        RegionLayout {
+            gpa_start: 0,
+            page_bytes: 4096,
+            pages: 4096,
+        },
+        RegionLayout {
+            gpa_start: 1 << 30,
+            page_bytes: 2 * MIB,
+            pages: 4,
+        },
+    ]);
+    bm.set_all();
+    HintFilter::new(bm)
+}
+
+fn no_merge(_: &mut MigrationBitmap) -> Result<(), ()> {
+    Ok(())
+}
+
+#[test]
+fn hints_apply_only_in_their_own_epoch() {
+    let f = two_regions();
+    let total = f.pages_to_send();
+    let hint = [GpaRange::new(0, 4 * MIB)];
+    // No epoch open yet: dropped.
+    assert_eq!(f.apply_hints(CmdId(2), &hint).ranges_dropped_stale, 1);
+    let r = f.sync(true, no_merge).unwrap();
+    let epoch = r.opened_epoch.unwrap();
+    assert!(epoch.is_round());
+    let out = f.apply_hints(epoch, &hint);
+    assert_eq!(out.pages_cleared, 1024);
+    assert_eq!(f.pages_to_send(), total - 1024);
+    // The next sync closes it: the same cmd_id is now stale.
+    let r2 = f.sync(true, no_merge).unwrap();
+    assert_eq!(r2.closed_epoch, Some(epoch));
+    assert_ne!(r2.opened_epoch, Some(epoch));
+    assert_eq!(
+        f.apply_hints(epoch, &[GpaRange::new(4 * MIB, 4 * MIB)])
+            .ranges_dropped_stale,
+        1
+    );
+    assert_eq!(f.pages_to_send(), total - 1024);
+    // A final sync opens nothing: every hint is stale.
+    let r3 = f.sync(false, no_merge).unwrap();
+    assert_eq!(r3.opened_epoch, None);
+    assert_eq!(
+        f.apply_hints(r2.opened_epoch.unwrap(), &hint)
+            .ranges_dropped_stale,
+        1
+    );
+    assert_eq!(f.stats().hints_dropped_stale, 3);
+}
+
+#[test]
+fn hints_outside_ram_are_rejected_and_never_applied() {
+    let f = two_regions();
+    let epoch = f.sync(true, no_merge).unwrap().opened_epoch.unwrap();
+    let before = f.pages_to_send();
+    for bad in [
+        GpaRange::new(16 * MIB - 4096, 8192), // runs off the end of region 0
+        GpaRange::new(512 * MIB, 4096),       // in the hole
+        GpaRange::new((1 << 30) + 8 * MIB, 1), // past region 1
+        GpaRange::new(u64::MAX - 10, 100),    // wraps
+        GpaRange::new(4096, 0),               // empty
+    ] {
+        let out = f.apply_hints(epoch, &[bad]);
+        assert_eq!(out.ranges_rejected_invalid, 1, "{bad}");
+        assert_eq!(out.pages_cleared, 0, "{bad}");
+    }
+    assert_eq!(f.pages_to_send(), before);
+    assert_eq!(f.stats().hints_rejected_invalid, 5);
+}
+
+#[test]
+fn partial_pages_are_not_cleared_and_huge_pages_clear_whole() {
+    let f = two_regions();
+    let epoch = f.sync(true, no_merge).unwrap().opened_epoch.unwrap();
+    // 1.5 pages starting mid-page: no whole page inside.
+    assert_eq!(
+        f.apply_hints(epoch, &[GpaRange::new(2048, 4096)])
+            .pages_cleared,
+        0
+    );
+    // 3 MiB from the start of the huge region: one whole 2 MiB page.
+    assert_eq!(
+        f.apply_hints(epoch, &[GpaRange::new(1 << 30, 3 * MIB)])
+            .pages_cleared,
+        1
+    );
+}
+
+#[test]
+fn reported_pages_become_zero_records_unless_written_again() {
+    let f = two_regions();
+    f.sync(true, no_merge).unwrap();
+    assert_eq!(
+        f.apply_reported(&[GpaRange::new(0, 64 * 4096)])
+            .pages_cleared,
+        64
+    );
+    // Pages 10..12 are written after the report: the dirty log sets them.
+    let r = f
+        .sync(true, |bm| {
+            bm.set_run(PageRun {
+                region: 0,
+                first_page: 10,
+                count: 2,
+            });
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+    assert_eq!(
+        r.discarded,
+        vec![
+            PageRun {
+                region: 0,
+                first_page: 0,
+                count: 10
+            },
+            PageRun {
+                region: 0,
+                first_page: 12,
+                count: 52
+            },
+        ]
+    );
+}
+
+#[test]
+fn claims_walk_regions_in_order_and_clear() {
+    let f = two_regions();
+    f.with_bitmap(|bm| {
+        bm.clear_run(PageRun {
+            region: 0,
+            first_page: 0,
+            count: 4096,
+        });
+        bm.set_run(PageRun {
+            region: 0,
+            first_page: 4094,
+            count: 2,
+        });
+    });
+    let mut c = Cursor::default();
+    let mut out = Vec::new();
+    assert_eq!(f.claim(&mut c, 3, &mut out), 2);
+    assert_eq!(f.claim(&mut c, 3, &mut out), 3);
+    assert_eq!(f.claim(&mut c, 3, &mut out), 1);
+    assert_eq!(f.claim(&mut c, 3, &mut out), 0);
+    assert_eq!(
+        out,
+        vec![(0, 4094), (0, 4095), (1, 0), (1, 1), (1, 2), (1, 3)]
+    );
+    assert_eq!(f.pages_to_send(), 0);
+}
+
+proptest! {
+    /// Whatever hints arrive, with whatever cmd_ids: a page set by the last
+    /// sync stays set unless a hint of the open epoch covered it, and a
+    /// hint never touches pages outside its range.
+    #[test]
+    fn hints_clear_exactly_their_pages(
+        hints in proptest::collection::vec((0u64..5, 0u64..20 * MIB, 1u64..3 * MIB), 0..20),
+    ) {
+        let f = two_regions();
+        let epoch = f.sync(true, no_merge).unwrap().opened_epoch.unwrap();
+        let mut expect = vec![true; 4096];
+        for (id_off, start, len) in hints {
+            let id = CmdId(epoch.0 + id_off as u32 - 2);
+            let r = GpaRange::new(start, len);
+            let out = f.apply_hints(id, &[r]);
+            let valid = start + len <= 16 * MIB;
+            if id == epoch && valid {
+                for p in start.div_ceil(4096)..(start + len) / 4096 {
+                    expect[p as usize] = false;
+                }
+            } else {
+                prop_assert_eq!(out.pages_cleared, 0);
+            }
+        }
+        f.with_bitmap(|bm| {
+            for (p, e) in expect.iter().enumerate() {
+                assert_eq!(bm.is_set(0, p as u64), *e, "page {p}");
+            }
+        });
+    }
+}
