@@ -160,15 +160,26 @@ impl MigrationBitmap {
         Some(runs)
     }
 
-    /// Takes (clears and appends to `out`) up to `max` set pages from
-    /// `cursor` on, staying within one region; moves the cursor.
+    /// Bytes of the set pages.
+    pub fn bytes_set(&self) -> u64 {
+        self.bits
+            .iter()
+            .zip(&self.layouts)
+            .map(|(b, l)| b.count_ones() as u64 * l.page_bytes)
+            .sum()
+    }
+
+    /// Takes (clears and appends to `out`) set pages from `cursor` on, at
+    /// most `max_bytes` worth but at least one, staying within one region;
+    /// moves the cursor.
     pub fn take_set(
         &mut self,
         cursor: &mut Cursor,
-        max: usize,
+        max_bytes: u64,
         out: &mut Vec<(usize, u64)>,
     ) -> usize {
         while cursor.region < self.bits.len() {
+            let max = (max_bytes / self.layouts[cursor.region].page_bytes).max(1) as usize;
             let bits = &mut self.bits[cursor.region];
             let start = (cursor.page as usize).min(bits.len());
             let mut taken = 0;

@@ -155,18 +155,19 @@ impl HintFilter {
         })
     }
 
-    /// Claims up to `max_pages` pages to send, starting at `cursor` and
-    /// moving it on: the pages are cleared from the bitmap and appended to
-    /// `out` as (region, page). Claims come from one region at a time.
-    /// Returns the number of pages claimed; 0 means the walk reached the end.
-    pub fn claim(
-        &self,
-        cursor: &mut Cursor,
-        max_pages: usize,
-        out: &mut Vec<(usize, u64)>,
-    ) -> usize {
+    /// Claims pages to send, at most `max_bytes` worth but at least one,
+    /// starting at `cursor` and moving it on: the pages are cleared from the
+    /// bitmap and appended to `out` as (region, page). Claims come from one
+    /// region at a time. Returns the number of pages claimed; 0 means the
+    /// walk reached the end.
+    pub fn claim(&self, cursor: &mut Cursor, max_bytes: u64, out: &mut Vec<(usize, u64)>) -> usize {
         let mut st = self.lock();
-        st.bitmap.take_set(cursor, max_pages, out)
+        st.bitmap.take_set(cursor, max_bytes, out)
+    }
+
+    /// Bytes still to be sent.
+    pub fn bytes_to_send(&self) -> u64 {
+        self.lock().bitmap.bytes_set()
     }
 
     /// The open epoch, if any.

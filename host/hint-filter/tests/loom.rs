@@ -52,7 +52,7 @@ impl World {
     fn send_round(&self) {
         let mut cursor = Cursor::default();
         let mut out = Vec::new();
-        while self.filter.claim(&mut cursor, 1, &mut out) > 0 {}
+        while self.filter.claim(&mut cursor, 4096, &mut out) > 0 {}
         if !out.is_empty() {
             // The page is read after it was claimed; a later write is in
             // the dirty log for the next sync.
