@@ -1,0 +1,61 @@
+//! The freehint host engine.
+//!
+//! * [`PrecopySender`] walks the [`HintFilter`]'s migration bitmap in
+//!   rounds, sends pages over several TCP channels, syncs the
+//!   [`DirtyLog`] between rounds (opening a new hint epoch each time), and
+//!   switches over through a [`Vmm`] when the bandwidth estimate says the
+//!   rest fits in the downtime target.
+//! * [`Receiver`] accepts one migration and places pages in the
+//!   destination's guest RAM.
+//! * [`MigrationParams`] is the one validated parameter set;
+//!   [`MigrationStats`] the one stats struct, with units in every field.
+//!
+//! [`HintFilter`]: freehint_hint_filter::HintFilter
+//! [`DirtyLog`]: freehint_dirty_log::DirtyLog
+
+#![deny(missing_docs)]
+
+mod error;
+mod io;
+mod params;
+mod receiver;
+mod sender;
+mod stats;
+mod vmm;
+
+pub use error::MigrateError;
+pub use params::{MigrationParams, ParamsError};
+pub use receiver::{ReceiveStats, Receiver};
+pub use sender::PrecopySender;
+pub use stats::MigrationStats;
+pub use vmm::{DestinationVmm, NoDeviceVmm, Vmm, VmmError};
+
+use freehint_hint_filter::{MigrationBitmap, RegionLayout};
+use freehint_memory::GuestRam;
+use freehint_wire::RegionDesc;
+
+/// The wire description of a guest RAM layout.
+pub fn region_descs(ram: &GuestRam) -> Vec<RegionDesc> {
+    ram.regions()
+        .iter()
+        .map(|r| RegionDesc {
+            gpa_start: r.gpa_start(),
+            size_bytes: r.size_bytes(),
+            page_bytes: r.page_bytes(),
+        })
+        .collect()
+}
+
+/// An empty migration bitmap shaped like `ram`.
+pub fn empty_bitmap(ram: &GuestRam) -> MigrationBitmap {
+    MigrationBitmap::new(
+        ram.regions()
+            .iter()
+            .map(|r| RegionLayout {
+                gpa_start: r.gpa_start(),
+                page_bytes: r.page_bytes(),
+                pages: r.pages(),
+            })
+            .collect(),
+    )
+}

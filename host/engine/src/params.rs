@@ -1,0 +1,95 @@
+use serde::{Deserialize, Serialize};
+
+/// An invalid parameter set, with the offending field named.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {reason}")]
+pub struct ParamsError {
+    /// The field.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Every knob of a migration, validated as a whole by [`Self::validate`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationParams {
+    /// Number of TCP connections carrying page data.
+    pub bulk_channels: u8,
+    /// Most bytes of page data in one batch (a huge page always goes whole).
+    pub batch_bytes: u64,
+    /// Switch over once the pages left are estimated to take at most this
+    /// long to send with the VM stopped.
+    pub downtime_target_ms: u64,
+    /// Switch over after this many rounds whatever the estimate says.
+    pub max_rounds: u32,
+    /// Ask the guest for free-page hints and skip the pages it reports.
+    pub hints: bool,
+    /// Seconds to wait for the peer to connect, answer hello, or confirm
+    /// that it resumed the VM.
+    pub peer_timeout_s: u64,
+}
+
+impl Default for MigrationParams {
+    fn default() -> Self {
+        Self {
+            bulk_channels: 2,
+            batch_bytes: 1 << 20,
+            downtime_target_ms: 300,
+            max_rounds: 30,
+            hints: true,
+            peer_timeout_s: 30,
+        }
+    }
+}
+
+impl MigrationParams {
+    /// Checks every field and their combination.
+    pub fn validate(&self) -> Result<(), ParamsError> {
+        let err = |field, reason: &str| {
+            Err(ParamsError {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if !(1..=16).contains(&self.bulk_channels) {
+            return err("bulk_channels", "must be 1..=16");
+        }
+        if !(4096..=64 << 20).contains(&self.batch_bytes) {
+            return err("batch_bytes", "must be 4 KiB..=64 MiB");
+        }
+        if self.batch_bytes / 4096 > freehint_wire::MAX_BATCH_PAGES as u64 {
+            return err("batch_bytes", "more than 4096 base pages per batch");
+        }
+        if self.max_rounds == 0 || self.max_rounds > 1000 {
+            return err("max_rounds", "must be 1..=1000");
+        }
+        if self.downtime_target_ms == 0 {
+            return err("downtime_target_ms", "must be positive");
+        }
+        if self.peer_timeout_s == 0 {
+            return err("peer_timeout_s", "must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_name_their_field() {
+        MigrationParams::default().validate().unwrap();
+        let bad = MigrationParams {
+            bulk_channels: 0,
+            ..Default::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().field, "bulk_channels");
+        let bad = MigrationParams {
+            batch_bytes: 100 << 20,
+            ..Default::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().field, "batch_bytes");
+    }
+}

@@ -1,0 +1,61 @@
+use serde::Serialize;
+
+/// Everything measured about one migration. Every field name carries its
+/// unit; the same names appear in the JSON, the logs and the summary.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MigrationStats {
+    /// Bytes written to all sockets, headers included.
+    pub bytes_on_wire: u64,
+    /// Pages sent with their data.
+    pub pages_sent: u64,
+    /// Pages sent as zero records (zero content, never populated, or
+    /// discarded by free page reporting), without data.
+    pub pages_zero: u64,
+    /// Pages free-page hints cleared before they were sent.
+    pub pages_skipped_free: u64,
+    /// Pages free page reporting discarded before they were sent.
+    pub pages_skipped_reported: u64,
+    /// Bytes of guest memory covered by applied hints.
+    pub hinted_bytes: u64,
+    /// Hint ranges dropped because their cmd_id was not the open epoch.
+    pub hints_dropped_stale: u64,
+    /// Hint ranges rejected as outside guest RAM, empty or wrapping.
+    pub hints_rejected_invalid: u64,
+    /// Precopy rounds, the final stopped one included.
+    pub rounds: u32,
+    /// From the first connection to the destination's confirmation.
+    pub total_time_ms: u64,
+    /// From stopping the VM to the destination's confirmation.
+    pub downtime_ms: u64,
+    /// Bytes the final (stopped) round sent.
+    pub final_round_bytes: u64,
+    /// Dirty-log syncs done.
+    pub syncs: u32,
+    /// Longest sync (dirty log scan plus bitmap merge, under the lock).
+    pub sync_max_us: u64,
+    /// Mean sync time.
+    pub sync_mean_us: u64,
+    /// Bandwidth of the busiest round, MiB/s.
+    pub peak_bandwidth_mib_per_s: f64,
+    /// Size of guest RAM.
+    pub guest_ram_bytes: u64,
+}
+
+impl MigrationStats {
+    /// A one-line human summary.
+    pub fn summary(&self) -> String {
+        format!(
+            "migrated {:.1} MiB of RAM: {:.1} MiB on the wire in {} ms ({} ms downtime), {} rounds; \
+             {} pages sent, {} zero, {} skipped as free (hints), {} stale hints dropped",
+            self.guest_ram_bytes as f64 / 1048576.0,
+            self.bytes_on_wire as f64 / 1048576.0,
+            self.total_time_ms,
+            self.downtime_ms,
+            self.rounds,
+            self.pages_sent,
+            self.pages_zero,
+            self.pages_skipped_free,
+            self.hints_dropped_stale
+        )
+    }
+}
