@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use freehint_memory::GuestRam;
 use freehint_wire::{ChannelRole, Hello, Kind, Message, PageBatchHead, ZeroRun, ENTRY_ZERO};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Barrier;
@@ -16,7 +16,7 @@ use crate::io::{expect_message, read_exact, read_header, write_message};
 use crate::{region_descs, DestinationVmm, MigrateError};
 
 /// What the receiver measured.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReceiveStats {
     /// Bytes read from all sockets.
     pub bytes_received: u64,

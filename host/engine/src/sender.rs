@@ -193,12 +193,6 @@ impl PrecopySender {
             guest_ram_bytes: self.ram.size_bytes(),
             ..Default::default()
         };
-        let Channels {
-            control_tx,
-            mut control_rx,
-            mut bulk,
-        } = self.open_channels(dest).await?;
-        *control_out = Some(control_tx);
 
         // Round 1 sends every populated page; holes go as zero records
         // without being read (reading a tmpfs hole would allocate it).
@@ -226,8 +220,16 @@ impl PrecopySender {
                 next = r.1;
             }
         }
+        // Open the first hint round before connecting, so the guest's
+        // report is under way by the time the first pages go out.
         let hints = self.params.hints;
         self.sync(hints, &mut stats)?;
+        let Channels {
+            control_tx,
+            mut control_rx,
+            mut bulk,
+        } = self.open_channels(dest).await?;
+        *control_out = Some(control_tx);
 
         let mut bandwidth_bytes_per_s: f64 = 0.0;
         let mut round: u32 = 0;

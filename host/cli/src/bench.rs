@@ -1,0 +1,417 @@
+//! The benchmark suite: `freehint bench sim|hints|sync`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use freehint_dirty_log::{DirtyLog, TrackedRange, UffdWpDirtyLog};
+use freehint_engine::{empty_bitmap, MigrationStats, PrecopySender, ReceiveStats};
+use freehint_hint_filter::HintFilter;
+use freehint_memory::GuestRam;
+use freehint_sim_vm::{FromSim, SimVmClient, ToSim};
+use freehint_types::{CmdId, GpaRange, HintSink, HintSource};
+use serde::Serialize;
+
+use crate::{runtime, tracked_ranges, OnOff, ParamArgs};
+
+/// Which benchmark.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Migrate a SIMULATED VM over loopback TCP and check every page.
+    Sim(SimArgs),
+    /// Hint application rate: how much hinted guest memory per second the
+    /// filter absorbs (in-process, no guest).
+    Hints {
+        /// Guest RAM size in MiB.
+        #[arg(long, default_value_t = 4096)]
+        mem_mib: u64,
+        /// Times to hint all of RAM.
+        #[arg(long, default_value_t = 200)]
+        passes: u32,
+    },
+    /// One dirty-log sync of a populated tmpfs mapping in this process with
+    /// few pages written (the real uffd-wp + PAGEMAP_SCAN path).
+    Sync {
+        /// RAM size in MiB.
+        #[arg(long, default_value_t = 4096)]
+        mem_mib: u64,
+        /// Pages written before each sync.
+        #[arg(long, default_value_t = 64)]
+        dirty_pages: u64,
+        /// Syncs to time.
+        #[arg(long, default_value_t = 50)]
+        syncs: u32,
+    },
+}
+
+/// Arguments of `bench sim`.
+#[derive(clap::Args, Debug)]
+pub struct SimArgs {
+    /// Guest RAM size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub mem_mib: u64,
+    /// Share of RAM the simulated guest uses, percent.
+    #[arg(long, default_value_t = 15)]
+    pub used_percent: u64,
+    /// Rate at which the simulated guest rewrites used memory, MiB/s.
+    #[arg(long, default_value_t = 16)]
+    pub dirty_mib_per_s: u64,
+    /// Free-page hints on or off.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub hints: OnOff,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Leave source.ram, destination.ram and free-at-switchover.txt here.
+    #[arg(long)]
+    pub keep_memory: Option<PathBuf>,
+    /// Adversarial hint timing in the simulated guest (late hints, pages
+    /// written right after they are hinted).
+    #[arg(long)]
+    pub adversarial: bool,
+    /// Free memory of the simulated guest at start: old-data or zero.
+    #[arg(long, default_value = "old-data")]
+    pub free_memory: String,
+    /// Random seed of the simulated guest.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub params: ParamArgs,
+}
+
+/// The result of `bench sim`.
+#[derive(Debug, Serialize)]
+pub struct SimReport {
+    /// What ran.
+    pub mode: &'static str,
+    /// Guest RAM, MiB.
+    pub mem_mib: u64,
+    /// Used share, percent.
+    pub used_percent: u64,
+    /// Dirty rate, MiB/s.
+    pub dirty_mib_per_s: u64,
+    /// Hints on?
+    pub hints: bool,
+    /// The sender's stats.
+    #[serde(flatten)]
+    pub stats: MigrationStats,
+    /// Pages compared (all pages not free at switchover).
+    pub pages_compared: u64,
+    /// Pages that differ between source and destination.
+    pub mismatched_pages: u64,
+    /// The receiver's stats.
+    pub receiver: ReceiveStats,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Sim(a) => {
+            let json = a.json;
+            let r = sim(a)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", r.stats.summary());
+                println!("{} pages compared, {} mismatched", r.pages_compared, r.mismatched_pages);
+            }
+            if r.mismatched_pages != 0 {
+                bail!("{} pages differ between source and destination", r.mismatched_pages);
+            }
+            Ok(())
+        }
+        BenchCommand::Hints { mem_mib, passes } => hints_rate(mem_mib, passes),
+        BenchCommand::Sync {
+            mem_mib,
+            dirty_pages,
+            syncs,
+        } => sync_time(mem_mib, dirty_pages, syncs),
+    }
+}
+
+/// Where our other binaries are: next to this one.
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the freehint binary")?;
+    let p = exe.parent().context("binary has no directory")?.join(name);
+    if !p.exists() {
+        bail!("{} not found; build the whole workspace (cargo build --workspace)", p.display());
+    }
+    Ok(p)
+}
+
+/// Kills a child process when dropped.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sim(a: SimArgs) -> Result<SimReport> {
+    let hints = a.hints == OnOff::On;
+    let params = a.params.params(hints)?;
+    let work = tempfile::Builder::new()
+        .prefix("freehint-bench-")
+        .tempdir_in("/dev/shm")
+        .context("making a work directory in /dev/shm")?;
+    let src_path = work.path().join("source.ram");
+    let dst_path = work.path().join("destination.ram");
+    let control_path = work.path().join("control.sock");
+    let listener = UnixListener::bind(&control_path).context("binding the simulated VM's control socket")?;
+
+    let mut sim_cmd = Command::new(sibling("freehint-sim-vm")?);
+    sim_cmd
+        .env("LD_PRELOAD", sibling("libfreehint_preload.so")?)
+        .arg("--ram")
+        .arg(&src_path)
+        .arg("--mem-mib")
+        .arg(a.mem_mib.to_string())
+        .arg("--used-percent")
+        .arg(a.used_percent.to_string())
+        .arg("--dirty-mib-per-s")
+        .arg(a.dirty_mib_per_s.to_string())
+        .arg("--control")
+        .arg(&control_path)
+        .arg("--seed")
+        .arg(a.seed.to_string())
+        .arg("--free-memory")
+        .arg(&a.free_memory)
+        .stdin(Stdio::null());
+    if a.adversarial {
+        sim_cmd.arg("--adversarial");
+    }
+    let mut sim_child = ChildGuard(sim_cmd.spawn().context("starting the simulated VM")?);
+    let stream = accept_from(&listener, &mut sim_child.0)?;
+    let sink_slot: Arc<Mutex<Option<Arc<dyn HintSink>>>> = Arc::new(Mutex::new(None));
+    let (client, ready) = SimVmClient::new(stream, sink_slot.clone())?;
+    let FromSim::Ready { pid, .. } = ready else {
+        bail!("simulated VM said {ready:?} instead of Ready");
+    };
+
+    let mut recv_child = ChildGuard(
+        Command::new(std::env::current_exe()?)
+            .args(["receive", "--listen", "127.0.0.1:0", "--json", "--mem-mib"])
+            .arg(a.mem_mib.to_string())
+            .arg("--ram")
+            .arg(&dst_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the receiver")?,
+    );
+    let mut recv_out = BufReader::new(recv_child.0.stdout.take().context("receiver stdout")?);
+    let mut line = String::new();
+    recv_out.read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .with_context(|| format!("receiver said {line:?}"))?
+        .parse()?;
+
+    let ram = Arc::new(GuestRam::open_file(&src_path, a.mem_mib << 20)?);
+    let log = UffdWpDirtyLog::attach_process(pid, tracked_ranges(pid, &ram)?)?;
+    let filter = Arc::new(HintFilter::new(empty_bitmap(&ram)));
+    *sink_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(filter.clone());
+    let hint_source: Option<Arc<dyn HintSource>> = if hints { Some(client.clone()) } else { None };
+    let sender = PrecopySender::new(ram.clone(), filter, Box::new(log), hint_source, client.clone(), params)?;
+    let stats = runtime()?.block_on(sender.migrate(addr))?;
+
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut recv_out, &mut rest)?;
+    let status = recv_child.0.wait()?;
+    if !status.success() {
+        bail!("receiver failed ({status})");
+    }
+    let receiver: ReceiveStats = serde_json::from_str(rest.trim().lines().last().unwrap_or(""))
+        .with_context(|| format!("parsing the receiver's stats {rest:?}"))?;
+
+    let free = client.free_at_stop().context("the simulated VM was never stopped")?;
+    let dst = GuestRam::open_file(&dst_path, a.mem_mib << 20)?;
+    let (pages_compared, mismatched_pages) = compare(&ram, &dst, &free);
+    let _ = client.request(&ToSim::Quit);
+
+    if let Some(dir) = &a.keep_memory {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut f = std::fs::File::create(dir.join("free-at-switchover.txt"))?;
+        for (s, e) in &free {
+            writeln!(f, "{s} {e}")?;
+        }
+        copy_image(&src_path, &dir.join("source.ram"))?;
+        copy_image(&dst_path, &dir.join("destination.ram"))?;
+    }
+    Ok(SimReport {
+        mode: if hints { "sim-hints" } else { "sim-nohints" },
+        mem_mib: a.mem_mib,
+        used_percent: a.used_percent,
+        dirty_mib_per_s: a.dirty_mib_per_s,
+        hints,
+        stats,
+        pages_compared,
+        mismatched_pages,
+        receiver,
+    })
+}
+
+fn copy_image(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+/// Waits for the simulated VM to connect, noticing if it dies first.
+fn accept_from(listener: &UnixListener, child: &mut Child) -> Result<std::os::unix::net::UnixStream> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(status) = child.try_wait()? {
+                    bail!("the simulated VM exited before connecting ({status})");
+                }
+                if Instant::now() > deadline {
+                    bail!("the simulated VM did not connect within 600 s");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Compares every page not free at switchover; returns (compared, differing).
+fn compare(src: &GuestRam, dst: &GuestRam, free: &[(u64, u64)]) -> (u64, u64) {
+    let s = &src.regions()[0];
+    let d = &dst.regions()[0];
+    let page = s.page_bytes() as usize;
+    let mut free_it = free.iter().peekable();
+    let (mut compared, mut bad) = (0, 0);
+    for p in 0..s.pages() {
+        while free_it.peek().is_some_and(|r| r.1 <= p) {
+            free_it.next();
+        }
+        if free_it.peek().is_some_and(|r| r.0 <= p) {
+            continue;
+        }
+        // SAFETY: both pages are inside their mappings; neither VM runs.
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts(s.page_ptr(p).expect("in range"), page),
+                std::slice::from_raw_parts(d.page_ptr(p).expect("in range"), page),
+            )
+        };
+        compared += 1;
+        if a != b {
+            bad += 1;
+            if bad <= 5 {
+                tracing::error!("page {p} differs");
+            }
+        }
+    }
+    (compared, bad)
+}
+
+#[derive(Serialize)]
+struct HintsRate {
+    mem_mib: u64,
+    hinted_bytes: u64,
+    elapsed_ms: f64,
+    hinted_gib_per_s: f64,
+}
+
+fn hints_rate(mem_mib: u64, passes: u32) -> Result<()> {
+    use freehint_hint_filter::{MigrationBitmap, RegionLayout};
+    let pages = (mem_mib << 20) / 4096;
+    let bm = MigrationBitmap::new(vec![RegionLayout {
+        gpa_start: 0,
+        page_bytes: 4096,
+        pages,
+    }]);
+    let f = HintFilter::new(bm);
+    // Hints arrive as the Linux driver sends them: 4 MiB blocks, a
+    // virtqueue's worth (16) per call.
+    let ranges: Vec<GpaRange> = (0..(mem_mib / 4)).map(|b| GpaRange::new(b << 22, 4 << 20)).collect();
+    let mut total = 0u64;
+    let t = Instant::now();
+    for _ in 0..passes {
+        f.with_bitmap(|b| b.set_all());
+        let epoch = f.sync(true, |_| Ok::<(), ()>(())).expect("no merge error").opened_epoch.unwrap_or(CmdId(2));
+        for chunk in ranges.chunks(16) {
+            total += f.apply_hints(epoch, chunk).pages_cleared;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    if total != pages * passes as u64 {
+        bail!("hints cleared {total} pages, expected {}", pages * passes as u64);
+    }
+    let r = HintsRate {
+        mem_mib,
+        hinted_bytes: total * 4096,
+        elapsed_ms: secs * 1000.0,
+        hinted_gib_per_s: (total * 4096) as f64 / secs / (1u64 << 30) as f64,
+    };
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct SyncTime {
+    mem_mib: u64,
+    dirty_pages: u64,
+    syncs: u32,
+    sync_mean_us: u64,
+    sync_median_us: u64,
+    sync_max_us: u64,
+}
+
+fn sync_time(mem_mib: u64, dirty_pages: u64, syncs: u32) -> Result<()> {
+    let dir = tempfile::tempdir_in("/dev/shm")?;
+    let ram = GuestRam::open_file(&dir.path().join("ram"), mem_mib << 20)?;
+    let r = &ram.regions()[0];
+    for p in 0..r.pages() {
+        // SAFETY: inside the mapping.
+        unsafe { r.page_ptr(p).expect("in range").write_volatile(1) };
+    }
+    let mut log = UffdWpDirtyLog::attach_self(vec![TrackedRange {
+        region: 0,
+        vaddr_start: r.host_ptr() as u64,
+        len_bytes: r.size_bytes(),
+        page_bytes: 4096,
+        first_page: 0,
+    }])?;
+    let mut times = Vec::new();
+    let stride = (r.pages() / dirty_pages.max(1)).max(1);
+    for i in 0..syncs as u64 {
+        for k in 0..dirty_pages {
+            let p = (k * stride + i) % r.pages();
+            // SAFETY: inside the mapping.
+            unsafe { r.page_ptr(p).expect("in range").write_volatile(2) };
+        }
+        let mut found = 0u64;
+        let t = Instant::now();
+        log.sync(&mut |run| found += run.count)?;
+        times.push(t.elapsed().as_micros() as u64);
+        if found != dirty_pages {
+            bail!("sync found {found} written pages, expected {dirty_pages}");
+        }
+    }
+    times.sort();
+    let out = SyncTime {
+        mem_mib,
+        dirty_pages,
+        syncs,
+        sync_mean_us: times.iter().sum::<u64>() / times.len().max(1) as u64,
+        sync_median_us: times[times.len() / 2],
+        sync_max_us: *times.last().unwrap_or(&0),
+    };
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}

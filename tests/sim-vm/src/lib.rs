@@ -1,0 +1,249 @@
+//! The **simulated VM** (`freehint-sim-vm`) and the engine's client for it.
+//!
+//! This is a stand-in for a guest, used beside the real QEMU/Linux guest
+//! for scale and speed: a separate process that maps a RAM file shared,
+//! creates its userfaultfd through the real preload library (so the real
+//! dirty log tracks it), writes memory at a given rate over a working set,
+//! runs a page allocator, and reports its free 4 MiB blocks as hints the way
+//! the Linux virtio-balloon driver does — including the awkward timings a
+//! real guest can produce: pages written right after being hinted (the
+//! shrinker giving hinted blocks back) and hints generated before a bitmap
+//! sync but delivered after it.
+//!
+//! Every page holds a pattern derived from its index and a generation
+//! counter, so any corruption or stale copy shows when source and
+//! destination are compared.
+//!
+//! The engine talks to it over a Unix socket with newline-delimited JSON
+//! ([`ToSim`], [`FromSim`]); [`SimVmClient`] implements the engine's
+//! [`Vmm`] and [`HintSource`] over that socket and feeds hints to a
+//! [`HintSink`].
+
+#![deny(missing_docs)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use freehint_engine::{Vmm, VmmError};
+use freehint_types::{CmdId, GpaRange, HintSink, HintSource, HintSourceError};
+use serde::{Deserialize, Serialize};
+
+/// Pages per hinted block: 2^10 base pages (4 MiB), as Linux on x86 hints.
+pub const HINT_BLOCK_PAGES: u64 = 1024;
+/// Base page size of the simulated guest.
+pub const PAGE_BYTES: u64 = 4096;
+
+/// Commands from the engine to the simulated VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ToSim {
+    /// Start reporting free blocks tagged `cmd_id`.
+    StartRound {
+        /// The round's id.
+        cmd_id: u32,
+    },
+    /// Stop reporting (cmd_id STOP).
+    StopRound,
+    /// Migration over (cmd_id DONE).
+    Finish,
+    /// Stop every writer; answered once no write is in flight.
+    Pause,
+    /// Let writers go on.
+    Resume,
+    /// List the free pages (meaningful while paused).
+    FreePages,
+    /// Exit.
+    Quit,
+}
+
+/// Messages from the simulated VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum FromSim {
+    /// Memory is initialised; writers are running.
+    Ready {
+        /// The simulator's pid.
+        pid: i32,
+        /// Pages of guest RAM.
+        pages: u64,
+        /// Pages in use.
+        used_pages: u64,
+    },
+    /// Free blocks, as (guest-physical start, length in bytes).
+    Hints {
+        /// The cmd_id the blocks were reported under.
+        cmd_id: u32,
+        /// The blocks.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// A command was carried out.
+    Ack,
+    /// Free pages as half-open (start_page, end_page) runs.
+    FreePages {
+        /// The runs.
+        runs: Vec<(u64, u64)>,
+    },
+    /// A command failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// The engine's side of the simulated VM's control socket.
+pub struct SimVmClient {
+    writer: Mutex<UnixStream>,
+    replies: Mutex<mpsc::Receiver<FromSim>>,
+    /// The free pages recorded when the VM was paused for switchover.
+    free_at_stop: Mutex<Option<Vec<(u64, u64)>>>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for SimVmClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimVmClient").finish_non_exhaustive()
+    }
+}
+
+/// Error talking to the simulated VM.
+#[derive(Debug, thiserror::Error)]
+#[error("simulated VM: {0}")]
+pub struct SimError(pub String);
+
+impl SimVmClient {
+    /// Wraps an accepted control connection. Hints are handed to the sink
+    /// installed later with [`Self::set_sink`] (dropped until then, as a
+    /// device with no migration running would). Returns the client and
+    /// the simulator's Ready message.
+    pub fn new(stream: UnixStream, sink: Arc<Mutex<Option<Arc<dyn HintSink>>>>) -> Result<(Arc<Self>, FromSim), SimError> {
+        let reader = stream.try_clone().map_err(|e| SimError(e.to_string()))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("sim-control-reader".into())
+            .spawn(move || {
+                for line in BufReader::new(reader).lines() {
+                    let Ok(line) = line else { return };
+                    let msg: FromSim = match serde_json::from_str(&line) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::warn!("simulated VM sent bad JSON: {e}");
+                            continue;
+                        }
+                    };
+                    if let FromSim::Hints { cmd_id, ranges } = &msg {
+                        let ranges: Vec<GpaRange> = ranges.iter().map(|&(s, l)| GpaRange::new(s, l)).collect();
+                        let sink = sink.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        if let Some(sink) = sink {
+                            sink.free_page_hints(CmdId(*cmd_id), &ranges);
+                        }
+                        continue;
+                    }
+                    if tx.send(msg).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| SimError(e.to_string()))?;
+        let client = Arc::new(Self {
+            writer: Mutex::new(stream),
+            replies: Mutex::new(rx),
+            free_at_stop: Mutex::new(None),
+            timeout: Duration::from_secs(120),
+        });
+        let ready = client.wait_reply()?;
+        Ok((client, ready))
+    }
+
+    fn wait_reply(&self) -> Result<FromSim, SimError> {
+        self.replies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recv_timeout(self.timeout)
+            .map_err(|e| SimError(format!("no answer: {e}")))
+    }
+
+    /// Sends a command and waits for its answer.
+    pub fn request(&self, cmd: &ToSim) -> Result<FromSim, SimError> {
+        let mut line = serde_json::to_string(cmd).map_err(|e| SimError(e.to_string()))?;
+        line.push('\n');
+        {
+            let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            w.write_all(line.as_bytes()).map_err(|e| SimError(format!("sending {cmd:?}: {e}")))?;
+        }
+        match self.wait_reply()? {
+            FromSim::Error { message } => Err(SimError(message)),
+            other => Ok(other),
+        }
+    }
+
+    fn ack(&self, cmd: ToSim) -> Result<(), SimError> {
+        match self.request(&cmd)? {
+            FromSim::Ack => Ok(()),
+            other => Err(SimError(format!("{cmd:?} answered with {other:?}"))),
+        }
+    }
+
+    /// The current free pages, as half-open page runs.
+    pub fn free_pages(&self) -> Result<Vec<(u64, u64)>, SimError> {
+        match self.request(&ToSim::FreePages)? {
+            FromSim::FreePages { runs } => Ok(runs),
+            other => Err(SimError(format!("free pages answered with {other:?}"))),
+        }
+    }
+
+    /// The free pages recorded when the VM was stopped for switchover.
+    pub fn free_at_stop(&self) -> Option<Vec<(u64, u64)>> {
+        self.free_at_stop.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Vmm for SimVmClient {
+    fn stop(&self) -> Result<(), VmmError> {
+        self.ack(ToSim::Pause).map_err(|e| VmmError(e.to_string()))?;
+        let free = self.free_pages().map_err(|e| VmmError(e.to_string()))?;
+        *self.free_at_stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(free);
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), VmmError> {
+        self.ack(ToSim::Resume).map_err(|e| VmmError(e.to_string()))
+    }
+
+    fn device_state(&self) -> Result<Vec<u8>, VmmError> {
+        Ok(Vec::new())
+    }
+
+    fn handed_over(&self) -> Result<(), VmmError> {
+        // The simulated source stays paused (its RAM file is the source
+        // image the bench compares); the bench ends it.
+        Ok(())
+    }
+}
+
+impl HintSource for SimVmClient {
+    fn start_round(&self, cmd_id: CmdId) -> Result<(), HintSourceError> {
+        self.ack(ToSim::StartRound { cmd_id: cmd_id.0 })
+            .map_err(|e| HintSourceError(e.to_string()))
+    }
+
+    fn stop_round(&self) -> Result<(), HintSourceError> {
+        self.ack(ToSim::StopRound).map_err(|e| HintSourceError(e.to_string()))
+    }
+
+    fn finish(&self) -> Result<(), HintSourceError> {
+        self.ack(ToSim::Finish).map_err(|e| HintSourceError(e.to_string()))
+    }
+}
+
+/// The pattern word `i` of page `page` at generation `generation`.
+pub fn pattern_word(page: u64, generation: u64, i: u64) -> u64 {
+    let x = page
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ generation.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ i.wrapping_mul(0x1656_67B1_9E37_79F9);
+    // Never zero, so a patterned page is never mistaken for a zero page.
+    x | 1
+}
