@@ -82,6 +82,9 @@ pub struct ParamArgs {
     /// Switch over after this many rounds at most.
     #[arg(long, default_value_t = MigrationParams::default().max_rounds)]
     pub max_rounds: u32,
+    /// Do at least this many rounds before switching over.
+    #[arg(long, default_value_t = MigrationParams::default().min_rounds)]
+    pub min_rounds: u32,
     /// Seconds to wait for the peer at each step.
     #[arg(long, default_value_t = MigrationParams::default().peer_timeout_s)]
     pub peer_timeout_s: u64,
@@ -95,6 +98,7 @@ impl ParamArgs {
             batch_bytes: self.batch_bytes,
             downtime_target_ms: self.downtime_target_ms,
             max_rounds: self.max_rounds,
+            min_rounds: self.min_rounds,
             hints,
             peer_timeout_s: self.peer_timeout_s,
         };

@@ -23,6 +23,10 @@ pub struct MigrationParams {
     pub downtime_target_ms: u64,
     /// Switch over after this many rounds whatever the estimate says.
     pub max_rounds: u32,
+    /// Do at least this many rounds before switching over, even if the
+    /// estimate allows it earlier (gives the guest's hints time; stress
+    /// tests use it to force many syncs).
+    pub min_rounds: u32,
     /// Ask the guest for free-page hints and skip the pages it reports.
     pub hints: bool,
     /// Seconds to wait for the peer to connect, answer hello, or confirm
@@ -37,6 +41,7 @@ impl Default for MigrationParams {
             batch_bytes: 1 << 20,
             downtime_target_ms: 300,
             max_rounds: 30,
+            min_rounds: 1,
             hints: true,
             peer_timeout_s: 30,
         }
@@ -63,6 +68,9 @@ impl MigrationParams {
         }
         if self.max_rounds == 0 || self.max_rounds > 1000 {
             return err("max_rounds", "must be 1..=1000");
+        }
+        if self.min_rounds == 0 || self.min_rounds > self.max_rounds {
+            return err("min_rounds", "must be 1..=max_rounds");
         }
         if self.downtime_target_ms == 0 {
             return err("downtime_target_ms", "must be positive");

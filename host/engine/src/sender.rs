@@ -259,7 +259,8 @@ impl PrecopySender {
                 estimate_ms = estimate_ms as u64,
                 "round done"
             );
-            if estimate_ms <= self.params.downtime_target_ms as f64 || round + 1 >= self.params.max_rounds {
+            let converged = estimate_ms <= self.params.downtime_target_ms as f64 && round >= self.params.min_rounds;
+            if converged || round + 1 >= self.params.max_rounds {
                 break;
             }
         }

@@ -1,0 +1,103 @@
+//! Helpers for the end-to-end tests: find the built binaries, run the
+//! benchmark command, start a SIMULATED VM process.
+//!
+//! The binaries must be built first (`cargo build --workspace`, which the
+//! README's test command does).
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use freehint_sim_vm::{FromSim, SimVmClient};
+use freehint_types::HintSink;
+
+/// The directory holding `freehint`, `freehint-sim-vm` and the preload
+/// library: `FREEHINT_BIN_DIR`, or the target directory of this test.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("FREEHINT_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    for name in ["freehint", "freehint-sim-vm", "libfreehint_preload.so"] {
+        assert!(
+            dir.join(name).exists(),
+            "{} missing: run `cargo build --workspace` before the tests",
+            dir.join(name).display()
+        );
+    }
+    dir
+}
+
+/// Runs `freehint bench sim --json ARGS` and returns its JSON, or the
+/// command's stderr if it failed.
+pub fn bench_sim(args: &[&str]) -> Result<serde_json::Value, String> {
+    let out = Command::new(bin_dir().join("freehint"))
+        .args(["bench", "sim", "--json"])
+        .args(args)
+        .output()
+        .expect("running freehint");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!("{}\n{}", stderr, stdout));
+    }
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).map_err(|e| format!("bad JSON {stdout:?}: {e}"))
+}
+
+/// A running SIMULATED VM process and its control client.
+pub struct SimVm {
+    /// The process.
+    pub child: Child,
+    /// The control client (Vmm + HintSource).
+    pub client: Arc<SimVmClient>,
+    /// Where hints go.
+    pub sink: Arc<Mutex<Option<Arc<dyn HintSink>>>>,
+    /// Its pid.
+    pub pid: i32,
+    /// Its RAM file.
+    pub ram_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SimVm {
+    /// Starts a simulated VM with `mem_mib` of RAM in /dev/shm.
+    pub fn start(mem_mib: u64, dirty_mib_per_s: u64) -> SimVm {
+        let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir");
+        let ram_path = dir.path().join("source.ram");
+        let sock = dir.path().join("control.sock");
+        let listener = UnixListener::bind(&sock).expect("bind");
+        let bins = bin_dir();
+        let child = Command::new(bins.join("freehint-sim-vm"))
+            .env("LD_PRELOAD", bins.join("libfreehint_preload.so"))
+            .arg("--ram")
+            .arg(&ram_path)
+            .args(["--mem-mib", &mem_mib.to_string(), "--dirty-mib-per-s", &dirty_mib_per_s.to_string()])
+            .arg("--control")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start sim vm");
+        let (stream, _) = listener.accept().expect("sim vm connects");
+        let sink: Arc<Mutex<Option<Arc<dyn HintSink>>>> = Arc::new(Mutex::new(None));
+        let (client, ready) = SimVmClient::new(stream, sink.clone()).expect("sim ready");
+        let FromSim::Ready { pid, .. } = ready else { panic!("sim said {ready:?}") };
+        SimVm {
+            child,
+            client,
+            sink,
+            pid,
+            ram_path,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for SimVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
