@@ -77,6 +77,11 @@ pub struct SimArgs {
     /// Free memory of the simulated guest at start: old-data or zero.
     #[arg(long, default_value = "old-data")]
     pub free_memory: String,
+    /// Preallocate the destination RAM before the migration (like QEMU's
+    /// -mem-prealloc), so that the transfer rate is not bounded by
+    /// allocating fresh memory.
+    #[arg(long)]
+    pub preallocate_destination: bool,
     /// Random seed of the simulated guest.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -117,10 +122,16 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!("{}", r.stats.summary());
-                println!("{} pages compared, {} mismatched", r.pages_compared, r.mismatched_pages);
+                println!(
+                    "{} pages compared, {} mismatched",
+                    r.pages_compared, r.mismatched_pages
+                );
             }
             if r.mismatched_pages != 0 {
-                bail!("{} pages differ between source and destination", r.mismatched_pages);
+                bail!(
+                    "{} pages differ between source and destination",
+                    r.mismatched_pages
+                );
             }
             Ok(())
         }
@@ -138,7 +149,10 @@ fn sibling(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the freehint binary")?;
     let p = exe.parent().context("binary has no directory")?.join(name);
     if !p.exists() {
-        bail!("{} not found; build the whole workspace (cargo build --workspace)", p.display());
+        bail!(
+            "{} not found; build the whole workspace (cargo build --workspace)",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -163,7 +177,8 @@ fn sim(a: SimArgs) -> Result<SimReport> {
     let src_path = work.path().join("source.ram");
     let dst_path = work.path().join("destination.ram");
     let control_path = work.path().join("control.sock");
-    let listener = UnixListener::bind(&control_path).context("binding the simulated VM's control socket")?;
+    let listener =
+        UnixListener::bind(&control_path).context("binding the simulated VM's control socket")?;
 
     let mut sim_cmd = Command::new(sibling("freehint-sim-vm")?);
     sim_cmd
@@ -194,9 +209,15 @@ fn sim(a: SimArgs) -> Result<SimReport> {
         bail!("simulated VM said {ready:?} instead of Ready");
     };
 
+    let mut recv_cmd = Command::new(std::env::current_exe()?);
+    if a.preallocate_destination {
+        recv_cmd.arg("receive").arg("--preallocate");
+    } else {
+        recv_cmd.arg("receive");
+    }
     let mut recv_child = ChildGuard(
-        Command::new(std::env::current_exe()?)
-            .args(["receive", "--listen", "127.0.0.1:0", "--json", "--mem-mib"])
+        recv_cmd
+            .args(["--listen", "127.0.0.1:0", "--json", "--mem-mib"])
             .arg(a.mem_mib.to_string())
             .arg("--ram")
             .arg(&dst_path)
@@ -219,7 +240,14 @@ fn sim(a: SimArgs) -> Result<SimReport> {
     let filter = Arc::new(HintFilter::new(empty_bitmap(&ram)));
     *sink_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(filter.clone());
     let hint_source: Option<Arc<dyn HintSource>> = if hints { Some(client.clone()) } else { None };
-    let sender = PrecopySender::new(ram.clone(), filter, Box::new(log), hint_source, client.clone(), params)?;
+    let sender = PrecopySender::new(
+        ram.clone(),
+        filter,
+        Box::new(log),
+        hint_source,
+        client.clone(),
+        params,
+    )?;
     let stats = runtime()?.block_on(sender.migrate(addr))?;
 
     let mut rest = String::new();
@@ -231,7 +259,9 @@ fn sim(a: SimArgs) -> Result<SimReport> {
     let receiver: ReceiveStats = serde_json::from_str(rest.trim().lines().last().unwrap_or(""))
         .with_context(|| format!("parsing the receiver's stats {rest:?}"))?;
 
-    let free = client.free_at_stop().context("the simulated VM was never stopped")?;
+    let free = client
+        .free_at_stop()
+        .context("the simulated VM was never stopped")?;
     let dst = GuestRam::open_file(&dst_path, a.mem_mib << 20)?;
     let (pages_compared, mismatched_pages) = compare(&ram, &dst, &free);
     let _ = client.request(&ToSim::Quit);
@@ -259,12 +289,16 @@ fn sim(a: SimArgs) -> Result<SimReport> {
 }
 
 fn copy_image(from: &Path, to: &Path) -> Result<()> {
-    std::fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    std::fs::copy(from, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     Ok(())
 }
 
 /// Waits for the simulated VM to connect, noticing if it dies first.
-fn accept_from(listener: &UnixListener, child: &mut Child) -> Result<std::os::unix::net::UnixStream> {
+fn accept_from(
+    listener: &UnixListener,
+    child: &mut Child,
+) -> Result<std::os::unix::net::UnixStream> {
     listener.set_nonblocking(true)?;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -338,19 +372,28 @@ fn hints_rate(mem_mib: u64, passes: u32) -> Result<()> {
     let f = HintFilter::new(bm);
     // Hints arrive as the Linux driver sends them: 4 MiB blocks, a
     // virtqueue's worth (16) per call.
-    let ranges: Vec<GpaRange> = (0..(mem_mib / 4)).map(|b| GpaRange::new(b << 22, 4 << 20)).collect();
+    let ranges: Vec<GpaRange> = (0..(mem_mib / 4))
+        .map(|b| GpaRange::new(b << 22, 4 << 20))
+        .collect();
     let mut total = 0u64;
     let t = Instant::now();
     for _ in 0..passes {
         f.with_bitmap(|b| b.set_all());
-        let epoch = f.sync(true, |_| Ok::<(), ()>(())).expect("no merge error").opened_epoch.unwrap_or(CmdId(2));
+        let epoch = f
+            .sync(true, |_| Ok::<(), ()>(()))
+            .expect("no merge error")
+            .opened_epoch
+            .unwrap_or(CmdId(2));
         for chunk in ranges.chunks(16) {
             total += f.apply_hints(epoch, chunk).pages_cleared;
         }
     }
     let secs = t.elapsed().as_secs_f64();
     if total != pages * passes as u64 {
-        bail!("hints cleared {total} pages, expected {}", pages * passes as u64);
+        bail!(
+            "hints cleared {total} pages, expected {}",
+            pages * passes as u64
+        );
     }
     let r = HintsRate {
         mem_mib,

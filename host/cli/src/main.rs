@@ -45,7 +45,11 @@ TCP to a receiver in another process, and compares the two RAM images page
 by page.";
 
 #[derive(Parser, Debug)]
-#[command(name = "freehint", version, about = "Live migration of a VM's guest RAM that skips the memory the guest does not use.")]
+#[command(
+    name = "freehint",
+    version,
+    about = "Live migration of a VM's guest RAM that skips the memory the guest does not use."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -151,6 +155,10 @@ struct ReceiveArgs {
     /// Seconds to wait for the source at each step.
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
+    /// Allocate all of the destination RAM before accepting (like QEMU's
+    /// -mem-prealloc).
+    #[arg(long)]
+    preallocate: bool,
 }
 
 fn main() {
@@ -185,11 +193,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn tracked_ranges(pid: i32, ram: &GuestRam) -> Result<Vec<TrackedRange>> {
     let mut ranges = Vec::new();
     for (idx, region) in ram.regions().iter().enumerate() {
-        let path = region.path().context("a RAM region without a path cannot be found in the VMM")?;
+        let path = region
+            .path()
+            .context("a RAM region without a path cannot be found in the VMM")?;
         let page = region.page_bytes();
         for m in find_mappings(pid, path)? {
             let start = m.file_offset.max(region.file_offset_bytes());
-            let end = (m.file_offset + (m.end - m.start)).min(region.file_offset_bytes() + region.size_bytes());
+            let end = (m.file_offset + (m.end - m.start))
+                .min(region.file_offset_bytes() + region.size_bytes());
             if start >= end {
                 continue;
             }
@@ -231,14 +242,19 @@ fn receive(a: ReceiveArgs) -> Result<()> {
     let ram = Arc::new(GuestRam::open_file(&a.ram, a.mem_mib << 20)?);
     let rt = runtime()?;
     let stats = rt.block_on(async {
+        let mut receiver = Receiver::new(ram, Arc::new(NoDeviceVmm), Duration::from_secs(a.timeout_s))
+            .preallocate(a.preallocate);
+        receiver.prepare()?;
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await
             .with_context(|| format!("listening on {}", a.listen))?;
         println!("listening on {}", listener.local_addr()?);
         use std::io::Write;
         std::io::stdout().flush()?;
-        let receiver = Receiver::new(ram, Arc::new(NoDeviceVmm), Duration::from_secs(a.timeout_s));
-        receiver.receive(&listener).await.map_err(anyhow::Error::from)
+        receiver
+            .receive(&listener)
+            .await
+            .map_err(anyhow::Error::from)
     })?;
     if a.json {
         println!("{}", serde_json::to_string(&stats)?);

@@ -35,7 +35,10 @@ impl Vmm for SignalVmm {
         for _ in 0..1000 {
             let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
                 .map_err(|e| VmmError(format!("process {} is gone: {e}", self.pid)))?;
-            let state = stat.rsplit(')').next().and_then(|s| s.split_whitespace().next());
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next());
             if state == Some("T") {
                 return Ok(());
             }

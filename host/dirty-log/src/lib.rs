@@ -37,7 +37,9 @@ pub enum DirtyLogError {
         source: io::Error,
     },
     /// The VMM process has no userfaultfd to take.
-    #[error("process {pid} has no userfaultfd open; start it with LD_PRELOAD=libfreehint_preload.so")]
+    #[error(
+        "process {pid} has no userfaultfd open; start it with LD_PRELOAD=libfreehint_preload.so"
+    )]
     NoUserfaultfd {
         /// The VMM's pid.
         pid: i32,
@@ -48,6 +50,10 @@ pub enum DirtyLogError {
         /// Feature bits that were asked for and not granted.
         missing: u64,
     },
+    /// The userfaultfd was already set up by an earlier dirty log (the
+    /// kernel allows UFFDIO_API once per userfaultfd).
+    #[error("the VMM's userfaultfd was already initialised by an earlier freehint run; a process supports one dirty-log session per userfaultfd (restart the VMM, or keep one daemon attached)")]
+    AlreadyInitialised,
     /// A range to track is not page aligned.
     #[error("range {start:#x}+{len:#x} is not aligned to its page size {page_bytes}")]
     Unaligned {
@@ -129,9 +135,14 @@ pub fn find_mappings(pid: i32, path: &Path) -> Result<Vec<Mapping>, DirtyLogErro
     for line in maps.lines() {
         // start-end perms offset dev inode path
         let mut it = line.splitn(6, ' ');
-        let (Some(range), Some(_perms), Some(off), Some(_dev), Some(_inode), Some(rest)) =
-            (it.next(), it.next(), it.next(), it.next(), it.next(), it.next())
-        else {
+        let (Some(range), Some(_perms), Some(off), Some(_dev), Some(_inode), Some(rest)) = (
+            it.next(),
+            it.next(),
+            it.next(),
+            it.next(),
+            it.next(),
+            it.next(),
+        ) else {
             continue;
         };
         let p = rest.trim_start();
@@ -184,9 +195,8 @@ impl UffdWpDirtyLog {
     /// Tracks `ranges` of this process with a userfaultfd created here.
     pub fn attach_self(ranges: Vec<TrackedRange>) -> Result<Self, DirtyLogError> {
         // SAFETY: the userfaultfd syscall takes flags and returns a new fd.
-        let fd = unsafe {
-            libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK)
-        };
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if fd < 0 {
             return Err(os("userfaultfd")(io::Error::last_os_error()));
         }
@@ -196,9 +206,16 @@ impl UffdWpDirtyLog {
         Self::start(uffd, pagemap, ranges)
     }
 
-    fn start(uffd: OwnedFd, pagemap: File, ranges: Vec<TrackedRange>) -> Result<Self, DirtyLogError> {
+    fn start(
+        uffd: OwnedFd,
+        pagemap: File,
+        ranges: Vec<TrackedRange>,
+    ) -> Result<Self, DirtyLogError> {
         for r in &ranges {
-            if r.vaddr_start % r.page_bytes != 0 || r.len_bytes % r.page_bytes != 0 || r.len_bytes == 0 {
+            if r.vaddr_start % r.page_bytes != 0
+                || r.len_bytes % r.page_bytes != 0
+                || r.len_bytes == 0
+            {
                 return Err(DirtyLogError::Unaligned {
                     start: r.vaddr_start,
                     len: r.len_bytes,
@@ -209,17 +226,27 @@ impl UffdWpDirtyLog {
         let want = sys::UFFD_FEATURE_WP_ASYNC
             | sys::UFFD_FEATURE_WP_UNPOPULATED
             | sys::UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
-        let got = sys::uffdio_api(&uffd, want).map_err(os("UFFDIO_API"))?;
+        let got = sys::uffdio_api(&uffd, want).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                DirtyLogError::AlreadyInitialised
+            } else {
+                os("UFFDIO_API")(e)
+            }
+        })?;
         if got & want != want {
             return Err(DirtyLogError::MissingFeatures {
                 missing: want & !got,
             });
         }
         for r in &ranges {
-            sys::uffdio_register_wp(&uffd, r.vaddr_start, r.len_bytes)
-                .map_err(os(format!("UFFDIO_REGISTER {:#x}+{:#x}", r.vaddr_start, r.len_bytes)))?;
-            sys::uffdio_writeprotect(&uffd, r.vaddr_start, r.len_bytes)
-                .map_err(os(format!("UFFDIO_WRITEPROTECT {:#x}+{:#x}", r.vaddr_start, r.len_bytes)))?;
+            sys::uffdio_register_wp(&uffd, r.vaddr_start, r.len_bytes).map_err(os(format!(
+                "UFFDIO_REGISTER {:#x}+{:#x}",
+                r.vaddr_start, r.len_bytes
+            )))?;
+            sys::uffdio_writeprotect(&uffd, r.vaddr_start, r.len_bytes).map_err(os(format!(
+                "UFFDIO_WRITEPROTECT {:#x}+{:#x}",
+                r.vaddr_start, r.len_bytes
+            )))?;
         }
         Ok(Self {
             uffd,
@@ -241,8 +268,9 @@ impl DirtyLog for UffdWpDirtyLog {
             let end = r.vaddr_start + r.len_bytes;
             let mut pos = r.vaddr_start;
             while pos < end {
-                let (n, walk_end) = sys::pagemap_scan_written(&self.pagemap, pos, end, &mut self.buf)
-                    .map_err(os("PAGEMAP_SCAN"))?;
+                let (n, walk_end) =
+                    sys::pagemap_scan_written(&self.pagemap, pos, end, &mut self.buf)
+                        .map_err(os("PAGEMAP_SCAN"))?;
                 for pr in &self.buf[..n] {
                     if pr.start < pos || pr.end > end || pr.start >= pr.end {
                         return Err(DirtyLogError::BadScanResult {

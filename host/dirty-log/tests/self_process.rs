@@ -37,7 +37,10 @@ fn exactly_the_written_pages_come_back_and_are_rearmed() {
         unsafe { region.page_ptr(p).unwrap().add(100).write_volatile(7) };
     }
     let runs = collect(&mut log);
-    let mut got: Vec<u64> = runs.iter().flat_map(|r| r.first_page..r.first_page + r.count).collect();
+    let mut got: Vec<u64> = runs
+        .iter()
+        .flat_map(|r| r.first_page..r.first_page + r.count)
+        .collect();
     got.sort();
     assert_eq!(got, vec![3, 4, 700, 1023]);
     assert!(collect(&mut log).is_empty(), "re-armed by the scan");
@@ -46,7 +49,11 @@ fn exactly_the_written_pages_come_back_and_are_rearmed() {
     unsafe { region.page_ptr(4).unwrap().write_volatile(9) };
     assert_eq!(
         collect(&mut log),
-        vec![DirtyRun { region: 0, first_page: 4, count: 1 }]
+        vec![DirtyRun {
+            region: 0,
+            first_page: 4,
+            count: 1
+        }]
     );
 }
 

@@ -37,7 +37,7 @@ pub struct MigrationParams {
 impl Default for MigrationParams {
     fn default() -> Self {
         Self {
-            bulk_channels: 2,
+            bulk_channels: default_bulk_channels(),
             batch_bytes: 1 << 20,
             downtime_target_ms: 300,
             max_rounds: 30,
@@ -46,6 +46,14 @@ impl Default for MigrationParams {
             peer_timeout_s: 30,
         }
     }
+}
+
+/// Half the CPUs, 1..=4: each bulk channel keeps a sender and a receiver
+/// thread busy, and on two cores one channel is fastest (measured in
+/// docs/BENCHMARKS.md).
+fn default_bulk_channels() -> u8 {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cpus / 2).clamp(1, 4) as u8
 }
 
 impl MigrationParams {

@@ -40,7 +40,9 @@ impl WrittenMap {
     fn new(ram: &GuestRam) -> Result<Self, MigrateError> {
         let mut words = Vec::new();
         for r in ram.regions() {
-            let w: Vec<AtomicU64> = (0..r.pages().div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+            let w: Vec<AtomicU64> = (0..r.pages().div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect();
             for range in r.data_page_ranges()? {
                 for p in range {
                     w[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
@@ -67,6 +69,8 @@ pub struct Receiver {
     ram: Arc<GuestRam>,
     vmm: Arc<dyn DestinationVmm>,
     timeout: Duration,
+    preallocate: bool,
+    written: Option<Arc<WrittenMap>>,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -88,12 +92,50 @@ impl Receiver {
     /// A receiver that places pages into `ram` and hands the VM to `vmm`.
     /// `timeout` bounds every wait for the source.
     pub fn new(ram: Arc<GuestRam>, vmm: Arc<dyn DestinationVmm>, timeout: Duration) -> Self {
-        Self { ram, vmm, timeout }
+        Self {
+            ram,
+            vmm,
+            timeout,
+            preallocate: false,
+            written: None,
+        }
+    }
+
+    /// Allocate all of the destination's RAM before the source connects
+    /// (like QEMU's `-mem-prealloc`), so that placing pages costs no
+    /// allocation during the migration.
+    pub fn preallocate(mut self, yes: bool) -> Self {
+        self.preallocate = yes;
+        self
+    }
+
+    /// Surveys the destination RAM and preallocates it if asked to, before
+    /// any source connects; [`Self::receive`] does it itself otherwise.
+    pub fn prepare(&mut self) -> Result<(), MigrateError> {
+        self.written = Some(Self::survey(&self.ram, self.preallocate)?);
+        Ok(())
+    }
+
+    /// Which pages hold data before anything arrives (a zero record for
+    /// them must clear them); taken before preallocation, which only adds
+    /// zero pages.
+    fn survey(ram: &GuestRam, preallocate: bool) -> Result<Arc<WrittenMap>, MigrateError> {
+        let written = Arc::new(WrittenMap::new(ram)?);
+        if preallocate {
+            for r in ram.regions() {
+                r.preallocate()?;
+            }
+        }
+        Ok(written)
     }
 
     /// Accepts connections on `listener` until one migration has completed
     /// (or failed). The VM is resumed only if every page arrived.
     pub async fn receive(&self, listener: &TcpListener) -> Result<ReceiveStats, MigrateError> {
+        let written = match &self.written {
+            Some(w) => w.clone(),
+            None => Self::survey(&self.ram, self.preallocate)?,
+        };
         let started = Instant::now();
         let local = region_descs(&self.ram);
         // The control channel comes first, then the bulk channels it
@@ -101,11 +143,15 @@ impl Receiver {
         let (mut control, hello) = self.accept(listener, None, &local).await?;
         let n = hello.bulk_channels as usize;
         if n == 0 {
-            return Err(MigrateError::Unexpected("source announced zero bulk channels".into()));
+            return Err(MigrateError::Unexpected(
+                "source announced zero bulk channels".into(),
+            ));
         }
         let mut bulk: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
         while bulk.iter().any(|b| b.is_none()) {
-            let (s, h) = self.accept(listener, Some(hello.session_id), &local).await?;
+            let (s, h) = self
+                .accept(listener, Some(hello.session_id), &local)
+                .await?;
             match h.role {
                 ChannelRole::Bulk(i) if (i as usize) < n && bulk[i as usize].is_none() => {
                     bulk[i as usize] = Some(s)
@@ -119,7 +165,7 @@ impl Receiver {
         }
         let ctx = BulkCtx {
             ram: self.ram.clone(),
-            written: Arc::new(WrittenMap::new(&self.ram)?),
+            written,
             barrier: Arc::new(Barrier::new(n)),
             bytes: Arc::new(AtomicU64::new(0)),
             pages_placed: Arc::new(AtomicU64::new(0)),
@@ -130,7 +176,7 @@ impl Receiver {
             let s = s.expect("filled above");
             tasks.spawn(receive_bulk(
                 i,
-                BufReader::with_capacity(2 << 20, s),
+                BufReader::with_capacity(256 << 10, s),
                 BulkCtx {
                     ram: ctx.ram.clone(),
                     written: ctx.written.clone(),
@@ -196,7 +242,8 @@ impl Receiver {
                 last_rounds
             )));
         }
-        self.vmm.load_device_state(&device_state.unwrap_or_default())?;
+        self.vmm
+            .load_device_state(&device_state.unwrap_or_default())?;
         self.vmm.resume()?;
         write_message(control, &Message::Resumed, "control channel").await?;
         Ok(ReceiveStats {
@@ -214,7 +261,11 @@ impl Receiver {
         session: Option<u64>,
         local: &[freehint_wire::RegionDesc],
     ) -> Result<(TcpStream, Hello), MigrateError> {
-        let what = if session.is_none() { "the source to connect" } else { "the source's bulk channels" };
+        let what = if session.is_none() {
+            "the source to connect"
+        } else {
+            "the source's bulk channels"
+        };
         let (mut s, peer) = tokio::time::timeout(self.timeout, listener.accept())
             .await
             .map_err(|_| MigrateError::Timeout {
@@ -222,27 +273,46 @@ impl Receiver {
                 seconds: self.timeout.as_secs(),
             })?
             .map_err(MigrateError::io("accepting a connection"))?;
-        s.set_nodelay(true).map_err(MigrateError::io("socket option"))?;
+        s.set_nodelay(true)
+            .map_err(MigrateError::io("socket option"))?;
         let ctx = format!("hello from {peer}");
         let hello = match expect_message(&mut s, &ctx, self.timeout).await? {
             Message::Hello(h) => h,
             other => {
-                return Err(MigrateError::Unexpected(format!("{ctx}: expected hello, got {:?}", other.kind())))
+                return Err(MigrateError::Unexpected(format!(
+                    "{ctx}: expected hello, got {:?}",
+                    other.kind()
+                )))
             }
         };
         if let Some(id) = session {
             if hello.session_id != id {
-                return Err(MigrateError::Unexpected(reject(&mut s, format!("{ctx}: connection from another migration session")).await));
+                return Err(MigrateError::Unexpected(
+                    reject(
+                        &mut s,
+                        format!("{ctx}: connection from another migration session"),
+                    )
+                    .await,
+                ));
             }
         } else if hello.role != ChannelRole::Control {
-            return Err(MigrateError::Unexpected(reject(&mut s, format!("{ctx}: first connection must be the control channel")).await));
+            return Err(MigrateError::Unexpected(
+                reject(
+                    &mut s,
+                    format!("{ctx}: first connection must be the control channel"),
+                )
+                .await,
+            ));
         }
         if hello.regions != local {
             return Err(MigrateError::Layout(
-                reject(&mut s, format!(
-                    "source has {:?}, destination has {:?}",
-                    hello.regions, local
-                ))
+                reject(
+                    &mut s,
+                    format!(
+                        "source has {:?}, destination has {:?}",
+                        hello.regions, local
+                    ),
+                )
                 .await,
             ));
         }
@@ -257,16 +327,23 @@ async fn reject(s: &mut TcpStream, why: String) -> String {
     why
 }
 
-fn flatten(r: Result<Result<u32, MigrateError>, tokio::task::JoinError>) -> Result<u32, MigrateError> {
+fn flatten(
+    r: Result<Result<u32, MigrateError>, tokio::task::JoinError>,
+) -> Result<u32, MigrateError> {
     r.map_err(|e| MigrateError::Unexpected(format!("bulk channel task failed: {e}")))?
 }
 
 /// Receives one bulk channel until the source closes it; returns the last
 /// round it completed.
-async fn receive_bulk<R: AsyncRead + Unpin>(index: usize, mut r: R, ctx: BulkCtx) -> Result<u32, MigrateError> {
+async fn receive_bulk<R: AsyncRead + Unpin>(
+    index: usize,
+    mut r: R,
+    ctx: BulkCtx,
+) -> Result<u32, MigrateError> {
     let name = format!("bulk channel {index}");
     let mut round = 0u32;
     let mut entries_raw = Vec::new();
+    let mut data: Vec<u8> = Vec::new();
     loop {
         let Some(h) = read_header(&mut r, &name).await? else {
             return Ok(round);
@@ -279,7 +356,9 @@ async fn receive_bulk<R: AsyncRead + Unpin>(index: usize, mut r: R, ctx: BulkCtx
                 let (region_idx, count) = PageBatchHead::decode_counts(&counts, h.payload_bytes)
                     .map_err(MigrateError::protocol(name.clone()))?;
                 let region = ctx.ram.regions().get(region_idx as usize).ok_or_else(|| {
-                    MigrateError::Unexpected(format!("{name}: page batch for region {region_idx}, which does not exist"))
+                    MigrateError::Unexpected(format!(
+                        "{name}: page batch for region {region_idx}, which does not exist"
+                    ))
                 })?;
                 entries_raw.resize(count as usize * 8, 0);
                 read_exact(&mut r, &mut entries_raw, &name).await?;
@@ -292,31 +371,42 @@ async fn receive_bulk<R: AsyncRead + Unpin>(index: usize, mut r: R, ctx: BulkCtx
                 )
                 .map_err(MigrateError::protocol(name.clone()))?;
                 let page_bytes = region.page_bytes() as usize;
-                for &e in &head.entries {
+                let data_len = head.data_pages() as usize * page_bytes;
+                data.resize(data_len, 0);
+                read_exact(&mut r, &mut data, &name).await?;
+                // Place runs of consecutive pages with one write each.
+                let mut at = 0usize;
+                let mut k = 0;
+                let entries = &head.entries;
+                while k < entries.len() {
+                    let e = entries[k];
                     let page = e & !ENTRY_ZERO;
-                    let ptr = region.page_ptr(page).expect("checked by decode_entries");
-                    // SAFETY: `ptr` is a whole page of the destination's
-                    // mapping (checked above). The destination VM is not
-                    // running, and within a round no other channel touches
-                    // this page (each page is sent at most once a round,
-                    // and rounds are separated by a barrier).
-                    let dst = unsafe { std::slice::from_raw_parts_mut(ptr, page_bytes) };
                     if e & ENTRY_ZERO != 0 {
                         if ctx.written.take(region_idx as usize, page) {
-                            dst.fill(0);
+                            region.punch_hole(page..page + 1)?;
                         }
                         ctx.pages_zero.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        read_exact(&mut r, dst, &name).await?;
-                        ctx.written.mark(region_idx as usize, page);
-                        ctx.pages_placed.fetch_add(1, Ordering::Relaxed);
+                        k += 1;
+                        continue;
                     }
+                    let mut run = 1;
+                    while k + run < entries.len() && entries[k + run] == page + run as u64 {
+                        run += 1;
+                    }
+                    region.write_pages(page, &data[at..at + run * page_bytes])?;
+                    for p in page..page + run as u64 {
+                        ctx.written.mark(region_idx as usize, p);
+                    }
+                    ctx.pages_placed.fetch_add(run as u64, Ordering::Relaxed);
+                    at += run * page_bytes;
+                    k += run;
                 }
             }
             Kind::ZeroRun => {
                 let mut payload = vec![0u8; h.payload_bytes as usize];
                 read_exact(&mut r, &mut payload, &name).await?;
-                let Message::Zero(z) = Message::decode(h.kind, &payload).map_err(MigrateError::protocol(name.clone()))?
+                let Message::Zero(z) = Message::decode(h.kind, &payload)
+                    .map_err(MigrateError::protocol(name.clone()))?
                 else {
                     unreachable!("a zero-run frame decodes to Message::Zero")
                 };
@@ -325,8 +415,8 @@ async fn receive_bulk<R: AsyncRead + Unpin>(index: usize, mut r: R, ctx: BulkCtx
             Kind::RoundEnd => {
                 let mut payload = vec![0u8; h.payload_bytes as usize];
                 read_exact(&mut r, &mut payload, &name).await?;
-                let Message::RoundEnd { round: got } =
-                    Message::decode(h.kind, &payload).map_err(MigrateError::protocol(name.clone()))?
+                let Message::RoundEnd { round: got } = Message::decode(h.kind, &payload)
+                    .map_err(MigrateError::protocol(name.clone()))?
                 else {
                     unreachable!("a round-end frame decodes to Message::RoundEnd")
                 };
@@ -352,12 +442,16 @@ async fn receive_bulk<R: AsyncRead + Unpin>(index: usize, mut r: R, ctx: BulkCtx
 }
 
 fn place_zero_run(ctx: &BulkCtx, z: ZeroRun, name: &str) -> Result<(), MigrateError> {
-    let region = ctx
-        .ram
-        .regions()
-        .get(z.region as usize)
-        .ok_or_else(|| MigrateError::Unexpected(format!("{name}: zero run for region {} which does not exist", z.region)))?;
-    let end = z.first_page.checked_add(z.count).filter(|&e| e <= region.pages() && z.count > 0);
+    let region = ctx.ram.regions().get(z.region as usize).ok_or_else(|| {
+        MigrateError::Unexpected(format!(
+            "{name}: zero run for region {} which does not exist",
+            z.region
+        ))
+    })?;
+    let end = z
+        .first_page
+        .checked_add(z.count)
+        .filter(|&e| e <= region.pages() && z.count > 0);
     let Some(end) = end else {
         return Err(MigrateError::Unexpected(format!(
             "{name}: zero run {}+{} is beyond region {} ({} pages)",

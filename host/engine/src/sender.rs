@@ -118,7 +118,8 @@ impl PrecopySender {
                 seconds: self.params.peer_timeout_s,
             })?
             .map_err(MigrateError::io(what.clone()))?;
-        s.set_nodelay(true).map_err(MigrateError::io(what.clone()))?;
+        s.set_nodelay(true)
+            .map_err(MigrateError::io(what.clone()))?;
         write_message(&mut s, &Message::Hello(hello), &what).await?;
         match expect_message(&mut s, &format!("{what}: hello answer"), self.timeout()).await? {
             Message::HelloAck => Ok(s),
@@ -159,18 +160,24 @@ impl PrecopySender {
 
     /// Syncs the dirty log into the bitmap under the hint lock, and starts
     /// the next hint round if asked to.
-    fn sync(&mut self, open_next: bool, stats: &mut MigrationStats) -> Result<SyncReport, MigrateError> {
+    fn sync(
+        &mut self,
+        open_next: bool,
+        stats: &mut MigrationStats,
+    ) -> Result<SyncReport, MigrateError> {
         let t = Instant::now();
         let log = &mut self.dirty_log;
-        let report = self.filter.sync(open_next && self.hint_source.is_some(), |bm| {
-            log.sync(&mut |run| {
-                bm.set_run(PageRun {
-                    region: run.region,
-                    first_page: run.first_page,
-                    count: run.count,
-                });
-            })
-        })?;
+        let report = self
+            .filter
+            .sync(open_next && self.hint_source.is_some(), |bm| {
+                log.sync(&mut |run| {
+                    bm.set_run(PageRun {
+                        region: run.region,
+                        first_page: run.first_page,
+                        count: run.count,
+                    });
+                })
+            })?;
         let us = t.elapsed().as_micros() as u64;
         stats.syncs += 1;
         stats.sync_max_us = stats.sync_max_us.max(us);
@@ -209,7 +216,11 @@ impl PrecopySender {
                     });
                 }
             });
-            for r in data.iter().map(|r| (r.start, r.end)).chain([(region.pages(), region.pages())]) {
+            for r in data
+                .iter()
+                .map(|r| (r.start, r.end))
+                .chain([(region.pages(), region.pages())])
+            {
                 if r.0 > next {
                     zero_runs.push(ZeroRun {
                         region: idx as u32,
@@ -238,7 +249,9 @@ impl PrecopySender {
             check_control(&mut control_rx)?;
             let t = Instant::now();
             let counters;
-            (bulk, counters) = self.send_round(round, bulk, std::mem::take(&mut zero_runs)).await?;
+            (bulk, counters) = self
+                .send_round(round, bulk, std::mem::take(&mut zero_runs))
+                .await?;
             let secs = t.elapsed().as_secs_f64();
             let bytes = counters.bytes.load(Ordering::Relaxed);
             add_counters(&mut stats, &counters);
@@ -259,7 +272,8 @@ impl PrecopySender {
                 estimate_ms = estimate_ms as u64,
                 "round done"
             );
-            let converged = estimate_ms <= self.params.downtime_target_ms as f64 && round >= self.params.min_rounds;
+            let converged = estimate_ms <= self.params.downtime_target_ms as f64
+                && round >= self.params.min_rounds;
             if converged || round + 1 >= self.params.max_rounds {
                 break;
             }
@@ -282,12 +296,24 @@ impl PrecopySender {
         stats.final_round_bytes = counters.bytes.load(Ordering::Relaxed);
         add_counters(&mut stats, &counters);
         for mut b in bulk {
-            b.shutdown().await.map_err(MigrateError::io("closing a bulk channel"))?;
+            b.shutdown()
+                .await
+                .map_err(MigrateError::io("closing a bulk channel"))?;
         }
         let control = control_out.as_mut().expect("set above");
         let state = self.vmm.device_state()?;
-        stats.bytes_on_wire += write_message(control, &Message::DeviceState(state), "sending device state").await?;
-        stats.bytes_on_wire += write_message(control, &Message::Complete { rounds: round }, "sending completion").await?;
+        stats.bytes_on_wire += write_message(
+            control,
+            &Message::DeviceState(state),
+            "sending device state",
+        )
+        .await?;
+        stats.bytes_on_wire += write_message(
+            control,
+            &Message::Complete { rounds: round },
+            "sending completion",
+        )
+        .await?;
         let answer = tokio::time::timeout(self.timeout(), control_rx.recv())
             .await
             .map_err(|_| MigrateError::Timeout {
@@ -348,7 +374,11 @@ impl PrecopySender {
                 counters: counters.clone(),
                 batch_bytes: self.params.batch_bytes,
                 round,
-                zero_runs: if i == 0 { zero_runs.take().unwrap_or_default() } else { Vec::new() },
+                zero_runs: if i == 0 {
+                    zero_runs.take().unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
                 context: format!("bulk channel {i}"),
             };
             tasks.push(tokio::spawn(job.run(stream)));
@@ -362,7 +392,9 @@ impl PrecopySender {
                     first_err.get_or_insert(e);
                 }
                 Err(join) => {
-                    first_err.get_or_insert(MigrateError::Unexpected(format!("bulk channel task failed: {join}")));
+                    first_err.get_or_insert(MigrateError::Unexpected(format!(
+                        "bulk channel task failed: {join}"
+                    )));
                 }
             }
         }
@@ -390,7 +422,9 @@ fn to_zero_runs(runs: &[PageRun]) -> Vec<ZeroRun> {
 }
 
 /// Fails if the destination reported an error or went away.
-fn check_control(rx: &mut mpsc::UnboundedReceiver<Result<Message, MigrateError>>) -> Result<(), MigrateError> {
+fn check_control(
+    rx: &mut mpsc::UnboundedReceiver<Result<Message, MigrateError>>,
+) -> Result<(), MigrateError> {
     match rx.try_recv() {
         Ok(Ok(Message::Error(e))) => Err(MigrateError::Peer(e)),
         Ok(Ok(other)) => Err(MigrateError::Unexpected(format!(
@@ -406,7 +440,10 @@ fn check_control(rx: &mut mpsc::UnboundedReceiver<Result<Message, MigrateError>>
 }
 
 /// Forwards what the destination says on the control channel.
-async fn watch_control(mut rx: OwnedReadHalf, tx: mpsc::UnboundedSender<Result<Message, MigrateError>>) {
+async fn watch_control(
+    mut rx: OwnedReadHalf,
+    tx: mpsc::UnboundedSender<Result<Message, MigrateError>>,
+) {
     loop {
         match read_message(&mut rx, "control channel").await {
             Ok(Some(m)) => {
@@ -441,7 +478,9 @@ impl ChannelJob {
         for z in &self.zero_runs {
             let n = write_message(&mut stream, &Message::Zero(*z), ctx).await?;
             self.counters.bytes.fetch_add(n, Ordering::Relaxed);
-            self.counters.pages_zero.fetch_add(z.count, Ordering::Relaxed);
+            self.counters
+                .pages_zero
+                .fetch_add(z.count, Ordering::Relaxed);
         }
         let mut claimed: Vec<(usize, u64)> = Vec::new();
         let mut data: Vec<u8> = Vec::new();
@@ -463,33 +502,48 @@ impl ChannelJob {
                 region: region_idx as u32,
                 entries: Vec::with_capacity(claimed.len()),
             };
+            // Read the claimed pages with one pread per contiguous run.
+            let mut k = 0;
+            while k < claimed.len() {
+                let first = claimed[k].1;
+                let mut run = 1;
+                while k + run < claimed.len() && claimed[k + run].1 == first + run as u64 {
+                    run += 1;
+                }
+                region.read_pages(first, &mut data[k * page_bytes..(k + run) * page_bytes])?;
+                k += run;
+            }
+            // Zero pages go as entries without data; the rest is compacted.
             let mut filled = 0usize;
-            for &(_, page) in &claimed {
-                let src = region.page_ptr(page).ok_or_else(|| {
-                    MigrateError::Unexpected(format!("bitmap names page {page} beyond region {region_idx}"))
-                })?;
-                let dst = &mut data[filled..filled + page_bytes];
-                // SAFETY: `src` points at a whole page inside this region's
-                // mapping, which lives as long as `self.ram`. The guest may
-                // write the page concurrently; the copy may then be torn,
-                // and the dirty log has the page for the next round.
-                unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), page_bytes) };
-                if is_zero_page(dst) {
+            for (k, &(_, page)) in claimed.iter().enumerate() {
+                let at = k * page_bytes;
+                if is_zero_page(&data[at..at + page_bytes]) {
                     head.entries.push(page | ENTRY_ZERO);
                 } else {
                     head.entries.push(page);
+                    if filled != at {
+                        data.copy_within(at..at + page_bytes, filled);
+                    }
                     filled += page_bytes;
                 }
             }
             head_buf.clear();
             head.encode(page_bytes as u64, &mut head_buf);
-            stream.write_all(&head_buf).await.map_err(MigrateError::io(ctx))?;
-            stream.write_all(&data[..filled]).await.map_err(MigrateError::io(ctx))?;
+            stream
+                .write_all(&head_buf)
+                .await
+                .map_err(MigrateError::io(ctx))?;
+            stream
+                .write_all(&data[..filled])
+                .await
+                .map_err(MigrateError::io(ctx))?;
             let data_pages = (filled / page_bytes) as u64;
             self.counters
                 .bytes
                 .fetch_add((head_buf.len() + filled) as u64, Ordering::Relaxed);
-            self.counters.pages_sent.fetch_add(data_pages, Ordering::Relaxed);
+            self.counters
+                .pages_sent
+                .fetch_add(data_pages, Ordering::Relaxed);
             self.counters
                 .pages_zero
                 .fetch_add(claimed.len() as u64 - data_pages, Ordering::Relaxed);

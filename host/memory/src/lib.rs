@@ -123,10 +123,11 @@ impl PageSize {
             });
         }
         if fs_type == TMPFS_MAGIC && shmem_thp_enabled(path) {
-            let huge_bytes = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(2 << 20);
+            let huge_bytes =
+                std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(2 << 20);
             return Ok(PageSize::Thp { huge_bytes });
         }
         Ok(PageSize::Base)
@@ -301,6 +302,90 @@ impl RamRegion {
         Ok(out)
     }
 
+    /// Reads `buf.len() / page_bytes()` pages starting at `first_page` from
+    /// the backing file with `pread`. Reading the file rather than the
+    /// mapping costs no page faults in this process and never allocates a
+    /// hole. The guest may write the pages meanwhile; the copy may then be
+    /// torn, which the dirty log covers.
+    pub fn read_pages(&self, first_page: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.check_pages(first_page, buf.len(), "read pages")?;
+        use std::os::unix::fs::FileExt;
+        self.file
+            .read_exact_at(buf, self.file_offset_bytes + first_page * self.page_bytes())
+            .map_err(|source| MemoryError::Io {
+                gpa_start: self.gpa_start,
+                op: "read pages",
+                source,
+            })
+    }
+
+    /// Writes whole pages starting at `first_page`: with `pwrite` into the
+    /// file (no page faults, no zeroing of new tmpfs pages), or through
+    /// the mapping on hugetlbfs, which has no `write(2)`.
+    ///
+    /// Nothing else may access these pages while they are written: the
+    /// destination's VM is not running yet.
+    pub fn write_pages(&self, first_page: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.check_pages(first_page, data.len(), "write pages")?;
+        if let PageSize::HugeTlb { .. } = self.page_size {
+            let dst = self.page_ptr(first_page).expect("checked above");
+            // SAFETY: the range lies inside the mapping (checked above) and
+            // the caller guarantees no concurrent access.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+            return Ok(());
+        }
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(data, self.file_offset_bytes + first_page * self.page_bytes())
+            .map_err(|source| MemoryError::Io {
+                gpa_start: self.gpa_start,
+                op: "write pages",
+                source,
+            })
+    }
+
+    fn check_pages(&self, first_page: u64, len: usize, op: &'static str) -> Result<(), MemoryError> {
+        let page = self.page_bytes();
+        let ok = len as u64 % page == 0
+            && first_page
+                .checked_add(len as u64 / page)
+                .is_some_and(|end| end <= self.pages());
+        if ok {
+            Ok(())
+        } else {
+            Err(MemoryError::Io {
+                gpa_start: self.gpa_start,
+                op,
+                source: io::Error::new(io::ErrorKind::InvalidInput, "page range outside region"),
+            })
+        }
+    }
+
+    /// Allocates and touches every page of the region (zero filled), as
+    /// QEMU's `-mem-prealloc` does, so that placing pages later costs no
+    /// allocation. Uses `MADV_POPULATE_WRITE`: `fallocate` on tmpfs would
+    /// defer zeroing each page to its first write.
+    pub fn preallocate(&self) -> Result<(), MemoryError> {
+        const MADV_POPULATE_WRITE: i32 = 23;
+        // SAFETY: the range is exactly this region's mapping; populating
+        // it for write only faults pages in (contents are unchanged).
+        let rc = unsafe {
+            libc::madvise(
+                self.host_ptr() as *mut libc::c_void,
+                self.size_bytes as usize,
+                MADV_POPULATE_WRITE,
+            )
+        };
+        if rc != 0 {
+            return Err(MemoryError::Io {
+                gpa_start: self.gpa_start,
+                op: "preallocate (MADV_POPULATE_WRITE)",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
     /// Discards pages `pages` from the backing file (punches a hole): they
     /// read as zero afterwards and use no memory.
     pub fn punch_hole(&self, pages: Range<u64>) -> Result<(), MemoryError> {
@@ -346,7 +431,10 @@ impl GuestRam {
         let mut prev_end = 0u64;
         for spec in specs {
             let file_err = |source| MemoryError::File {
-                path: spec.path.clone().unwrap_or_else(|| PathBuf::from("<memfd>")),
+                path: spec
+                    .path
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("<memfd>")),
                 source,
             };
             let page_size = PageSize::detect(&spec.file, spec.path.as_deref()).map_err(file_err)?;
@@ -439,7 +527,9 @@ impl GuestRam {
 
     /// The region holding guest-physical address `gpa`, as (index, region).
     pub fn find(&self, gpa: u64) -> Option<(usize, &RamRegion)> {
-        let idx = self.regions.partition_point(|r| r.gpa_start + r.size_bytes <= gpa);
+        let idx = self
+            .regions
+            .partition_point(|r| r.gpa_start + r.size_bytes <= gpa);
         let r = self.regions.get(idx)?;
         (gpa >= r.gpa_start).then_some((idx, r))
     }
@@ -453,7 +543,9 @@ pub fn is_zero_page(bytes: &[u8]) -> bool {
     };
     head.iter().all(|&b| b == 0)
         && tail.iter().all(|&b| b == 0)
-        && words.chunks(8).all(|c| c.iter().fold(0u64, |a, &w| a | w) == 0)
+        && words
+            .chunks(8)
+            .all(|c| c.iter().fold(0u64, |a, &w| a | w) == 0)
 }
 
 #[cfg(test)]
@@ -469,8 +561,12 @@ mod tests {
         let r = &ram.regions()[0];
         assert_eq!(r.page_size(), PageSize::Base);
         assert_eq!(r.data_page_ranges().unwrap(), Vec::<Range<u64>>::new());
-        r.file().write_all_at(&[1u8; 10], 5 * BASE_PAGE_BYTES + 7).unwrap();
-        r.file().write_all_at(&[1u8; 4096 * 3], 9 * BASE_PAGE_BYTES).unwrap();
+        r.file()
+            .write_all_at(&[1u8; 10], 5 * BASE_PAGE_BYTES + 7)
+            .unwrap();
+        r.file()
+            .write_all_at(&[1u8; 4096 * 3], 9 * BASE_PAGE_BYTES)
+            .unwrap();
         assert_eq!(r.data_page_ranges().unwrap(), vec![5..6, 9..12]);
         r.punch_hole(10..11).unwrap();
         assert_eq!(r.data_page_ranges().unwrap(), vec![5..6, 9..10, 11..12]);
@@ -493,9 +589,21 @@ mod tests {
         let dir = tempfile::tempdir_in("/dev/shm").unwrap();
         let mk = |name: &str, gpa: u64| {
             let p = dir.path().join(name);
-            let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p)
+                .unwrap();
             f.set_len(16 * 4096).unwrap();
-            RegionSpec { gpa_start: gpa, size_bytes: 16 * 4096, file: f, file_offset_bytes: 0, path: Some(p) }
+            RegionSpec {
+                gpa_start: gpa,
+                size_bytes: 16 * 4096,
+                file: f,
+                file_offset_bytes: 0,
+                path: Some(p),
+            }
         };
         let ram = GuestRam::map(vec![mk("a", 0), mk("b", 1 << 20)]).unwrap();
         assert_eq!(ram.find(4096).unwrap().0, 0);

@@ -497,7 +497,7 @@ impl Message {
                     if !d.page_bytes.is_power_of_two()
                         || d.page_bytes < 4096
                         || d.size_bytes == 0
-                        || d.size_bytes % d.page_bytes != 0
+                        || !d.size_bytes.is_multiple_of(d.page_bytes)
                     {
                         return Err(malformed(what, format!("bad region {d:?}")));
                     }

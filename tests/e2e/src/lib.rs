@@ -20,7 +20,11 @@ pub fn bin_dir() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> -> target/<profile>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
     for name in ["freehint", "freehint-sim-vm", "libfreehint_preload.so"] {
         assert!(
             dir.join(name).exists(),
@@ -44,7 +48,8 @@ pub fn bench_sim(args: &[&str]) -> Result<serde_json::Value, String> {
     if !out.status.success() {
         return Err(format!("{}\n{}", stderr, stdout));
     }
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).map_err(|e| format!("bad JSON {stdout:?}: {e}"))
+    serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .map_err(|e| format!("bad JSON {stdout:?}: {e}"))
 }
 
 /// A running SIMULATED VM process and its control client.
@@ -74,7 +79,12 @@ impl SimVm {
             .env("LD_PRELOAD", bins.join("libfreehint_preload.so"))
             .arg("--ram")
             .arg(&ram_path)
-            .args(["--mem-mib", &mem_mib.to_string(), "--dirty-mib-per-s", &dirty_mib_per_s.to_string()])
+            .args([
+                "--mem-mib",
+                &mem_mib.to_string(),
+                "--dirty-mib-per-s",
+                &dirty_mib_per_s.to_string(),
+            ])
             .arg("--control")
             .arg(&sock)
             .stdin(Stdio::null())
@@ -83,7 +93,9 @@ impl SimVm {
         let (stream, _) = listener.accept().expect("sim vm connects");
         let sink: Arc<Mutex<Option<Arc<dyn HintSink>>>> = Arc::new(Mutex::new(None));
         let (client, ready) = SimVmClient::new(stream, sink.clone()).expect("sim ready");
-        let FromSim::Ready { pid, .. } = ready else { panic!("sim said {ready:?}") };
+        let FromSim::Ready { pid, .. } = ready else {
+            panic!("sim said {ready:?}")
+        };
         SimVm {
             child,
             client,

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use freehint_dirty_log::UffdWpDirtyLog;
 use freehint_e2e::SimVm;
-use freehint_engine::{empty_bitmap, DestinationVmm, MigrateError, MigrationParams, PrecopySender, Receiver, VmmError};
+use freehint_engine::{
+    empty_bitmap, DestinationVmm, MigrateError, MigrationParams, PrecopySender, Receiver, VmmError,
+};
 use freehint_hint_filter::HintFilter;
 use freehint_memory::GuestRam;
 use freehint_wire::{ChannelRole, FrameHeader, Hello, Kind, Message, PageBatchHead, RegionDesc};
@@ -34,18 +36,30 @@ impl DestinationVmm for CountingVmm {
 const MEM: u64 = 16 << 20;
 
 fn layout() -> Vec<RegionDesc> {
-    vec![RegionDesc { gpa_start: 0, size_bytes: MEM, page_bytes: 4096 }]
+    vec![RegionDesc {
+        gpa_start: 0,
+        size_bytes: MEM,
+        page_bytes: 4096,
+    }]
 }
 
 fn hello(role: ChannelRole, regions: Vec<RegionDesc>) -> Vec<u8> {
     let mut b = Vec::new();
-    Message::Hello(Hello { session_id: 42, role, bulk_channels: 1, regions }).encode(&mut b);
+    Message::Hello(Hello {
+        session_id: 42,
+        role,
+        bulk_channels: 1,
+        regions,
+    })
+    .encode(&mut b);
     b
 }
 
 /// Runs a receiver and a scripted source; returns the receiver's error and
 /// how often it resumed the VM.
-async fn receive_from(script: impl FnOnce(std::net::SocketAddr) -> tokio::task::JoinHandle<()>) -> (MigrateError, u32) {
+async fn receive_from(
+    script: impl FnOnce(std::net::SocketAddr) -> tokio::task::JoinHandle<()>,
+) -> (MigrateError, u32) {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
     let ram = Arc::new(GuestRam::open_file(&dir.path().join("dst.ram"), MEM).unwrap());
     let vmm = Arc::new(CountingVmm::default());
@@ -53,18 +67,25 @@ async fn receive_from(script: impl FnOnce(std::net::SocketAddr) -> tokio::task::
     let addr = listener.local_addr().unwrap();
     let source = script(addr);
     let r = Receiver::new(ram, vmm.clone(), Duration::from_secs(5));
-    let err = r.receive(&listener).await.expect_err("the receiver must refuse");
+    let err = r
+        .receive(&listener)
+        .await
+        .expect_err("the receiver must refuse");
     source.abort();
     (err, vmm.resumed.load(Ordering::SeqCst))
 }
 
 async fn connect_both(addr: std::net::SocketAddr) -> (TcpStream, TcpStream) {
     let mut c = TcpStream::connect(addr).await.unwrap();
-    c.write_all(&hello(ChannelRole::Control, layout())).await.unwrap();
+    c.write_all(&hello(ChannelRole::Control, layout()))
+        .await
+        .unwrap();
     let mut ack = [0u8; 16];
     c.read_exact(&mut ack).await.unwrap();
     let mut b = TcpStream::connect(addr).await.unwrap();
-    b.write_all(&hello(ChannelRole::Bulk(0), layout())).await.unwrap();
+    b.write_all(&hello(ChannelRole::Bulk(0), layout()))
+        .await
+        .unwrap();
     b.read_exact(&mut ack).await.unwrap();
     (c, b)
 }
@@ -103,8 +124,14 @@ async fn different_ram_layout() {
     let (e, _) = receive_from(|addr| {
         tokio::spawn(async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
-            let other = vec![RegionDesc { gpa_start: 0, size_bytes: 2 * MEM, page_bytes: 4096 }];
-            s.write_all(&hello(ChannelRole::Control, other)).await.unwrap();
+            let other = vec![RegionDesc {
+                gpa_start: 0,
+                size_bytes: 2 * MEM,
+                page_bytes: 4096,
+            }];
+            s.write_all(&hello(ChannelRole::Control, other))
+                .await
+                .unwrap();
             tokio::time::sleep(Duration::from_secs(10)).await;
         })
     })
@@ -117,7 +144,10 @@ async fn page_beyond_ram() {
     let (e, resumed) = receive_from(|addr| {
         tokio::spawn(async move {
             let (_c, mut b) = connect_both(addr).await;
-            let head = PageBatchHead { region: 0, entries: vec![MEM / 4096] };
+            let head = PageBatchHead {
+                region: 0,
+                entries: vec![MEM / 4096],
+            };
             let mut f = Vec::new();
             head.encode(4096, &mut f);
             f.extend_from_slice(&[1u8; 4096]);
@@ -135,7 +165,10 @@ async fn truncated_frame_then_disconnect() {
     let (e, resumed) = receive_from(|addr| {
         tokio::spawn(async move {
             let (c, mut b) = connect_both(addr).await;
-            let head = PageBatchHead { region: 0, entries: vec![1, 2] };
+            let head = PageBatchHead {
+                region: 0,
+                entries: vec![1, 2],
+            };
             let mut f = Vec::new();
             head.encode(4096, &mut f);
             f.extend_from_slice(&[1u8; 4096 + 100]); // 2 pages promised
@@ -146,7 +179,10 @@ async fn truncated_frame_then_disconnect() {
     })
     .await;
     let msg = e.to_string();
-    assert!(msg.contains("truncated") || msg.contains("disconnected"), "{msg}");
+    assert!(
+        msg.contains("truncated") || msg.contains("disconnected"),
+        "{msg}"
+    );
     assert_eq!(resumed, 0);
 }
 
@@ -155,7 +191,10 @@ async fn source_disconnects_mid_round() {
     let (e, resumed) = receive_from(|addr| {
         tokio::spawn(async move {
             let (c, mut b) = connect_both(addr).await;
-            let head = PageBatchHead { region: 0, entries: vec![1] };
+            let head = PageBatchHead {
+                region: 0,
+                entries: vec![1],
+            };
             let mut f = Vec::new();
             head.encode(4096, &mut f);
             f.extend_from_slice(&[1u8; 4096]);
@@ -186,8 +225,20 @@ fn sender_for(sim: &SimVm) -> PrecopySender {
     let log = UffdWpDirtyLog::attach_process(sim.pid, ranges).unwrap();
     let filter = Arc::new(HintFilter::new(empty_bitmap(&ram)));
     *sim.sink.lock().unwrap() = Some(filter.clone());
-    let params = MigrationParams { peer_timeout_s: 5, bulk_channels: 1, ..Default::default() };
-    PrecopySender::new(ram, filter, Box::new(log), Some(sim.client.clone()), sim.client.clone(), params).unwrap()
+    let params = MigrationParams {
+        peer_timeout_s: 5,
+        bulk_channels: 1,
+        ..Default::default()
+    };
+    PrecopySender::new(
+        ram,
+        filter,
+        Box::new(log),
+        Some(sim.client.clone()),
+        sim.client.clone(),
+        params,
+    )
+    .unwrap()
 }
 
 /// The simulated guest is still running: its memory keeps changing.
@@ -201,7 +252,11 @@ fn assert_running(sim: &SimVm) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_unreachable() {
     let sim = SimVm::start(64, 64);
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let e = sender_for(&sim).migrate(closed).await.unwrap_err();
     assert!(e.to_string().contains("connecting to"), "{e}");
     assert_running(&sim);
@@ -216,7 +271,11 @@ async fn destination_speaks_another_version() {
         let (mut s, _) = l.accept().await.unwrap();
         let mut h = [0u8; 1024];
         let _ = s.read(&mut h).await;
-        let mut ack = FrameHeader { kind: Kind::HelloAck, payload_bytes: 0 }.encode();
+        let mut ack = FrameHeader {
+            kind: Kind::HelloAck,
+            payload_bytes: 0,
+        }
+        .encode();
         ack[4] = 2;
         s.write_all(&ack).await.unwrap();
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -255,7 +314,11 @@ async fn fake_destination(l: TcpListener, fail_at_end: bool) {
         let n = c.read(&mut cbuf).await.unwrap();
         assert!(n > 0, "source closed control before completing");
         seen.extend_from_slice(&cbuf[..n]);
-        if seen.windows(2).any(|w| w == (Kind::Complete as u16).to_le_bytes()) && seen.len() >= 40 {
+        if seen
+            .windows(2)
+            .any(|w| w == (Kind::Complete as u16).to_le_bytes())
+            && seen.len() >= 40
+        {
             break;
         }
     }
@@ -272,7 +335,10 @@ async fn destination_disconnects_mid_round() {
     let addr = l.local_addr().unwrap();
     tokio::spawn(fake_destination(l, false));
     let e = sender_for(&sim).migrate(addr).await.unwrap_err();
-    assert!(matches!(e, MigrateError::Io { .. } | MigrateError::Unexpected(_)), "{e}");
+    assert!(
+        matches!(e, MigrateError::Io { .. } | MigrateError::Unexpected(_)),
+        "{e}"
+    );
     assert_running(&sim);
 }
 
@@ -285,6 +351,9 @@ async fn destination_fails_after_switchover_and_the_source_resumes() {
     let e = sender_for(&sim).migrate(addr).await.unwrap_err();
     assert!(e.to_string().contains("destination disk full"), "{e}");
     // The VM had been stopped for the final round: it must run again.
-    assert!(sim.client.free_at_stop().is_some(), "the VM was never stopped");
+    assert!(
+        sim.client.free_at_stop().is_some(),
+        "the VM was never stopped"
+    );
     assert_running(&sim);
 }

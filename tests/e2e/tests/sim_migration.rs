@@ -12,19 +12,45 @@ fn check(v: &serde_json::Value) {
 
 #[test]
 fn one_gib_dirtying_64_mib_s_with_hints_matches_page_by_page() {
-    let v = bench_sim(&["--mem-mib", "1024", "--used-percent", "15", "--dirty-mib-per-s", "64", "--hints", "on"]).unwrap();
+    let v = bench_sim(&[
+        "--mem-mib",
+        "1024",
+        "--used-percent",
+        "15",
+        "--dirty-mib-per-s",
+        "64",
+        "--hints",
+        "on",
+    ])
+    .unwrap();
     check(&v);
-    assert!(v["pages_skipped_free"].as_u64().unwrap() > 0, "hints skipped nothing: {v}");
+    assert!(
+        v["pages_skipped_free"].as_u64().unwrap() > 0,
+        "hints skipped nothing: {v}"
+    );
     // 85% of RAM is free old data: hints must keep most of it off the wire.
     assert!(v["bytes_on_wire"].as_u64().unwrap() < 700 << 20, "{v}");
 }
 
 #[test]
 fn one_gib_dirtying_64_mib_s_without_hints_matches_page_by_page() {
-    let v = bench_sim(&["--mem-mib", "1024", "--used-percent", "15", "--dirty-mib-per-s", "64", "--hints", "off"]).unwrap();
+    let v = bench_sim(&[
+        "--mem-mib",
+        "1024",
+        "--used-percent",
+        "15",
+        "--dirty-mib-per-s",
+        "64",
+        "--hints",
+        "off",
+    ])
+    .unwrap();
     check(&v);
     assert_eq!(v["pages_skipped_free"], 0, "{v}");
-    assert!(v["bytes_on_wire"].as_u64().unwrap() >= 1 << 30, "all of RAM holds data: {v}");
+    assert!(
+        v["bytes_on_wire"].as_u64().unwrap() >= 1 << 30,
+        "all of RAM holds data: {v}"
+    );
 }
 
 #[test]
@@ -32,8 +58,17 @@ fn adversarial_hint_timing_over_many_rounds_loses_nothing() {
     let mut stale = 0;
     for seed in ["1", "2", "3"] {
         let v = bench_sim(&[
-            "--mem-mib", "512", "--dirty-mib-per-s", "64", "--adversarial", "--seed", seed,
-            "--min-rounds", "25", "--max-rounds", "26",
+            "--mem-mib",
+            "512",
+            "--dirty-mib-per-s",
+            "64",
+            "--adversarial",
+            "--seed",
+            seed,
+            "--min-rounds",
+            "25",
+            "--max-rounds",
+            "26",
         ])
         .unwrap();
         check(&v);
@@ -47,7 +82,19 @@ fn adversarial_hint_timing_over_many_rounds_loses_nothing() {
 fn fresh_guest_memory_costs_nothing_on_the_wire() {
     // Free memory never touched: holes in the RAM file, sent as zero runs
     // without being read.
-    let v = bench_sim(&["--mem-mib", "512", "--used-percent", "10", "--dirty-mib-per-s", "0", "--free-memory", "zero", "--hints", "off"]).unwrap();
+    let v = bench_sim(&[
+        "--mem-mib",
+        "512",
+        "--used-percent",
+        "10",
+        "--dirty-mib-per-s",
+        "0",
+        "--free-memory",
+        "zero",
+        "--hints",
+        "off",
+    ])
+    .unwrap();
     check(&v);
     assert!(v["pages_zero"].as_u64().unwrap() >= 100_000, "{v}");
     assert!(v["bytes_on_wire"].as_u64().unwrap() < 60 << 20, "{v}");
@@ -56,24 +103,36 @@ fn fresh_guest_memory_costs_nothing_on_the_wire() {
 #[test]
 fn kept_images_are_identical_outside_free_pages() {
     let dir = tempfile::tempdir().unwrap();
-    let v = bench_sim(&["--mem-mib", "128", "--dirty-mib-per-s", "32", "--keep-memory", dir.path().to_str().unwrap()]).unwrap();
+    let v = bench_sim(&[
+        "--mem-mib",
+        "128",
+        "--dirty-mib-per-s",
+        "32",
+        "--keep-memory",
+        dir.path().to_str().unwrap(),
+    ])
+    .unwrap();
     check(&v);
     let src = std::fs::read(dir.path().join("source.ram")).unwrap();
     let dst = std::fs::read(dir.path().join("destination.ram")).unwrap();
     assert_eq!(src.len(), 128 << 20);
     assert_eq!(dst.len(), src.len());
     let mut free = vec![false; src.len() / 4096];
-    for line in std::fs::read_to_string(dir.path().join("free-at-switchover.txt")).unwrap().lines() {
+    for line in std::fs::read_to_string(dir.path().join("free-at-switchover.txt"))
+        .unwrap()
+        .lines()
+    {
         let (s, e) = line.split_once(' ').unwrap();
-        for p in s.parse::<usize>().unwrap()..e.parse::<usize>().unwrap() {
-            free[p] = true;
-        }
+        free[s.parse::<usize>().unwrap()..e.parse::<usize>().unwrap()].fill(true);
     }
     let mut compared = 0;
     for (p, is_free) in free.iter().enumerate() {
         if !is_free {
             compared += 1;
-            assert!(src[p * 4096..(p + 1) * 4096] == dst[p * 4096..(p + 1) * 4096], "page {p} differs");
+            assert!(
+                src[p * 4096..(p + 1) * 4096] == dst[p * 4096..(p + 1) * 4096],
+                "page {p} differs"
+            );
         }
     }
     assert_eq!(compared, v["pages_compared"].as_u64().unwrap());

@@ -118,7 +118,10 @@ impl SimVmClient {
     /// installed later with [`Self::set_sink`] (dropped until then, as a
     /// device with no migration running would). Returns the client and
     /// the simulator's Ready message.
-    pub fn new(stream: UnixStream, sink: Arc<Mutex<Option<Arc<dyn HintSink>>>>) -> Result<(Arc<Self>, FromSim), SimError> {
+    pub fn new(
+        stream: UnixStream,
+        sink: Arc<Mutex<Option<Arc<dyn HintSink>>>>,
+    ) -> Result<(Arc<Self>, FromSim), SimError> {
         let reader = stream.try_clone().map_err(|e| SimError(e.to_string()))?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
@@ -134,10 +137,12 @@ impl SimVmClient {
                         }
                     };
                     if let FromSim::Hints { cmd_id, ranges } = &msg {
-                        let ranges: Vec<GpaRange> = ranges.iter().map(|&(s, l)| GpaRange::new(s, l)).collect();
+                        let ranges: Vec<GpaRange> =
+                            ranges.iter().map(|&(s, l)| GpaRange::new(s, l)).collect();
                         let sink = sink.lock().unwrap_or_else(|e| e.into_inner()).clone();
                         if let Some(sink) = sink {
-                            sink.free_page_hints(CmdId(*cmd_id), &ranges);
+                            let out = sink.free_page_hints(CmdId(*cmd_id), &ranges);
+                            tracing::debug!(cmd_id, ranges = ranges.len(), ?out, "hints from the simulated VM");
                         }
                         continue;
                     }
@@ -171,7 +176,8 @@ impl SimVmClient {
         line.push('\n');
         {
             let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            w.write_all(line.as_bytes()).map_err(|e| SimError(format!("sending {cmd:?}: {e}")))?;
+            w.write_all(line.as_bytes())
+                .map_err(|e| SimError(format!("sending {cmd:?}: {e}")))?;
         }
         match self.wait_reply()? {
             FromSim::Error { message } => Err(SimError(message)),
@@ -196,13 +202,17 @@ impl SimVmClient {
 
     /// The free pages recorded when the VM was stopped for switchover.
     pub fn free_at_stop(&self) -> Option<Vec<(u64, u64)>> {
-        self.free_at_stop.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.free_at_stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
 impl Vmm for SimVmClient {
     fn stop(&self) -> Result<(), VmmError> {
-        self.ack(ToSim::Pause).map_err(|e| VmmError(e.to_string()))?;
+        self.ack(ToSim::Pause)
+            .map_err(|e| VmmError(e.to_string()))?;
         let free = self.free_pages().map_err(|e| VmmError(e.to_string()))?;
         *self.free_at_stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(free);
         Ok(())
@@ -230,18 +240,19 @@ impl HintSource for SimVmClient {
     }
 
     fn stop_round(&self) -> Result<(), HintSourceError> {
-        self.ack(ToSim::StopRound).map_err(|e| HintSourceError(e.to_string()))
+        self.ack(ToSim::StopRound)
+            .map_err(|e| HintSourceError(e.to_string()))
     }
 
     fn finish(&self) -> Result<(), HintSourceError> {
-        self.ack(ToSim::Finish).map_err(|e| HintSourceError(e.to_string()))
+        self.ack(ToSim::Finish)
+            .map_err(|e| HintSourceError(e.to_string()))
     }
 }
 
 /// The pattern word `i` of page `page` at generation `generation`.
 pub fn pattern_word(page: u64, generation: u64, i: u64) -> u64 {
-    let x = page
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    let x = page.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ generation.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
         ^ i.wrapping_mul(0x1656_67B1_9E37_79F9);
     // Never zero, so a patterned page is never mistaken for a zero page.

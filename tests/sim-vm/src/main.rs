@@ -76,7 +76,11 @@ impl Sim {
     fn send(&self, m: &FromSim) {
         let mut line = serde_json::to_string(m).expect("serialisable");
         line.push('\n');
-        let _ = self.out.lock().unwrap_or_else(|e| e.into_inner()).write_all(line.as_bytes());
+        let _ = self
+            .out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_all(line.as_bytes());
     }
 
     fn fill(&self, page: u64, generation: u64) {
@@ -84,7 +88,10 @@ impl Sim {
         for i in 0..PAGE_BYTES / 8 {
             // SAFETY: the page lies inside the shared mapping and is u64
             // aligned (mappings are page aligned).
-            unsafe { ptr.add(i as usize).write_volatile(pattern_word(page, generation, i)) };
+            unsafe {
+                ptr.add(i as usize)
+                    .write_volatile(pattern_word(page, generation, i))
+            };
         }
     }
 
@@ -121,6 +128,28 @@ impl Sim {
         true
     }
 
+    /// Allocator churn: like a buddy allocator, which serves small
+    /// allocations from blocks already split rather than breaking up a
+    /// large free block, take a free page in a block that holds used pages.
+    /// Looks in the blocks from `hint_page` on; gives up quietly if none.
+    fn allocate_near(&self, hint_page: u64, rng: &mut StdRng) {
+        let blocks = self.pages / HINT_BLOCK_PAGES;
+        let start_block = hint_page / HINT_BLOCK_PAGES;
+        for i in 0..blocks.min(8) {
+            let b = (start_block + i * 97) % blocks;
+            let first = b * HINT_BLOCK_PAGES;
+            let range = first..first + HINT_BLOCK_PAGES;
+            let split = range.clone().any(|q| self.state[q as usize].load(Ordering::Relaxed) == USED);
+            if !split {
+                continue;
+            }
+            if let Some(q) = range.into_iter().find(|&q| self.state[q as usize].load(Ordering::Relaxed) == FREE) {
+                self.allocate(q, rng);
+                return;
+            }
+        }
+    }
+
     fn free_runs(&self) -> Vec<(u64, u64)> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for p in 0..self.pages {
@@ -154,7 +183,7 @@ fn dirtier(sim: Arc<Sim>, seed: u64) {
                 if sim.state[p as usize].load(Ordering::Relaxed) == USED {
                     sim.write_page(p);
                 } else if rng.gen_ratio(1, 16) {
-                    sim.allocate(p, &mut rng);
+                    sim.allocate_near(p, &mut rng);
                 }
             }
         });
@@ -183,7 +212,10 @@ fn reporter(sim: Arc<Sim>, seed: u64) {
             continue;
         }
         for (old_cmd, ranges) in late.drain(..) {
-            sim.send(&FromSim::Hints { cmd_id: old_cmd, ranges });
+            sim.send(&FromSim::Hints {
+                cmd_id: old_cmd,
+                ranges,
+            });
         }
         reported_round = cmd;
         let mut batch = Vec::new();
@@ -193,7 +225,8 @@ fn reporter(sim: Arc<Sim>, seed: u64) {
                 break;
             }
             let first = b * HINT_BLOCK_PAGES;
-            let free = (first..first + HINT_BLOCK_PAGES).all(|p| sim.state[p as usize].load(Ordering::Relaxed) == FREE);
+            let free = (first..first + HINT_BLOCK_PAGES)
+                .all(|p| sim.state[p as usize].load(Ordering::Relaxed) == FREE);
             if !free {
                 continue;
             }
@@ -233,7 +266,10 @@ fn reporter(sim: Arc<Sim>, seed: u64) {
             }
         }
         if !batch.is_empty() && !sim.paused.load(Ordering::SeqCst) {
-            sim.send(&FromSim::Hints { cmd_id: cmd, ranges: batch });
+            sim.send(&FromSim::Hints {
+                cmd_id: cmd,
+                ranges: batch,
+            });
         }
     }
 }
@@ -247,18 +283,25 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    if args.used_percent > 100 || args.mem_mib == 0 || args.mem_mib % 4 != 0 {
-        return Err("--mem-mib must be a positive multiple of 4 and --used-percent at most 100".into());
+    if args.used_percent > 100 || args.mem_mib == 0 || !args.mem_mib.is_multiple_of(4) {
+        return Err(
+            "--mem-mib must be a positive multiple of 4 and --used-percent at most 100".into(),
+        );
     }
     let zero_free = match args.free_memory.as_str() {
         "old-data" => false,
         "zero" => true,
-        other => return Err(format!("--free-memory must be old-data or zero, not {other}")),
+        other => {
+            return Err(format!(
+                "--free-memory must be old-data or zero, not {other}"
+            ))
+        }
     };
     let bytes = args.mem_mib << 20;
     let ram = GuestRam::open_file(&args.ram, bytes).map_err(|e| e.to_string())?;
     let pages = bytes / PAGE_BYTES;
-    let control = UnixStream::connect(&args.control).map_err(|e| format!("connecting to {}: {e}", args.control.display()))?;
+    let control = UnixStream::connect(&args.control)
+        .map_err(|e| format!("connecting to {}: {e}", args.control.display()))?;
     let sim = Arc::new(Sim {
         ram,
         pages,
@@ -356,7 +399,9 @@ fn run(args: Args) -> Result<(), String> {
                 sim.paused.store(false, Ordering::SeqCst);
                 FromSim::Ack
             }
-            ToSim::FreePages => FromSim::FreePages { runs: sim.free_runs() },
+            ToSim::FreePages => FromSim::FreePages {
+                runs: sim.free_runs(),
+            },
             ToSim::Quit => {
                 sim.send(&FromSim::Ack);
                 break;
