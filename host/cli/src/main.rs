@@ -242,8 +242,9 @@ fn receive(a: ReceiveArgs) -> Result<()> {
     let ram = Arc::new(GuestRam::open_file(&a.ram, a.mem_mib << 20)?);
     let rt = runtime()?;
     let stats = rt.block_on(async {
-        let mut receiver = Receiver::new(ram, Arc::new(NoDeviceVmm), Duration::from_secs(a.timeout_s))
-            .preallocate(a.preallocate);
+        let mut receiver =
+            Receiver::new(ram, Arc::new(NoDeviceVmm), Duration::from_secs(a.timeout_s))
+                .preallocate(a.preallocate);
         receiver.prepare()?;
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await

@@ -48,12 +48,12 @@ impl Default for MigrationParams {
     }
 }
 
-/// Half the CPUs, 1..=4: each bulk channel keeps a sender and a receiver
-/// thread busy, and on two cores one channel is fastest (measured in
-/// docs/BENCHMARKS.md).
+/// Two, or half the CPUs if that is more, at most 4: with two channels the
+/// sending and the receiving side each keep both cores of a two-core
+/// machine busy (measured in docs/BENCHMARKS.md).
 fn default_bulk_channels() -> u8 {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-    (cpus / 2).clamp(1, 4) as u8
+    (cpus / 2).clamp(2, 4) as u8
 }
 
 impl MigrationParams {

@@ -80,6 +80,9 @@ impl std::fmt::Debug for Receiver {
 }
 
 struct BulkCtx {
+    /// Read page data straight into the mapping (its pages are populated,
+    /// so this costs no faults); otherwise read into a buffer and `pwrite`.
+    direct: bool,
     ram: Arc<GuestRam>,
     written: Arc<WrittenMap>,
     barrier: Arc<Barrier>,
@@ -164,6 +167,7 @@ impl Receiver {
             }
         }
         let ctx = BulkCtx {
+            direct: self.preallocate,
             ram: self.ram.clone(),
             written,
             barrier: Arc::new(Barrier::new(n)),
@@ -178,6 +182,7 @@ impl Receiver {
                 i,
                 BufReader::with_capacity(256 << 10, s),
                 BulkCtx {
+                    direct: ctx.direct,
                     ram: ctx.ram.clone(),
                     written: ctx.written.clone(),
                     barrier: ctx.barrier.clone(),
@@ -371,9 +376,10 @@ async fn receive_bulk<R: AsyncRead + Unpin>(
                 )
                 .map_err(MigrateError::protocol(name.clone()))?;
                 let page_bytes = region.page_bytes() as usize;
-                let data_len = head.data_pages() as usize * page_bytes;
-                data.resize(data_len, 0);
-                read_exact(&mut r, &mut data, &name).await?;
+                if !ctx.direct {
+                    data.resize(head.data_pages() as usize * page_bytes, 0);
+                    read_exact(&mut r, &mut data, &name).await?;
+                }
                 // Place runs of consecutive pages with one write each.
                 let mut at = 0usize;
                 let mut k = 0;
@@ -393,7 +399,19 @@ async fn receive_bulk<R: AsyncRead + Unpin>(
                     while k + run < entries.len() && entries[k + run] == page + run as u64 {
                         run += 1;
                     }
-                    region.write_pages(page, &data[at..at + run * page_bytes])?;
+                    if ctx.direct {
+                        let ptr = region.page_ptr(page).expect("checked by decode_entries");
+                        // SAFETY: pages page..page+run lie inside the
+                        // mapping (decode_entries checked every entry, and
+                        // the run is consecutive entries). The destination
+                        // VM is not running, and within a round no other
+                        // channel touches these pages (each page is sent at
+                        // most once a round; rounds end with a barrier).
+                        let dst = unsafe { std::slice::from_raw_parts_mut(ptr, run * page_bytes) };
+                        read_exact(&mut r, dst, &name).await?;
+                    } else {
+                        region.write_pages(page, &data[at..at + run * page_bytes])?;
+                    }
                     for p in page..page + run as u64 {
                         ctx.written.mark(region_idx as usize, p);
                     }

@@ -145,3 +145,19 @@ fn bad_parameters_are_rejected_with_the_field_named() {
     let e = bench_sim(&["--mem-mib", "64", "--min-rounds", "5", "--max-rounds", "3"]).unwrap_err();
     assert!(e.contains("min_rounds"), "{e}");
 }
+
+#[test]
+fn preallocated_destination_reads_pages_straight_into_place() {
+    let v = bench_sim(&[
+        "--mem-mib",
+        "256",
+        "--dirty-mib-per-s",
+        "64",
+        "--preallocate-destination",
+        "--min-rounds",
+        "4",
+    ])
+    .unwrap();
+    check(&v);
+    assert_eq!(v["rounds"], 5, "{v}");
+}

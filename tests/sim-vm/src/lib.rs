@@ -142,7 +142,12 @@ impl SimVmClient {
                         let sink = sink.lock().unwrap_or_else(|e| e.into_inner()).clone();
                         if let Some(sink) = sink {
                             let out = sink.free_page_hints(CmdId(*cmd_id), &ranges);
-                            tracing::debug!(cmd_id, ranges = ranges.len(), ?out, "hints from the simulated VM");
+                            tracing::debug!(
+                                cmd_id,
+                                ranges = ranges.len(),
+                                ?out,
+                                "hints from the simulated VM"
+                            );
                         }
                         continue;
                     }

@@ -139,11 +139,16 @@ impl Sim {
             let b = (start_block + i * 97) % blocks;
             let first = b * HINT_BLOCK_PAGES;
             let range = first..first + HINT_BLOCK_PAGES;
-            let split = range.clone().any(|q| self.state[q as usize].load(Ordering::Relaxed) == USED);
+            let split = range
+                .clone()
+                .any(|q| self.state[q as usize].load(Ordering::Relaxed) == USED);
             if !split {
                 continue;
             }
-            if let Some(q) = range.into_iter().find(|&q| self.state[q as usize].load(Ordering::Relaxed) == FREE) {
+            if let Some(q) = range
+                .into_iter()
+                .find(|&q| self.state[q as usize].load(Ordering::Relaxed) == FREE)
+            {
                 self.allocate(q, rng);
                 return;
             }

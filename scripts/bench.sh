@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The benchmark suite: runs every benchmark on this machine and writes
+# docs/BENCHMARKS.md from the results (each figure with its command).
+# Takes a few minutes; uses about 9 GiB of /dev/shm at its peak.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup-host.sh
+cargo build --release --workspace
+out=target/bench
+mkdir -p "$out"
+fh=./target/release/freehint
+
+run() { # name, command...
+  local name=$1; shift
+  echo "bench: $name: $*" >&2
+  echo "$*" > "$out/$name.cmd"
+  "$@" > "$out/$name.json"
+}
+
+# Plain loopback TCP, the ceiling for any transfer over it.
+iperf3 -s -1 -p 5301 >/dev/null 2>&1 &
+sleep 0.5
+run iperf3 iperf3 -c 127.0.0.1 -p 5301 -t 5 -J
+
+sim=(bench sim --mem-mib 4096 --used-percent 15 --dirty-mib-per-s 16 --json)
+# Three interleaved repetitions: this machine's memory makes single runs noisy.
+for i in 1 2 3; do
+  for h in on off; do
+    run "sim4g-hints-$h-$i" $fh "${sim[@]}" --hints "$h"
+    run "sim4g-prealloc-hints-$h-$i" $fh "${sim[@]}" --hints "$h" --preallocate-destination
+  done
+done
+for n in 1 2; do
+  for c in 1 2; do
+    run "transfer-$c-$n" $fh bench sim --mem-mib 4096 --used-percent 100 --dirty-mib-per-s 0 --hints off \
+      --preallocate-destination --bulk-channels "$c" --json
+  done
+done
+# Loopback TCP again at the end; the report uses the faster of the two.
+iperf3 -s -1 -p 5301 >/dev/null 2>&1 &
+sleep 0.5
+run iperf3-end iperf3 -c 127.0.0.1 -p 5301 -t 5 -J
+run hints $fh bench hints --mem-mib 4096
+run sync $fh bench sync --mem-mib 4096
+
+python3 scripts/bench_report.py "$out" > docs/BENCHMARKS.md
+echo "bench: wrote docs/BENCHMARKS.md" >&2

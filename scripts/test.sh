@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every test of freehint: format and lint checks, unit and property
+# tests, end-to-end migrations of the SIMULATED VM, the hugetlbfs test and
+# the loom model check. Does its own set-up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup-host.sh
+
+echo "== format and lint"
+cargo fmt --all -- --check
+cargo build --workspace --all-targets
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== loom model check of the hint/sync lock"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+  cargo test -p freehint-hint-filter --test loom --release
+
+echo "== tests"
+if [ "$(id -u)" = 0 ]; then export FREEHINT_REQUIRE_HUGETLBFS=1; fi
+cargo test --workspace
