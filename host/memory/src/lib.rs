@@ -354,7 +354,7 @@ impl RamRegion {
         op: &'static str,
     ) -> Result<(), MemoryError> {
         let page = self.page_bytes();
-        let ok = len as u64 % page == 0
+        let ok = (len as u64).is_multiple_of(page)
             && first_page
                 .checked_add(len as u64 / page)
                 .is_some_and(|end| end <= self.pages());
