@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use freehint_dirty_log::{DirtyLog, TrackedRange, UffdWpDirtyLog};
-use freehint_engine::{empty_bitmap, MigrationStats, PrecopySender, ReceiveStats};
+use freehint_engine::{empty_bitmap, vmm_ram_ranges, MigrationStats, PrecopySender, ReceiveStats};
 use freehint_hint_filter::HintFilter;
 use freehint_memory::GuestRam;
 use freehint_sim_vm::{FromSim, SimVmClient, ToSim};
 use freehint_types::{CmdId, GpaRange, HintSink, HintSource};
 use serde::Serialize;
 
-use crate::{runtime, tracked_ranges, OnOff, ParamArgs};
+use crate::{runtime, OnOff, ParamArgs};
 
 /// Which benchmark.
 #[derive(Subcommand, Debug)]
@@ -236,7 +236,7 @@ fn sim(a: SimArgs) -> Result<SimReport> {
         .parse()?;
 
     let ram = Arc::new(GuestRam::open_file(&src_path, a.mem_mib << 20)?);
-    let log = UffdWpDirtyLog::attach_process(pid, tracked_ranges(pid, &ram)?)?;
+    let log = UffdWpDirtyLog::attach_process(pid, vmm_ram_ranges(pid, &ram)?)?;
     let filter = Arc::new(HintFilter::new(empty_bitmap(&ram)));
     *sink_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(filter.clone());
     let hint_source: Option<Arc<dyn HintSource>> = if hints { Some(client.clone()) } else { None };

@@ -8,10 +8,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use freehint_dirty_log::{find_mappings, TrackedRange, UffdWpDirtyLog};
-use freehint_engine::{empty_bitmap, MigrationParams, NoDeviceVmm, PrecopySender, Receiver};
+use freehint_dirty_log::UffdWpDirtyLog;
+use freehint_engine::{
+    empty_bitmap, vmm_ram_ranges, MigrationParams, NoDeviceVmm, PrecopySender, Receiver,
+};
 use freehint_hint_filter::HintFilter;
 use freehint_memory::GuestRam;
 
@@ -189,43 +191,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// The VMM's mappings of `ram` as ranges for the dirty log.
-pub fn tracked_ranges(pid: i32, ram: &GuestRam) -> Result<Vec<TrackedRange>> {
-    let mut ranges = Vec::new();
-    for (idx, region) in ram.regions().iter().enumerate() {
-        let path = region
-            .path()
-            .context("a RAM region without a path cannot be found in the VMM")?;
-        let page = region.page_bytes();
-        for m in find_mappings(pid, path)? {
-            let start = m.file_offset.max(region.file_offset_bytes());
-            let end = (m.file_offset + (m.end - m.start))
-                .min(region.file_offset_bytes() + region.size_bytes());
-            if start >= end {
-                continue;
-            }
-            ranges.push(TrackedRange {
-                region: idx,
-                vaddr_start: m.start + (start - m.file_offset),
-                len_bytes: end - start,
-                page_bytes: page,
-                first_page: (start - region.file_offset_bytes()) / page,
-            });
-        }
-    }
-    if ranges.is_empty() {
-        bail!("process {pid} does not map its RAM file; is --pid the VMM and --ram its memory-backend-file?");
-    }
-    Ok(ranges)
-}
-
 fn send(a: SendArgs) -> Result<()> {
     let params = a.params.params(false)?;
     let size = std::fs::metadata(&a.ram)
         .with_context(|| format!("reading {}", a.ram.display()))?
         .len();
     let ram = Arc::new(GuestRam::open_file(&a.ram, size)?);
-    let log = UffdWpDirtyLog::attach_process(a.pid, tracked_ranges(a.pid, &ram)?)?;
+    let log = UffdWpDirtyLog::attach_process(a.pid, vmm_ram_ranges(a.pid, &ram)?)?;
     let filter = Arc::new(HintFilter::new(empty_bitmap(&ram)));
     let vmm = Arc::new(process_vmm::SignalVmm::new(a.pid));
     let sender = PrecopySender::new(ram, filter, Box::new(log), None, vmm, params)?;

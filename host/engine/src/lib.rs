@@ -30,6 +30,7 @@ pub use sender::PrecopySender;
 pub use stats::MigrationStats;
 pub use vmm::{DestinationVmm, NoDeviceVmm, Vmm, VmmError};
 
+use freehint_dirty_log::{find_mappings, TrackedRange};
 use freehint_hint_filter::{MigrationBitmap, RegionLayout};
 use freehint_memory::GuestRam;
 use freehint_wire::RegionDesc;
@@ -44,6 +45,44 @@ pub fn region_descs(ram: &GuestRam) -> Vec<RegionDesc> {
             page_bytes: r.page_bytes(),
         })
         .collect()
+}
+
+/// The VMM's mappings of `ram`'s files (from `/proc/PID/maps`) as ranges
+/// for the dirty log, each tagged with its region and first page.
+pub fn vmm_ram_ranges(pid: i32, ram: &GuestRam) -> Result<Vec<TrackedRange>, MigrateError> {
+    let mut ranges = Vec::new();
+    for (idx, region) in ram.regions().iter().enumerate() {
+        let path = region.path().ok_or_else(|| {
+            MigrateError::Unexpected(format!(
+                "RAM region {idx} has no file path, so it cannot be found in process {pid}"
+            ))
+        })?;
+        let page = region.page_bytes();
+        let (lo, hi) = (
+            region.file_offset_bytes(),
+            region.file_offset_bytes() + region.size_bytes(),
+        );
+        for m in find_mappings(pid, path)? {
+            let start = m.file_offset.max(lo);
+            let end = (m.file_offset + (m.end - m.start)).min(hi);
+            if start >= end {
+                continue;
+            }
+            ranges.push(TrackedRange {
+                region: idx,
+                vaddr_start: m.start + (start - m.file_offset),
+                len_bytes: end - start,
+                page_bytes: page,
+                first_page: (start - lo) / page,
+            });
+        }
+    }
+    if ranges.is_empty() {
+        return Err(MigrateError::Unexpected(format!(
+            "process {pid} does not map its RAM file; is it the VMM, and is the file its memory backend?"
+        )));
+    }
+    Ok(ranges)
 }
 
 /// An empty migration bitmap shaped like `ram`.

@@ -9,7 +9,8 @@ use std::time::Duration;
 use freehint_dirty_log::UffdWpDirtyLog;
 use freehint_e2e::SimVm;
 use freehint_engine::{
-    empty_bitmap, DestinationVmm, MigrateError, MigrationParams, PrecopySender, Receiver, VmmError,
+    empty_bitmap, vmm_ram_ranges, DestinationVmm, MigrateError, MigrationParams, PrecopySender,
+    Receiver, VmmError,
 };
 use freehint_hint_filter::HintFilter;
 use freehint_memory::GuestRam;
@@ -212,16 +213,7 @@ async fn source_disconnects_mid_round() {
 
 fn sender_for(sim: &SimVm) -> PrecopySender {
     let ram = Arc::new(GuestRam::open_file(&sim.ram_path, 64 << 20).unwrap());
-    let mut ranges = Vec::new();
-    for m in freehint_dirty_log::find_mappings(sim.pid, &sim.ram_path).unwrap() {
-        ranges.push(freehint_dirty_log::TrackedRange {
-            region: 0,
-            vaddr_start: m.start,
-            len_bytes: m.end - m.start,
-            page_bytes: 4096,
-            first_page: m.file_offset / 4096,
-        });
-    }
+    let ranges = vmm_ram_ranges(sim.pid, &ram).unwrap();
     let log = UffdWpDirtyLog::attach_process(sim.pid, ranges).unwrap();
     let filter = Arc::new(HintFilter::new(empty_bitmap(&ram)));
     *sim.sink.lock().unwrap() = Some(filter.clone());
