@@ -38,7 +38,7 @@ impl Default for MigrationParams {
     fn default() -> Self {
         Self {
             bulk_channels: default_bulk_channels(),
-            batch_bytes: 1 << 20,
+            batch_bytes: 256 << 10,
             downtime_target_ms: 300,
             max_rounds: 30,
             min_rounds: 1,

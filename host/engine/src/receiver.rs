@@ -278,8 +278,7 @@ impl Receiver {
                 seconds: self.timeout.as_secs(),
             })?
             .map_err(MigrateError::io("accepting a connection"))?;
-        s.set_nodelay(true)
-            .map_err(MigrateError::io("socket option"))?;
+        crate::tune_socket(&s).map_err(MigrateError::io("socket option"))?;
         let ctx = format!("hello from {peer}");
         let hello = match expect_message(&mut s, &ctx, self.timeout).await? {
             Message::Hello(h) => h,

@@ -1,5 +1,6 @@
 //! The precopy sender.
 
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -118,8 +119,7 @@ impl PrecopySender {
                 seconds: self.params.peer_timeout_s,
             })?
             .map_err(MigrateError::io(what.clone()))?;
-        s.set_nodelay(true)
-            .map_err(MigrateError::io(what.clone()))?;
+        crate::tune_socket(&s).map_err(MigrateError::io(what.clone()))?;
         write_message(&mut s, &Message::Hello(hello), &what).await?;
         match expect_message(&mut s, &format!("{what}: hello answer"), self.timeout()).await? {
             Message::HelloAck => Ok(s),
@@ -460,6 +460,21 @@ async fn watch_control(
     }
 }
 
+/// Writes every byte of `bufs`, however the kernel splits the writes.
+async fn write_all_vectored(
+    stream: &mut TcpStream,
+    mut bufs: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
+    while !bufs.is_empty() {
+        let n = stream.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
 /// What one bulk channel does in one round.
 struct ChannelJob {
     ram: Arc<GuestRam>,
@@ -483,7 +498,8 @@ impl ChannelJob {
                 .fetch_add(z.count, Ordering::Relaxed);
         }
         let mut claimed: Vec<(usize, u64)> = Vec::new();
-        let mut data: Vec<u8> = Vec::new();
+        // (address, length) of runs of data pages in the mapping.
+        let mut spans: Vec<(usize, usize)> = Vec::new();
         let mut head_buf: Vec<u8> = Vec::new();
         loop {
             claimed.clear();
@@ -497,12 +513,14 @@ impl ChannelJob {
             let region_idx = claimed[0].0;
             let region = &self.ram.regions()[region_idx];
             let page_bytes = region.page_bytes() as usize;
-            data.resize(claimed.len() * page_bytes, 0);
             let mut head = PageBatchHead {
                 region: region_idx as u32,
                 entries: Vec::with_capacity(claimed.len()),
             };
-            // Read the claimed pages with one pread per contiguous run.
+            // Map each contiguous run for reading with one call (no fault
+            // per page), check every page for zero in place, and send the
+            // others straight from the mapping: the kernel copies them into
+            // the socket, with no copy of ours in between.
             let mut k = 0;
             while k < claimed.len() {
                 let first = claimed[k].1;
@@ -510,31 +528,43 @@ impl ChannelJob {
                 while k + run < claimed.len() && claimed[k + run].1 == first + run as u64 {
                     run += 1;
                 }
-                region.read_pages(first, &mut data[k * page_bytes..(k + run) * page_bytes])?;
+                region.populate_read(first, run as u64)?;
                 k += run;
             }
-            // Zero pages go as entries without data; the rest is compacted.
-            let mut filled = 0usize;
-            for (k, &(_, page)) in claimed.iter().enumerate() {
-                let at = k * page_bytes;
-                if is_zero_page(&data[at..at + page_bytes]) {
+            spans.clear();
+            for &(_, page) in &claimed {
+                let ptr = region.page_ptr(page).ok_or_else(|| {
+                    MigrateError::Unexpected(format!(
+                        "bitmap names page {page} beyond region {region_idx}"
+                    ))
+                })?;
+                // SAFETY: a whole page inside this region's mapping, which
+                // lives as long as `self.ram`. The guest may write it while
+                // we look; what we send may then be torn or stale, and the
+                // dirty log has the page for the next round.
+                let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, page_bytes) };
+                if is_zero_page(bytes) {
                     head.entries.push(page | ENTRY_ZERO);
-                } else {
-                    head.entries.push(page);
-                    if filled != at {
-                        data.copy_within(at..at + page_bytes, filled);
-                    }
-                    filled += page_bytes;
+                    continue;
+                }
+                head.entries.push(page);
+                match spans.last_mut() {
+                    Some((start, len)) if *start + *len == ptr as usize => *len += page_bytes,
+                    _ => spans.push((ptr as usize, page_bytes)),
                 }
             }
+            let filled: usize = spans.iter().map(|s| s.1).sum();
             head_buf.clear();
             head.encode(page_bytes as u64, &mut head_buf);
-            stream
-                .write_all(&head_buf)
-                .await
-                .map_err(MigrateError::io(ctx))?;
-            stream
-                .write_all(&data[..filled])
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(spans.len() + 1);
+            slices.push(IoSlice::new(&head_buf));
+            for &(addr, len) in &spans {
+                // SAFETY: as above: whole pages inside the live mapping.
+                slices.push(IoSlice::new(unsafe {
+                    std::slice::from_raw_parts(addr as *const u8, len)
+                }));
+            }
+            write_all_vectored(&mut stream, &mut slices)
                 .await
                 .map_err(MigrateError::io(ctx))?;
             let data_pages = (filled / page_bytes) as u64;

@@ -319,6 +319,32 @@ impl RamRegion {
             })
     }
 
+    /// Maps pages `first_page..first_page + count` into this process's page
+    /// tables for reading (`MADV_POPULATE_READ`): one call instead of a page
+    /// fault per page when they are then read through the mapping.
+    pub fn populate_read(&self, first_page: u64, count: u64) -> Result<(), MemoryError> {
+        const MADV_POPULATE_READ: i32 = 22;
+        self.check_pages(first_page, (count * self.page_bytes()) as usize, "populate")?;
+        let ptr = self.page_ptr(first_page).expect("checked above");
+        // SAFETY: the range lies inside this region's mapping (checked);
+        // populating for read changes no contents.
+        let rc = unsafe {
+            libc::madvise(
+                ptr as *mut libc::c_void,
+                (count * self.page_bytes()) as usize,
+                MADV_POPULATE_READ,
+            )
+        };
+        if rc != 0 {
+            return Err(MemoryError::Io {
+                gpa_start: self.gpa_start,
+                op: "populate (MADV_POPULATE_READ)",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
     /// Writes whole pages starting at `first_page`: with `pwrite` into the
     /// file (no page faults, no zeroing of new tmpfs pages), or through
     /// the mapping on hugetlbfs, which has no `write(2)`.
