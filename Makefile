@@ -1,8 +1,8 @@
 # The two commands a new user needs (see README.md), plus the benchmarks.
 .PHONY: demo test bench
 demo:
-	./scripts/demo.sh
+	./tests/scripts/demo.sh
 test:
-	./scripts/test.sh
+	./tests/scripts/test.sh
 bench:
-	./scripts/bench.sh
+	./tests/scripts/bench.sh

@@ -3,8 +3,8 @@
 # docs/BENCHMARKS.md from the results (each figure with its command).
 # Takes a few minutes; uses about 9 GiB of /dev/shm at its peak.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-./scripts/setup-host.sh
+cd "$(dirname "$0")/../.."
+./tests/scripts/setup-host.sh
 cargo build --release --workspace
 out=target/bench
 mkdir -p "$out"
@@ -43,5 +43,5 @@ run iperf3-end iperf3 -c 127.0.0.1 -p 5301 -t 5 -J
 run hints $fh bench hints --mem-mib 4096
 run sync $fh bench sync --mem-mib 4096
 
-python3 scripts/bench_report.py "$out" > docs/BENCHMARKS.md
+python3 tests/scripts/bench_report.py "$out" > docs/BENCHMARKS.md
 echo "bench: wrote docs/BENCHMARKS.md" >&2

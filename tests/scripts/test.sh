@@ -3,8 +3,8 @@
 # tests, end-to-end migrations of the SIMULATED VM, the hugetlbfs test and
 # the loom model check. Does its own set-up.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-./scripts/setup-host.sh
+cd "$(dirname "$0")/../.."
+./tests/scripts/setup-host.sh
 
 echo "== format and lint"
 cargo fmt --all -- --check

@@ -4,8 +4,8 @@
 # without, checks every page, and prints a table. (The real QEMU/Linux guest
 # demo replaces this once that work lands.)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-./scripts/setup-host.sh
+cd "$(dirname "$0")/../.."
+./tests/scripts/setup-host.sh
 cargo build --release --workspace
 mkdir -p target/demo
 args=(--mem-mib "${MEM_MIB:-2048}" --used-percent 15 --dirty-mib-per-s 16 --json)

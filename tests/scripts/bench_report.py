@@ -1,4 +1,4 @@
-"""Writes docs/BENCHMARKS.md from the JSON results of scripts/bench.sh."""
+"""Writes docs/BENCHMARKS.md from the JSON results of tests/scripts/bench.sh."""
 import json
 import os
 import platform
@@ -34,7 +34,7 @@ iperf_mib_s = max(iperf_runs)
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 print("# Benchmarks")
 print()
-print("Produced by `make bench` (scripts/bench.sh), which runs every command below")
+print("Produced by `make bench` (tests/scripts/bench.sh), which runs every command below")
 print("and writes this file; nothing here is typed by hand. Run on",
       time.strftime("%Y-%m-%d"), f"on this project's machine: {os.cpu_count()} cores ({cpu}),",
       f"Linux {platform.release()}.")
