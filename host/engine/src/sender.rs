@@ -203,7 +203,7 @@ impl PrecopySender {
 
         // Round 1 sends every populated page; holes go as zero records
         // without being read (reading a tmpfs hole would allocate it).
-        let mut zero_runs = Vec::new();
+        let mut zero_runs: Vec<ZeroRun> = Vec::new();
         for (idx, region) in self.ram.regions().iter().enumerate() {
             let data = region.data_page_ranges()?;
             let mut next = 0;
@@ -235,6 +235,21 @@ impl PrecopySender {
         // report is under way by the time the first pages go out.
         let hints = self.params.hints;
         self.sync(hints, &mut stats)?;
+        // A hole written after the scan is in the dirty log, now merged:
+        // it goes as data, so no zero run for it (two records for one page
+        // in one round could be placed in either order).
+        let mut zero_runs = self.filter.with_bitmap(|bm| {
+            let mut still_zero = Vec::new();
+            for z in &zero_runs {
+                let run = PageRun {
+                    region: z.region as usize,
+                    first_page: z.first_page,
+                    count: z.count,
+                };
+                bm.unset_subruns(run, &mut still_zero);
+            }
+            to_zero_runs(&still_zero)
+        });
         let Channels {
             control_tx,
             mut control_rx,
