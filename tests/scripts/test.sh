@@ -11,10 +11,15 @@ cargo fmt --all -- --check
 cargo build --workspace --all-targets
 cargo clippy --workspace --all-targets -- -D warnings
 
+mkdir -p target
 echo "== loom model check of the hint/sync lock"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
-  cargo test -p freehint-hint-filter --test loom --release
+  cargo test -p freehint-hint-filter --test loom --release 2>&1 | tee target/test-loom.log
 
 echo "== tests"
 if [ "$(id -u)" = 0 ]; then export FREEHINT_REQUIRE_HUGETLBFS=1; fi
-cargo test --workspace
+cargo test --workspace 2>&1 | tee target/test.log
+
+# One closing line for everything above.
+awk '/^test result:/ { passed += $4; failed += $6 }
+     END { printf "tests: %d passed, %d failed\n", passed, failed }' target/test-loom.log target/test.log
