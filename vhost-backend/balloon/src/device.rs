@@ -1,0 +1,666 @@
+//! Queue processing: free-page hints, reporting, stats, inflate/deflate,
+//! and config writes. Everything here treats guest input as hostile.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+
+use freehint_types::{CmdId, GpaRange, HintOutcome};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryBackend,
+    GuestMemoryRegion,
+};
+
+use crate::layout::{self, features, QueueRole};
+use crate::status::RejectReason;
+use crate::{lock, BalloonError, Inner, Mem, State, BALLOON_PAGE_BYTES};
+
+/// A set of disjoint half-open ranges, to refuse overlapping input.
+#[derive(Debug, Default)]
+pub(crate) struct RangeSet {
+    by_start: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    /// Inserts `[start, end)` if it overlaps nothing already in the set.
+    pub(crate) fn insert_disjoint(&mut self, start: u64, end: u64) -> bool {
+        if let Some((_, &e)) = self.by_start.range(..end).next_back() {
+            if e > start {
+                return false;
+            }
+        }
+        self.by_start.insert(start, end);
+        true
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.by_start.clear();
+    }
+}
+
+/// Whether `[start, start + len)` lies entirely in guest memory.
+fn in_memory(mem: &Mem, start: u64, len: u64) -> bool {
+    let Some(end) = start.checked_add(len) else {
+        return false;
+    };
+    let mut addr = start;
+    while addr < end {
+        let Some(region) = mem.find_region(GuestAddress(addr)) else {
+            return false;
+        };
+        let region_end = region.start_addr().raw_value().saturating_add(region.len());
+        addr = region_end.min(end);
+    }
+    true
+}
+
+/// Total guest memory in bytes.
+fn memory_bytes(mem: &Mem) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+/// Discards `range` from the files backing guest memory.
+pub(crate) fn punch_hole(mem: &Mem, range: GpaRange) -> std::io::Result<()> {
+    let end = range
+        .end()
+        .ok_or_else(|| std::io::Error::other("range wraps"))?;
+    let mut addr = range.start;
+    while addr < end {
+        let region = mem
+            .find_region(GuestAddress(addr))
+            .ok_or_else(|| std::io::Error::other(format!("{addr:#x} is outside guest memory")))?;
+        let region_start = region.start_addr().raw_value();
+        let chunk_end = region_start.saturating_add(region.len()).min(end);
+        let fo = region.file_offset().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "guest memory region has no backing file",
+            )
+        })?;
+        let offset = fo.start() + (addr - region_start);
+        let len = chunk_end - addr;
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(std::io::Error::other("file offset too large"));
+        };
+        // SAFETY: fallocate only acts on the file descriptor, which `fo`
+        // keeps open for the duration of the call; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                fo.file().as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        addr = chunk_end;
+    }
+    Ok(())
+}
+
+/// Applies a config write from the frontend (the guest wrote `actual` or
+/// `poison_val`).
+pub(crate) fn set_config(inner: &Inner, offset: u32, buf: &[u8]) {
+    let mut st = lock(&inner.state);
+    if !st.features_acked {
+        drop(st);
+        inner.reject(
+            RejectReason::ConfigWriteBeforeFeatures,
+            format_args!(
+                "config write at {offset} (+{}) before SET_FEATURES",
+                buf.len()
+            ),
+        );
+        return;
+    }
+    let (actual, poison) = match st.config.written_fields(offset, buf) {
+        Ok(v) => v,
+        Err(e) => {
+            drop(st);
+            inner.reject(RejectReason::ConfigWriteOutOfRange, format_args!("{e}"));
+            return;
+        }
+    };
+    let mem_pages = lock(&inner.mem)
+        .as_ref()
+        .map(|m| memory_bytes(&m.memory()) / BALLOON_PAGE_BYTES);
+    if let Some(pages) = mem_pages {
+        if u64::from(actual) > pages {
+            drop(st);
+            inner.reject(
+                RejectReason::ActualOutOfRange,
+                format_args!("actual = {actual} pages but guest memory has {pages}"),
+            );
+            return;
+        }
+    }
+    if st.config.actual != actual {
+        tracing::debug!(actual, "balloon: guest reports actual");
+    }
+    st.config.actual = actual;
+    if st.config.poison_val != poison {
+        tracing::info!(
+            poison_val = format_args!("{poison:#x}"),
+            "balloon: guest sets poison_val"
+        );
+    }
+    st.config.poison_val = poison;
+}
+
+/// Whether reported/inflated pages must keep a poison pattern (so they
+/// cannot be discarded to zero).
+fn poison_active(st: &State) -> bool {
+    st.acked_features & features::bit(features::PAGE_POISON) != 0 && st.config.poison_val != 0
+}
+
+/// The descriptors of one chain, or why the chain is malformed.
+fn chain_descriptors<M>(
+    chain: virtio_queue::DescriptorChain<M>,
+) -> Result<Vec<Descriptor>, RejectReason>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    let descs: Vec<Descriptor> = chain.collect();
+    match descs.last() {
+        None => Err(RejectReason::EmptyChain),
+        // The iterator stopped on a descriptor that still points onward:
+        // longer than the queue, a loop, or a bad `next`.
+        Some(d) if d.has_next() => Err(RejectReason::ChainTooLong),
+        Some(_) => Ok(descs),
+    }
+}
+
+/// Validates one descriptor as a guest range.
+fn check_desc(mem: &Mem, d: &Descriptor) -> Result<GpaRange, (RejectReason, GpaRange)> {
+    let range = GpaRange::new(d.addr().raw_value(), u64::from(d.len()));
+    if range.len_bytes == 0 {
+        return Err((RejectReason::ZeroLength, range));
+    }
+    if !in_memory(mem, range.start, range.len_bytes) {
+        return Err((RejectReason::DescOutsideMemory, range));
+    }
+    Ok(range)
+}
+
+/// Reads the device-readable bytes of a chain (all its descriptors must be
+/// readable and inside memory).
+fn read_out(mem: &Mem, descs: &[Descriptor]) -> Result<Vec<u8>, (RejectReason, String)> {
+    let mut out = Vec::new();
+    for d in descs {
+        if d.is_write_only() {
+            return Err((
+                RejectReason::WrongDirection,
+                "device-writable buffer in an out-only chain".into(),
+            ));
+        }
+        let range = check_desc(mem, d).map_err(|(r, g)| (r, format!("buffer {g}")))?;
+        if out.len() as u64 + range.len_bytes > 64 * 1024 {
+            return Err((
+                RejectReason::ChainTooLong,
+                "out buffer larger than 64 KiB".into(),
+            ));
+        }
+        let mut buf = vec![0u8; range.len_bytes as usize];
+        mem.read_slice(&mut buf, GuestAddress(range.start))
+            .map_err(|e| {
+                (
+                    RejectReason::DescOutsideMemory,
+                    format!("buffer {range}: {e}"),
+                )
+            })?;
+        out.extend_from_slice(&buf);
+    }
+    Ok(out)
+}
+
+/// What processing a batch of chains decided, applied after the state lock
+/// is released.
+#[derive(Default)]
+struct Actions {
+    /// Hints in arrival order, with their batch's cmd_id.
+    hints: Vec<(u32, GpaRange)>,
+    /// Discarded reported ranges.
+    reported: Vec<GpaRange>,
+}
+
+/// Processes every available chain of vring `index`.
+pub(crate) fn process_queue(inner: &Inner, index: usize, vring: &VringRwLock) {
+    let (acked, event_idx, features_acked) = {
+        let st = lock(&inner.state);
+        (st.acked_features, st.event_idx, st.features_acked)
+    };
+    let role = if features_acked {
+        layout::role_of(acked, index)
+    } else {
+        None
+    };
+    let Some(role) = role else {
+        inner.reject(
+            RejectReason::UnknownQueue,
+            format_args!("kick on vring {index}, which no negotiated queue uses (features {acked:#x}, acked: {features_acked})"),
+        );
+        return;
+    };
+    let Some(atomic) = lock(&inner.mem).clone() else {
+        inner.reject(
+            RejectReason::QueueNotReady,
+            format_args!(
+                "kick on vring {index} ({}) before the memory table",
+                role.name()
+            ),
+        );
+        return;
+    };
+    let mem = atomic.memory();
+    loop {
+        if event_idx {
+            let _ = vring.disable_notification();
+        }
+        let chains = {
+            let mut vs = vring.get_mut();
+            let q = vs.get_queue_mut();
+            if !q.is_valid(&*mem) {
+                drop(vs);
+                inner.reject(
+                    RejectReason::QueueNotReady,
+                    format_args!(
+                        "kick on vring {index} ({}) whose rings are not set up inside guest memory",
+                        role.name()
+                    ),
+                );
+                return;
+            }
+            match q.iter(mem.clone()) {
+                Ok(it) => it.collect::<Vec<_>>(),
+                Err(e) => {
+                    drop(vs);
+                    inner.reject(
+                        RejectReason::QueueError,
+                        format_args!("vring {index} ({}): {e}", role.name()),
+                    );
+                    return;
+                }
+            }
+        };
+        let mut used: Vec<u16> = Vec::with_capacity(chains.len());
+        let mut actions = Actions::default();
+        for chain in chains {
+            let head = chain.head_index();
+            let descs = match chain_descriptors(chain) {
+                Ok(d) => d,
+                Err(reason) => {
+                    inner.reject(
+                        reason,
+                        format_args!(
+                            "vring {index} ({}): chain at head {head} is malformed",
+                            role.name()
+                        ),
+                    );
+                    used.push(head);
+                    continue;
+                }
+            };
+            let keep = match role {
+                QueueRole::FreePage => {
+                    free_page_chain(inner, &mem, &descs, &mut actions);
+                    false
+                }
+                QueueRole::Reporting => {
+                    reporting_chain(inner, &mem, &descs, &mut actions);
+                    false
+                }
+                QueueRole::Inflate | QueueRole::Deflate => {
+                    balloon_chain(inner, &mem, &descs, role == QueueRole::Inflate);
+                    false
+                }
+                QueueRole::Stats => stats_chain(inner, &mem, &descs, head, &mut used),
+            };
+            if !keep {
+                used.push(head);
+            }
+        }
+        deliver(inner, actions);
+        return_used(inner, vring, index, &used);
+        if !event_idx {
+            break;
+        }
+        match vring.enable_notification() {
+            Ok(true) => continue,
+            _ => break,
+        }
+    }
+}
+
+/// Hands hints and reports to the sink, without holding the state lock.
+fn deliver(inner: &Inner, actions: Actions) {
+    let mut hint_outcome = HintOutcome::default();
+    let mut hint_bytes = 0u64;
+    let hint_count = actions.hints.len() as u64;
+    let mut i = 0;
+    while i < actions.hints.len() {
+        let cmd = actions.hints[i].0;
+        let mut j = i;
+        let mut ranges = Vec::new();
+        while j < actions.hints.len() && actions.hints[j].0 == cmd {
+            ranges.push(actions.hints[j].1);
+            hint_bytes += actions.hints[j].1.len_bytes;
+            j += 1;
+        }
+        hint_outcome.merge(inner.sink.free_page_hints(CmdId(cmd), &ranges));
+        i = j;
+    }
+    let reported_bytes: u64 = actions.reported.iter().map(|r| r.len_bytes).sum();
+    if !actions.reported.is_empty() {
+        let _ = inner.sink.reported_free(&actions.reported);
+    }
+    let mut st = lock(&inner.state);
+    let c = &mut st.counters;
+    c.hint_ranges += hint_count;
+    c.hint_bytes += hint_bytes;
+    c.hint_ranges_applied += hint_outcome.ranges_applied;
+    c.hint_ranges_dropped_stale += hint_outcome.ranges_dropped_stale;
+    c.hint_ranges_rejected_by_sink += hint_outcome.ranges_rejected_invalid;
+    c.hint_pages_cleared += hint_outcome.pages_cleared;
+    c.reported_ranges += actions.reported.len() as u64;
+    c.reported_bytes += reported_bytes;
+}
+
+/// Returns buffers to the guest and notifies it if needed.
+fn return_used(inner: &Inner, vring: &VringRwLock, index: usize, heads: &[u16]) {
+    if heads.is_empty() {
+        return;
+    }
+    let mut n = 0u64;
+    for &head in heads {
+        match vring.add_used(head, 0) {
+            Ok(()) => n += 1,
+            Err(e) => inner.reject(
+                RejectReason::QueueError,
+                format_args!("vring {index}: cannot return head {head}: {e}"),
+            ),
+        }
+    }
+    lock(&inner.state).counters.buffers_used += n;
+    if vring.needs_notification().unwrap_or(true) {
+        if let Err(e) = vring.signal_used_queue() {
+            tracing::warn!("balloon: vring {index}: cannot signal the guest: {e}");
+        }
+    }
+}
+
+/// One chain of the free-page queue: a 4-byte cmd_id (out) or hint blocks
+/// (in).
+fn free_page_chain(inner: &Inner, mem: &Mem, descs: &[Descriptor], actions: &mut Actions) {
+    let writable = descs.iter().filter(|d| d.is_write_only()).count();
+    if writable != 0 && writable != descs.len() {
+        inner.reject(
+            RejectReason::WrongDirection,
+            format_args!("free-page chain mixes out and in buffers"),
+        );
+        return;
+    }
+    if writable == 0 {
+        // A command: exactly one out buffer of 4 bytes.
+        let total: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
+        if descs.len() != 1 || total != 4 {
+            inner.reject(
+                RejectReason::CmdIdBufferSize,
+                format_args!(
+                    "free-page cmd_id buffer of {total} bytes in {} descriptors (want one of 4)",
+                    descs.len()
+                ),
+            );
+            return;
+        }
+        let bytes = match read_out(mem, descs) {
+            Ok(b) => b,
+            Err((reason, what)) => {
+                inner.reject(reason, format_args!("free-page cmd_id {what}"));
+                return;
+            }
+        };
+        let cmd = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let mut st = lock(&inner.state);
+        if CmdId(cmd).is_round() {
+            st.open_batch = Some(cmd);
+            st.batch_ranges.clear();
+            st.counters.hint_batches += 1;
+            tracing::debug!(
+                cmd_id = cmd,
+                current = st.config.free_page_hint_cmd_id,
+                "balloon: hint batch opened"
+            );
+        } else {
+            tracing::debug!(cmd_id = %CmdId(cmd), "balloon: hint batch closed");
+            st.open_batch = None;
+            st.batch_ranges.clear();
+        }
+        return;
+    }
+    for d in descs {
+        let range = match check_desc(mem, d) {
+            Ok(r) => r,
+            Err((reason, r)) => {
+                inner.reject(reason, format_args!("free-page hint {r}"));
+                continue;
+            }
+        };
+        let mut st = lock(&inner.state);
+        let Some(cmd) = st.open_batch else {
+            drop(st);
+            inner.reject(
+                RejectReason::HintWithoutCmdId,
+                format_args!("free-page hint {range} with no cmd_id batch open"),
+            );
+            continue;
+        };
+        if !st
+            .batch_ranges
+            .insert_disjoint(range.start, range.start + range.len_bytes)
+        {
+            drop(st);
+            inner.reject(
+                RejectReason::OverlappingRange,
+                format_args!("free-page hint {range} overlaps an earlier hint of batch {cmd}"),
+            );
+            continue;
+        }
+        actions.hints.push((cmd, range));
+    }
+}
+
+/// One chain of the reporting queue: in buffers, each a free range.
+fn reporting_chain(inner: &Inner, mem: &Mem, descs: &[Descriptor], actions: &mut Actions) {
+    let poison = poison_active(&lock(&inner.state));
+    let mut seen = RangeSet::default();
+    for d in descs {
+        if !d.is_write_only() {
+            inner.reject(
+                RejectReason::WrongDirection,
+                format_args!("out buffer on the reporting queue"),
+            );
+            continue;
+        }
+        let range = match check_desc(mem, d) {
+            Ok(r) => r,
+            Err((reason, r)) => {
+                inner.reject(reason, format_args!("reported range {r}"));
+                continue;
+            }
+        };
+        if !seen.insert_disjoint(range.start, range.start + range.len_bytes) {
+            inner.reject(
+                RejectReason::OverlappingRange,
+                format_args!("reported range {range} overlaps another of the same report"),
+            );
+            continue;
+        }
+        if poison {
+            lock(&inner.state).counters.reported_skipped_poison += 1;
+            continue;
+        }
+        match punch_hole(mem, range) {
+            Ok(()) => actions.reported.push(range),
+            Err(e) => {
+                lock(&inner.state).counters.discard_errors += 1;
+                tracing::warn!("balloon: cannot discard reported range {range}: {e}");
+            }
+        }
+    }
+}
+
+/// One chain of the inflate or deflate queue: an array of le32 PFNs.
+fn balloon_chain(inner: &Inner, mem: &Mem, descs: &[Descriptor], inflate: bool) {
+    let what = if inflate { "inflate" } else { "deflate" };
+    let bytes = match read_out(mem, descs) {
+        Ok(b) => b,
+        Err((reason, detail)) => {
+            inner.reject(reason, format_args!("{what} {detail}"));
+            return;
+        }
+    };
+    if bytes.len() % 4 != 0 {
+        inner.reject(
+            RejectReason::PfnArraySize,
+            format_args!("{what} PFN array of {} bytes", bytes.len()),
+        );
+        return;
+    }
+    let mut pfns = Vec::with_capacity(bytes.len() / 4);
+    for c in bytes.chunks_exact(4) {
+        let pfn = u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        if !in_memory(mem, pfn * BALLOON_PAGE_BYTES, BALLOON_PAGE_BYTES) {
+            inner.reject(
+                RejectReason::DescOutsideMemory,
+                format_args!("{what} PFN {pfn:#x} is outside guest memory"),
+            );
+            continue;
+        }
+        pfns.push(pfn);
+    }
+    if !inflate {
+        let mut st = lock(&inner.state);
+        for pfn in pfns {
+            st.counters.deflated_pfns += 1;
+            if !st.balloon.remove(&pfn) {
+                st.counters.deflated_unknown_pfns += 1;
+            }
+        }
+        return;
+    }
+    let poison = {
+        let mut st = lock(&inner.state);
+        for &pfn in &pfns {
+            st.counters.inflated_pfns += 1;
+            st.balloon.insert(pfn);
+        }
+        poison_active(&st)
+    };
+    if poison {
+        return;
+    }
+    // Discard runs of contiguous pages.
+    let mut sorted = pfns;
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i + 1;
+        while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
+            j += 1;
+        }
+        let range = GpaRange::new(
+            sorted[i] * BALLOON_PAGE_BYTES,
+            (j - i) as u64 * BALLOON_PAGE_BYTES,
+        );
+        if let Err(e) = punch_hole(mem, range) {
+            lock(&inner.state).counters.discard_errors += 1;
+            tracing::warn!("balloon: cannot discard inflated range {range}: {e}");
+        }
+        i = j;
+    }
+}
+
+/// One chain of the stats queue. Returns whether the device keeps the
+/// buffer (to return it when it wants fresh stats).
+fn stats_chain(
+    inner: &Inner,
+    mem: &Mem,
+    descs: &[Descriptor],
+    head: u16,
+    used: &mut Vec<u16>,
+) -> bool {
+    let bytes = match read_out(mem, descs) {
+        Ok(b) => b,
+        Err((reason, detail)) => {
+            inner.reject(reason, format_args!("stats {detail}"));
+            return false;
+        }
+    };
+    if bytes.len() % 10 != 0 {
+        inner.reject(
+            RejectReason::StatsBufferSize,
+            format_args!(
+                "stats buffer of {} bytes is not a whole number of 10-byte entries",
+                bytes.len()
+            ),
+        );
+    }
+    let mut st = lock(&inner.state);
+    for e in bytes.chunks_exact(10) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&e[2..10]);
+        st.stats.record(tag, u64::from_le_bytes(v));
+    }
+    st.stats.updates += 1;
+    // The driver has one stats buffer; if it sent another while we hold
+    // one, give the old one back.
+    if let Some(old) = st.held_stats.replace(head) {
+        used.push(old);
+    }
+    true
+}
+
+/// Returns the held stats buffer so that the guest sends fresh stats.
+pub(crate) fn request_stats(inner: &Inner) -> Result<bool, BalloonError> {
+    let (head, index) = {
+        let mut st = lock(&inner.state);
+        let Some(index) = layout::index_of(st.acked_features, QueueRole::Stats) else {
+            return Ok(false);
+        };
+        match st.held_stats.take() {
+            Some(h) => (h, index),
+            None => return Ok(false),
+        }
+    };
+    let vring = lock(&inner.vrings).get(index).cloned();
+    let Some(vring) = vring else {
+        return Ok(false);
+    };
+    return_used(inner, &vring, index, &[head]);
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_set_refuses_overlaps() {
+        let mut s = RangeSet::default();
+        assert!(s.insert_disjoint(100, 200));
+        assert!(s.insert_disjoint(200, 300));
+        assert!(s.insert_disjoint(0, 100));
+        assert!(!s.insert_disjoint(150, 160));
+        assert!(!s.insert_disjoint(50, 150));
+        assert!(!s.insert_disjoint(299, 400));
+        assert!(!s.insert_disjoint(0, 1000));
+        assert!(s.insert_disjoint(300, 301));
+    }
+}

@@ -1,0 +1,517 @@
+//! A vhost-user virtio-balloon device (virtio id 5) for freehint.
+//!
+//! The stock Linux `virtio_balloon` driver talks to this backend through
+//! QEMU's generic vhost-user device. The backend implements the whole
+//! balloon, not only the part migration needs:
+//!
+//! * **free page hinting** (`FREE_PAGE_HINT`): the host starts a round with a
+//!   fresh `free_page_hint_cmd_id` ([`BalloonHandle`] implements
+//!   [`HintSource`]); the guest answers with a cmd_id buffer, free blocks
+//!   and STOP; every block becomes a [`GpaRange`](freehint_types::GpaRange) handed, tagged with the
+//!   cmd_id of its batch, to the engine's [`HintSink`]. Block contents are
+//!   never read.
+//! * **free page reporting** (`REPORTING`): reported ranges are discarded
+//!   from the shared RAM file (`fallocate(PUNCH_HOLE)`) and then handed to
+//!   [`HintSink::reported_free`].
+//! * **page poison** (`PAGE_POISON`): the guest's `poison_val` is kept; while
+//!   it is non-zero, reported and inflated pages are not discarded (they
+//!   must keep the poison pattern).
+//! * **stats** (`STATS_VQ`): the guest's memory statistics, in
+//!   [`BalloonStatus::guest_stats`]; [`BalloonHandle::request_stats`] asks
+//!   for fresh ones.
+//! * **inflate/deflate** with a host-set target
+//!   ([`BalloonHandle::set_target_pages`]); inflated pages are discarded.
+//!
+//! # Queue indices
+//!
+//! The driver compacts the queue indices: only the queues of acked features
+//! exist, in the order inflate, deflate, stats, free_page, reporting. See
+//! [`layout::queue_roles`].
+//!
+//! # Untrusted input
+//!
+//! Everything from the guest and from the frontend is validated. Rejected
+//! input is logged with `tracing::warn!` and counted per
+//! [`RejectReason`]; the backend never applies such a range, never panics and
+//! keeps serving the other queues. Every buffer, rejected or not, is returned
+//! to the guest (used, length 0) so that the driver never waits forever.
+//!
+//! # The frontend proxy
+//!
+//! `vhost-user-backend` 0.24 cannot send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`
+//! (its `Backend` has no such method and hides its socket), and it drops the
+//! connection on the first request its handler refuses. [`BalloonBackend::serve_connection`]
+//! therefore puts a small message proxy between the frontend and the
+//! `VhostUserDaemon`: it keeps a duplicate of the backend request channel fd
+//! to send config changes on, and refuses (NACK, counted) the frontend
+//! requests that would otherwise kill the connection. See [`proxy`].
+
+#![deny(missing_docs)]
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use freehint_types::{CmdId, HintSink, HintSource, HintSourceError};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Backend;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+pub mod config;
+mod device;
+pub mod layout;
+pub mod proxy;
+pub mod status;
+
+pub use config::ConfigSpace;
+pub use layout::{queue_roles, QueueRole};
+pub use status::{BalloonStatus, DeviceCounters, GuestStats, RejectReason};
+
+use status::RejectCounters;
+
+/// Guest memory as the backend maps it.
+pub(crate) type Mem = GuestMemoryMmap<()>;
+/// Guest memory, swappable on SET_MEM_TABLE.
+pub(crate) type AtomicMem = GuestMemoryAtomic<Mem>;
+
+/// The balloon's page size: PFNs on the inflate/deflate queues and
+/// `num_pages`/`actual` count 4 KiB pages whatever the guest's page size.
+pub const BALLOON_PAGE_BYTES: u64 = 4096;
+
+/// Largest queue size the backend accepts.
+pub const DEFAULT_MAX_QUEUE_SIZE: u16 = 1024;
+
+/// Settings of a balloon device.
+#[derive(Clone, Debug)]
+pub struct BalloonConfig {
+    /// Initial target balloon size (`num_pages`), in 4 KiB pages.
+    pub initial_target_pages: u32,
+    /// Largest queue size accepted from the frontend (a power of two).
+    pub max_queue_size: u16,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        Self {
+            initial_target_pages: 0,
+            max_queue_size: DEFAULT_MAX_QUEUE_SIZE,
+        }
+    }
+}
+
+/// Errors of the balloon backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BalloonError {
+    /// A socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The vhost-user daemon failed.
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    /// The configuration is invalid.
+    #[error("invalid balloon config: {0}")]
+    InvalidConfig(String),
+    /// A config change could not reach the frontend.
+    #[error("config change not delivered: {0}")]
+    ConfigChange(String),
+    /// A cmd_id that does not name a round was given to `start_round`.
+    #[error("cmd_id {0} does not name a round (must be >= 2)")]
+    NotARound(u32),
+}
+
+impl From<BalloonError> for HintSourceError {
+    fn from(e: BalloonError) -> Self {
+        HintSourceError(e.to_string())
+    }
+}
+
+/// Mutable device state, behind one lock.
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) acked_features: u64,
+    pub(crate) features_acked: bool,
+    pub(crate) event_idx: bool,
+    pub(crate) config: ConfigSpace,
+    pub(crate) counters: DeviceCounters,
+    pub(crate) stats: GuestStats,
+    /// Head of the stats buffer the device holds until it wants new stats.
+    pub(crate) held_stats: Option<u16>,
+    /// cmd_id of the free-page batch the guest opened, if any.
+    pub(crate) open_batch: Option<u32>,
+    /// Ranges of the open batch, to refuse overlaps.
+    pub(crate) batch_ranges: device::RangeSet,
+    /// PFNs in the balloon.
+    pub(crate) balloon: BTreeSet<u64>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) sink: Arc<dyn HintSink>,
+    pub(crate) state: Mutex<State>,
+    pub(crate) mem: Mutex<Option<AtomicMem>>,
+    pub(crate) vrings: Mutex<Vec<VringRwLock>>,
+    /// Duplicate of the backend request channel, for config changes.
+    pub(crate) channel: Mutex<Option<UnixStream>>,
+    pub(crate) rejects: RejectCounters,
+    pub(crate) max_queue_size: u16,
+}
+
+/// Locks a mutex, recovering the data if a thread panicked while holding it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    /// Logs and counts one rejection.
+    pub(crate) fn reject(&self, reason: RejectReason, detail: std::fmt::Arguments<'_>) {
+        self.rejects.bump(reason);
+        tracing::warn!(reason = reason.name(), "balloon: rejected: {detail}");
+    }
+
+    /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG to the frontend.
+    fn notify_config(&self) -> Result<(), BalloonError> {
+        let result = {
+            let mut ch = lock(&self.channel);
+            match ch.as_mut() {
+                None => Err(BalloonError::ConfigChange(
+                    "no backend request channel (SET_BACKEND_REQ_FD not received)".into(),
+                )),
+                Some(s) => {
+                    // request = CONFIG_CHANGE_MSG (2), flags = version 1, size 0.
+                    // No NEED_REPLY: waiting here could deadlock against a
+                    // frontend that reads the config back before replying.
+                    let mut msg = [0u8; 12];
+                    msg[0..4].copy_from_slice(&2u32.to_le_bytes());
+                    msg[4..8].copy_from_slice(&1u32.to_le_bytes());
+                    s.write_all(&msg).map_err(|e| {
+                        BalloonError::ConfigChange(format!("backend request channel: {e}"))
+                    })
+                }
+            }
+        };
+        let mut st = lock(&self.state);
+        match &result {
+            Ok(()) => st.counters.config_changes_sent += 1,
+            Err(e) => {
+                st.counters.config_changes_failed += 1;
+                tracing::warn!("balloon: {e}");
+            }
+        }
+        result
+    }
+
+    fn set_cmd_id(&self, cmd: CmdId) -> Result<(), BalloonError> {
+        lock(&self.state).config.free_page_hint_cmd_id = cmd.0;
+        tracing::info!(cmd_id = %cmd, "balloon: free_page_hint_cmd_id set");
+        self.notify_config()
+    }
+}
+
+/// The balloon device: implements `VhostUserBackend` and serves frontends.
+///
+/// Cloning gives another reference to the same device.
+#[derive(Clone)]
+pub struct BalloonBackend {
+    inner: Arc<Inner>,
+}
+
+/// The host's handle on a balloon device: hint rounds ([`HintSource`]),
+/// target, stats requests and status.
+#[derive(Clone)]
+pub struct BalloonHandle {
+    inner: Arc<Inner>,
+}
+
+static CONNECTION_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl BalloonBackend {
+    /// A new device that hands hints and reports to `sink`.
+    pub fn new(config: BalloonConfig, sink: Arc<dyn HintSink>) -> Result<Self, BalloonError> {
+        if config.max_queue_size == 0 || !config.max_queue_size.is_power_of_two() {
+            return Err(BalloonError::InvalidConfig(format!(
+                "max_queue_size {} is not a power of two",
+                config.max_queue_size
+            )));
+        }
+        let state = State {
+            config: ConfigSpace {
+                num_pages: config.initial_target_pages,
+                ..ConfigSpace::default()
+            },
+            ..State::default()
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                sink,
+                state: Mutex::new(state),
+                mem: Mutex::new(None),
+                vrings: Mutex::new(Vec::new()),
+                channel: Mutex::new(None),
+                rejects: RejectCounters::default(),
+                max_queue_size: config.max_queue_size,
+            }),
+        })
+    }
+
+    /// The host-side handle of this device.
+    pub fn handle(&self) -> BalloonHandle {
+        BalloonHandle {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Listens on `socket` (replacing a stale socket file), accepts one
+    /// frontend and serves it until it disconnects.
+    pub fn serve(&self, socket: &Path) -> Result<(), BalloonError> {
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket).map_err(|source| BalloonError::Io {
+            what: "bind the vhost-user socket",
+            source,
+        })?;
+        let (stream, _) = listener.accept().map_err(|source| BalloonError::Io {
+            what: "accept a frontend",
+            source,
+        })?;
+        let r = self.serve_connection(stream);
+        let _ = std::fs::remove_file(socket);
+        r
+    }
+
+    /// Serves one connected frontend until it disconnects.
+    ///
+    /// Starts a `VhostUserDaemon` on a private socket and proxies the
+    /// frontend's messages to it (see [`proxy`]).
+    pub fn serve_connection(&self, frontend: UnixStream) -> Result<(), BalloonError> {
+        self.reset_connection();
+        let io = |what: &'static str| move |source| BalloonError::Io { what, source };
+        let name = format!(
+            "freehint-balloon-{}-{}",
+            std::process::id(),
+            CONNECTION_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let addr =
+            SocketAddr::from_abstract_name(name.as_bytes()).map_err(io("abstract socket name"))?;
+        let listener =
+            UnixListener::bind_addr(&addr).map_err(io("bind the private daemon socket"))?;
+        // The connection completes from the backlog; the daemon accepts it below.
+        let daemon_side =
+            UnixStream::connect_addr(&addr).map_err(io("connect the private daemon socket"))?;
+        let mut vlistener = vhost::vhost_user::Listener::from(listener);
+        let mut daemon = VhostUserDaemon::new(
+            "freehint-balloon".to_string(),
+            self.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| BalloonError::Daemon(e.to_string()))?;
+        daemon
+            .start(&mut vlistener)
+            .map_err(|e| BalloonError::Daemon(e.to_string()))?;
+
+        let proxy_inner = self.inner.clone();
+        let proxy = std::thread::Builder::new()
+            .name("balloon-proxy".into())
+            .spawn(move || proxy::run(frontend, daemon_side, proxy_inner))
+            .map_err(io("spawn the proxy thread"))?;
+
+        let result = daemon.wait();
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        let _ = proxy.join();
+        lock(&self.inner.channel).take();
+        lock(&self.inner.vrings).clear();
+        match result {
+            Ok(()) => Ok(()),
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => Ok(()),
+            Err(e) => Err(BalloonError::Daemon(e.to_string())),
+        }
+    }
+
+    fn reset_connection(&self) {
+        let mut st = lock(&self.inner.state);
+        st.acked_features = 0;
+        st.features_acked = false;
+        st.event_idx = false;
+        st.held_stats = None;
+        st.open_batch = None;
+        st.batch_ranges.clear();
+        drop(st);
+        lock(&self.inner.mem).take();
+        lock(&self.inner.vrings).clear();
+        lock(&self.inner.channel).take();
+    }
+}
+
+impl BalloonHandle {
+    /// A snapshot of the device.
+    pub fn status(&self) -> BalloonStatus {
+        let st = lock(&self.inner.state);
+        BalloonStatus {
+            acked_features: st.acked_features,
+            queues: queue_roles(st.acked_features),
+            config: st.config,
+            balloon_pages: st.balloon.len() as u64,
+            backend_channel: lock(&self.inner.channel).is_some(),
+            memory_table: lock(&self.inner.mem).is_some(),
+            guest_stats: st.stats.clone(),
+            counters: st.counters.clone(),
+            rejected: self.inner.rejects.snapshot(),
+        }
+    }
+
+    /// The counter of one rejection reason.
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.inner.rejects.get(reason)
+    }
+
+    /// Sets the balloon target (`num_pages`, 4 KiB pages) and notifies the
+    /// guest. The config is updated even if the notification fails.
+    pub fn set_target_pages(&self, pages: u32) -> Result<(), BalloonError> {
+        lock(&self.inner.state).config.num_pages = pages;
+        tracing::info!(pages, "balloon: target set");
+        self.inner.notify_config()
+    }
+
+    /// Returns the held stats buffer to the guest so that it sends fresh
+    /// statistics. `Ok(false)` if the device holds no stats buffer (the
+    /// guest has not sent one yet, or a request is already outstanding).
+    pub fn request_stats(&self) -> Result<bool, BalloonError> {
+        device::request_stats(&self.inner)
+    }
+
+    /// Publishes a new `free_page_hint_cmd_id` to the guest.
+    pub fn set_cmd_id(&self, cmd: CmdId) -> Result<(), BalloonError> {
+        self.inner.set_cmd_id(cmd)
+    }
+}
+
+impl HintSource for BalloonHandle {
+    fn start_round(&self, cmd_id: CmdId) -> Result<(), HintSourceError> {
+        if !cmd_id.is_round() {
+            return Err(BalloonError::NotARound(cmd_id.0).into());
+        }
+        Ok(self.inner.set_cmd_id(cmd_id)?)
+    }
+
+    fn stop_round(&self) -> Result<(), HintSourceError> {
+        Ok(self.inner.set_cmd_id(CmdId::STOP)?)
+    }
+
+    fn finish(&self) -> Result<(), HintSourceError> {
+        Ok(self.inner.set_cmd_id(CmdId::DONE)?)
+    }
+}
+
+impl VhostUserBackend for BalloonBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        layout::MAX_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.inner.max_queue_size as usize
+    }
+
+    fn features(&self) -> u64 {
+        layout::features::OFFERED
+    }
+
+    fn acked_features(&self, features: u64) {
+        let mut st = lock(&self.inner.state);
+        st.acked_features = features;
+        st.features_acked = true;
+        tracing::info!(
+            features = format_args!("{features:#x}"),
+            queues = ?queue_roles(features),
+            "balloon: features acked"
+        );
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::MQ
+    }
+
+    fn reset_device(&self) {
+        let mut st = lock(&self.inner.state);
+        st.acked_features = 0;
+        st.features_acked = false;
+        st.held_stats = None;
+        st.open_batch = None;
+        st.batch_ranges.clear();
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        lock(&self.inner.state).event_idx = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        lock(&self.inner.state).config.read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+        // Refused writes are logged, counted and not applied, but answered
+        // with success: vhost-user-backend drops the whole connection when a
+        // handler returns an error.
+        device::set_config(&self.inner, offset, buf);
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: AtomicMem) -> std::io::Result<()> {
+        *lock(&self.inner.mem) = Some(mem);
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&self, _backend: Backend) {
+        // The proxy keeps its own duplicate of this channel (vhost 0.18's
+        // Backend cannot send CONFIG_CHANGE_MSG); this copy is not needed.
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        // Never return an error: the worker thread would stop serving every
+        // queue.
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        {
+            let mut stored = lock(&self.inner.vrings);
+            if stored.is_empty() {
+                *stored = vrings.to_vec();
+            }
+        }
+        let index = device_event as usize;
+        if let Some(vring) = vrings.get(index) {
+            device::process_queue(&self.inner, index, vring);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,407 @@
+//! A vhost-user message proxy between the frontend and the daemon.
+//!
+//! The proxy forwards every message unchanged, with its file descriptors,
+//! in both directions. On the way to the daemon it:
+//!
+//! * keeps a duplicate of the `SET_BACKEND_REQ_FD` socket, on which the
+//!   device sends `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` (vhost 0.18's
+//!   `Backend` has no way to send it);
+//! * refuses requests that `vhost-user-backend` would answer by dropping the
+//!   whole connection: a vring index the device does not have, a queue size
+//!   of 0 / above the maximum / not a power of two, `SET_VRING_ADDR` before a
+//!   memory table, unsupported feature bits, `SET_VRING_ENABLE` without
+//!   protocol features, a truncated body. A refused request is logged,
+//!   counted, not forwarded, and answered with a failure (non-zero u64) if
+//!   the frontend asked for a reply (`REPLY_ACK`).
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use crate::layout::{self, features};
+use crate::status::RejectReason;
+use crate::{lock, Inner};
+
+/// vhost-user header size: request, flags, size (u32 each).
+const HDR_LEN: usize = 12;
+/// Largest body we forward (the vhost crate's MAX_MSG_SIZE is 4 KiB, memory
+/// tables fit; be generous).
+const MAX_BODY: usize = 64 * 1024;
+/// Most file descriptors one message carries.
+const MAX_FDS: usize = 32;
+
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+const SET_FEATURES: u32 = 2;
+const SET_MEM_TABLE: u32 = 5;
+const SET_VRING_NUM: u32 = 8;
+const SET_VRING_ADDR: u32 = 9;
+const SET_VRING_BASE: u32 = 10;
+const GET_VRING_BASE: u32 = 11;
+const SET_VRING_KICK: u32 = 12;
+const SET_VRING_CALL: u32 = 13;
+const SET_VRING_ERR: u32 = 14;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+const SET_VRING_ENABLE: u32 = 18;
+const SET_BACKEND_REQ_FD: u32 = 21;
+const ADD_MEM_REG: u32 = 37;
+
+const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+
+/// Receives up to `buf.len()` bytes and any attached file descriptors.
+fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    // Room for MAX_FDS descriptors in one SCM_RIGHTS message.
+    let mut cmsg = [0u64; 64];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg);
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (over `buf`) and `cmsg`, which live
+        // across the call and have the lengths given.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `msg.msg_control` with `msg_controllen`
+    // bytes of control messages; CMSG_FIRSTHDR/NXTHDR/DATA walk them within
+    // that length.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const RawFd;
+                let payload = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..payload / std::mem::size_of::<RawFd>() {
+                    let raw = std::ptr::read_unaligned(data.add(i));
+                    // The kernel installed this descriptor for us; we own it.
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n, fds))
+}
+
+/// Sends `buf` with `fds` attached to its first byte, then the rest.
+fn send_with_fds(stream: &mut UnixStream, buf: &[u8], fds: &[OwnedFd]) -> std::io::Result<()> {
+    if fds.is_empty() {
+        return stream.write_all(buf);
+    }
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmsg = [0u64; 64];
+    let data_len = std::mem::size_of_val(raw.as_slice()) as u32;
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+    // SAFETY: `msg_control` points at `cmsg`, which is larger than
+    // CMSG_SPACE(data_len) for MAX_FDS descriptors; we write one header and
+    // `raw.len()` descriptors inside it. `iov` covers `buf`, which sendmsg
+    // only reads.
+    let n = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(data_len) as usize;
+        std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c) as *mut RawFd, raw.len());
+        libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    stream.write_all(&buf[n as usize..])
+}
+
+/// One whole message: header, body, descriptors. `None` on a clean EOF.
+fn read_message(stream: &mut UnixStream) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    let mut msg = vec![0u8; HDR_LEN];
+    let (n, mut fds) = recv_with_fds(stream.as_raw_fd(), &mut msg)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut got = n;
+    while got < HDR_LEN {
+        let (m, more) = recv_with_fds(stream.as_raw_fd(), &mut msg[got..])?;
+        if m == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        fds.extend(more);
+        got += m;
+    }
+    if fds.len() > MAX_FDS {
+        return Err(std::io::Error::other("too many file descriptors"));
+    }
+    let size = u32::from_le_bytes([msg[8], msg[9], msg[10], msg[11]]) as usize;
+    if size > MAX_BODY {
+        return Err(std::io::Error::other(format!(
+            "message body of {size} bytes"
+        )));
+    }
+    msg.resize(HDR_LEN + size, 0);
+    stream.read_exact(&mut msg[HDR_LEN..])?;
+    Ok(Some((msg, fds)))
+}
+
+fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+    b.get(off..off + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn u64_at(b: &[u8], off: usize) -> Option<u64> {
+    let s = b.get(off..off + 8)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(s);
+    Some(u64::from_le_bytes(a))
+}
+
+/// What the proxy knows of the session.
+#[derive(Default)]
+struct Session {
+    acked_features: u64,
+    acked_protocol: u64,
+    mem_table: bool,
+}
+
+/// Checks one frontend request; `Err` names why it must be refused.
+fn check(
+    session: &mut Session,
+    inner: &Inner,
+    code: u32,
+    body: &[u8],
+    nfds: usize,
+) -> Result<(), (RejectReason, String)> {
+    let short = |want: usize| {
+        if body.len() < want {
+            Err((
+                RejectReason::MalformedMessage,
+                format!(
+                    "request {code} with a {}-byte body (want {want})",
+                    body.len()
+                ),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let nq = layout::MAX_QUEUES as u32;
+    let index_ok = |index: u32| {
+        if index < nq {
+            Ok(())
+        } else {
+            Err((
+                RejectReason::VringIndexOutOfRange,
+                format!("request {code} for vring {index}; the device has {nq}"),
+            ))
+        }
+    };
+    match code {
+        SET_FEATURES => {
+            short(8)?;
+            let f = u64_at(body, 0).unwrap_or(0);
+            if f & !features::OFFERED != 0 {
+                return Err((
+                    RejectReason::UnsupportedFeatures,
+                    format!(
+                        "SET_FEATURES {f:#x} has bits not offered ({:#x})",
+                        f & !features::OFFERED
+                    ),
+                ));
+            }
+            session.acked_features = f;
+        }
+        SET_PROTOCOL_FEATURES => {
+            short(8)?;
+            session.acked_protocol = u64_at(body, 0).unwrap_or(0);
+        }
+        SET_MEM_TABLE | ADD_MEM_REG => {
+            if nfds == 0 {
+                return Err((
+                    RejectReason::MalformedMessage,
+                    format!("memory table request {code} without file descriptors"),
+                ));
+            }
+            session.mem_table = true;
+        }
+        SET_VRING_NUM => {
+            short(8)?;
+            index_ok(u32_at(body, 0).unwrap_or(u32::MAX))?;
+            let num = u32_at(body, 4).unwrap_or(0);
+            if num == 0 || num > u32::from(inner.max_queue_size) || !num.is_power_of_two() {
+                return Err((
+                    RejectReason::BadQueueSize,
+                    format!(
+                        "SET_VRING_NUM {num} (max {}, power of two)",
+                        inner.max_queue_size
+                    ),
+                ));
+            }
+        }
+        SET_VRING_BASE | GET_VRING_BASE => {
+            short(8)?;
+            index_ok(u32_at(body, 0).unwrap_or(u32::MAX))?;
+        }
+        SET_VRING_ADDR => {
+            short(40)?;
+            index_ok(u32_at(body, 0).unwrap_or(u32::MAX))?;
+            if !session.mem_table {
+                return Err((
+                    RejectReason::VringAddrBeforeMemTable,
+                    "SET_VRING_ADDR before SET_MEM_TABLE".into(),
+                ));
+            }
+        }
+        SET_VRING_KICK | SET_VRING_CALL | SET_VRING_ERR => {
+            short(8)?;
+            let v = u64_at(body, 0).unwrap_or(0);
+            index_ok((v & 0xff) as u32)?;
+            let no_fd = v & 0x100 != 0;
+            if !no_fd && nfds != 1 {
+                return Err((
+                    RejectReason::MalformedMessage,
+                    format!("request {code} with {nfds} file descriptors (want 1)"),
+                ));
+            }
+        }
+        SET_VRING_ENABLE => {
+            short(8)?;
+            index_ok(u32_at(body, 0).unwrap_or(u32::MAX))?;
+            if session.acked_features & features::bit(features::PROTOCOL_FEATURES) == 0 {
+                return Err((
+                    RejectReason::VringEnableWithoutProtocolFeatures,
+                    "SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES acked".into(),
+                ));
+            }
+            if u32_at(body, 4).unwrap_or(2) > 1 {
+                return Err((
+                    RejectReason::MalformedMessage,
+                    "SET_VRING_ENABLE with a state other than 0/1".into(),
+                ));
+            }
+        }
+        SET_BACKEND_REQ_FD if nfds != 1 => {
+            return Err((
+                RejectReason::MalformedMessage,
+                format!("SET_BACKEND_REQ_FD with {nfds} file descriptors (want 1)"),
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Runs the proxy until either side closes.
+pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
+    let (Ok(mut f_read), Ok(f_write), Ok(mut d_read), Ok(mut d_write)) = (
+        frontend.try_clone(),
+        frontend.try_clone(),
+        daemon.try_clone(),
+        daemon.try_clone(),
+    ) else {
+        tracing::warn!("balloon proxy: cannot clone sockets");
+        return;
+    };
+    let f_write = Arc::new(Mutex::new(f_write));
+
+    // Daemon -> frontend: replies, forwarded as they are.
+    let back = {
+        let f_write = f_write.clone();
+        let frontend = frontend.try_clone();
+        std::thread::Builder::new()
+            .name("balloon-proxy-reply".into())
+            .spawn(move || {
+                loop {
+                    match read_message(&mut d_read) {
+                        Ok(Some((msg, fds))) => {
+                            if let Err(e) = send_with_fds(&mut lock(&f_write), &msg, &fds) {
+                                tracing::debug!("balloon proxy: frontend write: {e}");
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!("balloon proxy: daemon read: {e}");
+                            break;
+                        }
+                    }
+                }
+                if let Ok(f) = frontend {
+                    let _ = f.shutdown(std::net::Shutdown::Both);
+                }
+            })
+    };
+
+    let mut session = Session::default();
+    loop {
+        let (msg, fds) = match read_message(&mut f_read) {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::info!("balloon proxy: frontend read: {e}");
+                break;
+            }
+        };
+        let code = u32_at(&msg, 0).unwrap_or(0);
+        let flags = u32_at(&msg, 4).unwrap_or(0);
+        let body = &msg[HDR_LEN..];
+        if let Err((reason, detail)) = check(&mut session, &inner, code, body, fds.len()) {
+            inner.reject(reason, format_args!("frontend: {detail}"));
+            if flags & FLAG_NEED_REPLY != 0 && session.acked_protocol & PROTOCOL_F_REPLY_ACK != 0 {
+                let mut reply = Vec::with_capacity(HDR_LEN + 8);
+                reply.extend_from_slice(&code.to_le_bytes());
+                reply.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+                reply.extend_from_slice(&8u32.to_le_bytes());
+                reply.extend_from_slice(&1u64.to_le_bytes());
+                if lock(&f_write).write_all(&reply).is_err() {
+                    break;
+                }
+            }
+            continue;
+        }
+        if code == SET_BACKEND_REQ_FD {
+            if let Some(fd) = fds.first() {
+                match fd.try_clone() {
+                    Ok(dup) => {
+                        *lock(&inner.channel) = Some(UnixStream::from(dup));
+                        tracing::info!("balloon: backend request channel set up");
+                    }
+                    Err(e) => {
+                        tracing::warn!("balloon proxy: cannot duplicate the backend channel: {e}")
+                    }
+                }
+            }
+        }
+        if let Err(e) = send_with_fds(&mut d_write, &msg, &fds) {
+            tracing::info!("balloon proxy: daemon write: {e}");
+            break;
+        }
+    }
+    let _ = daemon.shutdown(std::net::Shutdown::Both);
+    let _ = frontend.shutdown(std::net::Shutdown::Both);
+    if let Ok(h) = back {
+        let _ = h.join();
+    }
+}
