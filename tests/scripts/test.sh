@@ -16,8 +16,15 @@ echo "== loom model check of the hint/sync lock"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
   cargo test -p freehint-hint-filter --test loom --release 2>&1 | tee target/test-loom.log
 
+echo "== real guest: QEMU with the vhost-user device, Debian kernel (cached)"
+if [ "$(id -u)" = 0 ]; then
+  FREEHINT_QEMU=$(./tests/qemu/build-qemu.sh)
+  FREEHINT_GUEST_DIR=$(./tests/guest/build-guest-image.sh)
+  export FREEHINT_QEMU FREEHINT_GUEST_DIR
+  export FREEHINT_REQUIRE_HUGETLBFS=1 FREEHINT_REQUIRE_REAL_GUEST=1
+fi
+
 echo "== tests"
-if [ "$(id -u)" = 0 ]; then export FREEHINT_REQUIRE_HUGETLBFS=1; fi
 cargo test --workspace 2>&1 | tee target/test.log
 
 # One closing line for everything above.
