@@ -9,51 +9,19 @@
 //! `FREEHINT_REQUIRE_REAL_GUEST=1` (set by `make test` as root), where it
 //! fails.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
 
 use freehint_balloon::{BalloonBackend, BalloonConfig, BalloonHandle};
+use freehint_e2e::{guest_args, wait_for, QemuGuest};
 use freehint_engine::empty_bitmap;
 use freehint_hint_filter::HintFilter;
 use freehint_memory::GuestRam;
 use freehint_types::HintSource;
 
 const MEM_MIB: u64 = 512;
-
-struct Qemu(Child);
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn console_has(lines: &Mutex<Vec<String>>, needle: &str) -> bool {
-    lines.lock().unwrap().iter().any(|l| l.contains(needle))
-}
-
-fn heartbeats(lines: &Mutex<Vec<String>>) -> usize {
-    lines
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.contains("freehint-heartbeat"))
-        .count()
-}
 
 #[test]
 fn linux_balloon_driver_hints_and_reports_through_our_backend() {
@@ -91,69 +59,29 @@ fn linux_balloon_driver_hints_and_reports_through_our_backend() {
         sock.exists()
     });
 
-    let mut child = Command::new(&qemu)
-        .args([
-            "-L",
-            "/usr/share/seabios",
-            "-L",
-            "/usr/share/qemu",
-            "-L",
-            "/usr/lib/ipxe/qemu",
-        ])
-        .args([
-            "-machine",
-            "q35",
-            "-m",
-            &format!("{MEM_MIB}M"),
-            "-nographic",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-object")
-        .arg(format!(
-            "memory-backend-file,id=mem0,size={MEM_MIB}M,mem-path={},share=on",
-            ram_path.display()
-        ))
-        .args(["-machine", "memory-backend=mem0"])
-        .arg("-kernel")
-        .arg(guest.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(guest.join("initramfs.gz"))
-        .args([
-            "-append",
-            "console=ttyS0 quiet freehint.memwork=128 freehint.check=16",
-        ])
-        .arg("-chardev")
+    let mut cmd = Command::new(&qemu);
+    guest_args(
+        &mut cmd,
+        &guest,
+        &ram_path,
+        MEM_MIB,
+        "freehint.memwork=128 freehint.check=16",
+    );
+    cmd.arg("-chardev")
         .arg(format!("socket,id=c0,path={}", sock.display()))
         .args([
             "-device",
             "vhost-user-device-pci,chardev=c0,virtio-id=5,num_vqs=5,config_size=16",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting QEMU");
-    let out = child.stdout.take().unwrap();
-    let _qemu = Qemu(child);
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(l);
-            }
-        });
-    }
+        ]);
+    let vm = QemuGuest::spawn(cmd);
 
     wait_for(
         "the guest to boot and finish its workload",
         Duration::from_secs(180),
-        || console_has(&lines, "freehint-guest: ready"),
+        || vm.said("freehint-guest: ready"),
     );
     assert!(
-        console_has(&lines, "freehint-guest: balloon bound"),
+        vm.said("freehint-guest: balloon bound"),
         "virtio_balloon did not bind"
     );
 
@@ -196,13 +124,13 @@ fn linux_balloon_driver_hints_and_reports_through_our_backend() {
     handle.finish().unwrap();
 
     // The guest is alive and its data intact after all of it.
-    let beats = heartbeats(&lines);
+    let beats = vm.heartbeats().len();
     wait_for("more heartbeats", Duration::from_secs(30), || {
-        heartbeats(&lines) > beats + 3
+        vm.heartbeats().len() > beats + 3
     });
     assert!(
-        !console_has(&lines, "freehint-check FAIL"),
+        !vm.said("freehint-check FAIL"),
         "the guest's data region was corrupted"
     );
-    assert!(console_has(&lines, "freehint-check ok"));
+    assert!(vm.said("freehint-check ok"));
 }

@@ -11,99 +11,33 @@
 //! Needs `FREEHINT_GUEST_DIR` and the reference QEMU on PATH (`make test`
 //! provides both); see real_guest_balloon.rs for the skip rule.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use freehint_e2e::{guest_args, wait_for, QemuGuest};
 use freehint_engine::{DestinationVmm, Vmm};
 use freehint_qemu::{QemuDestination, QemuVmm, Qmp};
 
 const MEM_MIB: u64 = 256;
 
-struct Qemu(Child);
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn last_heartbeat(lines: &Mutex<Vec<String>>) -> Option<u64> {
-    lines.lock().unwrap().iter().rev().find_map(|l| {
-        l.split("freehint-heartbeat ")
-            .nth(1)
-            .and_then(|n| n.trim().parse().ok())
-    })
-}
-
-fn start(guest: &Path, ram: &Path, qmp: &Path, incoming: bool) -> (Qemu, Arc<Mutex<Vec<String>>>) {
+fn start(guest: &Path, ram: &Path, qmp: &Path, incoming: bool) -> QemuGuest {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-L",
-        "/usr/share/seabios",
-        "-L",
-        "/usr/share/qemu",
-        "-L",
-        "/usr/lib/ipxe/qemu",
-    ])
-    .args([
-        "-machine",
-        "q35",
-        "-m",
-        &format!("{MEM_MIB}M"),
-        "-nographic",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-    ])
-    .arg("-object")
-    .arg(format!(
-        "memory-backend-file,id=mem0,size={MEM_MIB}M,mem-path={},share=on",
-        ram.display()
-    ))
-    .args(["-machine", "memory-backend=mem0"])
-    .arg("-kernel")
-    .arg(guest.join("vmlinuz"))
-    .arg("-initrd")
-    .arg(guest.join("initramfs.gz"))
-    .args([
-        "-append",
-        "console=ttyS0 quiet freehint.memwork=32 freehint.check=16",
-    ])
-    .arg("-qmp")
-    .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    guest_args(
+        &mut cmd,
+        guest,
+        ram,
+        MEM_MIB,
+        "freehint.memwork=32 freehint.check=16",
+    );
+    cmd.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
     if incoming {
         cmd.args(["-incoming", "defer"]);
     }
-    let mut child = cmd.spawn().expect("starting qemu-system-x86_64");
-    let out = child.stdout.take().unwrap();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(l);
-            }
-        });
-    }
+    let vm = QemuGuest::spawn(cmd);
     wait_for("the QMP socket", Duration::from_secs(10), || qmp.exists());
-    (Qemu(child), lines)
+    vm
 }
 
 #[test]
@@ -121,18 +55,14 @@ fn guest_resumes_on_the_destination_with_its_heartbeat_and_data() {
     let (src_ram, dst_ram) = (dir.path().join("src.ram"), dir.path().join("dst.ram"));
     let (src_qmp, dst_qmp) = (dir.path().join("src.qmp"), dir.path().join("dst.qmp"));
 
-    let (_src, src_console) = start(guest, &src_ram, &src_qmp, false);
+    let src = start(guest, &src_ram, &src_qmp, false);
     wait_for("the source guest", Duration::from_secs(180), || {
-        src_console
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("freehint-guest: ready"))
+        src.said("freehint-guest: ready")
     });
     wait_for("source heartbeats", Duration::from_secs(30), || {
-        last_heartbeat(&src_console).unwrap_or(0) >= 5
+        src.heartbeats().last().copied().unwrap_or(0) >= 5
     });
-    let (_dst, dst_console) = start(guest, &dst_ram, &dst_qmp, true);
+    let dst = start(guest, &dst_ram, &dst_qmp, true);
 
     let source = QemuVmm::new(
         Qmp::connect(&src_qmp).unwrap(),
@@ -147,7 +77,7 @@ fn guest_resumes_on_the_destination_with_its_heartbeat_and_data() {
 
     source.stop().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let stopped_at = last_heartbeat(&src_console).unwrap();
+    let stopped_at = src.heartbeats().last().copied().unwrap();
     // RAM: a plain copy while both VMs are stopped (see the module docs).
     {
         let mut from = std::fs::File::open(&src_ram).unwrap();
@@ -170,18 +100,14 @@ fn guest_resumes_on_the_destination_with_its_heartbeat_and_data() {
     wait_for(
         "heartbeats on the destination",
         Duration::from_secs(30),
-        || last_heartbeat(&dst_console).is_some_and(|n| n > stopped_at + 3),
+        || {
+            dst.heartbeats()
+                .last()
+                .copied()
+                .is_some_and(|n| n > stopped_at + 3)
+        },
     );
-    let first_on_dst = dst_console
-        .lock()
-        .unwrap()
-        .iter()
-        .find_map(|l| {
-            l.split("freehint-heartbeat ")
-                .nth(1)
-                .and_then(|n| n.trim().parse::<u64>().ok())
-        })
-        .unwrap();
+    let first_on_dst = dst.heartbeats()[0];
     assert!(
         first_on_dst > stopped_at.saturating_sub(2),
         "the destination guest restarted instead of resuming"
@@ -193,18 +119,8 @@ fn guest_resumes_on_the_destination_with_its_heartbeat_and_data() {
     wait_for(
         "the data check on the destination",
         Duration::from_secs(30),
-        || {
-            dst_console
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|l| l.contains("freehint-check ok"))
-        },
+        || dst.said("freehint-check ok"),
     );
-    assert!(!dst_console
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("FAIL")));
+    assert!(!dst.said("FAIL"));
     source.handed_over().unwrap();
 }
