@@ -212,16 +212,16 @@ fn read_state(path: &Path) -> Result<Vec<u8>, VmmError> {
         .map_err(|e| VmmError(format!("reading device state {}: {e}", path.display())))
 }
 
-/// The source QEMU.
+/// A QMP connection with freehint's capabilities set and a file to stage
+/// device state in; shared by both ends.
 #[derive(Debug)]
-pub struct QemuVmm {
+struct Connection {
     qmp: Mutex<Qmp>,
     state_file: PathBuf,
 }
 
-impl QemuVmm {
-    /// Wraps a QMP connection; device state is staged in `state_file`.
-    pub fn new(mut qmp: Qmp, state_file: PathBuf) -> Result<Self, QmpError> {
+impl Connection {
+    fn new(mut qmp: Qmp, state_file: PathBuf) -> Result<Self, QmpError> {
         qmp.set_freehint_capabilities()?;
         Ok(Self {
             qmp: Mutex::new(qmp),
@@ -232,11 +232,33 @@ impl QemuVmm {
     fn qmp(&self) -> std::sync::MutexGuard<'_, Qmp> {
         self.qmp.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn cont(&self) -> Result<(), VmmError> {
+        self.qmp()
+            .execute("cont", json!({}))
+            .map(|_| ())
+            .map_err(vmm_err)
+    }
+}
+
+/// The source QEMU.
+#[derive(Debug)]
+pub struct QemuVmm {
+    conn: Connection,
+}
+
+impl QemuVmm {
+    /// Wraps a QMP connection; device state is staged in `state_file`.
+    pub fn new(qmp: Qmp, state_file: PathBuf) -> Result<Self, QmpError> {
+        Ok(Self {
+            conn: Connection::new(qmp, state_file)?,
+        })
+    }
 }
 
 impl Vmm for QemuVmm {
     fn stop(&self) -> Result<(), VmmError> {
-        let mut q = self.qmp();
+        let mut q = self.conn.qmp();
         q.execute("stop", json!({})).map_err(vmm_err)?;
         match q.status().map_err(vmm_err)?.as_str() {
             "paused" | "postmigrate" => Ok(()),
@@ -245,27 +267,25 @@ impl Vmm for QemuVmm {
     }
 
     fn resume(&self) -> Result<(), VmmError> {
-        self.qmp()
-            .execute("cont", json!({}))
-            .map(|_| ())
-            .map_err(vmm_err)
+        self.conn.cont()
     }
 
     fn device_state(&self) -> Result<Vec<u8>, VmmError> {
-        let _ = std::fs::remove_file(&self.state_file);
-        let mut q = self.qmp();
+        let file = &self.conn.state_file;
+        let _ = std::fs::remove_file(file);
+        let mut q = self.conn.qmp();
         q.execute(
             "migrate",
-            json!({ "uri": format!("file:{}", self.state_file.display()) }),
+            json!({ "uri": format!("file:{}", file.display()) }),
         )
         .map_err(vmm_err)?;
         q.wait_migration(Duration::from_secs(60)).map_err(vmm_err)?;
-        read_state(&self.state_file)
+        read_state(file)
     }
 
     fn handed_over(&self) -> Result<(), VmmError> {
         // The destination runs the guest: this QEMU has nothing left to do.
-        let _ = self.qmp().execute("quit", json!({}));
+        let _ = self.conn.qmp().execute("quit", json!({}));
         Ok(())
     }
 }
@@ -274,22 +294,15 @@ impl Vmm for QemuVmm {
 /// file layout.
 #[derive(Debug)]
 pub struct QemuDestination {
-    qmp: Mutex<Qmp>,
-    state_file: PathBuf,
+    conn: Connection,
 }
 
 impl QemuDestination {
     /// Wraps a QMP connection; device state is staged in `state_file`.
-    pub fn new(mut qmp: Qmp, state_file: PathBuf) -> Result<Self, QmpError> {
-        qmp.set_freehint_capabilities()?;
+    pub fn new(qmp: Qmp, state_file: PathBuf) -> Result<Self, QmpError> {
         Ok(Self {
-            qmp: Mutex::new(qmp),
-            state_file,
+            conn: Connection::new(qmp, state_file)?,
         })
-    }
-
-    fn qmp(&self) -> std::sync::MutexGuard<'_, Qmp> {
-        self.qmp.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -298,16 +311,13 @@ impl DestinationVmm for QemuDestination {
         if state.is_empty() {
             return Err(VmmError("the source sent no device state for QEMU".into()));
         }
-        std::fs::write(&self.state_file, state).map_err(|e| {
-            VmmError(format!(
-                "writing device state {}: {e}",
-                self.state_file.display()
-            ))
-        })?;
-        let mut q = self.qmp();
+        let file = &self.conn.state_file;
+        std::fs::write(file, state)
+            .map_err(|e| VmmError(format!("writing device state {}: {e}", file.display())))?;
+        let mut q = self.conn.qmp();
         q.execute(
             "migrate-incoming",
-            json!({ "uri": format!("file:{}", self.state_file.display()) }),
+            json!({ "uri": format!("file:{}", file.display()) }),
         )
         .map_err(vmm_err)?;
         q.wait_migration(Duration::from_secs(60)).map_err(vmm_err)?;
@@ -315,9 +325,6 @@ impl DestinationVmm for QemuDestination {
     }
 
     fn resume(&self) -> Result<(), VmmError> {
-        self.qmp()
-            .execute("cont", json!({}))
-            .map(|_| ())
-            .map_err(vmm_err)
+        self.conn.cont()
     }
 }
