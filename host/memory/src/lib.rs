@@ -324,25 +324,15 @@ impl RamRegion {
     /// fault per page when they are then read through the mapping.
     pub fn populate_read(&self, first_page: u64, count: u64) -> Result<(), MemoryError> {
         const MADV_POPULATE_READ: i32 = 22;
-        self.check_pages(first_page, (count * self.page_bytes()) as usize, "populate")?;
+        let len = (count * self.page_bytes()) as usize;
+        self.check_pages(first_page, len, "populate")?;
         let ptr = self.page_ptr(first_page).expect("checked above");
-        // SAFETY: the range lies inside this region's mapping (checked);
-        // populating for read changes no contents.
-        let rc = unsafe {
-            libc::madvise(
-                ptr as *mut libc::c_void,
-                (count * self.page_bytes()) as usize,
-                MADV_POPULATE_READ,
-            )
-        };
-        if rc != 0 {
-            return Err(MemoryError::Io {
-                gpa_start: self.gpa_start,
-                op: "populate (MADV_POPULATE_READ)",
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        self.madvise(
+            ptr,
+            len,
+            MADV_POPULATE_READ,
+            "populate (MADV_POPULATE_READ)",
+        )
     }
 
     /// Writes whole pages starting at `first_page`: with `pwrite` into the
@@ -401,19 +391,31 @@ impl RamRegion {
     /// defer zeroing each page to its first write.
     pub fn preallocate(&self) -> Result<(), MemoryError> {
         const MADV_POPULATE_WRITE: i32 = 23;
-        // SAFETY: the range is exactly this region's mapping; populating
-        // it for write only faults pages in (contents are unchanged).
-        let rc = unsafe {
-            libc::madvise(
-                self.host_ptr() as *mut libc::c_void,
-                self.size_bytes as usize,
-                MADV_POPULATE_WRITE,
-            )
-        };
+        self.madvise(
+            self.host_ptr(),
+            self.size_bytes as usize,
+            MADV_POPULATE_WRITE,
+            "preallocate (MADV_POPULATE_WRITE)",
+        )
+    }
+
+    /// `madvise` over `len` bytes of this region's mapping from `ptr`. Only
+    /// the populate advices are used: they fault pages in and change no
+    /// contents.
+    fn madvise(
+        &self,
+        ptr: *mut u8,
+        len: usize,
+        advice: i32,
+        op: &'static str,
+    ) -> Result<(), MemoryError> {
+        // SAFETY: callers pass a range inside this region's mapping, and
+        // the populate advices change no memory contents.
+        let rc = unsafe { libc::madvise(ptr as *mut libc::c_void, len, advice) };
         if rc != 0 {
             return Err(MemoryError::Io {
                 gpa_start: self.gpa_start,
-                op: "preallocate (MADV_POPULATE_WRITE)",
+                op,
                 source: io::Error::last_os_error(),
             });
         }
