@@ -516,6 +516,11 @@ impl ChannelJob {
         // (address, length) of runs of data pages in the mapping.
         let mut spans: Vec<(usize, usize)> = Vec::new();
         let mut head_buf: Vec<u8> = Vec::new();
+        // Reused batch after batch: no allocation per batch.
+        let mut head = PageBatchHead {
+            region: 0,
+            entries: Vec::new(),
+        };
         loop {
             claimed.clear();
             let n = {
@@ -528,10 +533,8 @@ impl ChannelJob {
             let region_idx = claimed[0].0;
             let region = &self.ram.regions()[region_idx];
             let page_bytes = region.page_bytes() as usize;
-            let mut head = PageBatchHead {
-                region: region_idx as u32,
-                entries: Vec::with_capacity(claimed.len()),
-            };
+            head.region = region_idx as u32;
+            head.entries.clear();
             // Map each contiguous run for reading with one call (no fault
             // per page), check every page for zero in place, and send the
             // others straight from the mapping: the kernel copies them into
