@@ -26,20 +26,35 @@ impl SignalVmm {
         }
         Ok(())
     }
+
+    fn all_threads_stopped(&self) -> Result<bool, VmmError> {
+        let dir = format!("/proc/{}/task", self.pid);
+        let tasks = std::fs::read_dir(&dir)
+            .map_err(|e| VmmError(format!("process {} is gone: {e}", self.pid)))?;
+        for t in tasks.flatten() {
+            // A thread that exited meanwhile has no stat: it writes nothing.
+            let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+                continue;
+            };
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next());
+            if !matches!(state, Some("T") | Some("t")) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }
 
 impl Vmm for SignalVmm {
     fn stop(&self) -> Result<(), VmmError> {
         self.signal(libc::SIGSTOP, "SIGSTOP")?;
-        // SIGSTOP is asynchronous: wait until the process is really stopped.
+        // SIGSTOP is asynchronous: wait until every thread of the process
+        // is stopped, since any of them may write guest RAM.
         for _ in 0..1000 {
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-                .map_err(|e| VmmError(format!("process {} is gone: {e}", self.pid)))?;
-            let state = stat
-                .rsplit(')')
-                .next()
-                .and_then(|s| s.split_whitespace().next());
-            if state == Some("T") {
+            if self.all_threads_stopped()? {
                 return Ok(());
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
