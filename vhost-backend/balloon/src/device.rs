@@ -437,6 +437,9 @@ fn free_page_chain(inner: &Inner, mem: &Mem, descs: &[Descriptor], actions: &mut
             );
         } else {
             tracing::debug!(cmd_id = %CmdId(cmd), "balloon: hint batch closed");
+            if let Some(open) = st.open_batch {
+                st.last_closed_round = Some(open);
+            }
             st.open_batch = None;
             st.batch_ranges.clear();
         }

@@ -23,6 +23,10 @@ pub mod features {
     pub const PAGE_POISON: u32 = 4;
     /// `VIRTIO_BALLOON_F_REPORTING`: the free page reporting queue exists.
     pub const REPORTING: u32 = 5;
+    /// vhost: the frontend may ask the backend to log its writes to guest
+    /// memory (`VHOST_F_LOG_ALL`); QEMU refuses to migrate a vhost device
+    /// without it. Not a virtio feature: the guest ignores the bit.
+    pub const LOG_ALL: u32 = 26;
     /// `VIRTIO_RING_F_INDIRECT_DESC`.
     pub const RING_INDIRECT_DESC: u32 = 28;
     /// `VIRTIO_RING_F_EVENT_IDX`.
@@ -43,6 +47,7 @@ pub mod features {
         | bit(FREE_PAGE_HINT)
         | bit(PAGE_POISON)
         | bit(REPORTING)
+        | bit(LOG_ALL)
         | bit(RING_INDIRECT_DESC)
         | bit(RING_EVENT_IDX)
         | bit(PROTOCOL_FEATURES)

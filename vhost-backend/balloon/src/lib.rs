@@ -56,11 +56,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use freehint_types::{CmdId, HintSink, HintSource, HintSourceError};
+use freehint_types::{CmdId, GpaRange, HintSink, HintSource, HintSourceError};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -71,6 +74,7 @@ mod device;
 pub mod layout;
 pub mod proxy;
 pub mod status;
+mod vhost_log;
 
 pub use config::ConfigSpace;
 pub use layout::{queue_roles, QueueRole};
@@ -156,6 +160,9 @@ pub(crate) struct State {
     pub(crate) batch_ranges: device::RangeSet,
     /// PFNs in the balloon.
     pub(crate) balloon: BTreeSet<u64>,
+    /// The last hint round the guest closed with STOP (it had no more free
+    /// blocks to report, or the host asked it to stop).
+    pub(crate) last_closed_round: Option<u32>,
 }
 
 pub(crate) struct Inner {
@@ -164,9 +171,69 @@ pub(crate) struct Inner {
     pub(crate) mem: Mutex<Option<AtomicMem>>,
     pub(crate) vrings: Mutex<Vec<VringRwLock>>,
     /// Duplicate of the backend request channel, for config changes.
-    pub(crate) channel: Mutex<Option<UnixStream>>,
+    pub(crate) channel: Mutex<Channel>,
+    /// The frontend's dirty log while it has `VHOST_F_LOG_ALL` acked.
+    pub(crate) vhost_log: Mutex<Option<vhost_log::VhostLog>>,
     pub(crate) rejects: RejectCounters,
     pub(crate) max_queue_size: u16,
+}
+
+/// The backend request channel and whether the frontend runs the device.
+///
+/// QEMU 10.0's vhost-user device dereferences its (then NULL) virtio device
+/// when a config change arrives while the device is stopped (VM paused,
+/// between `GET_VRING_BASE` and the next start), so config changes made
+/// then are held and sent when the device starts again.
+#[derive(Default)]
+pub(crate) struct Channel {
+    /// The channel (`SET_BACKEND_REQ_FD`).
+    pub(crate) stream: Option<UnixStream>,
+    /// Between the first `SET_VRING_KICK` and the next `GET_VRING_BASE`.
+    pub(crate) device_started: bool,
+    /// A config change was made while the device was stopped.
+    pub(crate) change_pending: bool,
+}
+
+impl Channel {
+    /// Sends CONFIG_CHANGE_MSG now (`Ok(true)`), or marks it pending while
+    /// the device is stopped (`Ok(false)`). With `wait_for_frontend`, asks
+    /// for a reply (`NEED_REPLY`) and waits up to a second for it, so the
+    /// frontend has handled the change before the caller goes on (before it
+    /// stops the VM, say). Never wait on the proxy thread: the frontend may
+    /// be waiting for it.
+    pub(crate) fn notify(&mut self, wait_for_frontend: bool) -> Result<bool, BalloonError> {
+        if !self.device_started {
+            self.change_pending = true;
+            return Ok(false);
+        }
+        let s = self.stream.as_mut().ok_or_else(|| {
+            BalloonError::ConfigChange(
+                "no backend request channel (SET_BACKEND_REQ_FD not received)".into(),
+            )
+        })?;
+        let err =
+            |e: std::io::Error| BalloonError::ConfigChange(format!("backend request channel: {e}"));
+        // request = CONFIG_CHANGE_MSG (2), flags = version 1 (| NEED_REPLY 8), size 0.
+        let mut msg = [0u8; 12];
+        msg[0..4].copy_from_slice(&2u32.to_le_bytes());
+        let flags: u32 = if wait_for_frontend { 0x1 | 0x8 } else { 0x1 };
+        msg[4..8].copy_from_slice(&flags.to_le_bytes());
+        s.write_all(&msg).map_err(err)?;
+        self.change_pending = false;
+        if wait_for_frontend {
+            // The reply: header (request 2, flags REPLY) and a u64 status.
+            s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+                .map_err(err)?;
+            let mut reply = [0u8; 20];
+            std::io::Read::read_exact(s, &mut reply).map_err(err)?;
+            if reply[0..4] != 2u32.to_le_bytes() || reply[12..20] != [0u8; 8] {
+                return Err(BalloonError::ConfigChange(format!(
+                    "unexpected reply to CONFIG_CHANGE_MSG: {reply:02x?}"
+                )));
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Locks a mutex, recovering the data if a thread panicked while holding it.
@@ -181,27 +248,15 @@ impl Inner {
         tracing::warn!(reason = reason.name(), "balloon: rejected: {detail}");
     }
 
-    /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG to the frontend.
-    fn notify_config(&self) -> Result<(), BalloonError> {
-        let result = {
-            let mut ch = lock(&self.channel);
-            match ch.as_mut() {
-                None => Err(BalloonError::ConfigChange(
-                    "no backend request channel (SET_BACKEND_REQ_FD not received)".into(),
-                )),
-                Some(s) => {
-                    // request = CONFIG_CHANGE_MSG (2), flags = version 1, size 0.
-                    // No NEED_REPLY: waiting here could deadlock against a
-                    // frontend that reads the config back before replying.
-                    let mut msg = [0u8; 12];
-                    msg[0..4].copy_from_slice(&2u32.to_le_bytes());
-                    msg[4..8].copy_from_slice(&1u32.to_le_bytes());
-                    s.write_all(&msg).map_err(|e| {
-                        BalloonError::ConfigChange(format!("backend request channel: {e}"))
-                    })
-                }
-            }
-        };
+    /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG to the frontend, or
+    /// holds it until the device starts again (see [`Channel`]).
+    pub(crate) fn notify_config(&self, wait_for_frontend: bool) -> Result<(), BalloonError> {
+        let result = lock(&self.channel).notify(wait_for_frontend);
+        if let Ok(false) = result {
+            tracing::debug!("balloon: device stopped; config change held until it starts");
+            return Ok(());
+        }
+        let result = result.map(|_| ());
         let mut st = lock(&self.state);
         match &result {
             Ok(()) => st.counters.config_changes_sent += 1,
@@ -216,7 +271,7 @@ impl Inner {
     fn set_cmd_id(&self, cmd: CmdId) -> Result<(), BalloonError> {
         lock(&self.state).config.free_page_hint_cmd_id = cmd.0;
         tracing::info!(cmd_id = %cmd, "balloon: free_page_hint_cmd_id set");
-        self.notify_config()
+        self.notify_config(true)
     }
 }
 
@@ -226,6 +281,21 @@ impl Inner {
 #[derive(Clone)]
 pub struct BalloonBackend {
     inner: Arc<Inner>,
+}
+
+/// One region of the memory table the frontend sent (`SET_MEM_TABLE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryTableRegion {
+    /// Guest-physical start address.
+    pub gpa_start: u64,
+    /// Length in bytes.
+    pub size_bytes: u64,
+    /// Where the region starts in its file (vhost-user `mmap_offset`).
+    pub file_offset_bytes: u64,
+    /// Device number of the file (`st_dev`), to match it with a RAM file.
+    pub file_dev: u64,
+    /// Inode number of the file (`st_ino`).
+    pub file_ino: u64,
 }
 
 /// The host's handle on a balloon device: hint rounds ([`HintSource`]),
@@ -259,7 +329,8 @@ impl BalloonBackend {
                 state: Mutex::new(state),
                 mem: Mutex::new(None),
                 vrings: Mutex::new(Vec::new()),
-                channel: Mutex::new(None),
+                channel: Mutex::new(Channel::default()),
+                vhost_log: Mutex::new(None),
                 rejects: RejectCounters::default(),
                 max_queue_size: config.max_queue_size,
             }),
@@ -331,7 +402,7 @@ impl BalloonBackend {
             h.send_exit_event();
         }
         let _ = proxy.join();
-        lock(&self.inner.channel).take();
+        *lock(&self.inner.channel) = Channel::default();
         lock(&self.inner.vrings).clear();
         match result {
             Ok(()) => Ok(()),
@@ -353,7 +424,7 @@ impl BalloonBackend {
         drop(st);
         lock(&self.inner.mem).take();
         lock(&self.inner.vrings).clear();
-        lock(&self.inner.channel).take();
+        *lock(&self.inner.channel) = Channel::default();
     }
 }
 
@@ -366,7 +437,7 @@ impl BalloonHandle {
             queues: queue_roles(st.acked_features),
             config: st.config,
             balloon_pages: st.balloon.len() as u64,
-            backend_channel: lock(&self.inner.channel).is_some(),
+            backend_channel: lock(&self.inner.channel).stream.is_some(),
             memory_table: lock(&self.inner.mem).is_some(),
             guest_stats: st.stats.clone(),
             counters: st.counters.clone(),
@@ -384,7 +455,7 @@ impl BalloonHandle {
     pub fn set_target_pages(&self, pages: u32) -> Result<(), BalloonError> {
         lock(&self.inner.state).config.num_pages = pages;
         tracing::info!(pages, "balloon: target set");
-        self.inner.notify_config()
+        self.inner.notify_config(true)
     }
 
     /// Returns the held stats buffer to the guest so that it sends fresh
@@ -392,6 +463,49 @@ impl BalloonHandle {
     /// guest has not sent one yet, or a request is already outstanding).
     pub fn request_stats(&self) -> Result<bool, BalloonError> {
         device::request_stats(&self.inner)
+    }
+
+    /// The memory table the frontend sent, empty before the first
+    /// `SET_MEM_TABLE` (QEMU sends it when the guest's driver starts the
+    /// device).
+    pub fn memory_table(&self) -> Vec<MemoryTableRegion> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(atomic) = lock(&self.inner.mem).clone() else {
+            return Vec::new();
+        };
+        let mem = atomic.memory();
+        mem.iter()
+            .filter_map(|r| {
+                let fo = r.file_offset()?;
+                let meta = fo.file().metadata().ok()?;
+                Some(MemoryTableRegion {
+                    gpa_start: r.start_addr().0,
+                    size_bytes: r.len(),
+                    file_offset_bytes: fo.start(),
+                    file_dev: meta.dev(),
+                    file_ino: meta.ino(),
+                })
+            })
+            .collect()
+    }
+
+    /// The guest-physical ranges of every used ring the device has written
+    /// to. These are the only guest memory the backend writes (used
+    /// elements, the used index and, with `EVENT_IDX`, `avail_event`): a
+    /// migration must send them again after the last write, because the
+    /// VMM's dirty tracking does not see writes made through this process's
+    /// mapping.
+    pub fn used_ring_ranges(&self) -> Vec<GpaRange> {
+        lock(&self.inner.vrings)
+            .iter()
+            .filter_map(|v| {
+                let state = v.get_ref();
+                let q = state.get_queue();
+                let size = u64::from(q.size());
+                // flags, idx, size used elements of 8 bytes, avail_event.
+                (size > 0).then(|| GpaRange::new(q.used_ring(), 6 + 8 * size))
+            })
+            .collect()
     }
 
     /// Publishes a new `free_page_hint_cmd_id` to the guest.
@@ -414,6 +528,10 @@ impl HintSource for BalloonHandle {
 
     fn finish(&self) -> Result<(), HintSourceError> {
         Ok(self.inner.set_cmd_id(CmdId::DONE)?)
+    }
+
+    fn round_reported(&self, cmd_id: CmdId) -> Option<bool> {
+        Some(lock(&self.inner.state).last_closed_round == Some(cmd_id.0))
     }
 }
 
@@ -446,6 +564,7 @@ impl VhostUserBackend for BalloonBackend {
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::LOG_SHMFD
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::MQ
@@ -511,6 +630,11 @@ impl VhostUserBackend for BalloonBackend {
         let index = device_event as usize;
         if let Some(vring) = vrings.get(index) {
             device::process_queue(&self.inner, index, vring);
+            if let Some(log) = lock(&self.inner.vhost_log).as_ref() {
+                let q = vring.get_ref();
+                let size = u64::from(q.get_queue().size());
+                log.mark(GpaRange::new(q.get_queue().used_ring(), 6 + 8 * size));
+            }
         }
         Ok(())
     }

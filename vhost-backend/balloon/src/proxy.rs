@@ -37,6 +37,7 @@ const FLAG_NEED_REPLY: u32 = 0x8;
 
 const SET_FEATURES: u32 = 2;
 const SET_MEM_TABLE: u32 = 5;
+const SET_LOG_BASE: u32 = 6;
 const SET_VRING_NUM: u32 = 8;
 const SET_VRING_ADDR: u32 = 9;
 const SET_VRING_BASE: u32 = 10;
@@ -381,11 +382,49 @@ pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
             }
             continue;
         }
+        if code == SET_FEATURES && session.acked_features & features::bit(features::LOG_ALL) == 0 {
+            // Logging ended (or never began): drop the log.
+            lock(&inner.vhost_log).take();
+        }
+        if code == SET_LOG_BASE {
+            // Answered here: the vhost-user-backend daemon keeps no log
+            // (see vhost_log.rs).
+            let result = match (body.len() >= 16, fds.first()) {
+                (true, Some(fd)) => {
+                    let (size, offset) =
+                        (u64_at(body, 0).unwrap_or(0), u64_at(body, 8).unwrap_or(0));
+                    crate::vhost_log::VhostLog::map(fd, size, offset)
+                }
+                _ => Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "SET_LOG_BASE without a 16-byte body and a file descriptor",
+                )),
+            };
+            match result {
+                Ok(log) => {
+                    tracing::info!("balloon: dirty log set up by the frontend");
+                    *lock(&inner.vhost_log) = Some(log);
+                }
+                Err(e) => inner.reject(
+                    RejectReason::MalformedMessage,
+                    format_args!("frontend: SET_LOG_BASE: {e}"),
+                ),
+            }
+            // QEMU waits for a reply without payload.
+            let mut reply = Vec::with_capacity(HDR_LEN);
+            reply.extend_from_slice(&code.to_le_bytes());
+            reply.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+            reply.extend_from_slice(&0u32.to_le_bytes());
+            if lock(&f_write).write_all(&reply).is_err() {
+                break;
+            }
+            continue;
+        }
         if code == SET_BACKEND_REQ_FD {
             if let Some(fd) = fds.first() {
                 match fd.try_clone() {
                     Ok(dup) => {
-                        *lock(&inner.channel) = Some(UnixStream::from(dup));
+                        lock(&inner.channel).stream = Some(UnixStream::from(dup));
                         tracing::info!("balloon: backend request channel set up");
                     }
                     Err(e) => {
@@ -394,10 +433,28 @@ pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
                 }
             }
         }
+        if code == GET_VRING_BASE {
+            // The frontend stops the device: hold config changes from now.
+            lock(&inner.channel).device_started = false;
+        }
         if let Err(e) = send_with_fds(&mut d_write, &msg, &fds) {
             tracing::info!("balloon proxy: daemon write: {e}");
             break;
         }
+        if code == SET_VRING_KICK {
+            let mut ch = lock(&inner.channel);
+            ch.device_started = true;
+            if ch.change_pending {
+                drop(ch);
+                tracing::info!("balloon: device started; sending the held config change");
+                let _ = inner.notify_config(false);
+            }
+        }
+    }
+    {
+        let mut ch = lock(&inner.channel);
+        ch.device_started = false;
+        ch.stream = None;
     }
     let _ = daemon.shutdown(std::net::Shutdown::Both);
     let _ = frontend.shutdown(std::net::Shutdown::Both);

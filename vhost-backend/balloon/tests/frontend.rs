@@ -435,6 +435,19 @@ impl Harness {
         [w(0), w(4), w(8), w(12)]
     }
 
+    /// Runs `change` (which makes the backend send a config change and wait
+    /// for the frontend's reply) on another thread while this frontend
+    /// handles the request, like QEMU's main loop would.
+    fn config_change<E: std::fmt::Debug + Send + 'static>(
+        &mut self,
+        change: impl FnOnce(&BalloonHandle) -> Result<(), E> + Send + 'static,
+    ) {
+        let handle = self.handle.clone();
+        let t = std::thread::spawn(move || change(&handle));
+        self.expect_config_change();
+        t.join().unwrap().unwrap();
+    }
+
     /// Receives one backend request (must be a config change).
     fn expect_config_change(&mut self) {
         let before = self.changes.0.load(Ordering::SeqCst);
@@ -496,8 +509,7 @@ fn hint_round_reaches_sink_with_cmd_id_and_done_is_sent() {
     let fp = 3;
     h.fill(0, 12 * MIB, 0x5a);
 
-    h.handle.start_round(CmdId(7)).unwrap();
-    h.expect_config_change();
+    h.config_change(|b| b.start_round(CmdId(7)));
     assert_eq!(h.config()[2], 7, "free_page_hint_cmd_id");
 
     h.send_cmd_id(fp, 7);
@@ -531,11 +543,9 @@ fn hint_round_reaches_sink_with_cmd_id_and_done_is_sent() {
     assert_eq!(h.sink.hints().len(), 4);
     assert_eq!(h.handle.rejected(RejectReason::HintWithoutCmdId), 1);
 
-    h.handle.stop_round().unwrap();
-    h.expect_config_change();
+    h.config_change(|b| b.stop_round());
     assert_eq!(h.config()[2], 0);
-    h.handle.finish().unwrap();
-    h.expect_config_change();
+    h.config_change(|b| b.finish());
     assert_eq!(h.config()[2], 1, "DONE in config");
 
     let st = h.handle.status();
@@ -665,8 +675,7 @@ fn pfn_array(first_pfn: u32, n: u32) -> Vec<u8> {
 #[test]
 fn inflate_and_deflate_follow_the_target() {
     let mut h = Harness::start(ALL_BALLOON);
-    h.handle.set_target_pages(512).unwrap();
-    h.expect_config_change();
+    h.config_change(|b| b.set_target_pages(512));
     assert_eq!(h.config()[0], 512);
 
     // The driver inflates in arrays of at most 256 PFNs, waiting for each.
@@ -689,8 +698,7 @@ fn inflate_and_deflate_follow_the_target() {
         "inflated pages discarded"
     );
 
-    h.handle.set_target_pages(256).unwrap();
-    h.expect_config_change();
+    h.config_change(|b| b.set_target_pages(256));
     assert_eq!(h.config()[0], 256);
     let arr = pfn_array(base_pfn + 256, 256);
     let gpa = h.small(&arr);
@@ -918,4 +926,27 @@ fn bad_input_is_rejected_counted_and_other_queues_keep_working() {
     let st = h.handle.status();
     assert_eq!(st.rejected.get("chain_too_long"), Some(&1));
     assert!(st.memory_table);
+}
+
+#[test]
+fn config_changes_are_held_while_the_frontend_has_the_device_stopped() {
+    // QEMU 10.0 crashes on a config change between stopping the device
+    // (GET_VRING_BASE) and starting it again: the backend holds it.
+    let mut h = Harness::start(ALL_BALLOON);
+    h.fe.get_vring_base(0).unwrap();
+    h.handle.start_round(CmdId(9)).unwrap(); // returns at once: held
+    let mut pfd = libc::pollfd {
+        fd: h.req.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, 200) };
+    assert_eq!(n, 0, "a config change was sent to a stopped device");
+    assert_eq!(h.config()[2], 9, "the config itself is updated");
+    // The frontend starts the device again: the held change goes out.
+    let kick = h.vqs[0].kick.try_clone().unwrap();
+    h.fe.set_vring_kick(0, &kick).unwrap();
+    h.expect_config_change();
+    assert_eq!(h.handle.status().counters.config_changes_sent, 1);
 }
