@@ -114,6 +114,19 @@ pub trait DirtyLog: Send {
     fn sync(&mut self, sink: &mut dyn FnMut(DirtyRun)) -> Result<(), DirtyLogError>;
 }
 
+/// Several dirty logs read as one: a page is dirty if any of them says so.
+/// The logs are synced in order; each keeps its own atomicity guarantee.
+pub struct CombinedDirtyLog(pub Vec<Box<dyn DirtyLog>>);
+
+impl DirtyLog for CombinedDirtyLog {
+    fn sync(&mut self, sink: &mut dyn FnMut(DirtyRun)) -> Result<(), DirtyLogError> {
+        for log in &mut self.0 {
+            log.sync(sink)?;
+        }
+        Ok(())
+    }
+}
+
 /// How to find the VMM's mappings of a RAM file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {

@@ -32,6 +32,11 @@ pub struct MigrationParams {
     /// Seconds to wait for the peer to connect, answer hello, or confirm
     /// that it resumed the VM.
     pub peer_timeout_s: u64,
+    /// With hints on, wait up to this long for the guest to finish
+    /// reporting its free pages before the first round sends anything (a
+    /// page sent before its hint arrives is sent for nothing). Only sources
+    /// that can tell when a report is complete (the balloon) are waited for.
+    pub hint_wait_ms: u64,
 }
 
 impl Default for MigrationParams {
@@ -44,6 +49,7 @@ impl Default for MigrationParams {
             min_rounds: 1,
             hints: true,
             peer_timeout_s: 30,
+            hint_wait_ms: 3000,
         }
     }
 }
@@ -82,6 +88,9 @@ impl MigrationParams {
         }
         if self.downtime_target_ms == 0 {
             return err("downtime_target_ms", "must be positive");
+        }
+        if self.hint_wait_ms > 60_000 {
+            return err("hint_wait_ms", "must be at most 60000");
         }
         if self.peer_timeout_s == 0 {
             return err("peer_timeout_s", "must be positive");

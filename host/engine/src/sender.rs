@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use freehint_dirty_log::DirtyLog;
 use freehint_hint_filter::{Cursor, HintFilter, PageRun, SyncReport};
 use freehint_memory::{is_zero_page, GuestRam};
-use freehint_types::HintSource;
+use freehint_types::{CmdId, HintSource};
 use freehint_wire::{ChannelRole, Hello, Message, PageBatchHead, ZeroRun, ENTRY_ZERO};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -204,8 +204,11 @@ impl PrecopySender {
         // Round 1 sends every populated page; holes go as zero records
         // without being read (reading a tmpfs hole would allocate it).
         let mut zero_runs: Vec<ZeroRun> = Vec::new();
+        let mut populated_bytes = 0u64;
         for (idx, region) in self.ram.regions().iter().enumerate() {
             let data = region.data_page_ranges()?;
+            populated_bytes +=
+                data.iter().map(|r| r.end - r.start).sum::<u64>() * region.page_bytes();
             let mut next = 0;
             self.filter.with_bitmap(|bm| {
                 for r in &data {
@@ -234,7 +237,21 @@ impl PrecopySender {
         // Open the first hint round before connecting, so the guest's
         // report is under way by the time the first pages go out.
         let hints = self.params.hints;
-        self.sync(hints, &mut stats)?;
+        let first = self.sync(hints, &mut stats)?;
+        if let (Some(id), Some(src)) = (first.opened_epoch, &self.hint_source) {
+            let filter = self.filter.clone();
+            let page_bytes = self.ram.regions().first().map_or(4096, |r| r.page_bytes());
+            // Waiting longer than sending every populated page at the floor
+            // rate would take never pays (an idle guest's RAM is mostly holes).
+            let max_ms = self
+                .params
+                .hint_wait_ms
+                .min(populated_bytes.saturating_mul(1000) / HINT_RATE_FLOOR_BYTES_PER_S);
+            stats.hint_wait_ms = wait_for_report(src.as_ref(), id, max_ms, || {
+                filter.stats().pages_skipped_free * page_bytes
+            })
+            .await;
+        }
         // A hole written after the scan is in the dirty log, now merged:
         // it goes as data, so no zero run for it (two records for one page
         // in one round could be placed in either order).
@@ -296,14 +313,17 @@ impl PrecopySender {
 
         // Switchover.
         check_control(&mut control_rx)?;
-        let stop_at = Instant::now();
-        *stopped = true;
-        self.vmm.stop()?;
+        // Hints stop first, while the guest (and its balloon device) still
+        // runs to see it; hints racing the stop fall to the epoch closed
+        // by the final sync.
         if let Some(src) = &self.hint_source {
             if let Err(e) = src.stop_round() {
                 tracing::warn!("could not stop the hint round: {e}");
             }
         }
+        let stop_at = Instant::now();
+        *stopped = true;
+        self.vmm.stop()?;
         let report = self.sync(false, &mut stats)?;
         zero_runs.extend(to_zero_runs(&report.discarded));
         round += 1;
@@ -600,4 +620,63 @@ impl ChannelJob {
         self.counters.bytes.fetch_add(n, Ordering::Relaxed);
         Ok(stream)
     }
+}
+
+/// Waits up to `max_ms` for the guest to finish reporting round `id`;
+/// returns how long it waited.
+/// The sender stops waiting for the guest's free-page report once hints
+/// take pages off the send list slower than this: from then on, waiting
+/// longer saves fewer bytes than the same time spent sending. Hints that
+/// come later still apply, since pages are claimed from the live bitmap.
+/// (The tail of a report, fragmented free memory, trickles in; and hints
+/// for memory never written, holes in the RAM file, save nothing.)
+const HINT_RATE_FLOOR_BYTES_PER_S: u64 = 512 << 20;
+
+/// The window over which the hint rate is measured; also the least time
+/// given to the guest to start its report.
+const HINT_RATE_WINDOW_MS: u64 = 100;
+
+/// Waits until the guest has finished its free-page report for round `id`,
+/// its hints take pages off the send list slower than
+/// [`HINT_RATE_FLOOR_BYTES_PER_S`], or `max_ms` passed; returns the time
+/// waited. `saved_bytes` reads the bytes hints took off the send list so
+/// far.
+async fn wait_for_report(
+    src: &dyn HintSource,
+    id: CmdId,
+    max_ms: u64,
+    saved_bytes: impl Fn() -> u64,
+) -> u64 {
+    let t = Instant::now();
+    let window = Duration::from_millis(HINT_RATE_WINDOW_MS);
+    let floor = HINT_RATE_FLOOR_BYTES_PER_S * HINT_RATE_WINDOW_MS / 1000;
+    let (mut window_start, mut window_bytes) = (Instant::now(), saved_bytes());
+    while t.elapsed() < Duration::from_millis(max_ms) {
+        match src.round_reported(id) {
+            None | Some(true) => break,
+            Some(false) => {
+                if window_start.elapsed() >= window {
+                    let now = saved_bytes();
+                    if now - window_bytes < floor {
+                        tracing::info!(
+                            waited_ms = t.elapsed().as_millis() as u64,
+                            saved_bytes = now,
+                            "free-page hints slowed down; sending"
+                        );
+                        break;
+                    }
+                    (window_start, window_bytes) = (Instant::now(), now);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+    let waited = t.elapsed().as_millis() as u64;
+    if src.round_reported(id) == Some(false) {
+        tracing::info!(
+            waited_ms = waited,
+            "the guest has not finished its free-page report; sending (later hints still apply)"
+        );
+    }
+    waited
 }

@@ -1,8 +1,8 @@
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything measured about one migration. Every field name carries its
 /// unit; the same names appear in the JSON, the logs and the summary.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrationStats {
     /// Bytes written to all sockets, headers included.
     pub bytes_on_wire: u64,
@@ -21,6 +21,9 @@ pub struct MigrationStats {
     pub hints_dropped_stale: u64,
     /// Hint ranges rejected as outside guest RAM, empty or wrapping.
     pub hints_rejected_invalid: u64,
+    /// Time spent waiting for the guest's first free-page report before
+    /// round 1 (part of `total_time_ms`).
+    pub hint_wait_ms: u64,
     /// Precopy rounds, the final stopped one included.
     pub rounds: u32,
     /// From the first connection to the destination's confirmation.

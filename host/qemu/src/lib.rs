@@ -50,6 +50,9 @@ pub enum QmpError {
     /// QEMU closed the socket (it exited or crashed).
     #[error("QEMU closed its QMP socket {0} (did it exit?)")]
     Closed(PathBuf),
+    /// QEMU runs without something freehint needs.
+    #[error("{0}")]
+    Unsupported(String),
     /// A wait ran out.
     #[error("timed out after {seconds} s waiting for {what}")]
     Timeout {
@@ -58,6 +61,17 @@ pub enum QmpError {
         /// How long.
         seconds: u64,
     },
+}
+
+/// A VM's guest RAM as QEMU reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RamBackend {
+    /// The memory backend's id.
+    pub id: String,
+    /// Its file.
+    pub path: PathBuf,
+    /// Its size.
+    pub size_bytes: u64,
 }
 
 /// A QMP connection.
@@ -146,6 +160,86 @@ impl Qmp {
         }
     }
 
+    /// The pid of the QEMU process at the other end of the socket
+    /// (`SO_PEERCRED`).
+    pub fn peer_pid(&self) -> Result<i32, QmpError> {
+        use std::os::fd::AsRawFd;
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: `cred` and `len` are valid for writes of the sizes given,
+        // and the fd is our open socket.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.writer.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 || cred.pid <= 0 {
+            return Err(QmpError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(cred.pid)
+    }
+
+    /// The VM's guest RAM: its one shared `memory-backend-file`.
+    pub fn shared_ram_backend(&mut self) -> Result<RamBackend, QmpError> {
+        let memdevs = self.execute("query-memdev", json!({}))?;
+        let shared: Vec<&Value> = memdevs
+            .as_array()
+            .map(|a| a.iter().filter(|m| m["share"] == json!(true)).collect())
+            .unwrap_or_default();
+        let m = match shared.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(QmpError::Unsupported(
+                    "QEMU has no shared memory backend: start it with -object \
+                     memory-backend-file,id=mem0,size=...,mem-path=/dev/shm/NAME,share=on \
+                     -machine memory-backend=mem0"
+                        .into(),
+                ))
+            }
+            many => {
+                return Err(QmpError::Unsupported(format!(
+                    "QEMU has {} shared memory backends; freehint migrates VMs with exactly one",
+                    many.len()
+                )))
+            }
+        };
+        let id = m["id"]
+            .as_str()
+            .ok_or_else(|| QmpError::Protocol(format!("query-memdev entry without id: {m}")))?
+            .to_string();
+        let size_bytes = m["size"]
+            .as_u64()
+            .ok_or_else(|| QmpError::Protocol(format!("query-memdev entry without size: {m}")))?;
+        let path = self
+            .execute(
+                "qom-get",
+                json!({ "path": format!("/objects/{id}"), "property": "mem-path" }),
+            )
+            .ok()
+            .and_then(|v| v.as_str().map(PathBuf::from))
+            .ok_or_else(|| {
+                QmpError::Unsupported(format!(
+                    "memory backend {id} has no file (mem-path): freehint needs memory-backend-file"
+                ))
+            })?;
+        Ok(RamBackend {
+            id,
+            path,
+            size_bytes,
+        })
+    }
+
     /// Events received so far.
     pub fn take_events(&mut self) -> Vec<Value> {
         std::mem::take(&mut self.events)
@@ -198,7 +292,7 @@ impl Qmp {
                     seconds: timeout.as_secs(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }

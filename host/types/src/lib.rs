@@ -148,6 +148,12 @@ pub trait HintSource: Send + Sync {
     /// Tells the guest that migration is over (cmd_id DONE) so that it frees
     /// the blocks it holds for hinting.
     fn finish(&self) -> Result<(), HintSourceError>;
+
+    /// Whether the guest has finished reporting round `cmd_id` (the Linux
+    /// driver closes a round with a STOP buffer once it has no more free
+    /// blocks). `None` if this source cannot tell; the engine then does not
+    /// wait for it.
+    fn round_reported(&self, cmd_id: CmdId) -> Option<bool>;
 }
 
 #[cfg(test)]

@@ -253,6 +253,11 @@ impl HintSource for SimVmClient {
         self.ack(ToSim::Finish)
             .map_err(|e| HintSourceError(e.to_string()))
     }
+
+    /// The simulator reports continuously and never closes a round.
+    fn round_reported(&self, _cmd_id: CmdId) -> Option<bool> {
+        None
+    }
 }
 
 /// The pattern word `i` of page `page` at generation `generation`.
