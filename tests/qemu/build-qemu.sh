@@ -53,7 +53,7 @@ tarball=$(ls qemu_"$version"+ds.orig.tar.xz 2>/dev/null || true)
 [ -n "$tarball" ] || { log "could not download the QEMU $version source"; exit 1; }
 tar xf "$tarball"
 cd "qemu-$version"
-patch -p1 < "$patch_file"
+patch -p1 < "$patch_file" >&2
 # The +ds tarball carries no firmware blobs: skip unpacking them.
 sed -i 's/^if unpack_edk2_blobs$/if false/' pc-bios/meson.build
 log "configuring"
