@@ -1,7 +1,9 @@
-//! The `freehint` command: send, receive, and the benchmark suite.
+//! The `freehint` command: the QEMU daemon and its requests, send/receive
+//! for any VMM process, and the benchmark suite.
 
 mod bench;
 mod process_vmm;
+mod qemu_cmds;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,6 +61,16 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the daemon attached to one QEMU (balloon backend + migration).
+    #[command(after_help = qemu_cmds::VM_EXAMPLE)]
+    Vm(qemu_cmds::VmArgs),
+    /// Ask a source daemon to migrate its QEMU guest live.
+    #[command(after_help = qemu_cmds::MIGRATE_EXAMPLE)]
+    Migrate(qemu_cmds::MigrateArgs),
+    /// Print a daemon's state as JSON.
+    Status(qemu_cmds::ControlArgs),
+    /// Resume a guest a destination daemon received with --no-resume.
+    Resume(qemu_cmds::ControlArgs),
     /// Migrate a running process's guest RAM to a receiver.
     #[command(after_help = SEND_EXAMPLE)]
     Send(SendArgs),
@@ -94,6 +106,10 @@ pub struct ParamArgs {
     /// Seconds to wait for the peer at each step.
     #[arg(long, default_value_t = MigrationParams::default().peer_timeout_s)]
     pub peer_timeout_s: u64,
+    /// With hints on, wait up to this many ms for the guest's first
+    /// free-page report to finish before sending (balloon guests only).
+    #[arg(long, default_value_t = MigrationParams::default().hint_wait_ms)]
+    pub hint_wait_ms: u64,
 }
 
 impl ParamArgs {
@@ -107,6 +123,7 @@ impl ParamArgs {
             min_rounds: self.min_rounds,
             hints,
             peer_timeout_s: self.peer_timeout_s,
+            hint_wait_ms: self.hint_wait_ms,
         };
         p.validate().context("invalid migration parameters")?;
         Ok(p)
@@ -173,6 +190,10 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Vm(a) => qemu_cmds::vm(a),
+        Command::Migrate(a) => qemu_cmds::migrate(a),
+        Command::Status(a) => qemu_cmds::status(a),
+        Command::Resume(a) => qemu_cmds::resume(a),
         Command::Send(a) => send(a),
         Command::Receive(a) => receive(a),
         Command::Bench { which } => bench::run(which),

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use freehint_sim_vm::{FromSim, SimVmClient};
 use freehint_types::HintSink;
 
+pub use freehint_demo::{guest_args, QemuGuest};
+
 /// The directory holding `freehint`, `freehint-sim-vm` and the preload
 /// library: `FREEHINT_BIN_DIR`, or the target directory of this test.
 pub fn bin_dir() -> PathBuf {
@@ -114,101 +116,6 @@ impl Drop for SimVm {
     }
 }
 
-/// A QEMU process (a real guest), killed when dropped, with its serial
-/// console collected line by line.
-pub struct QemuGuest {
-    child: Child,
-    /// Every console line so far.
-    pub console: Arc<Mutex<Vec<String>>>,
-}
-
-impl QemuGuest {
-    /// Spawns `cmd` (a QEMU command line with `-serial stdio`) and collects
-    /// its console.
-    pub fn spawn(mut cmd: Command) -> QemuGuest {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting QEMU");
-        let out = child.stdout.take().expect("piped stdout");
-        let console = Arc::new(Mutex::new(Vec::new()));
-        let lines = console.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(l);
-            }
-        });
-        QemuGuest { child, console }
-    }
-
-    /// Whether a console line contains `needle`.
-    pub fn said(&self, needle: &str) -> bool {
-        self.console
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-
-    /// The heartbeat numbers printed so far, in order.
-    pub fn heartbeats(&self) -> Vec<u64> {
-        self.console
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| {
-                l.split("freehint-heartbeat ")
-                    .nth(1)
-                    .and_then(|n| n.trim().parse().ok())
-            })
-            .collect()
-    }
-}
-
-impl Drop for QemuGuest {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The arguments every test guest uses: firmware paths, q35, `MEM_MIB` of
-/// RAM in a shared file, the test kernel and initramfs, serial on stdio.
-pub fn guest_args(cmd: &mut Command, guest_dir: &Path, ram: &Path, mem_mib: u64, append: &str) {
-    cmd.args([
-        "-L",
-        "/usr/share/seabios",
-        "-L",
-        "/usr/share/qemu",
-        "-L",
-        "/usr/lib/ipxe/qemu",
-    ])
-    .args([
-        "-machine",
-        "q35",
-        "-m",
-        &format!("{mem_mib}M"),
-        "-nographic",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-    ])
-    .arg("-object")
-    .arg(format!(
-        "memory-backend-file,id=mem0,size={mem_mib}M,mem-path={},share=on",
-        ram.display()
-    ))
-    .args(["-machine", "memory-backend=mem0"])
-    .arg("-kernel")
-    .arg(guest_dir.join("vmlinuz"))
-    .arg("-initrd")
-    .arg(guest_dir.join("initramfs.gz"))
-    .args(["-append", &format!("console=ttyS0 quiet {append}")]);
-}
-
 /// Polls `f` every 50 ms; panics naming `what` after `timeout`.
 pub fn wait_for(what: &str, timeout: std::time::Duration, mut f: impl FnMut() -> bool) {
     let t = std::time::Instant::now();
@@ -219,4 +126,41 @@ pub fn wait_for(what: &str, timeout: std::time::Duration, mut f: impl FnMut() ->
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// The set-up for a test with a REAL guest of `mem_mib` that writes and
+/// frees `work_mib` before migration, logging to `target/…/e2e-logs/NAME`;
+/// `None` (the test says SKIPPED) without `FREEHINT_QEMU` and
+/// `FREEHINT_GUEST_DIR`, unless `FREEHINT_REQUIRE_REAL_GUEST` is set
+/// (`make test` as root), where it fails.
+pub fn real_guest_setup(
+    name: &str,
+    mem_mib: u64,
+    work_mib: u64,
+) -> Option<freehint_demo::DemoSetup> {
+    let (Ok(qemu), Ok(guest)) = (
+        std::env::var("FREEHINT_QEMU"),
+        std::env::var("FREEHINT_GUEST_DIR"),
+    ) else {
+        assert!(
+            std::env::var("FREEHINT_REQUIRE_REAL_GUEST").is_err(),
+            "FREEHINT_QEMU and FREEHINT_GUEST_DIR must be set (make test sets them)"
+        );
+        eprintln!("SKIPPED: no QEMU/guest image (run make test)");
+        return None;
+    };
+    let bins = bin_dir();
+    Some(freehint_demo::DemoSetup {
+        patched_qemu: qemu.into(),
+        reference_qemu: "qemu-system-x86_64".into(),
+        guest_dir: guest.into(),
+        log_dir: bins.join("e2e-logs").join(name),
+        bin_dir: bins,
+        mem_mib,
+        work_mib,
+        keep_mib: 0,
+        check_mib: 32,
+        boot_timeout: std::time::Duration::from_secs(300),
+        append: String::new(),
+    })
 }

@@ -73,7 +73,7 @@ fn linux_balloon_driver_hints_and_reports_through_our_backend() {
             "-device",
             "vhost-user-device-pci,chardev=c0,virtio-id=5,num_vqs=5,config_size=16",
         ]);
-    let vm = QemuGuest::spawn(cmd);
+    let vm = QemuGuest::spawn(cmd, None, None).expect("starting QEMU");
 
     wait_for(
         "the guest to boot and finish its workload",

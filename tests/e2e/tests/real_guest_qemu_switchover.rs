@@ -35,7 +35,7 @@ fn start(guest: &Path, ram: &Path, qmp: &Path, incoming: bool) -> QemuGuest {
     if incoming {
         cmd.args(["-incoming", "defer"]);
     }
-    let vm = QemuGuest::spawn(cmd);
+    let vm = QemuGuest::spawn(cmd, None, None).expect("starting QEMU");
     wait_for("the QMP socket", Duration::from_secs(10), || qmp.exists());
     vm
 }

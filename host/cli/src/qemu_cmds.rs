@@ -1,0 +1,166 @@
+//! `freehint vm`, `migrate`, `status`, `resume`: live migration of QEMU
+//! guests.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use freehint_daemon::{request, ControlReply, ControlRequest, DaemonConfig, VmDaemon};
+
+use crate::{OnOff, ParamArgs};
+
+pub const VM_EXAMPLE: &str = "\
+Run one daemon per QEMU, started BEFORE QEMU (QEMU connects to its socket).
+
+Source host:
+  freehint vm --vhost-socket /run/fh/a.vhost --qmp /run/fh/a.qmp --control /run/fh/a.ctl &
+  LD_PRELOAD=/usr/lib/freehint/libfreehint_preload.so qemu-system-x86_64 \\
+      -object memory-backend-file,id=mem0,size=2G,mem-path=/dev/shm/a.ram,share=on \\
+      -machine q35,memory-backend=mem0 -m 2G \\
+      -chardev socket,id=fh0,path=/run/fh/a.vhost \\
+      -device vhost-user-device-pci,chardev=fh0,virtio-id=5,num_vqs=5,config_size=16 \\
+      -qmp unix:/run/fh/a.qmp,server=on,wait=off ...
+
+Destination host (same QEMU command line plus -incoming defer, its own paths):
+  freehint vm --vhost-socket /run/fh/b.vhost --qmp /run/fh/b.qmp --control /run/fh/b.ctl \\
+      --incoming 0.0.0.0:4444 &
+  LD_PRELOAD=... qemu-system-x86_64 ... -incoming defer
+
+Then, on the source host:
+  freehint migrate --control /run/fh/a.ctl --to desthost:4444
+
+The daemon serves the guest's virtio_balloon driver (free page hinting and
+reporting, stats) for the VM's whole life and exits when QEMU disconnects.
+QEMU must be the patched build from tests/qemu (docs/QEMU.md): stock QEMU
+10.0 cannot create or migrate the generic vhost-user device.";
+
+pub const MIGRATE_EXAMPLE: &str = "\
+Example:
+  freehint migrate --control /run/fh/a.ctl --to desthost:4444
+  freehint migrate --control /run/fh/a.ctl --to desthost:4444 --hints off --json
+
+On success the destination runs the guest and the source QEMU has quit. On
+failure the source guest runs on, and the error says why in one line.";
+
+#[derive(Args, Debug)]
+pub struct VmArgs {
+    /// The vhost-user socket QEMU's balloon device connects to.
+    #[arg(long)]
+    vhost_socket: PathBuf,
+    /// QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off).
+    #[arg(long)]
+    qmp: PathBuf,
+    /// Where this daemon takes `freehint migrate|status|resume` requests.
+    #[arg(long)]
+    control: PathBuf,
+    /// Be the destination of one migration, listening on this address
+    /// (QEMU must run with -incoming defer).
+    #[arg(long, value_name = "ADDR")]
+    incoming: Option<String>,
+    /// Destination: leave the guest paused after it arrived, until
+    /// `freehint resume`.
+    #[arg(long, requires = "incoming")]
+    no_resume: bool,
+    /// Destination: allocate all guest RAM before the source connects.
+    #[arg(long, requires = "incoming")]
+    preallocate: bool,
+    /// Seconds to wait for the peer at each step.
+    #[arg(long, default_value_t = 30)]
+    peer_timeout_s: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The source daemon's control socket.
+    #[arg(long)]
+    control: PathBuf,
+    /// The destination daemon's --incoming address, HOST:PORT.
+    #[arg(long)]
+    to: String,
+    /// Ask the guest for free-page hints and skip the pages it reports.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    hints: OnOff,
+    /// Print the stats as JSON instead of a summary.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    params: ParamArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ControlArgs {
+    /// The daemon's control socket.
+    #[arg(long)]
+    control: PathBuf,
+}
+
+pub fn vm(a: VmArgs) -> Result<()> {
+    let incoming = match &a.incoming {
+        None => None,
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("listening on {addr} for the incoming migration"))?;
+            eprintln!(
+                "freehint: listening on {} for the incoming migration",
+                l.local_addr()?
+            );
+            Some(l)
+        }
+    };
+    let state_dir = a
+        .control
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let daemon = VmDaemon::new(DaemonConfig {
+        vhost_socket: a.vhost_socket,
+        qmp_socket: a.qmp,
+        control_socket: a.control,
+        incoming,
+        resume: !a.no_resume,
+        preallocate: a.preallocate,
+        state_dir,
+        peer_timeout_s: a.peer_timeout_s,
+    })?;
+    daemon.run()?;
+    eprintln!("freehint: QEMU disconnected; exiting");
+    Ok(())
+}
+
+pub fn migrate(a: MigrateArgs) -> Result<()> {
+    let params = a.params.params(a.hints == OnOff::On)?;
+    match request(&a.control, &ControlRequest::Migrate { to: a.to, params })? {
+        ControlReply::Migrated { stats } => {
+            if a.json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!("{}", stats.summary());
+            }
+            Ok(())
+        }
+        ControlReply::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+pub fn status(a: ControlArgs) -> Result<()> {
+    match request(&a.control, &ControlRequest::Status)? {
+        ControlReply::Status(s) => {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }
+        ControlReply::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+pub fn resume(a: ControlArgs) -> Result<()> {
+    match request(&a.control, &ControlRequest::Resume)? {
+        ControlReply::Resumed => {
+            println!("guest resumed");
+            Ok(())
+        }
+        ControlReply::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}

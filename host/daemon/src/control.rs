@@ -1,0 +1,126 @@
+//! The daemon's control socket: one JSON request per connection, one JSON
+//! reply.
+//!
+//! ```text
+//! -> {"cmd":"migrate","to":"10.0.0.2:4444","params":{"hints":true}}
+//! <- {"result":"migrated","stats":{"bytes_on_wire":...}}
+//! -> {"cmd":"status"}
+//! <- {"result":"status","role":"source","phase":"idle",...}
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use freehint_engine::{MigrationParams, MigrationStats, ReceiveStats};
+use serde::{Deserialize, Serialize};
+
+use crate::DaemonError;
+
+/// A request to the daemon.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlRequest {
+    /// Migrate this VM live to the daemon listening at `to` (`HOST:PORT`).
+    Migrate {
+        /// The destination daemon's `--incoming` address.
+        to: String,
+        /// Migration parameters (missing fields take their defaults).
+        #[serde(default)]
+        params: MigrationParams,
+    },
+    /// What the daemon is doing.
+    Status,
+    /// Resume a guest received with `--no-resume` (and tell its balloon
+    /// driver that migration is over).
+    Resume,
+}
+
+/// The daemon's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ControlReply {
+    /// The migration completed; the destination runs the guest.
+    Migrated {
+        /// What the sender measured.
+        stats: MigrationStats,
+    },
+    /// The daemon's state.
+    Status(DaemonStatus),
+    /// The received guest runs.
+    Resumed,
+    /// The request failed; the message says why in one line.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// A snapshot of a daemon.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// `source` (migrates out on request) or `destination` (`--incoming`).
+    pub role: String,
+    /// `waiting-for-qemu`, `idle`, `migrating`, `receiving`, `received-paused`,
+    /// `migrated`, `received`, `failed`.
+    pub phase: String,
+    /// Whether QEMU is connected to the vhost-user socket.
+    pub qemu_connected: bool,
+    /// Whether the guest's balloon driver has started the device (QEMU sent
+    /// the memory table).
+    pub balloon_driver_active: bool,
+    /// The last error, if the last migration failed.
+    pub last_error: Option<String>,
+    /// The last incoming migration's statistics.
+    pub received: Option<ReceiveStats>,
+    /// The balloon device (counters, guest stats), as JSON.
+    pub balloon: serde_json::Value,
+}
+
+/// Sends `req` to the daemon at `control` and returns its reply.
+pub fn request(control: &Path, req: &ControlRequest) -> Result<ControlReply, DaemonError> {
+    let io = |what: &'static str| {
+        move |source| DaemonError::Control {
+            path: control.to_path_buf(),
+            what,
+            source,
+        }
+    };
+    let mut s = UnixStream::connect(control).map_err(io("cannot connect"))?;
+    let mut line = serde_json::to_string(req).map_err(|e| DaemonError::Protocol(e.to_string()))?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(io("cannot send"))?;
+    let mut answer = String::new();
+    BufReader::new(s)
+        .read_line(&mut answer)
+        .map_err(io("no answer"))?;
+    if answer.is_empty() {
+        return Err(DaemonError::Protocol(format!(
+            "the daemon at {} closed the connection without answering",
+            control.display()
+        )));
+    }
+    serde_json::from_str(&answer).map_err(|e| DaemonError::Protocol(format!("{e}: {answer:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_unknown_fields_are_refused() {
+        let r: ControlRequest =
+            serde_json::from_str(r#"{"cmd":"migrate","to":"h:1","params":{"hints":false}}"#)
+                .unwrap();
+        let ControlRequest::Migrate { to, params } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(to, "h:1");
+        assert!(!params.hints);
+        assert_eq!(params.max_rounds, MigrationParams::default().max_rounds);
+        assert!(
+            serde_json::from_str::<ControlRequest>(r#"{"cmd":"migrate","too":"h:1"}"#).is_err()
+        );
+        assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"explode"}"#).is_err());
+    }
+}

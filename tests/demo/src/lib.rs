@@ -1,0 +1,565 @@
+//! The freehint demo and its building blocks: live migration of a REAL
+//! QEMU/Linux guest (tests/guest) between two QEMUs on this host, with
+//! freehint (hints on and off) and with QEMU's own migration (its
+//! virtio-balloon `free-page-hint` off and on) as the reference.
+//!
+//! [`run_mode`] does one whole run and returns its [`RunReport`]; the
+//! `freehint-demo` binary runs the four modes and prints a table; the
+//! end-to-end tests use the same pieces ([`Testbed`]).
+
+#![deny(missing_docs)]
+
+pub mod guest;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use freehint_engine::MigrationStats;
+use freehint_qemu::Qmp;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+pub use guest::{guest_args, QemuGuest};
+
+/// Errors of a demo run; each displays as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A process or file could not be set up.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Something did not happen in time.
+    #[error("timed out after {timeout_s} s waiting for {what} (logs in {log_dir})")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        timeout_s: u64,
+        /// Where the logs are.
+        log_dir: String,
+    },
+    /// `freehint migrate` failed.
+    #[error("freehint migrate failed: {0}")]
+    Migrate(String),
+    /// QEMU's own migration failed.
+    #[error("QEMU migration: {0}")]
+    Qemu(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
+    let what = what.into();
+    move |source| DemoError::Io { what, source }
+}
+
+/// One way of migrating the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// freehint with free-page hints.
+    FreehintHints,
+    /// freehint without hints.
+    FreehintNohints,
+    /// QEMU's own precopy migration, plain virtio-balloon.
+    QemuNative,
+    /// QEMU's own migration with virtio-balloon `free-page-hint=on`.
+    QemuNativeFph,
+}
+
+impl Mode {
+    /// All four, in the order the demo runs them.
+    pub const ALL: [Mode; 4] = [
+        Mode::FreehintHints,
+        Mode::FreehintNohints,
+        Mode::QemuNative,
+        Mode::QemuNativeFph,
+    ];
+
+    /// The name used in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::FreehintHints => "freehint-hints",
+            Mode::FreehintNohints => "freehint-nohints",
+            Mode::QemuNative => "qemu-native",
+            Mode::QemuNativeFph => "qemu-native-fph",
+        }
+    }
+}
+
+/// What one run measured: one object of `target/demo/report.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunReport {
+    /// How the guest was migrated.
+    pub mode: Mode,
+    /// Guest RAM size.
+    pub guest_mem_mib: u64,
+    /// The guest's MemTotal − MemFree just before migration.
+    pub guest_used_mib: u64,
+    /// Bytes sent from source to destination (freehint: every socket,
+    /// headers included; QEMU: `ram.transferred` of query-migrate).
+    pub bytes_on_wire: u64,
+    /// From the start of the migration to the guest running on the
+    /// destination.
+    pub total_time_ms: u64,
+    /// How long the guest was stopped.
+    pub downtime_ms: u64,
+    /// The guest's heartbeat went on, on the destination.
+    pub guest_alive_after: bool,
+    /// `ok` when the guest's checker verified its data region on the
+    /// destination; otherwise what went wrong.
+    pub data_check: String,
+    /// The migration's own figures (freehint's stats or QEMU's
+    /// query-migrate answer), for the curious.
+    pub detail: serde_json::Value,
+}
+
+/// Where everything a run needs is.
+#[derive(Clone, Debug)]
+pub struct DemoSetup {
+    /// QEMU built by tests/qemu/build-qemu.sh (vhost-user device patch).
+    pub patched_qemu: PathBuf,
+    /// The reference QEMU (bookworm-backports).
+    pub reference_qemu: PathBuf,
+    /// vmlinuz + initramfs.gz from tests/guest/build-guest-image.sh.
+    pub guest_dir: PathBuf,
+    /// Holds `freehint` and `libfreehint_preload.so`.
+    pub bin_dir: PathBuf,
+    /// Logs of each run go to a folder per run in here.
+    pub log_dir: PathBuf,
+    /// Guest RAM.
+    pub mem_mib: u64,
+    /// MiB the guest writes and frees before migration (0: idle guest).
+    pub work_mib: u64,
+    /// Of `work_mib`, MiB the guest keeps resident (an application's data).
+    pub keep_mib: u64,
+    /// MiB of the data region the guest's checker verifies.
+    pub check_mib: u64,
+    /// How long the guest may take to boot and run its workload.
+    pub boot_timeout: Duration,
+    /// More guest kernel options (e.g. `freehint.noballoon`).
+    pub append: String,
+}
+
+/// How long a freshly started destination QEMU is left to settle before a
+/// migration starts (its start-up would otherwise compete for the CPU with
+/// the migration on a small machine), in every mode alike.
+pub const SETTLE: Duration = Duration::from_secs(1);
+
+/// Polls `f` every 20 ms until it holds or `timeout` passes.
+pub fn poll(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if t.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> Result<u16, DemoError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
+    Ok(l.local_addr().map_err(io("finding a free port"))?.port())
+}
+
+/// A `freehint vm` daemon process, killed when dropped.
+pub struct Daemon {
+    child: Child,
+    /// Its control socket.
+    pub control: PathBuf,
+    /// Its vhost-user socket.
+    pub vhost_socket: PathBuf,
+    /// The QMP socket it uses.
+    pub qmp: PathBuf,
+}
+
+impl Daemon {
+    /// Whether the daemon still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `timeout` for the daemon to exit; whether it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        poll(timeout, || !matches!(self.child.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The sockets, RAM files and logs of one run; RAM files (in /dev/shm)
+/// are removed when dropped.
+pub struct Testbed {
+    /// The set-up.
+    pub setup: DemoSetup,
+    /// This run's log folder.
+    pub logs: PathBuf,
+    sockets: tempfile::TempDir,
+    ram: tempfile::TempDir,
+}
+
+impl Testbed {
+    /// A fresh testbed whose logs go to `setup.log_dir/name`.
+    pub fn new(setup: &DemoSetup, name: &str) -> Result<Testbed, DemoError> {
+        let logs = setup.log_dir.join(name);
+        let _ = std::fs::remove_dir_all(&logs);
+        std::fs::create_dir_all(&logs).map_err(io(format!("creating {}", logs.display())))?;
+        Ok(Testbed {
+            setup: setup.clone(),
+            logs,
+            sockets: tempfile::Builder::new()
+                .prefix("freehint-demo")
+                .tempdir()
+                .map_err(io("creating a socket folder"))?,
+            ram: tempfile::Builder::new()
+                .prefix("freehint-demo")
+                .tempdir_in("/dev/shm")
+                .map_err(io("creating a RAM folder in /dev/shm"))?,
+        })
+    }
+
+    /// A socket path in this testbed.
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.sockets.path().join(name)
+    }
+
+    /// The RAM file of VM `vm`.
+    pub fn ram(&self, vm: &str) -> PathBuf {
+        self.ram.path().join(format!("{vm}.ram"))
+    }
+
+    fn timeout(&self, what: &str, timeout: Duration) -> DemoError {
+        DemoError::Timeout {
+            what: what.into(),
+            timeout_s: timeout.as_secs(),
+            log_dir: self.logs.display().to_string(),
+        }
+    }
+
+    /// Starts `freehint vm` for VM `vm` (`extra`: e.g. `--incoming ADDR`)
+    /// and waits for its vhost-user socket.
+    pub fn daemon(&self, vm: &str, extra: &[&str]) -> Result<Daemon, DemoError> {
+        let (control, vhost_socket, qmp) = (
+            self.socket(&format!("{vm}.ctl")),
+            self.socket(&format!("{vm}.vhost")),
+            self.socket(&format!("{vm}.qmp")),
+        );
+        let log = self.logs.join(format!("{vm}.daemon.log"));
+        let child = Command::new(self.setup.bin_dir.join("freehint"))
+            .arg("vm")
+            .arg("--vhost-socket")
+            .arg(&vhost_socket)
+            .arg("--qmp")
+            .arg(&qmp)
+            .arg("--control")
+            .arg(&control)
+            .args(extra)
+            .env("FREEHINT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(&log).map_err(io(format!("creating {}", log.display())))?,
+            ))
+            .spawn()
+            .map_err(io("starting freehint vm"))?;
+        let mut d = Daemon {
+            child,
+            control,
+            vhost_socket,
+            qmp,
+        };
+        let t = Duration::from_secs(10);
+        if !poll(t, || d.vhost_socket.exists()) || !d.running() {
+            return Err(self.timeout(&format!("the {vm} daemon's socket"), t));
+        }
+        Ok(d)
+    }
+
+    fn guest_cmd(&self, qemu: &Path, vm: &str) -> Command {
+        let s = &self.setup;
+        let mut cmd = Command::new(qemu);
+        guest_args(
+            &mut cmd,
+            &s.guest_dir,
+            &self.ram(vm),
+            s.mem_mib,
+            &format!(
+                "freehint.memwork={} freehint.keep={} freehint.check={} {}",
+                s.work_mib, s.keep_mib, s.check_mib, s.append
+            ),
+        );
+        cmd.arg("-qmp").arg(format!(
+            "unix:{},server=on,wait=off",
+            self.socket(&format!("{vm}.qmp")).display()
+        ));
+        cmd
+    }
+
+    fn spawn_guest(&self, vm: &str, cmd: Command) -> Result<QemuGuest, DemoError> {
+        let g = QemuGuest::spawn(
+            cmd,
+            Some(&self.logs.join(format!("{vm}.console.log"))),
+            Some(&self.logs.join(format!("{vm}.qemu.log"))),
+        )
+        .map_err(io("starting QEMU"))?;
+        let qmp = self.socket(&format!("{vm}.qmp"));
+        let t = Duration::from_secs(20);
+        if !poll(t, || qmp.exists()) {
+            return Err(self.timeout(&format!("{vm} QEMU's QMP socket"), t));
+        }
+        Ok(g)
+    }
+
+    /// Starts the patched QEMU for VM `vm` with our balloon (the generic
+    /// vhost-user device on `daemon`'s socket) and the preload library.
+    pub fn freehint_qemu(
+        &self,
+        vm: &str,
+        daemon: &Daemon,
+        incoming: bool,
+    ) -> Result<QemuGuest, DemoError> {
+        let mut cmd = self.guest_cmd(&self.setup.patched_qemu, vm);
+        cmd.env(
+            "LD_PRELOAD",
+            self.setup.bin_dir.join("libfreehint_preload.so"),
+        )
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=fh0,path={}",
+            daemon.vhost_socket.display()
+        ))
+        .args([
+            "-device",
+            "vhost-user-device-pci,chardev=fh0,virtio-id=5,num_vqs=5,config_size=16",
+        ]);
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
+        }
+        self.spawn_guest(vm, cmd)
+    }
+
+    /// Starts the reference QEMU for VM `vm` with its own virtio-balloon,
+    /// `free-page-hint` on or off; `incoming` is QEMU's `-incoming` URI.
+    pub fn native_qemu(
+        &self,
+        vm: &str,
+        free_page_hint: bool,
+        incoming: Option<&str>,
+    ) -> Result<QemuGuest, DemoError> {
+        let mut cmd = self.guest_cmd(&self.setup.reference_qemu, vm);
+        if free_page_hint {
+            cmd.args(["-object", "iothread,id=io0"]).args([
+                "-device",
+                "virtio-balloon-pci,id=balloon0,free-page-hint=on,iothread=io0",
+            ]);
+        } else {
+            cmd.args(["-device", "virtio-balloon-pci,id=balloon0"]);
+        }
+        if let Some(uri) = incoming {
+            cmd.args(["-incoming", uri]);
+        }
+        self.spawn_guest(vm, cmd)
+    }
+
+    /// Waits until the destination daemon is ready to receive (it has
+    /// found its QEMU waiting with `-incoming defer`), then lets QEMU's
+    /// start-up settle for [`SETTLE`], as for QEMU's own migration.
+    pub fn settle_destination(&self, daemon: &Daemon) -> Result<(), DemoError> {
+        let t = Duration::from_secs(20);
+        let receiving = || {
+            Command::new(self.setup.bin_dir.join("freehint"))
+                .arg("status")
+                .arg("--control")
+                .arg(&daemon.control)
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"receiving\""))
+        };
+        if !poll(t, receiving) {
+            return Err(self.timeout("the destination daemon to be ready", t));
+        }
+        std::thread::sleep(SETTLE);
+        Ok(())
+    }
+
+    /// Waits until the guest has booted and run its workload.
+    pub fn wait_ready(&self, g: &QemuGuest) -> Result<(), DemoError> {
+        let t = self.setup.boot_timeout;
+        if !poll(t, || g.said("freehint-guest: ready")) {
+            return Err(self.timeout("the guest to boot and run its workload", t));
+        }
+        // A couple of heartbeats and data checks, so "went on" is clear.
+        let t = Duration::from_secs(30);
+        if !poll(t, || g.heartbeats().len() >= 2 && !g.checks_ok().is_empty()) {
+            return Err(self.timeout("the guest's heartbeat and data check", t));
+        }
+        Ok(())
+    }
+}
+
+/// Runs `freehint migrate --json` against the source daemon.
+pub fn freehint_migrate(
+    bin_dir: &Path,
+    control: &Path,
+    to: &str,
+    hints: bool,
+    extra: &[&str],
+) -> Result<MigrationStats, DemoError> {
+    let out = Command::new(bin_dir.join("freehint"))
+        .arg("migrate")
+        .arg("--control")
+        .arg(control)
+        .args([
+            "--to",
+            to,
+            "--json",
+            "--hints",
+            if hints { "on" } else { "off" },
+        ])
+        .args(extra)
+        .output()
+        .map_err(io("running freehint migrate"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(DemoError::Migrate(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    serde_json::from_str(stdout.trim())
+        .map_err(|e| DemoError::Migrate(format!("unreadable stats {stdout:?}: {e}")))
+}
+
+/// After a migration: whether the guest's heartbeat went on on the
+/// destination past where the source stopped, and whether its checker
+/// verified the data region there (`ok`, or what went wrong).
+pub fn check_after(src: &QemuGuest, dst: &QemuGuest, timeout: Duration) -> (bool, String) {
+    let last_beat = src.heartbeats().last().copied().unwrap_or(0);
+    let last_check = src.checks_ok().last().copied();
+    let alive = poll(timeout, || {
+        dst.heartbeats().last().is_some_and(|&n| n > last_beat + 2)
+    });
+    let verified = poll(Duration::from_secs(5), || {
+        dst.said("freehint-check FAIL")
+            || dst
+                .checks_ok()
+                .last()
+                .is_some_and(|&n| last_check.is_none_or(|l| n > l))
+    });
+    let check = if dst.said("freehint-check FAIL") {
+        "FAIL: the data region differs on the destination".to_string()
+    } else if verified {
+        "ok".to_string()
+    } else {
+        "no check ran on the destination".to_string()
+    };
+    (alive, check)
+}
+
+/// One whole run of `mode`: boots a source guest, lets it run its
+/// workload, migrates it to a second QEMU and checks it there.
+pub fn run_mode(setup: &DemoSetup, mode: Mode) -> Result<RunReport, DemoError> {
+    let bed = Testbed::new(setup, mode.name())?;
+    match mode {
+        Mode::FreehintHints | Mode::FreehintNohints => {
+            run_freehint(&bed, mode, mode == Mode::FreehintHints)
+        }
+        Mode::QemuNative | Mode::QemuNativeFph => {
+            run_native(&bed, mode, mode == Mode::QemuNativeFph)
+        }
+    }
+}
+
+fn run_freehint(bed: &Testbed, mode: Mode, hints: bool) -> Result<RunReport, DemoError> {
+    let port = free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let src_daemon = bed.daemon("src", &[])?;
+    let dst_daemon = bed.daemon("dst", &["--incoming", &addr])?;
+    let src = bed.freehint_qemu("src", &src_daemon, false)?;
+    bed.wait_ready(&src)?;
+    let used = src.used_mib().unwrap_or(0);
+    let dst = bed.freehint_qemu("dst", &dst_daemon, true)?;
+    bed.settle_destination(&dst_daemon)?;
+    let stats = freehint_migrate(&bed.setup.bin_dir, &src_daemon.control, &addr, hints, &[])?;
+    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
+    Ok(RunReport {
+        mode,
+        guest_mem_mib: bed.setup.mem_mib,
+        guest_used_mib: used,
+        bytes_on_wire: stats.bytes_on_wire,
+        total_time_ms: stats.total_time_ms,
+        downtime_ms: stats.downtime_ms,
+        guest_alive_after: alive,
+        data_check: check,
+        detail: serde_json::to_value(&stats).unwrap_or_default(),
+    })
+}
+
+fn qmp_err(e: impl std::fmt::Display) -> DemoError {
+    DemoError::Qemu(e.to_string())
+}
+
+fn run_native(bed: &Testbed, mode: Mode, fph: bool) -> Result<RunReport, DemoError> {
+    let port = free_port()?;
+    let src = bed.native_qemu("src", fph, None)?;
+    bed.wait_ready(&src)?;
+    let used = src.used_mib().unwrap_or(0);
+    let dst = bed.native_qemu("dst", fph, Some(&format!("tcp:127.0.0.1:{port}")))?;
+    let mut qmp = Qmp::connect(&bed.socket("src.qmp")).map_err(qmp_err)?;
+    // QEMU at its best: no bandwidth cap (its default is 128 MiB/s).
+    qmp.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 100u64 << 30}),
+    )
+    .map_err(qmp_err)?;
+    // The destination listens once QEMU has set up -incoming.
+    let dst_qmp_path = bed.socket("dst.qmp");
+    let mut dst_qmp = Qmp::connect(&dst_qmp_path).map_err(qmp_err)?;
+    let t = Duration::from_secs(20);
+    if !poll(t, || dst_qmp.status().is_ok_and(|s| s == "inmigrate")) {
+        return Err(bed.timeout("the destination QEMU to wait for the migration", t));
+    }
+    std::thread::sleep(SETTLE);
+    qmp.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .map_err(qmp_err)?;
+    let t = Instant::now();
+    let info = loop {
+        let info = qmp.execute("query-migrate", json!({})).map_err(qmp_err)?;
+        match info["status"].as_str().unwrap_or("") {
+            "completed" => break info,
+            "failed" | "cancelled" => {
+                return Err(DemoError::Qemu(format!(
+                    "migration {}: {}",
+                    info["status"], info["error-desc"]
+                )))
+            }
+            _ if t.elapsed() > Duration::from_secs(600) => {
+                return Err(bed.timeout("QEMU's migration", Duration::from_secs(600)))
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
+    Ok(RunReport {
+        mode,
+        guest_mem_mib: bed.setup.mem_mib,
+        guest_used_mib: used,
+        bytes_on_wire: info["ram"]["transferred"].as_u64().unwrap_or(0),
+        total_time_ms: info["total-time"].as_u64().unwrap_or(0),
+        downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+        guest_alive_after: alive,
+        data_check: check,
+        detail: info,
+    })
+}

@@ -1,0 +1,114 @@
+//! A REAL guest live-migrated by freehint, end to end: two `freehint vm`
+//! daemons, two patched QEMUs (our balloon over vhost-user, dirty tracking
+//! through the preload library's userfaultfd), the guest's stock
+//! virtio_balloon driver hinting its free pages, `freehint migrate` over
+//! loopback TCP. The same code as `make demo` (crate freehint-demo).
+//!
+//! Needs `FREEHINT_QEMU`, `FREEHINT_GUEST_DIR` and the reference QEMU;
+//! `make test` provides them (see real_guest_balloon.rs for the skip rule).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use freehint_demo::{check_after, free_port, freehint_migrate, run_mode, Mode, Testbed};
+use freehint_e2e::real_guest_setup as setup;
+
+#[test]
+fn with_hints_the_guest_arrives_alive_with_its_data_sending_little_more_than_it_uses() {
+    // The demo's guest: 2 GiB that wrote 1.4 GB and freed all but 128 MiB.
+    let Some(mut s) = setup("hints-on", 2048, 1400) else {
+        return;
+    };
+    s.keep_mib = 128;
+    s.check_mib = 16;
+    let r = run_mode(&s, Mode::FreehintHints).unwrap();
+    eprintln!("{}", serde_json::to_string(&r).unwrap());
+    assert!(
+        r.guest_alive_after,
+        "no heartbeat on the destination: {r:?}"
+    );
+    assert_eq!(r.data_check, "ok", "{r:?}");
+    assert!(r.guest_used_mib > 0 && r.guest_used_mib < 2048, "{r:?}");
+    let limit = r.guest_used_mib as f64 * 1.5 * 1048576.0;
+    assert!(
+        (r.bytes_on_wire as f64) <= limit,
+        "{} bytes on the wire for {} MiB used (limit 1.5x): {r:?}",
+        r.bytes_on_wire,
+        r.guest_used_mib
+    );
+    assert!(
+        r.detail["pages_skipped_free"].as_u64().unwrap() > 0,
+        "{r:?}"
+    );
+}
+
+/// Compares two RAM files page by page; the first differing page index.
+fn first_difference(a: &Path, b: &Path) -> Option<u64> {
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (mut pa, mut pb) = (vec![0u8; 4096], vec![0u8; 4096]);
+    for page in 0.. {
+        let na = fa.read(&mut pa).unwrap();
+        let nb = fb.read(&mut pb).unwrap();
+        if na == 0 && nb == 0 {
+            return None;
+        }
+        if na != nb || pa[..na] != pb[..nb] {
+            return Some(page);
+        }
+    }
+    None
+}
+
+#[test]
+fn without_hints_destination_ram_equals_the_source_page_by_page() {
+    let Some(s) = setup("hints-off", 512, 200) else {
+        return;
+    };
+    let bed = Testbed::new(&s, "hints-off").unwrap();
+    let addr = format!("127.0.0.1:{}", free_port().unwrap());
+    let src_daemon = bed.daemon("src", &[]).unwrap();
+    let dst_daemon = bed
+        .daemon("dst", &["--incoming", &addr, "--no-resume"])
+        .unwrap();
+    let mut src = bed.freehint_qemu("src", &src_daemon, false).unwrap();
+    bed.wait_ready(&src).unwrap();
+    let dst = bed.freehint_qemu("dst", &dst_daemon, true).unwrap();
+    let stats = freehint_migrate(&s.bin_dir, &src_daemon.control, &addr, false, &[]).unwrap();
+    assert_eq!(stats.pages_skipped_free, 0);
+    // The source QEMU quits after handing over; its RAM file stays.
+    assert!(
+        src.wait_exit(Duration::from_secs(10)),
+        "the source QEMU did not quit"
+    );
+    let (src_ram, dst_ram): (PathBuf, PathBuf) = (bed.ram("src"), bed.ram("dst"));
+    assert_eq!(
+        first_difference(&src_ram, &dst_ram),
+        None,
+        "guest RAM differs between source and destination"
+    );
+    let out = std::process::Command::new(s.bin_dir.join("freehint"))
+        .arg("resume")
+        .arg("--control")
+        .arg(&dst_daemon.control)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
+    assert!(alive, "no heartbeat on the destination after resume");
+    assert_eq!(check, "ok");
+    eprintln!(
+        "hints off: {} pages compared equal; {} bytes on the wire, {} ms, downtime {} ms",
+        std::fs::metadata(&src_ram).unwrap().len() / 4096,
+        stats.bytes_on_wire,
+        stats.total_time_ms,
+        stats.downtime_ms
+    );
+}
