@@ -106,8 +106,10 @@ pub struct ParamArgs {
     /// Seconds to wait for the peer at each step.
     #[arg(long, default_value_t = MigrationParams::default().peer_timeout_s)]
     pub peer_timeout_s: u64,
-    /// With hints on, wait up to this many ms for the guest's first
-    /// free-page report to finish before sending (balloon guests only).
+    /// With hints on, wait at most this many ms for the guest's first
+    /// free-page report before sending (balloon guests). The wait ends
+    /// sooner when the report is done or its hints slow down; later hints
+    /// still apply.
     #[arg(long, default_value_t = MigrationParams::default().hint_wait_ms)]
     pub hint_wait_ms: u64,
 }

@@ -36,6 +36,8 @@ pub struct MigrationParams {
     /// reporting its free pages before the first round sends anything (a
     /// page sent before its hint arrives is sent for nothing). Only sources
     /// that can tell when a report is complete (the balloon) are waited for.
+    /// The wait ends sooner once hints take pages off the send list slower
+    /// than sending would (see the sender).
     pub hint_wait_ms: u64,
 }
 

@@ -248,7 +248,8 @@ impl PrecopySender {
                 .hint_wait_ms
                 .min(populated_bytes.saturating_mul(1000) / HINT_RATE_FLOOR_BYTES_PER_S);
             stats.hint_wait_ms = wait_for_report(src.as_ref(), id, max_ms, || {
-                filter.stats().pages_skipped_free * page_bytes
+                let h = filter.stats();
+                (h.hinted_bytes, h.pages_skipped_free * page_bytes)
             })
             .await;
         }
@@ -632,40 +633,44 @@ impl ChannelJob {
 /// for memory never written, holes in the RAM file, save nothing.)
 const HINT_RATE_FLOOR_BYTES_PER_S: u64 = 512 << 20;
 
-/// The window over which the hint rate is measured; also the least time
-/// given to the guest to start its report.
+/// The window over which the hint rate is measured, from the first hint on.
 const HINT_RATE_WINDOW_MS: u64 = 100;
 
 /// Waits until the guest has finished its free-page report for round `id`,
-/// its hints take pages off the send list slower than
-/// [`HINT_RATE_FLOOR_BYTES_PER_S`], or `max_ms` passed; returns the time
-/// waited. `saved_bytes` reads the bytes hints took off the send list so
-/// far.
+/// its hints (once they have started) take pages off the send list slower
+/// than [`HINT_RATE_FLOOR_BYTES_PER_S`], or `max_ms` passed; returns the
+/// time waited. `progress` reads (bytes hinted, bytes hints took off the
+/// send list) so far.
 async fn wait_for_report(
     src: &dyn HintSource,
     id: CmdId,
     max_ms: u64,
-    saved_bytes: impl Fn() -> u64,
+    progress: impl Fn() -> (u64, u64),
 ) -> u64 {
     let t = Instant::now();
     let window = Duration::from_millis(HINT_RATE_WINDOW_MS);
     let floor = HINT_RATE_FLOOR_BYTES_PER_S * HINT_RATE_WINDOW_MS / 1000;
-    let (mut window_start, mut window_bytes) = (Instant::now(), saved_bytes());
+    // (start, saved bytes at start) of the current window, once hints came.
+    let mut current: Option<(Instant, u64)> = None;
     while t.elapsed() < Duration::from_millis(max_ms) {
         match src.round_reported(id) {
             None | Some(true) => break,
             Some(false) => {
-                if window_start.elapsed() >= window {
-                    let now = saved_bytes();
-                    if now - window_bytes < floor {
-                        tracing::info!(
-                            waited_ms = t.elapsed().as_millis() as u64,
-                            saved_bytes = now,
-                            "free-page hints slowed down; sending"
-                        );
-                        break;
+                let (hinted, saved) = progress();
+                match current {
+                    None if hinted > 0 => current = Some((Instant::now(), saved)),
+                    Some((start, at_start)) if start.elapsed() >= window => {
+                        if saved - at_start < floor {
+                            tracing::info!(
+                                waited_ms = t.elapsed().as_millis() as u64,
+                                saved_bytes = saved,
+                                "free-page hints slowed down; sending"
+                            );
+                            break;
+                        }
+                        current = Some((Instant::now(), saved));
                     }
-                    (window_start, window_bytes) = (Instant::now(), now);
+                    _ => {}
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -679,4 +684,79 @@ async fn wait_for_report(
         );
     }
     waited
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use freehint_types::HintSourceError;
+
+    /// A guest that never closes its report (or always has, with `done`).
+    struct Reporting {
+        done: bool,
+    }
+
+    impl HintSource for Reporting {
+        fn start_round(&self, _: CmdId) -> Result<(), HintSourceError> {
+            Ok(())
+        }
+        fn stop_round(&self) -> Result<(), HintSourceError> {
+            Ok(())
+        }
+        fn finish(&self) -> Result<(), HintSourceError> {
+            Ok(())
+        }
+        fn round_reported(&self, _: CmdId) -> Option<bool> {
+            Some(self.done)
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    const OPEN: Reporting = Reporting { done: false };
+
+    #[test]
+    fn a_finished_report_ends_the_wait_at_once() {
+        let waited = runtime().block_on(wait_for_report(
+            &Reporting { done: true },
+            CmdId(2),
+            5000,
+            || (0, 0),
+        ));
+        assert!(waited < 100, "{waited}");
+    }
+
+    #[test]
+    fn without_any_hint_the_wait_lasts_until_its_cap() {
+        // No hint yet is not "hints slowed down": the guest may be slow to
+        // start.
+        let waited = runtime().block_on(wait_for_report(&OPEN, CmdId(2), 300, || (0, 0)));
+        assert!((300..2000).contains(&waited), "{waited}");
+    }
+
+    #[test]
+    fn the_wait_ends_soon_after_hints_slow_below_the_floor() {
+        // 1 GiB/s of pages taken off the send list for 400 ms, then nothing.
+        let t = Instant::now();
+        let progress = move || {
+            let ms = (t.elapsed().as_millis() as u64).min(400);
+            (ms << 20, ms << 20)
+        };
+        let waited = runtime().block_on(wait_for_report(&OPEN, CmdId(2), 10_000, progress));
+        assert!((400..2000).contains(&waited), "{waited}");
+    }
+
+    #[test]
+    fn hints_that_save_nothing_do_not_hold_the_sender() {
+        // Hints arrive (for holes) but take nothing off the send list.
+        let t = Instant::now();
+        let progress = move || (t.elapsed().as_millis() as u64 + 1, 0);
+        let waited = runtime().block_on(wait_for_report(&OPEN, CmdId(2), 10_000, progress));
+        assert!(waited < 2000, "{waited}");
+    }
 }
