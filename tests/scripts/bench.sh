@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite: runs every benchmark on this machine and writes
 # docs/BENCHMARKS.md from the results (each figure with its command).
-# Takes a few minutes; uses about 9 GiB of /dev/shm at its peak.
+# Takes about 25 minutes; uses about 9 GiB of /dev/shm at its peak.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ./tests/scripts/setup-host.sh
@@ -39,6 +39,22 @@ run transfer-1-1 $fh bench sim --mem-mib 4096 --used-percent 100 --dirty-mib-per
   --preallocate-destination --bulk-channels 1 --json
 run hints $fh bench hints --mem-mib 4096
 run sync $fh bench sync --mem-mib 4096
+
+# The REAL guest: the demo's four modes, three times round-robin, for the
+# demo's guest, a freshly booted idle guest, and the demo's guest with
+# Debian's init_on_alloc off.
+FREEHINT_QEMU=$(./tests/qemu/build-qemu.sh)
+FREEHINT_GUEST_DIR=$(./tests/guest/build-guest-image.sh)
+export FREEHINT_QEMU FREEHINT_GUEST_DIR
+real() { # name, demo args...
+  local name=$1; shift
+  echo "bench: $name: freehint-demo $*" >&2
+  echo "make demo ARGS=\"$*\"" > "$out/$name.cmd"
+  ./target/release/freehint-demo "$@" --out "$out/$name.json" --log-dir "$out/$name-logs" > "$out/$name.txt"
+}
+real real-demo --repeat 3
+real real-idle --work-mib 0 --keep-mib 0 --repeat 3
+real real-ioa0 --guest-append init_on_alloc=0 --repeat 3
 
 python3 tests/scripts/bench_report.py "$out" > docs/BENCHMARKS.md
 echo "bench: wrote docs/BENCHMARKS.md" >&2
