@@ -128,16 +128,11 @@ pub fn wait_for(what: &str, timeout: std::time::Duration, mut f: impl FnMut() ->
     }
 }
 
-/// The set-up for a test with a REAL guest of `mem_mib` that writes and
-/// frees `work_mib` before migration, logging to `target/…/e2e-logs/NAME`;
-/// `None` (the test says SKIPPED) without `FREEHINT_QEMU` and
-/// `FREEHINT_GUEST_DIR`, unless `FREEHINT_REQUIRE_REAL_GUEST` is set
-/// (`make test` as root), where it fails.
-pub fn real_guest_setup(
-    name: &str,
-    mem_mib: u64,
-    work_mib: u64,
-) -> Option<freehint_demo::DemoSetup> {
+/// The patched QEMU and the guest image folder (`FREEHINT_QEMU`,
+/// `FREEHINT_GUEST_DIR`); `None` (the test says SKIPPED) without them,
+/// unless `FREEHINT_REQUIRE_REAL_GUEST` is set (`make test` as root), where
+/// the test fails.
+pub fn real_guest_env() -> Option<(PathBuf, PathBuf)> {
     let (Ok(qemu), Ok(guest)) = (
         std::env::var("FREEHINT_QEMU"),
         std::env::var("FREEHINT_GUEST_DIR"),
@@ -149,11 +144,23 @@ pub fn real_guest_setup(
         eprintln!("SKIPPED: no QEMU/guest image (run make test)");
         return None;
     };
+    Some((qemu.into(), guest.into()))
+}
+
+/// The set-up for a test with a REAL guest of `mem_mib` that writes and
+/// frees `work_mib` before migration, logging to `target/…/e2e-logs/NAME`;
+/// `None` as for [`real_guest_env`].
+pub fn real_guest_setup(
+    name: &str,
+    mem_mib: u64,
+    work_mib: u64,
+) -> Option<freehint_demo::DemoSetup> {
+    let (patched_qemu, guest_dir) = real_guest_env()?;
     let bins = bin_dir();
     Some(freehint_demo::DemoSetup {
-        patched_qemu: qemu.into(),
+        patched_qemu,
         reference_qemu: "qemu-system-x86_64".into(),
-        guest_dir: guest.into(),
+        guest_dir,
         log_dir: bins.join("e2e-logs").join(name),
         bin_dir: bins,
         mem_mib,

@@ -9,7 +9,6 @@
 //! `FREEHINT_REQUIRE_REAL_GUEST=1` (set by `make test` as root), where it
 //! fails.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,18 +24,9 @@ const MEM_MIB: u64 = 512;
 
 #[test]
 fn linux_balloon_driver_hints_and_reports_through_our_backend() {
-    let (Ok(qemu), Ok(guest)) = (
-        std::env::var("FREEHINT_QEMU"),
-        std::env::var("FREEHINT_GUEST_DIR"),
-    ) else {
-        assert!(
-            std::env::var("FREEHINT_REQUIRE_REAL_GUEST").is_err(),
-            "FREEHINT_QEMU and FREEHINT_GUEST_DIR must be set (make test sets them)"
-        );
-        eprintln!("SKIPPED: no QEMU/guest image (run make test)");
+    let Some((qemu, guest)) = freehint_e2e::real_guest_env() else {
         return;
     };
-    let guest = PathBuf::from(guest);
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
     let ram_path = dir.path().join("guest.ram");
     let sock = dir.path().join("balloon.sock");
