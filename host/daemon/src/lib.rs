@@ -153,6 +153,8 @@ pub struct VmDaemon {
     /// Held while a migration runs, in or out.
     busy: Mutex<()>,
     connected: std::sync::atomic::AtomicBool,
+    /// QEMU's pid from `SO_PEERCRED` on the vhost-user connection (0: none).
+    vhost_peer_pid: std::sync::atomic::AtomicI32,
     /// Control requests being answered: the daemon exits only after
     /// they have their answer.
     answering: std::sync::atomic::AtomicUsize,
@@ -191,6 +193,7 @@ impl VmDaemon {
             }),
             busy: Mutex::new(()),
             connected: Default::default(),
+            vhost_peer_pid: Default::default(),
             answering: Default::default(),
         }))
     }
@@ -257,6 +260,12 @@ impl VmDaemon {
             what: "accepting QEMU on the vhost-user socket".into(),
             source,
         })?;
+        match freehint_qemu::socket_peer_pid(&frontend) {
+            Ok(pid) => self
+                .vhost_peer_pid
+                .store(pid, std::sync::atomic::Ordering::SeqCst),
+            Err(e) => tracing::warn!("no pid for the vhost-user peer: {e}"),
+        }
         self.connected
             .store(true, std::sync::atomic::Ordering::SeqCst);
         {
@@ -392,7 +401,23 @@ impl VmDaemon {
             )));
         }
         self.set_phase("migrating");
-        let result = self.migrate_inner(dest, params);
+        // QEMU's pid as the vhost-user socket saw it; QMP's confirms it.
+        let mut pid = Some(
+            self.vhost_peer_pid
+                .load(std::sync::atomic::Ordering::SeqCst),
+        )
+        .filter(|&p| p > 0);
+        let result = self
+            .migrate_inner(dest, params, &mut pid)
+            .map_err(|e| match (e, pid) {
+                // Whatever step noticed it, a dead source QEMU is the news.
+                (e @ DaemonError::SourceGone { .. }, _) => e,
+                (e, Some(pid)) if !process_alive(pid) => DaemonError::SourceGone {
+                    pid,
+                    cause: e.to_string(),
+                },
+                (e, _) => e,
+            });
         self.slot.detach();
         let mut sh = lock(&self.shared);
         match &result {
@@ -412,9 +437,11 @@ impl VmDaemon {
         &self,
         dest: SocketAddr,
         params: MigrationParams,
+        pid_out: &mut Option<i32>,
     ) -> Result<MigrationStats, DaemonError> {
         let mut qmp = Qmp::connect(&self.cfg.qmp_socket)?;
         let pid = qmp.peer_pid()?;
+        *pid_out = Some(pid);
         let backend = qmp.shared_ram_backend()?;
         let ram = Arc::new(GuestRam::open_file(&backend.path, backend.size_bytes)?);
         let region = &ram.regions()[0];
@@ -454,14 +481,7 @@ impl VmDaemon {
             "migrating"
         );
         let sender = PrecopySender::new(ram, filter, Box::new(log), hint_source, vmm, params)?;
-        match self.runtime.block_on(sender.migrate(dest)) {
-            Ok(stats) => Ok(stats),
-            Err(e) if !process_alive(pid) => Err(DaemonError::SourceGone {
-                pid,
-                cause: e.to_string(),
-            }),
-            Err(e) => Err(e.into()),
-        }
+        Ok(self.runtime.block_on(sender.migrate(dest))?)
     }
 
     /// The dirty log of QEMU `pid`, attached on first use and kept.

@@ -163,31 +163,10 @@ impl Qmp {
     /// The pid of the QEMU process at the other end of the socket
     /// (`SO_PEERCRED`).
     pub fn peer_pid(&self) -> Result<i32, QmpError> {
-        use std::os::fd::AsRawFd;
-        let mut cred = libc::ucred {
-            pid: 0,
-            uid: 0,
-            gid: 0,
-        };
-        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: `cred` and `len` are valid for writes of the sizes given,
-        // and the fd is our open socket.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.writer.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                (&mut cred as *mut libc::ucred).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 || cred.pid <= 0 {
-            return Err(QmpError::Io {
-                path: self.path.clone(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(cred.pid)
+        socket_peer_pid(&self.writer).map_err(|source| QmpError::Io {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// The VM's guest RAM: its one shared `memory-backend-file`.
@@ -421,4 +400,36 @@ impl DestinationVmm for QemuDestination {
     fn resume(&self) -> Result<(), VmmError> {
         self.conn.cont()
     }
+}
+
+/// The pid of the process at the other end of a connected Unix socket
+/// (`SO_PEERCRED`): QEMU's, on its QMP or vhost-user socket.
+pub fn socket_peer_pid(socket: &std::os::unix::net::UnixStream) -> std::io::Result<i32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given, and
+    // the fd is an open socket borrowed for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if cred.pid <= 0 {
+        return Err(std::io::Error::other(
+            "the peer has no pid in this namespace",
+        ));
+    }
+    Ok(cred.pid)
 }
