@@ -114,17 +114,15 @@ mod tests {
         assert!(bytes[..64].iter().all(|&b| b == 0));
     }
 
+    /// An anonymous file (memfd), private to each test.
     fn tempfile_in_shm() -> std::fs::File {
-        let path = std::env::temp_dir().join(format!("vhost-log-test-{}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        f
+        use std::os::fd::FromRawFd;
+        // SAFETY: the name is a valid C string; the new fd is owned by the
+        // File below and by nothing else.
+        let fd = unsafe { libc::memfd_create(c"vhost-log-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: fd was just created and is owned by nobody else.
+        unsafe { std::fs::File::from_raw_fd(fd) }
     }
 
     #[test]
