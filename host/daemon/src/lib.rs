@@ -110,6 +110,21 @@ pub enum DaemonError {
     Balloon(#[from] freehint_balloon::BalloonError),
 }
 
+/// Maps an OS error to [`DaemonError::Io`] saying what was being done.
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+/// Spawns a named thread.
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), DaemonError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(drop)
+        .map_err(io(format!("spawning the {name} thread")))
+}
+
 /// How a daemon is set up.
 #[derive(Debug)]
 pub struct DaemonConfig {
@@ -174,10 +189,7 @@ impl VmDaemon {
             .worker_threads(2)
             .enable_all()
             .build()
-            .map_err(|source| DaemonError::Io {
-                what: "starting the async runtime".into(),
-                source,
-            })?;
+            .map_err(io("starting the async runtime"))?;
         Ok(Arc::new(Self {
             cfg,
             backend,
@@ -216,50 +228,26 @@ impl VmDaemon {
     /// incoming migration meanwhile.
     pub fn run(self: &Arc<Self>) -> Result<(), DaemonError> {
         let _ = std::fs::remove_file(&self.cfg.control_socket);
-        let control =
-            UnixListener::bind(&self.cfg.control_socket).map_err(|source| DaemonError::Io {
-                what: format!(
-                    "binding the control socket {}",
-                    self.cfg.control_socket.display()
-                ),
-                source,
-            })?;
+        let control = UnixListener::bind(&self.cfg.control_socket).map_err(io(format!(
+            "binding the control socket {}",
+            self.cfg.control_socket.display()
+        )))?;
         let me = self.clone();
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || me.serve_control(control))
-            .map_err(|source| DaemonError::Io {
-                what: "spawning the control thread".into(),
-                source,
-            })?;
+        spawn("control", move || me.serve_control(control))?;
         if let Some(l) = &self.cfg.incoming {
-            let l = l.try_clone().map_err(|source| DaemonError::Io {
-                what: "cloning the incoming listener".into(),
-                source,
-            })?;
+            let l = l.try_clone().map_err(io("cloning the incoming listener"))?;
             let me = self.clone();
-            std::thread::Builder::new()
-                .name("incoming".into())
-                .spawn(move || me.incoming_loop(l))
-                .map_err(|source| DaemonError::Io {
-                    what: "spawning the incoming thread".into(),
-                    source,
-                })?;
+            spawn("incoming", move || me.incoming_loop(l))?;
         }
 
         let _ = std::fs::remove_file(&self.cfg.vhost_socket);
-        let listener =
-            UnixListener::bind(&self.cfg.vhost_socket).map_err(|source| DaemonError::Io {
-                what: format!(
-                    "binding the vhost-user socket {}",
-                    self.cfg.vhost_socket.display()
-                ),
-                source,
-            })?;
-        let (frontend, _) = listener.accept().map_err(|source| DaemonError::Io {
-            what: "accepting QEMU on the vhost-user socket".into(),
-            source,
-        })?;
+        let listener = UnixListener::bind(&self.cfg.vhost_socket).map_err(io(format!(
+            "binding the vhost-user socket {}",
+            self.cfg.vhost_socket.display()
+        )))?;
+        let (frontend, _) = listener
+            .accept()
+            .map_err(io("accepting QEMU on the vhost-user socket"))?;
         match freehint_qemu::socket_peer_pid(&frontend) {
             Ok(pid) => self
                 .vhost_peer_pid
@@ -296,9 +284,7 @@ impl VmDaemon {
         for conn in listener.incoming() {
             let Ok(conn) = conn else { continue };
             let me = self.clone();
-            let _ = std::thread::Builder::new()
-                .name("control-request".into())
-                .spawn(move || me.answer(conn));
+            let _ = spawn("control-request", move || me.answer(conn));
         }
     }
 
@@ -445,10 +431,10 @@ impl VmDaemon {
         let backend = qmp.shared_ram_backend()?;
         let ram = Arc::new(GuestRam::open_file(&backend.path, backend.size_bytes)?);
         let region = &ram.regions()[0];
-        let meta = region.file().metadata().map_err(|source| DaemonError::Io {
-            what: format!("stat {}", backend.path.display()),
-            source,
-        })?;
+        let meta = region
+            .file()
+            .metadata()
+            .map_err(io(format!("stat {}", backend.path.display())))?;
         let map = GpaMap::new(
             &self.handle.memory_table(),
             meta.dev(),
@@ -554,23 +540,15 @@ impl VmDaemon {
             .preallocate(self.cfg.preallocate);
         receiver.prepare()?;
         self.set_phase("receiving");
-        let std_listener = listener.try_clone().map_err(|source| DaemonError::Io {
-            what: "cloning the incoming listener".into(),
-            source,
-        })?;
+        let std_listener = listener
+            .try_clone()
+            .map_err(io("cloning the incoming listener"))?;
         let stats = self.runtime.block_on(async move {
             std_listener
                 .set_nonblocking(true)
-                .map_err(|source| DaemonError::Io {
-                    what: "the incoming listener".into(),
-                    source,
-                })?;
-            let l = tokio::net::TcpListener::from_std(std_listener).map_err(|source| {
-                DaemonError::Io {
-                    what: "the incoming listener".into(),
-                    source,
-                }
-            })?;
+                .map_err(io("the incoming listener"))?;
+            let l = tokio::net::TcpListener::from_std(std_listener)
+                .map_err(io("the incoming listener"))?;
             receiver.receive(&l).await.map_err(DaemonError::from)
         })?;
         let mut sh = lock(&self.shared);

@@ -236,6 +236,15 @@ impl Channel {
     }
 }
 
+/// The guest-physical range of a queue's used ring (flags, idx, one 8-byte
+/// element per entry, avail_event), if the queue has a size.
+fn used_ring_range(vring: &VringRwLock) -> Option<GpaRange> {
+    let state = vring.get_ref();
+    let q = state.get_queue();
+    let size = u64::from(q.size());
+    (size > 0).then(|| GpaRange::new(q.used_ring(), 6 + 8 * size))
+}
+
 /// Locks a mutex, recovering the data if a thread panicked while holding it.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -498,13 +507,7 @@ impl BalloonHandle {
     pub fn used_ring_ranges(&self) -> Vec<GpaRange> {
         lock(&self.inner.vrings)
             .iter()
-            .filter_map(|v| {
-                let state = v.get_ref();
-                let q = state.get_queue();
-                let size = u64::from(q.size());
-                // flags, idx, size used elements of 8 bytes, avail_event.
-                (size > 0).then(|| GpaRange::new(q.used_ring(), 6 + 8 * size))
-            })
+            .filter_map(used_ring_range)
             .collect()
     }
 
@@ -630,10 +633,10 @@ impl VhostUserBackend for BalloonBackend {
         let index = device_event as usize;
         if let Some(vring) = vrings.get(index) {
             device::process_queue(&self.inner, index, vring);
-            if let Some(log) = lock(&self.inner.vhost_log).as_ref() {
-                let q = vring.get_ref();
-                let size = u64::from(q.get_queue().size());
-                log.mark(GpaRange::new(q.get_queue().used_ring(), 6 + 8 * size));
+            if let (Some(log), Some(ring)) =
+                (lock(&self.inner.vhost_log).as_ref(), used_ring_range(vring))
+            {
+                log.mark(ring);
             }
         }
         Ok(())

@@ -187,6 +187,16 @@ struct Session {
     mem_table: bool,
 }
 
+/// A reply to frontend request `code` with `payload`.
+fn reply(code: u32, payload: &[u8]) -> Vec<u8> {
+    let mut r = Vec::with_capacity(HDR_LEN + payload.len());
+    r.extend_from_slice(&code.to_le_bytes());
+    r.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+    r.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    r.extend_from_slice(payload);
+    r
+}
+
 /// Checks one frontend request; `Err` names why it must be refused.
 fn check(
     session: &mut Session,
@@ -370,15 +380,14 @@ pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
         let body = &msg[HDR_LEN..];
         if let Err((reason, detail)) = check(&mut session, &inner, code, body, fds.len()) {
             inner.reject(reason, format_args!("frontend: {detail}"));
-            if flags & FLAG_NEED_REPLY != 0 && session.acked_protocol & PROTOCOL_F_REPLY_ACK != 0 {
-                let mut reply = Vec::with_capacity(HDR_LEN + 8);
-                reply.extend_from_slice(&code.to_le_bytes());
-                reply.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
-                reply.extend_from_slice(&8u32.to_le_bytes());
-                reply.extend_from_slice(&1u64.to_le_bytes());
-                if lock(&f_write).write_all(&reply).is_err() {
-                    break;
-                }
+            let wants_reply =
+                flags & FLAG_NEED_REPLY != 0 && session.acked_protocol & PROTOCOL_F_REPLY_ACK != 0;
+            if wants_reply
+                && lock(&f_write)
+                    .write_all(&reply(code, &1u64.to_le_bytes()))
+                    .is_err()
+            {
+                break;
             }
             continue;
         }
@@ -411,11 +420,7 @@ pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
                 ),
             }
             // QEMU waits for a reply without payload.
-            let mut reply = Vec::with_capacity(HDR_LEN);
-            reply.extend_from_slice(&code.to_le_bytes());
-            reply.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
-            reply.extend_from_slice(&0u32.to_le_bytes());
-            if lock(&f_write).write_all(&reply).is_err() {
+            if lock(&f_write).write_all(&reply(code, &[])).is_err() {
                 break;
             }
             continue;
@@ -451,11 +456,9 @@ pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
             }
         }
     }
-    {
-        let mut ch = lock(&inner.channel);
-        ch.device_started = false;
-        ch.stream = None;
-    }
+    // The frontend is gone: hold config changes until the backend resets
+    // the channel after this thread ends.
+    lock(&inner.channel).device_started = false;
     let _ = daemon.shutdown(std::net::Shutdown::Both);
     let _ = frontend.shutdown(std::net::Shutdown::Both);
     if let Ok(h) = back {
