@@ -200,6 +200,21 @@ impl Drop for Daemon {
     }
 }
 
+/// A source and a destination under freehint ([`Testbed::freehint_pair`]).
+/// Dropping it kills the QEMUs, then the daemons.
+pub struct FreehintPair {
+    /// The source guest.
+    pub src: QemuGuest,
+    /// The destination QEMU (`-incoming defer`).
+    pub dst: QemuGuest,
+    /// The source's daemon.
+    pub src_daemon: Daemon,
+    /// The destination's daemon.
+    pub dst_daemon: Daemon,
+    /// The destination daemon's `--incoming` address.
+    pub addr: String,
+}
+
 /// The sockets, RAM files and logs of one run; RAM files (in /dev/shm)
 /// are removed when dropped.
 pub struct Testbed {
@@ -374,6 +389,28 @@ impl Testbed {
         self.spawn_guest(vm, cmd)
     }
 
+    /// A source VM under freehint that has booted and run its workload,
+    /// and a destination waiting for it: `freehint vm` daemons (the
+    /// destination's with `--incoming` on a free port, and `dst_extra`)
+    /// and patched QEMUs.
+    pub fn freehint_pair(&self, dst_extra: &[&str]) -> Result<FreehintPair, DemoError> {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let src_daemon = self.daemon("src", &[])?;
+        let mut dst_args = vec!["--incoming", addr.as_str()];
+        dst_args.extend_from_slice(dst_extra);
+        let dst_daemon = self.daemon("dst", &dst_args)?;
+        let src = self.freehint_qemu("src", &src_daemon, false)?;
+        self.wait_ready(&src)?;
+        let dst = self.freehint_qemu("dst", &dst_daemon, true)?;
+        Ok(FreehintPair {
+            src,
+            dst,
+            src_daemon,
+            dst_daemon,
+            addr,
+        })
+    }
+
     /// Waits until the destination daemon is ready to receive (it has
     /// found its QEMU waiting with `-incoming defer`), then lets QEMU's
     /// start-up settle for [`SETTLE`], as for QEMU's own migration.
@@ -482,14 +519,14 @@ pub fn run_mode(setup: &DemoSetup, mode: Mode) -> Result<RunReport, DemoError> {
 }
 
 fn run_freehint(bed: &Testbed, mode: Mode, hints: bool) -> Result<RunReport, DemoError> {
-    let port = free_port()?;
-    let addr = format!("127.0.0.1:{port}");
-    let src_daemon = bed.daemon("src", &[])?;
-    let dst_daemon = bed.daemon("dst", &["--incoming", &addr])?;
-    let src = bed.freehint_qemu("src", &src_daemon, false)?;
-    bed.wait_ready(&src)?;
+    let FreehintPair {
+        src,
+        dst,
+        src_daemon,
+        dst_daemon,
+        addr,
+    } = bed.freehint_pair(&[])?;
     let used = src.used_mib().unwrap_or(0);
-    let dst = bed.freehint_qemu("dst", &dst_daemon, true)?;
     bed.settle_destination(&dst_daemon)?;
     let stats = freehint_migrate(&bed.setup.bin_dir, &src_daemon.control, &addr, hints, &[])?;
     let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));

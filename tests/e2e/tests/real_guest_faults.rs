@@ -5,7 +5,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use freehint_demo::{check_after, free_port, freehint_migrate, poll, DemoError, Testbed};
+use freehint_demo::{
+    check_after, free_port, freehint_migrate, poll, DemoError, FreehintPair, Testbed,
+};
 use freehint_e2e::{bin_dir, real_guest_setup};
 
 /// `freehint ARGS`: (success, stdout, stderr).
@@ -101,13 +103,15 @@ fn a_guest_without_the_balloon_driver_migrates_only_without_hints() {
     };
     s.append = "freehint.noballoon".into();
     let bed = Testbed::new(&s, "no-balloon-driver").unwrap();
-    let addr = format!("127.0.0.1:{}", free_port().unwrap());
-    let src_daemon = bed.daemon("src", &[]).unwrap();
-    let dst_daemon = bed.daemon("dst", &["--incoming", &addr]).unwrap();
-    let src = bed.freehint_qemu("src", &src_daemon, false).unwrap();
-    bed.wait_ready(&src).unwrap();
+    // (Every part bound: a part left to `..` would be dropped, killed, here.)
+    let FreehintPair {
+        src,
+        dst,
+        src_daemon,
+        dst_daemon: _dst_daemon,
+        addr,
+    } = bed.freehint_pair(&[]).unwrap();
     assert!(!src.said("balloon bound"));
-    let dst = bed.freehint_qemu("dst", &dst_daemon, true).unwrap();
 
     let err = one_line(freehint_migrate(
         &s.bin_dir,
@@ -173,12 +177,13 @@ fn a_source_qemu_killed_mid_migration_is_reported_as_such() {
         return;
     };
     let bed = Testbed::new(&s, "source-killed").unwrap();
-    let addr = format!("127.0.0.1:{}", free_port().unwrap());
-    let src_daemon = bed.daemon("src", &[]).unwrap();
-    let dst_daemon = bed.daemon("dst", &["--incoming", &addr]).unwrap();
-    let mut src = bed.freehint_qemu("src", &src_daemon, false).unwrap();
-    bed.wait_ready(&src).unwrap();
-    let _dst = bed.freehint_qemu("dst", &dst_daemon, true).unwrap();
+    let FreehintPair {
+        mut src,
+        dst: _dst,
+        src_daemon,
+        dst_daemon: _dst_daemon,
+        addr,
+    } = bed.freehint_pair(&[]).unwrap();
     let (bins, control, to) = (s.bin_dir.clone(), src_daemon.control.clone(), addr.clone());
     let migration = std::thread::spawn(move || freehint_migrate(&bins, &control, &to, true, &[]));
     assert!(poll(Duration::from_secs(10), || phase(&src_daemon.control)

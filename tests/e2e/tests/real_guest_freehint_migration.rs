@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use freehint_demo::{check_after, free_port, freehint_migrate, run_mode, Mode, Testbed};
+use freehint_demo::{check_after, freehint_migrate, run_mode, FreehintPair, Mode, Testbed};
 use freehint_e2e::real_guest_setup as setup;
 
 #[test]
@@ -69,14 +69,13 @@ fn without_hints_destination_ram_equals_the_source_page_by_page() {
         return;
     };
     let bed = Testbed::new(&s, "hints-off").unwrap();
-    let addr = format!("127.0.0.1:{}", free_port().unwrap());
-    let src_daemon = bed.daemon("src", &[]).unwrap();
-    let dst_daemon = bed
-        .daemon("dst", &["--incoming", &addr, "--no-resume"])
-        .unwrap();
-    let mut src = bed.freehint_qemu("src", &src_daemon, false).unwrap();
-    bed.wait_ready(&src).unwrap();
-    let dst = bed.freehint_qemu("dst", &dst_daemon, true).unwrap();
+    let FreehintPair {
+        mut src,
+        dst,
+        src_daemon,
+        dst_daemon,
+        addr,
+    } = bed.freehint_pair(&["--no-resume"]).unwrap();
     let stats = freehint_migrate(&s.bin_dir, &src_daemon.control, &addr, false, &[]).unwrap();
     assert_eq!(stats.pages_skipped_free, 0);
     // The source QEMU quits after handing over; its RAM file stays.
