@@ -171,3 +171,12 @@ pub fn real_guest_setup(
         append: String::new(),
     })
 }
+
+/// Held by a test that measures a REAL guest's migration, so that another
+/// such test in the same binary does not run beside it: on two cores a
+/// second pair of TCG guests starves the first guest's free-page report and
+/// skews what the test measures.
+pub fn one_measured_migration_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
