@@ -104,19 +104,15 @@ pub(crate) fn punch_hole(mem: &Mem, range: GpaRange) -> std::io::Result<()> {
 
 /// Applies a config write from the frontend (the guest wrote `actual` or
 /// `poison_val`).
+///
+/// Writes are accepted before SET_FEATURES: the virtio spec lets a driver
+/// write config space before DRIVER_OK, the Linux driver writes
+/// `poison_val` during probe, and QEMU forwards that write at once but
+/// sends SET_FEATURES only when it starts the device. Whether the poison
+/// value matters is judged with the acked features when reports and
+/// inflates are processed ([`poison_active`]).
 pub(crate) fn set_config(inner: &Inner, offset: u32, buf: &[u8]) {
     let mut st = lock(&inner.state);
-    if !st.features_acked {
-        drop(st);
-        inner.reject(
-            RejectReason::ConfigWriteBeforeFeatures,
-            format_args!(
-                "config write at {offset} (+{}) before SET_FEATURES",
-                buf.len()
-            ),
-        );
-        return;
-    }
     let (actual, poison) = match st.config.written_fields(offset, buf) {
         Ok(v) => v,
         Err(e) => {

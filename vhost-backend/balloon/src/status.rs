@@ -64,8 +64,6 @@ reasons! {
     QueueError => "queue_error",
     /// A config write outside the 16-byte config space, or of length 0.
     ConfigWriteOutOfRange => "config_write_out_of_range",
-    /// A config write before the features were negotiated.
-    ConfigWriteBeforeFeatures => "config_write_before_features",
     /// A config write of `actual` larger than guest memory.
     ActualOutOfRange => "actual_out_of_range",
     /// A vring message naming a queue index the device does not have.
@@ -85,7 +83,7 @@ reasons! {
 /// Counters of rejected input, one per [`RejectReason`].
 #[derive(Debug, Default)]
 pub struct RejectCounters {
-    counts: [AtomicU64; 22],
+    counts: [AtomicU64; 21],
 }
 
 impl RejectCounters {

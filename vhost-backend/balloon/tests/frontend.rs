@@ -383,14 +383,20 @@ impl Harness {
     /// The whole QEMU-like start: memory, features, every queue of them.
     fn start(balloon_features: u64) -> Self {
         let mut h = Self::connect(5);
-        h.set_mem_table();
+        h.start_device(balloon_features);
+        h
+    }
+
+    /// What QEMU sends when it starts the device: memory, features, every
+    /// queue of them.
+    fn start_device(&mut self, balloon_features: u64) {
+        self.set_mem_table();
         let acked = balloon_features | bit(features::VERSION_1) | bit(features::PROTOCOL_FEATURES);
-        h.fe.set_features(acked).unwrap();
+        self.fe.set_features(acked).unwrap();
         let n = freehint_balloon::queue_roles(acked).len();
         for i in 0..n {
-            h.setup_queue(i);
+            self.setup_queue(i);
         }
-        h
     }
 
     /// A small buffer in guest memory holding `bytes`.
@@ -623,6 +629,34 @@ fn poison_value_keeps_reported_pages() {
     assert_eq!(h.handle.status().counters.reported_skipped_poison, 1);
 }
 
+#[test]
+fn poison_value_written_at_probe_before_set_features_is_kept() {
+    // Linux writes poison_val in probe, before DRIVER_OK; QEMU forwards it
+    // at once and sends SET_FEATURES only when it starts the device.
+    let mut h = Harness::connect(5);
+    h.fe.set_config(
+        12,
+        VhostUserConfigFlags::WRITABLE,
+        &0xaaaa_aaaau32.to_le_bytes(),
+    )
+    .unwrap();
+    assert_eq!(h.config()[3], 0xaaaa_aaaa);
+    h.start_device(ALL_BALLOON);
+    assert_eq!(h.config()[3], 0xaaaa_aaaa, "start keeps poison_val");
+    h.fill(16 * MIB, 2 * MIB, 0xaa);
+    let mem = h.mem.clone();
+    h.vq(4).add(&mem, &[(16 * MIB, (2 * MIB) as u32, true)]);
+    h.kick_and_wait(4, 1);
+    assert!(
+        is_data(&h.file, 16 * MIB, 2 * MIB),
+        "a poisoned page was discarded to zero"
+    );
+    assert!(h.sink.reported().is_empty());
+    let st = h.handle.status();
+    assert_eq!(st.counters.reported_skipped_poison, 1);
+    assert!(st.rejected.is_empty(), "{:?}", st.rejected);
+}
+
 fn stats_bytes(entries: &[(u16, u64)]) -> Vec<u8> {
     let mut b = Vec::new();
     for (tag, val) in entries {
@@ -803,13 +837,13 @@ fn bad_input_is_rejected_counted_and_other_queues_keep_working() {
     let count = |h: &Harness, r| h.handle.rejected(r);
 
     // --- messages out of order, from the frontend
-    // set_config before features: refused (not applied), connection alive.
+    // set_config before features is allowed (the driver writes config
+    // before DRIVER_OK); it is applied.
     h.fe.set_config(4, VhostUserConfigFlags::WRITABLE, &5u32.to_le_bytes())
         .unwrap();
-    assert_eq!(count(&h, RejectReason::ConfigWriteBeforeFeatures), 1);
     let acked = ALL_BALLOON;
     h.fe.set_features(acked).unwrap();
-    assert_eq!(h.config()[1], 0, "early actual write not applied");
+    assert_eq!(h.config()[1], 5, "early actual write applied");
     // Ring addresses before the memory table: NACKed, counted.
     let early = Vq::new(0);
     let cfg = VringConfigData {
