@@ -13,6 +13,7 @@ use vm_memory::{
     GuestMemoryRegion,
 };
 
+use crate::gate::RingGate;
 use crate::layout::{self, features, QueueRole};
 use crate::status::RejectReason;
 use crate::{lock, BalloonError, Inner, Mem, State, BALLOON_PAGE_BYTES};
@@ -224,8 +225,19 @@ struct Actions {
     reported: Vec<GpaRange>,
 }
 
-/// Processes every available chain of vring `index`.
-pub(crate) fn process_queue(inner: &Inner, index: usize, vring: &VringRwLock) {
+/// Most chains popped in one pass before they are finished (hints and
+/// reports delivered, buffers returned used). Bounds both how long the
+/// driver waits for its free-page buffers (it frees a block unhinted when
+/// the queue is full) and how long a `GET_VRING_BASE` waits for the worker.
+const CHAINS_PER_PASS: usize = 64;
+
+/// Processes the available chains of vring `index` until the ring is empty
+/// or `gate` is stopped.
+///
+/// The caller holds `gate` entered ([`crate::gate::RingGate::enter`]); the
+/// stop flag is checked before every pop, and every chain popped is
+/// finished before this returns.
+pub(crate) fn process_queue(inner: &Inner, index: usize, vring: &VringRwLock, gate: &RingGate) {
     let (acked, event_idx, features_acked) = {
         let st = lock(&inner.state);
         (st.acked_features, st.event_idx, st.features_acked)
@@ -254,6 +266,9 @@ pub(crate) fn process_queue(inner: &Inner, index: usize, vring: &VringRwLock) {
     };
     let mem = atomic.memory();
     loop {
+        if gate.is_stopped() {
+            break;
+        }
         if event_idx {
             let _ = vring.disable_notification();
         }
@@ -271,8 +286,8 @@ pub(crate) fn process_queue(inner: &Inner, index: usize, vring: &VringRwLock) {
                 );
                 return;
             }
-            match q.iter(mem.clone()) {
-                Ok(it) => it.collect::<Vec<_>>(),
+            let mut it = match q.iter(mem.clone()) {
+                Ok(it) => it,
                 Err(e) => {
                     drop(vs);
                     inner.reject(
@@ -281,8 +296,19 @@ pub(crate) fn process_queue(inner: &Inner, index: usize, vring: &VringRwLock) {
                     );
                     return;
                 }
+            };
+            let mut chains = Vec::new();
+            // The stop flag before every pop: once a GET_VRING_BASE is on
+            // its way, nothing more leaves the avail ring.
+            while chains.len() < CHAINS_PER_PASS && !gate.is_stopped() {
+                match it.next() {
+                    Some(c) => chains.push(c),
+                    None => break,
+                }
             }
+            chains
         };
+        let full_pass = chains.len() == CHAINS_PER_PASS;
         let mut used: Vec<u16> = Vec::with_capacity(chains.len());
         let mut actions = Actions::default();
         for chain in chains {
@@ -322,6 +348,18 @@ pub(crate) fn process_queue(inner: &Inner, index: usize, vring: &VringRwLock) {
         }
         deliver(inner, actions);
         return_used(inner, vring, index, &used);
+        if gate.is_stopped() {
+            // Leave notifications on, as the driver expects of a ring no
+            // device is working on; the next device to run it starts with
+            // a pass of its own (see the proxy's SET_VRING_KICK).
+            if event_idx {
+                let _ = vring.enable_notification();
+            }
+            break;
+        }
+        if full_pass {
+            continue;
+        }
         if !event_idx {
             break;
         }
@@ -627,22 +665,34 @@ fn stats_chain(
 }
 
 /// Returns the held stats buffer so that the guest sends fresh stats.
+///
+/// Not while the stats ring is stopped: the buffer then stays held (and
+/// travels with [`crate::BalloonState`]); a used entry written now would
+/// land after the final sync of a migration.
 pub(crate) fn request_stats(inner: &Inner) -> Result<bool, BalloonError> {
-    let (head, index) = {
-        let mut st = lock(&inner.state);
-        let Some(index) = layout::index_of(st.acked_features, QueueRole::Stats) else {
-            return Ok(false);
-        };
-        match st.held_stats.take() {
-            Some(h) => (h, index),
-            None => return Ok(false),
-        }
+    let Some(index) = layout::index_of(lock(&inner.state).acked_features, QueueRole::Stats) else {
+        return Ok(false);
     };
-    let vring = lock(&inner.vrings).get(index).cloned();
-    let Some(vring) = vring else {
+    let Some(vring) = lock(&inner.vrings).get(index).cloned() else {
+        return Ok(false);
+    };
+    let Some(gate) = inner.gates.get(index) else {
+        return Ok(false);
+    };
+    let Some(_busy) = gate.enter() else {
+        tracing::debug!("balloon: stats ring stopped; the stats buffer stays held");
+        return Ok(false);
+    };
+    let Some(head) = lock(&inner.state).held_stats.take() else {
         return Ok(false);
     };
     return_used(inner, &vring, index, &[head]);
+    if let (Some(log), Some(ring)) = (
+        lock(&inner.vhost_log).as_ref(),
+        crate::used_ring_range(&vring),
+    ) {
+        log.mark(ring);
+    }
     Ok(true)
 }
 

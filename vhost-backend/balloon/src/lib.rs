@@ -36,6 +36,14 @@
 //! keeps serving the other queues. Every buffer, rejected or not, is returned
 //! to the guest (used, length 0) so that the driver never waits forever.
 //!
+//! # Stopping the device
+//!
+//! Before the frontend's `GET_VRING_BASE` for a ring reaches the daemon, the
+//! ring is stopped and every chain the worker popped from it is finished
+//! (holes punched, hints and reports delivered, used entries written, guest
+//! notified): nothing touches the ring after the reply, which is what the
+//! final dirty-log sync of a migration needs. See `gate.rs`.
+//!
 //! # The frontend proxy
 //!
 //! `vhost-user-backend` 0.24 cannot send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`
@@ -71,6 +79,7 @@ use vmm_sys_util::event::{
 
 pub mod config;
 mod device;
+mod gate;
 pub mod layout;
 pub mod proxy;
 pub mod status;
@@ -176,6 +185,9 @@ pub(crate) struct Inner {
     pub(crate) vhost_log: Mutex<Option<vhost_log::VhostLog>>,
     pub(crate) rejects: RejectCounters,
     pub(crate) max_queue_size: u16,
+    /// Per ring: stopped by `GET_VRING_BASE`, and in-flight work (see
+    /// [`gate`]).
+    pub(crate) gates: [gate::RingGate; layout::MAX_QUEUES],
 }
 
 /// The backend request channel and whether the frontend runs the device.
@@ -238,7 +250,7 @@ impl Channel {
 
 /// The guest-physical range of a queue's used ring (flags, idx, one 8-byte
 /// element per entry, avail_event), if the queue has a size.
-fn used_ring_range(vring: &VringRwLock) -> Option<GpaRange> {
+pub(crate) fn used_ring_range(vring: &VringRwLock) -> Option<GpaRange> {
     let state = vring.get_ref();
     let q = state.get_queue();
     let size = u64::from(q.size());
@@ -342,6 +354,7 @@ impl BalloonBackend {
                 vhost_log: Mutex::new(None),
                 rejects: RejectCounters::default(),
                 max_queue_size: config.max_queue_size,
+                gates: Default::default(),
             }),
         })
     }
@@ -434,6 +447,9 @@ impl BalloonBackend {
         lock(&self.inner.mem).take();
         lock(&self.inner.vrings).clear();
         *lock(&self.inner.channel) = Channel::default();
+        for g in &self.inner.gates {
+            g.start();
+        }
     }
 }
 
@@ -631,13 +647,22 @@ impl VhostUserBackend for BalloonBackend {
             }
         }
         let index = device_event as usize;
-        if let Some(vring) = vrings.get(index) {
-            device::process_queue(&self.inner, index, vring);
-            if let (Some(log), Some(ring)) =
-                (lock(&self.inner.vhost_log).as_ref(), used_ring_range(vring))
-            {
-                log.mark(ring);
-            }
+        let (Some(vring), Some(gate)) = (vrings.get(index), self.inner.gates.get(index)) else {
+            return Ok(());
+        };
+        // Everything below, up to the vhost log, happens inside the gate:
+        // a GET_VRING_BASE for this ring waits for it (see `gate`).
+        let Some(_busy) = gate.enter() else {
+            tracing::debug!(
+                "balloon: vring {index} is stopped; its chains wait for the next start"
+            );
+            return Ok(());
+        };
+        device::process_queue(&self.inner, index, vring, gate);
+        if let (Some(log), Some(ring)) =
+            (lock(&self.inner.vhost_log).as_ref(), used_ring_range(vring))
+        {
+            log.mark(ring);
         }
         Ok(())
     }

@@ -12,7 +12,12 @@
 //!   memory table, unsupported feature bits, `SET_VRING_ENABLE` without
 //!   protocol features, a truncated body. A refused request is logged,
 //!   counted, not forwarded, and answered with a failure (non-zero u64) if
-//!   the frontend asked for a reply (`REPLY_ACK`).
+//!   the frontend asked for a reply (`REPLY_ACK`);
+//! * before it forwards `GET_VRING_BASE` for a ring, stops the ring and
+//!   waits until the worker has finished every chain it popped (see
+//!   `gate.rs`), so the reply describes a quiescent ring;
+//! * when `SET_VRING_KICK` starts a stopped ring again, lets it run and
+//!   kicks it once (see `restart_ring`).
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -324,6 +329,38 @@ fn check(
     Ok(())
 }
 
+/// `SET_VRING_KICK` starts a ring: if `GET_VRING_BASE` had stopped it, lets
+/// the worker at it again and returns a duplicate of the new kick fd, to
+/// be kicked once the message is forwarded.
+///
+/// Why a kick of our own: chains the guest queued while the ring was
+/// stopped were kicked (if at all) on an fd nobody listens to any more, and
+/// the driver will not kick again for them — with `EVENT_IDX` it kicks only
+/// when its avail index passes the `avail_event` we stopped advancing. The
+/// daemon watches the new fd once the ring is ready and enabled; an
+/// eventfd stays readable until read, so this kick is not lost if the
+/// enable comes later. (vhost-user-backend 0.24 also runs a ring once when
+/// it registers it, but that is its implementation, not its contract; a
+/// spare kick costs one empty pass.) The flag is cleared before the
+/// message is forwarded so that no pass the daemon starts finds it set.
+fn restart_ring(inner: &Inner, body: &[u8], fds: &[OwnedFd]) -> Option<std::fs::File> {
+    let v = u64_at(body, 0)?;
+    let index = (v & 0xff) as usize;
+    if !inner.gates.get(index)?.start() {
+        return None;
+    }
+    tracing::debug!("balloon: vring {index} started again");
+    // No fd (polling mode, bit 8): nothing to kick.
+    let fd = fds.first().filter(|_| v & 0x100 == 0)?;
+    match fd.try_clone() {
+        Ok(dup) => Some(std::fs::File::from(dup)),
+        Err(e) => {
+            tracing::warn!("balloon proxy: cannot duplicate the kick fd of vring {index}: {e}");
+            None
+        }
+    }
+}
+
 /// Runs the proxy until either side closes.
 pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
     let (Ok(mut f_read), Ok(f_write), Ok(mut d_read), Ok(mut d_write)) = (
@@ -441,10 +478,30 @@ pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
         if code == GET_VRING_BASE {
             // The frontend stops the device: hold config changes from now.
             lock(&inner.channel).device_started = false;
+            // `check` validated the index.
+            let index = u32_at(body, 0).unwrap_or(0) as usize;
+            if let Some(gate) = inner.gates.get(index) {
+                // Waits for the worker only (guest memory, RAM file, sink),
+                // never for the frontend.
+                gate.stop();
+                tracing::debug!("balloon: vring {index} stopped, nothing in flight");
+            }
         }
+        // A restarted ring: a duplicate of its new kick fd, kicked after
+        // the daemon has the message.
+        let restart_kick = if code == SET_VRING_KICK {
+            restart_ring(&inner, body, &fds)
+        } else {
+            None
+        };
         if let Err(e) = send_with_fds(&mut d_write, &msg, &fds) {
             tracing::info!("balloon proxy: daemon write: {e}");
             break;
+        }
+        if let Some(kick) = restart_kick {
+            let _ = (&kick).write_all(&1u64.to_ne_bytes()).map_err(|e| {
+                tracing::warn!("balloon proxy: cannot kick a restarted vring: {e}");
+            });
         }
         if code == SET_VRING_KICK {
             let mut ch = lock(&inner.channel);

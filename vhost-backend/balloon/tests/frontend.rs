@@ -7,7 +7,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -47,14 +47,21 @@ const ALL_BALLOON: u64 = bit(features::STATS_VQ)
 
 // ---------------------------------------------------------------- the sink
 
+/// Records what reaches it. While held ([`RecordingSink::hold`]), every
+/// call blocks until released: the backend's worker is then "busy".
 #[derive(Default)]
 struct RecordingSink {
     hints: Mutex<Vec<(CmdId, GpaRange)>>,
     reported: Mutex<Vec<GpaRange>>,
+    held: Mutex<bool>,
+    released: Condvar,
+    /// Calls that have started (held or not).
+    entered: AtomicU64,
 }
 
 impl HintSink for RecordingSink {
     fn free_page_hints(&self, cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
+        self.gate();
         let mut h = self.hints.lock().unwrap();
         h.extend(ranges.iter().map(|r| (cmd_id, *r)));
         HintOutcome {
@@ -64,6 +71,7 @@ impl HintSink for RecordingSink {
     }
 
     fn reported_free(&self, ranges: &[GpaRange]) -> HintOutcome {
+        self.gate();
         self.reported.lock().unwrap().extend_from_slice(ranges);
         HintOutcome::default()
     }
@@ -75,6 +83,39 @@ impl RecordingSink {
     }
     fn reported(&self) -> Vec<GpaRange> {
         self.reported.lock().unwrap().clone()
+    }
+
+    fn gate(&self) {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        let mut held = self.held.lock().unwrap();
+        while *held {
+            held = self.released.wait(held).unwrap();
+        }
+    }
+
+    /// Blocks every sink call from now until the guard is dropped.
+    fn hold(&self) -> Held<'_> {
+        *self.held.lock().unwrap() = true;
+        Held(self)
+    }
+
+    fn wait_entered(&self, n: u64) {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.entered.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "the sink was not called");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Releases a held sink when dropped (also when a test fails, so that the
+/// backend's worker can end).
+struct Held<'a>(&'a RecordingSink);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        *self.0.held.lock().unwrap() = false;
+        self.0.released.notify_all();
     }
 }
 
@@ -378,6 +419,63 @@ impl Harness {
         self.fe.set_vring_kick(index, &vq.kick).unwrap();
         self.fe.set_vring_enable(index, true).unwrap();
         self.vqs.push(vq);
+    }
+
+    /// Starts a stopped queue again the way QEMU does after a failed
+    /// migration: size, base, addresses, a new kick fd (never kicked by the
+    /// test), call, enable.
+    fn restart_queue(&mut self, index: usize, base: u16) {
+        let (desc, avail, used) = {
+            let vq = self.vq(index);
+            vq.kick = EventFd::new(0).unwrap();
+            (vq.desc, vq.avail, vq.used)
+        };
+        let cfg = VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: self.host_base + desc,
+            used_ring_addr: self.host_base + used,
+            avail_ring_addr: self.host_base + avail,
+            log_addr: None,
+        };
+        self.fe.set_vring_num(index, QSIZE).unwrap();
+        self.fe.set_vring_base(index, base).unwrap();
+        self.fe.set_vring_addr(index, &cfg).unwrap();
+        let vq = self.vqs.iter().find(|q| q.index == index).unwrap();
+        self.fe.set_vring_kick(index, &vq.kick).unwrap();
+        self.fe.set_vring_call(index, &vq.call).unwrap();
+        self.fe.set_vring_enable(index, true).unwrap();
+    }
+
+    /// GET_VRING_BASE for `q` while the sink holds the worker inside a
+    /// pass: checks that the reply waits for that pass (and that nothing
+    /// was returned used meanwhile), then releases the sink. Returns the
+    /// base.
+    fn get_vring_base_while_worker_busy(&mut self, q: usize, held: Held<'_>) -> u16 {
+        self.sink.wait_entered(1);
+        let mem = self.mem.clone();
+        let used_before = self.vq(q).used_idx(&mem);
+        let fe = &self.fe;
+        let base = std::thread::scope(|s| {
+            let t = s.spawn(move || fe.get_vring_base(q).unwrap());
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(
+                !t.is_finished(),
+                "GET_VRING_BASE answered while the worker was inside a pass"
+            );
+            assert_eq!(
+                self.vqs
+                    .iter()
+                    .find(|v| v.index == q)
+                    .unwrap()
+                    .used_idx(&mem),
+                used_before
+            );
+            drop(held);
+            t.join().unwrap()
+        });
+        u16::try_from(base).unwrap()
     }
 
     /// The whole QEMU-like start: memory, features, every queue of them.
@@ -960,6 +1058,129 @@ fn bad_input_is_rejected_counted_and_other_queues_keep_working() {
     let st = h.handle.status();
     assert_eq!(st.rejected.get("chain_too_long"), Some(&1));
     assert!(st.memory_table);
+}
+
+#[test]
+fn get_vring_base_waits_for_the_hints_in_flight_and_nothing_moves_after() {
+    let mut h = Harness::start(ALL_BALLOON);
+    let fp = 3;
+    let sink = h.sink.clone();
+    let held = sink.hold();
+    // One batch of many small blocks: more chains than one pass.
+    const BLOCK: u64 = 64 * 1024;
+    let blocks: u16 = 200;
+    h.send_cmd_id(fp, 7);
+    for i in 0..u64::from(blocks) {
+        h.send_hint(fp, i * BLOCK, BLOCK as u32);
+    }
+    h.send_cmd_id(fp, 0);
+    let total = blocks + 2;
+    h.vq(fp).kick();
+    let base = h.get_vring_base_while_worker_busy(fp, held);
+
+    let mem = h.mem.clone();
+    let used = h.vq(fp).used_idx(&mem);
+    assert!(
+        base > 0 && base < total,
+        "base {base}: the worker stopped popping"
+    );
+    assert_eq!(used, base, "every chain popped is returned, no other");
+    assert_eq!(h.handle.status().counters.buffers_used, u64::from(base));
+    // The popped chains were the cmd_id and base - 1 blocks, all delivered.
+    let want: Vec<(CmdId, GpaRange)> = (0..u64::from(base) - 1)
+        .map(|i| (CmdId(7), GpaRange::new(i * BLOCK, BLOCK)))
+        .collect();
+    assert_eq!(h.sink.hints(), want);
+    // Nothing moves any more: the rest waits in the avail ring.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(h.vq(fp).used_idx(&mem), used);
+    assert_eq!(h.sink.hints().len(), want.len());
+    h.vq(fp).kick();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        h.vq(fp).used_idx(&mem),
+        used,
+        "a stopped ring was processed"
+    );
+}
+
+#[test]
+fn get_vring_base_waits_for_the_reports_in_flight_and_no_hole_is_punched_after() {
+    let mut h = Harness::start(ALL_BALLOON);
+    let rep = 4;
+    const CHUNK: u64 = 256 * 1024;
+    let chains: u16 = 100;
+    h.fill(0, u64::from(chains) * CHUNK, 0x3c);
+    let sink = h.sink.clone();
+    let held = sink.hold();
+    let mem = h.mem.clone();
+    for i in 0..u64::from(chains) {
+        h.vq(rep).add(&mem, &[(i * CHUNK, CHUNK as u32, true)]);
+    }
+    h.vq(rep).kick();
+    let base = h.get_vring_base_while_worker_busy(rep, held);
+
+    assert!(base > 0 && base < chains, "base {base}");
+    assert_eq!(h.vq(rep).used_idx(&mem), base);
+    let check = |h: &Harness| {
+        for i in 0..u64::from(chains) {
+            if i < u64::from(base) {
+                assert!(is_hole(&h.file, i * CHUNK, CHUNK), "chain {i} popped");
+            } else {
+                assert!(is_data(&h.file, i * CHUNK, CHUNK), "chain {i} not popped");
+            }
+        }
+    };
+    check(&h);
+    assert_eq!(h.sink.reported().len(), usize::from(base));
+    std::thread::sleep(Duration::from_millis(200));
+    check(&h);
+    assert_eq!(h.vq(rep).used_idx(&mem), base);
+    assert_eq!(h.sink.reported().len(), usize::from(base));
+}
+
+#[test]
+fn chains_queued_while_a_ring_is_stopped_wait_for_its_restart() {
+    let mut h = Harness::start(ALL_BALLOON);
+    let (sq, fp) = (2, 3);
+    let mem = h.mem.clone();
+    // The device holds the guest's stats buffer.
+    let b = stats_bytes(&[(4, 42)]);
+    let gpa = h.small(&b);
+    h.vq(sq).add(&mem, &[(gpa, b.len() as u32, false)]);
+    h.vq(sq).kick();
+    h.wait_for("stats", |h| h.status().guest_stats.updates == 1);
+
+    // QEMU stops the device.
+    assert_eq!(h.fe.get_vring_base(sq).unwrap(), 1);
+    assert_eq!(h.fe.get_vring_base(fp).unwrap(), 0);
+    // The stats buffer stays held while its ring is stopped.
+    assert!(!h.handle.request_stats().unwrap());
+    h.vq(sq).assert_no_more_used(&mem);
+    // The guest queues a hint batch and kicks: nothing happens.
+    h.send_cmd_id(fp, 7);
+    h.send_hint(fp, 0, HINT_BLOCK as u32);
+    h.send_hint(fp, HINT_BLOCK, HINT_BLOCK as u32);
+    h.send_cmd_id(fp, 0);
+    h.vq(fp).kick();
+    h.vq(fp).assert_no_more_used(&mem);
+    assert!(h.sink.hints().is_empty());
+
+    // The migration failed; QEMU starts the rings again. The queued chains
+    // are processed without the guest kicking again.
+    h.restart_queue(sq, 1);
+    h.restart_queue(fp, 0);
+    let used = h.vq(fp).wait_used(&mem, 4);
+    assert!(used.iter().all(|&(_, len)| len == 0));
+    assert_eq!(
+        h.sink.hints(),
+        vec![
+            (CmdId(7), GpaRange::new(0, HINT_BLOCK)),
+            (CmdId(7), GpaRange::new(HINT_BLOCK, HINT_BLOCK)),
+        ]
+    );
+    assert!(h.handle.request_stats().unwrap());
+    h.vq(sq).wait_used(&mem, 1);
 }
 
 #[test]
