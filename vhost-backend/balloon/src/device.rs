@@ -41,6 +41,25 @@ impl RangeSet {
     }
 }
 
+/// An open free-page hint batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Batch {
+    /// The cmd_id its hints are tagged with.
+    pub(crate) tag: u32,
+    /// Its cmd_id chain was queued before the id it reads was published:
+    /// tagged [`crate::FENCED_HINT_CMD_ID`] (see `fence.rs`).
+    pub(crate) fenced: bool,
+}
+
+/// Where a popped free-page chain was in its queue.
+#[derive(Clone, Copy, Debug)]
+struct Position {
+    /// The queue's next-avail counter before the chain was popped.
+    pos: u16,
+    /// The queue size.
+    size: u16,
+}
+
 /// Whether `[start, start + len)` lies entirely in guest memory.
 fn in_memory(mem: &Mem, start: u64, len: u64) -> bool {
     let Some(end) = start.checked_add(len) else {
@@ -272,7 +291,7 @@ pub(crate) fn process_queue(inner: &Inner, index: usize, vring: &VringRwLock, ga
         if event_idx {
             let _ = vring.disable_notification();
         }
-        let chains = {
+        let (first_pos, size, chains) = {
             let mut vs = vring.get_mut();
             let q = vs.get_queue_mut();
             if !q.is_valid(&*mem) {
@@ -286,6 +305,7 @@ pub(crate) fn process_queue(inner: &Inner, index: usize, vring: &VringRwLock, ga
                 );
                 return;
             }
+            let (first_pos, size) = (q.next_avail(), q.size());
             let mut it = match q.iter(mem.clone()) {
                 Ok(it) => it,
                 Err(e) => {
@@ -306,13 +326,21 @@ pub(crate) fn process_queue(inner: &Inner, index: usize, vring: &VringRwLock, ga
                     None => break,
                 }
             }
-            chains
+            (first_pos, size, chains)
         };
         let full_pass = chains.len() == CHAINS_PER_PASS;
         let mut used: Vec<u16> = Vec::with_capacity(chains.len());
         let mut actions = Actions::default();
-        for chain in chains {
+        for (k, chain) in chains.into_iter().enumerate() {
             let head = chain.head_index();
+            // k < CHAINS_PER_PASS, far below u16::MAX.
+            let at = Position {
+                pos: first_pos.wrapping_add(k as u16),
+                size,
+            };
+            if role == QueueRole::FreePage {
+                lock(&inner.state).fences.popped(at.pos, at.size);
+            }
             let descs = match chain_descriptors(chain) {
                 Ok(d) => d,
                 Err(reason) => {
@@ -329,7 +357,7 @@ pub(crate) fn process_queue(inner: &Inner, index: usize, vring: &VringRwLock, ga
             };
             let keep = match role {
                 QueueRole::FreePage => {
-                    free_page_chain(inner, &mem, &descs, &mut actions);
+                    free_page_chain(inner, &mem, &descs, at, &mut actions);
                     false
                 }
                 QueueRole::Reporting => {
@@ -429,7 +457,13 @@ fn return_used(inner: &Inner, vring: &VringRwLock, index: usize, heads: &[u16]) 
 
 /// One chain of the free-page queue: a 4-byte cmd_id (out) or hint blocks
 /// (in).
-fn free_page_chain(inner: &Inner, mem: &Mem, descs: &[Descriptor], actions: &mut Actions) {
+fn free_page_chain(
+    inner: &Inner,
+    mem: &Mem,
+    descs: &[Descriptor],
+    at: Position,
+    actions: &mut Actions,
+) {
     let writable = descs.iter().filter(|d| d.is_write_only()).count();
     if writable != 0 && writable != descs.len() {
         inner.reject(
@@ -461,18 +495,36 @@ fn free_page_chain(inner: &Inner, mem: &Mem, descs: &[Descriptor], actions: &mut
         let cmd = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         let mut st = lock(&inner.state);
         if CmdId(cmd).is_round() {
-            st.open_batch = Some(cmd);
+            // The fence: a chain queued before `cmd` was published held an
+            // older id when the guest queued it (see `fence.rs`).
+            let fenced = st.fences.queued_before(cmd, at.pos, at.size);
+            let tag = if fenced {
+                crate::FENCED_HINT_CMD_ID.0
+            } else {
+                cmd
+            };
+            st.open_batch = Some(Batch { tag, fenced });
             st.batch_ranges.clear();
             st.counters.hint_batches += 1;
-            tracing::debug!(
-                cmd_id = cmd,
-                current = st.config.free_page_hint_cmd_id,
-                "balloon: hint batch opened"
-            );
+            if fenced {
+                st.counters.hint_batches_fenced += 1;
+                tracing::info!(
+                    cmd_id = cmd,
+                    position = at.pos,
+                    "balloon: hint batch queued before its cmd_id was published; its hints are dropped"
+                );
+            } else {
+                tracing::debug!(
+                    cmd_id = cmd,
+                    current = st.config.free_page_hint_cmd_id,
+                    "balloon: hint batch opened"
+                );
+            }
         } else {
             tracing::debug!(cmd_id = %CmdId(cmd), "balloon: hint batch closed");
-            if let Some(open) = st.open_batch {
-                st.last_closed_round = Some(open);
+            match st.open_batch {
+                Some(b) if !b.fenced => st.last_closed_round = Some(b.tag),
+                _ => {}
             }
             st.open_batch = None;
             st.batch_ranges.clear();
@@ -488,7 +540,7 @@ fn free_page_chain(inner: &Inner, mem: &Mem, descs: &[Descriptor], actions: &mut
             }
         };
         let mut st = lock(&inner.state);
-        let Some(cmd) = st.open_batch else {
+        let Some(Batch { tag: cmd, .. }) = st.open_batch else {
             drop(st);
             inner.reject(
                 RejectReason::HintWithoutCmdId,

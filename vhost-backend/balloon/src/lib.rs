@@ -9,7 +9,8 @@
 //!   [`HintSource`]); the guest answers with a cmd_id buffer, free blocks
 //!   and STOP; every block becomes a [`GpaRange`](freehint_types::GpaRange) handed, tagged with the
 //!   cmd_id of its batch, to the engine's [`HintSink`]. Block contents are
-//!   never read.
+//!   never read. A batch whose cmd_id buffer was queued before the id it
+//!   reads was published is tagged [`FENCED_HINT_CMD_ID`] (see `fence.rs`).
 //! * **free page reporting** (`REPORTING`): reported ranges are discarded
 //!   from the shared RAM file (`fallocate(PUNCH_HOLE)`) and then handed to
 //!   [`HintSink::reported_free`].
@@ -79,6 +80,7 @@ use vmm_sys_util::event::{
 
 pub mod config;
 mod device;
+mod fence;
 mod gate;
 pub mod layout;
 pub mod proxy;
@@ -86,6 +88,7 @@ pub mod status;
 mod vhost_log;
 
 pub use config::ConfigSpace;
+pub use fence::{CmdIdFence, FENCED_HINT_CMD_ID, MAX_FENCES};
 pub use layout::{queue_roles, QueueRole};
 pub use status::{BalloonStatus, DeviceCounters, GuestStats, RejectReason};
 
@@ -163,8 +166,10 @@ pub(crate) struct State {
     pub(crate) stats: GuestStats,
     /// Head of the stats buffer the device holds until it wants new stats.
     pub(crate) held_stats: Option<u16>,
-    /// cmd_id of the free-page batch the guest opened, if any.
-    pub(crate) open_batch: Option<u32>,
+    /// The free-page batch the guest opened, if any.
+    pub(crate) open_batch: Option<device::Batch>,
+    /// Recent cmd_id publications, for the fence (see `fence.rs`).
+    pub(crate) fences: fence::Fences,
     /// Ranges of the open batch, to refuse overlaps.
     pub(crate) batch_ranges: device::RangeSet,
     /// PFNs in the balloon.
@@ -290,9 +295,41 @@ impl Inner {
     }
 
     fn set_cmd_id(&self, cmd: CmdId) -> Result<(), BalloonError> {
-        lock(&self.state).config.free_page_hint_cmd_id = cmd.0;
+        {
+            let mut st = lock(&self.state);
+            // The fence is recorded before the config changes, under the
+            // lock that get_config takes: the guest cannot see the new id
+            // before its avail index is recorded (see `fence.rs`).
+            if cmd.is_round() {
+                match self.free_page_avail_idx(st.acked_features) {
+                    Some(avail_idx) => st.fences.published(CmdIdFence {
+                        cmd_id: cmd.0,
+                        avail_idx,
+                    }),
+                    // No free-page ring has been started on this
+                    // connection: the guest has no chain queued on it.
+                    None => tracing::debug!(cmd_id = %cmd, "balloon: no free-page ring to fence"),
+                }
+            }
+            st.config.free_page_hint_cmd_id = cmd.0;
+        }
         tracing::info!(cmd_id = %cmd, "balloon: free_page_hint_cmd_id set");
         self.notify_config(true)
+    }
+
+    /// The driver's `avail->idx` of the free-page queue (Acquire), if the
+    /// queue exists and the device knows its ring.
+    fn free_page_avail_idx(&self, acked_features: u64) -> Option<u16> {
+        let index = layout::index_of(acked_features, QueueRole::FreePage)?;
+        let vring = lock(&self.vrings).get(index).cloned()?;
+        let atomic = lock(&self.mem).clone()?;
+        let mem = atomic.memory();
+        let state = vring.get_ref();
+        let q = state.get_queue();
+        if q.size() == 0 {
+            return None;
+        }
+        q.avail_idx(&*mem, Ordering::Acquire).ok().map(|w| w.0)
     }
 }
 
@@ -443,6 +480,7 @@ impl BalloonBackend {
         st.held_stats = None;
         st.open_batch = None;
         st.batch_ranges.clear();
+        st.fences.clear();
         drop(st);
         lock(&self.inner.mem).take();
         lock(&self.inner.vrings).clear();
@@ -596,6 +634,8 @@ impl VhostUserBackend for BalloonBackend {
         st.held_stats = None;
         st.open_batch = None;
         st.batch_ranges.clear();
+        // The driver starts its rings again from 0.
+        st.fences.clear();
     }
 
     fn set_event_idx(&self, enabled: bool) {

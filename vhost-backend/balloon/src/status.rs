@@ -188,6 +188,10 @@ pub struct DeviceCounters {
     pub hint_pages_cleared: u64,
     /// cmd_id batches opened by the guest.
     pub hint_batches: u64,
+    /// Of those, batches whose cmd_id chain was queued before the id it
+    /// read was published (the driver rewrote the buffer in place); their
+    /// hints go to the sink tagged `FENCED_HINT_CMD_ID` and are dropped.
+    pub hint_batches_fenced: u64,
     /// Reported (free page reporting) ranges discarded and handed to the sink.
     pub reported_ranges: u64,
     /// Bytes in those ranges.

@@ -12,7 +12,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use freehint_balloon::layout::features::{self, bit};
-use freehint_balloon::{BalloonBackend, BalloonConfig, BalloonHandle, RejectReason};
+use freehint_balloon::{
+    BalloonBackend, BalloonConfig, BalloonHandle, RejectReason, FENCED_HINT_CMD_ID,
+};
 use freehint_types::{CmdId, GpaRange, HintOutcome, HintSink, HintSource};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
@@ -660,6 +662,59 @@ fn hint_round_reaches_sink_with_cmd_id_and_done_is_sent() {
     assert!(st.backend_channel);
     // Not a round id.
     assert!(h.handle.start_round(CmdId::DONE).is_err());
+}
+
+#[test]
+fn a_cmd_id_buffer_rewritten_for_a_newer_round_is_fenced() {
+    let mut h = Harness::start(ALL_BALLOON);
+    let fp = 3;
+    let mem = h.mem.clone();
+    h.config_change(|b| b.start_round(CmdId(7)));
+    // The driver answers round 7 from its one cmd_id buffer; the device
+    // has not got to the chains yet.
+    let cmd_buf = h.small(&7u32.to_le_bytes());
+    h.vq(fp).add(&mem, &[(cmd_buf, 4, false)]);
+    h.send_hint(fp, 0, HINT_BLOCK as u32);
+    h.send_hint(fp, HINT_BLOCK, HINT_BLOCK as u32);
+    h.send_cmd_id(fp, 0);
+    // The host starts round 8; the driver rewrites the same buffer in place
+    // and queues it again, with the blocks it finds now.
+    h.config_change(|b| b.start_round(CmdId(8)));
+    mem.write_obj(8u32, GuestAddress(cmd_buf)).unwrap();
+    h.vq(fp).add(&mem, &[(cmd_buf, 4, false)]);
+    h.send_hint(fp, 8 * MIB, HINT_BLOCK as u32);
+    h.send_cmd_id(fp, 0);
+    h.kick_and_wait(fp, 7);
+    // Round 7's blocks read "8" but were queued before 8 existed: never
+    // tagged 8. Round 8's own blocks are.
+    assert_eq!(
+        h.sink.hints(),
+        vec![
+            (FENCED_HINT_CMD_ID, GpaRange::new(0, HINT_BLOCK)),
+            (FENCED_HINT_CMD_ID, GpaRange::new(HINT_BLOCK, HINT_BLOCK)),
+            (CmdId(8), GpaRange::new(8 * MIB, HINT_BLOCK)),
+        ]
+    );
+    assert_ne!(FENCED_HINT_CMD_ID, CmdId(8));
+    assert!(!FENCED_HINT_CMD_ID.is_round());
+    let st = h.handle.status();
+    assert_eq!(st.counters.hint_batches, 2);
+    assert_eq!(st.counters.hint_batches_fenced, 1);
+    assert_eq!(h.handle.round_reported(CmdId(8)), Some(true));
+
+    // A normal round afterwards is tagged with its id.
+    h.config_change(|b| b.start_round(CmdId(9)));
+    mem.write_obj(9u32, GuestAddress(cmd_buf)).unwrap();
+    h.vq(fp).add(&mem, &[(cmd_buf, 4, false)]);
+    h.send_hint(fp, 16 * MIB, HINT_BLOCK as u32);
+    h.send_cmd_id(fp, 0);
+    h.kick_and_wait(fp, 3);
+    assert_eq!(
+        h.sink.hints().last(),
+        Some(&(CmdId(9), GpaRange::new(16 * MIB, HINT_BLOCK)))
+    );
+    assert_eq!(h.handle.status().counters.hint_batches_fenced, 1);
+    assert_eq!(h.handle.round_reported(CmdId(9)), Some(true));
 }
 
 #[test]
