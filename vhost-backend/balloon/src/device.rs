@@ -61,7 +61,7 @@ struct Position {
 }
 
 /// Whether `[start, start + len)` lies entirely in guest memory.
-fn in_memory(mem: &Mem, start: u64, len: u64) -> bool {
+pub(crate) fn in_memory(mem: &Mem, start: u64, len: u64) -> bool {
     let Some(end) = start.checked_add(len) else {
         return false;
     };
@@ -77,7 +77,7 @@ fn in_memory(mem: &Mem, start: u64, len: u64) -> bool {
 }
 
 /// Total guest memory in bytes.
-fn memory_bytes(mem: &Mem) -> u64 {
+pub(crate) fn memory_bytes(mem: &Mem) -> u64 {
     mem.iter().map(|r| r.len()).sum()
 }
 

@@ -94,7 +94,6 @@ impl Fences {
     }
 
     /// The fences not retired, oldest first.
-    #[cfg(test)]
     pub(crate) fn pending(&self) -> Vec<CmdIdFence> {
         self.recent
             .iter()

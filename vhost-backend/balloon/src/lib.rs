@@ -37,6 +37,13 @@
 //! keeps serving the other queues. Every buffer, rejected or not, is returned
 //! to the guest (used, length 0) so that the driver never waits forever.
 //!
+//! # Migration
+//!
+//! [`BalloonHandle::export_state`] on the source (after QEMU stopped the
+//! device) and [`BalloonHandle::import_state`] on the destination (before
+//! the VM resumes) carry a [`BalloonState`]: config, held stats buffer,
+//! balloon PFNs, guest stats, cmd_id fences.
+//!
 //! # Stopping the device
 //!
 //! Before the frontend's `GET_VRING_BASE` for a ring reaches the daemon, the
@@ -83,6 +90,7 @@ mod device;
 mod fence;
 mod gate;
 pub mod layout;
+mod migration;
 pub mod proxy;
 pub mod status;
 mod vhost_log;
@@ -90,6 +98,7 @@ mod vhost_log;
 pub use config::ConfigSpace;
 pub use fence::{CmdIdFence, FENCED_HINT_CMD_ID, MAX_FENCES};
 pub use layout::{queue_roles, QueueRole};
+pub use migration::{BalloonState, BALLOON_STATE_VERSION};
 pub use status::{BalloonStatus, DeviceCounters, GuestStats, RejectReason};
 
 use status::RejectCounters;
@@ -147,6 +156,19 @@ pub enum BalloonError {
     /// A cmd_id that does not name a round was given to `start_round`.
     #[error("cmd_id {0} does not name a round (must be >= 2)")]
     NotARound(u32),
+    /// A device state of a version this backend cannot read.
+    #[error(
+        "balloon device state version {found} is not supported (this backend reads version {supported})"
+    )]
+    StateVersion {
+        /// The version of the state given.
+        found: u32,
+        /// The version this backend reads.
+        supported: u32,
+    },
+    /// A device state that cannot be applied to this device.
+    #[error("invalid balloon device state: {0}")]
+    InvalidState(String),
 }
 
 impl From<BalloonError> for HintSourceError {
@@ -177,6 +199,9 @@ pub(crate) struct State {
     /// The last hint round the guest closed with STOP (it had no more free
     /// blocks to report, or the host asked it to stop).
     pub(crate) last_closed_round: Option<u32>,
+    /// A state was imported and the device has not been started since: a
+    /// new connection keeps the imported stats buffer and fences.
+    pub(crate) import_pending: bool,
 }
 
 pub(crate) struct Inner {
@@ -477,10 +502,15 @@ impl BalloonBackend {
         st.acked_features = 0;
         st.features_acked = false;
         st.event_idx = false;
-        st.held_stats = None;
         st.open_batch = None;
         st.batch_ranges.clear();
-        st.fences.clear();
+        // A new frontend is a new guest, unless a state was imported for
+        // the guest this frontend is about to start (an import made before
+        // the destination's QEMU connected).
+        if !st.import_pending {
+            st.held_stats = None;
+            st.fences.clear();
+        }
         drop(st);
         lock(&self.inner.mem).take();
         lock(&self.inner.vrings).clear();
@@ -523,7 +553,9 @@ impl BalloonHandle {
 
     /// Returns the held stats buffer to the guest so that it sends fresh
     /// statistics. `Ok(false)` if the device holds no stats buffer (the
-    /// guest has not sent one yet, or a request is already outstanding).
+    /// guest has not sent one yet, or a request is already outstanding),
+    /// or if the stats ring is stopped or not started yet: the buffer then
+    /// stays held (and travels in [`BalloonState`]).
     pub fn request_stats(&self) -> Result<bool, BalloonError> {
         device::request_stats(&self.inner)
     }
@@ -568,6 +600,118 @@ impl BalloonHandle {
     /// Publishes a new `free_page_hint_cmd_id` to the guest.
     pub fn set_cmd_id(&self, cmd: CmdId) -> Result<(), BalloonError> {
         self.inner.set_cmd_id(cmd)
+    }
+
+    /// The device state the destination's backend needs (see
+    /// [`BalloonState`]). Call it on the source after QEMU stopped the
+    /// device (every ring has answered `GET_VRING_BASE`), so that nothing
+    /// changes it any more. The device keeps its state: if the migration
+    /// fails, the source goes on as before.
+    pub fn export_state(&self) -> BalloonState {
+        let st = lock(&self.inner.state);
+        BalloonState {
+            version: BALLOON_STATE_VERSION,
+            num_pages_4k: st.config.num_pages,
+            actual_pages_4k: st.config.actual,
+            poison_val: st.config.poison_val,
+            free_page_hint_cmd_id: st.config.free_page_hint_cmd_id,
+            held_stats_head: st.held_stats,
+            inflated_pfns_4k: st.balloon.iter().copied().collect(),
+            guest_stats: st.stats.clone(),
+            cmd_id_fences: st.fences.pending(),
+        }
+    }
+
+    /// Takes over the device state of the source's backend. Call it on the
+    /// destination's backend after QEMU loaded its device state and before
+    /// the VM resumes; the frontend then starts the device (with
+    /// `SET_VRING_BASE` at the source's avail positions), which keeps what
+    /// was imported. [`BalloonHandle::request_stats`] then returns the
+    /// imported stats buffer on this device's stats ring.
+    ///
+    /// Refuses (and applies nothing of) a state of another version, a stats
+    /// head outside the largest queue, PFNs that are not 32-bit, fences that
+    /// name no round or are too many, and, once the memory table is known,
+    /// PFNs or an `actual` outside guest memory.
+    pub fn import_state(&self, state: &BalloonState) -> Result<(), BalloonError> {
+        if state.version != BALLOON_STATE_VERSION {
+            return Err(BalloonError::StateVersion {
+                found: state.version,
+                supported: BALLOON_STATE_VERSION,
+            });
+        }
+        let invalid = |what: String| Err(BalloonError::InvalidState(what));
+        if let Some(head) = state.held_stats_head {
+            if head >= self.inner.max_queue_size {
+                return invalid(format!(
+                    "stats head {head} outside a queue of at most {} entries",
+                    self.inner.max_queue_size
+                ));
+            }
+        }
+        if let Some(pfn) = state
+            .inflated_pfns_4k
+            .iter()
+            .find(|&&p| p > u64::from(u32::MAX))
+        {
+            return invalid(format!("inflated PFN {pfn:#x} is not a 32-bit PFN"));
+        }
+        if state.cmd_id_fences.len() > MAX_FENCES {
+            return invalid(format!(
+                "{} cmd_id fences (at most {MAX_FENCES})",
+                state.cmd_id_fences.len()
+            ));
+        }
+        if let Some(f) = state
+            .cmd_id_fences
+            .iter()
+            .find(|f| !CmdId(f.cmd_id).is_round())
+        {
+            return invalid(format!("cmd_id fence for {}, not a round", f.cmd_id));
+        }
+        if let Some(atomic) = lock(&self.inner.mem).clone() {
+            let mem = atomic.memory();
+            let pages = device::memory_bytes(&mem) / BALLOON_PAGE_BYTES;
+            if u64::from(state.actual_pages_4k) > pages {
+                return invalid(format!(
+                    "actual = {} pages but guest memory has {pages}",
+                    state.actual_pages_4k
+                ));
+            }
+            if let Some(pfn) = state
+                .inflated_pfns_4k
+                .iter()
+                .find(|&&p| !device::in_memory(&mem, p * BALLOON_PAGE_BYTES, BALLOON_PAGE_BYTES))
+            {
+                return invalid(format!("inflated PFN {pfn:#x} is outside guest memory"));
+            }
+        }
+        let mut st = lock(&self.inner.state);
+        st.config.num_pages = state.num_pages_4k;
+        st.config.actual = state.actual_pages_4k;
+        st.config.poison_val = state.poison_val;
+        st.config.free_page_hint_cmd_id = state.free_page_hint_cmd_id;
+        st.held_stats = state.held_stats_head;
+        st.balloon = state.inflated_pfns_4k.iter().copied().collect();
+        st.stats = state.guest_stats.clone();
+        st.fences.clear();
+        for f in &state.cmd_id_fences {
+            st.fences.published(*f);
+        }
+        // Batches do not travel: hints the guest queued on the source after
+        // a cmd_id chain the source processed arrive here with no batch
+        // open and are dropped (counted) — they belong to the source's
+        // migration anyway.
+        st.open_batch = None;
+        st.batch_ranges.clear();
+        st.import_pending = true;
+        tracing::info!(
+            held_stats = ?state.held_stats_head,
+            balloon_pages = state.inflated_pfns_4k.len(),
+            cmd_id = state.free_page_hint_cmd_id,
+            "balloon: device state imported"
+        );
+        Ok(())
     }
 }
 

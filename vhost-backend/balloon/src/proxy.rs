@@ -504,6 +504,9 @@ pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
             });
         }
         if code == SET_VRING_KICK {
+            // The device runs with what was imported: a later connection
+            // is a new guest.
+            lock(&inner.state).import_pending = false;
             let mut ch = lock(&inner.channel);
             ch.device_started = true;
             if ch.change_pending {

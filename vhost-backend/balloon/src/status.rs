@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigSpace;
 use crate::layout::QueueRole;
@@ -120,7 +120,7 @@ impl RejectCounters {
 ///
 /// Field names follow the `VIRTIO_BALLOON_S_*` tags; memory amounts are in
 /// bytes as the driver reports them, event counts are plain counts.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestStats {
     /// Tag 0: bytes swapped in.
     pub swap_in_bytes: Option<u64>,

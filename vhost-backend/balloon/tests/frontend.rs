@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use freehint_balloon::layout::features::{self, bit};
 use freehint_balloon::{
-    BalloonBackend, BalloonConfig, BalloonHandle, RejectReason, FENCED_HINT_CMD_ID,
+    BalloonBackend, BalloonConfig, BalloonError, BalloonHandle, BalloonState, RejectReason,
+    BALLOON_STATE_VERSION, FENCED_HINT_CMD_ID,
 };
 use freehint_types::{CmdId, GpaRange, HintOutcome, HintSink, HintSource};
 use vhost::vhost_user::message::{
@@ -404,7 +405,12 @@ impl Harness {
     }
 
     fn setup_queue(&mut self, index: usize) {
-        let vq = Vq::new(index);
+        self.setup_vq(Vq::new(index), 0);
+    }
+
+    /// Starts `vq` (laid out, maybe already filled, by the test) at `base`.
+    fn setup_vq(&mut self, vq: Vq, base: u16) {
+        let index = vq.index;
         let cfg = VringConfigData {
             queue_max_size: QSIZE,
             queue_size: QSIZE,
@@ -415,7 +421,7 @@ impl Harness {
             log_addr: None,
         };
         self.fe.set_vring_num(index, QSIZE).unwrap();
-        self.fe.set_vring_base(index, 0).unwrap();
+        self.fe.set_vring_base(index, base).unwrap();
         self.fe.set_vring_addr(index, &cfg).unwrap();
         self.fe.set_vring_call(index, &vq.call).unwrap();
         self.fe.set_vring_kick(index, &vq.kick).unwrap();
@@ -857,6 +863,121 @@ fn pfn_array(first_pfn: u32, n: u32) -> Vec<u8> {
     (first_pfn..first_pfn + n)
         .flat_map(|p| p.to_le_bytes())
         .collect()
+}
+
+#[test]
+fn device_state_travels_to_a_second_backend_and_stats_keep_coming() {
+    // The source: poison set at probe, a target, two inflated pages, a
+    // round published, and the guest's stats buffer held by the device.
+    let mut src = Harness::start(ALL_BALLOON);
+    let mem = src.mem.clone();
+    src.fe
+        .set_config(12, VhostUserConfigFlags::WRITABLE, &0x55u32.to_le_bytes())
+        .unwrap();
+    src.config_change(|b| b.set_target_pages(2));
+    let arr = pfn_array(1000, 2);
+    let gpa = src.small(&arr);
+    src.vq(0).add(&mem, &[(gpa, arr.len() as u32, false)]);
+    src.kick_and_wait(0, 1);
+    src.guest_write_actual(2);
+    src.config_change(|b| b.start_round(CmdId(5)));
+    let sq = 2;
+    let stats = stats_bytes(&[(4, 77 * MIB), (5, 512 * MIB)]);
+    let stats_gpa = src.small(&stats);
+    let head = src
+        .vq(sq)
+        .add(&mem, &[(stats_gpa, stats.len() as u32, false)]);
+    src.vq(sq).kick();
+    src.wait_for("stats", |h| h.status().guest_stats.updates == 1);
+
+    // QEMU stops the source; the daemon exports.
+    for i in 0..5 {
+        src.fe.get_vring_base(i).unwrap();
+    }
+    let state = src.handle.export_state();
+    assert_eq!(state.version, BALLOON_STATE_VERSION);
+    assert_eq!(state.held_stats_head, Some(head));
+    assert_eq!(
+        (
+            state.num_pages_4k,
+            state.actual_pages_4k,
+            state.poison_val,
+            state.free_page_hint_cmd_id
+        ),
+        (2, 2, 0x55, 5)
+    );
+    assert_eq!(state.inflated_pfns_4k, vec![1000, 1001]);
+    assert_eq!(state.guest_stats.free_bytes, Some(77 * MIB));
+    assert_eq!(state.cmd_id_fences.len(), 1);
+    let json = serde_json::to_string(&state).unwrap();
+    let state: BalloonState = serde_json::from_str(&json).unwrap();
+    assert_eq!(state, src.handle.export_state());
+
+    // The destination: QEMU is connected and loaded its device state; the
+    // guest's memory (the stats chain in the avail ring) came over.
+    let mut dst = Harness::connect(5);
+    let mut bad = state.clone();
+    bad.version = BALLOON_STATE_VERSION + 1;
+    let err = dst.handle.import_state(&bad).unwrap_err();
+    assert!(
+        matches!(err, BalloonError::StateVersion { found, .. } if found == bad.version),
+        "{err}"
+    );
+    assert!(err.to_string().contains("version"), "{err}");
+    let mut bad = state.clone();
+    bad.held_stats_head = Some(u16::MAX);
+    assert!(matches!(
+        dst.handle.import_state(&bad),
+        Err(BalloonError::InvalidState(_))
+    ));
+    assert_eq!(
+        dst.config(),
+        [0, 0, 0, 0],
+        "a refused state applies nothing"
+    );
+    dst.handle.import_state(&state).unwrap();
+
+    // QEMU starts the device at the source's positions (stats: 1).
+    let dmem = dst.mem.clone();
+    dst.set_mem_table();
+    let acked = ALL_BALLOON | bit(features::VERSION_1) | bit(features::PROTOCOL_FEATURES);
+    dst.fe.set_features(acked).unwrap();
+    let dst_stats_gpa = dst.small(&stats);
+    let mut stats_vq = Some(Vq::new(sq));
+    for i in 0..5 {
+        if i == sq {
+            let mut vq = stats_vq.take().unwrap();
+            let h = vq.add(&dmem, &[(dst_stats_gpa, stats.len() as u32, false)]);
+            assert_eq!(h, head);
+            dst.setup_vq(vq, 1);
+        } else {
+            dst.setup_queue(i);
+        }
+    }
+    assert_eq!(dst.config(), [2, 2, 5, 0x55]);
+    let st = dst.handle.status();
+    assert_eq!(st.balloon_pages, 2);
+    assert_eq!(st.guest_stats.free_bytes, Some(77 * MIB));
+    // Nothing the start did returned the buffer, or lost it.
+    dst.vq(sq).assert_no_more_used(&dmem);
+    assert!(dst.handle.request_stats().unwrap());
+    assert_eq!(dst.vq(sq).wait_used(&dmem, 1), vec![(u32::from(head), 0)]);
+    // The guest refills its buffer and queues it again: stats go on.
+    let fresh = stats_bytes(&[(4, 66 * MIB)]);
+    dst.mem
+        .write_slice(&fresh, GuestAddress(dst_stats_gpa))
+        .unwrap();
+    dst.vq(sq)
+        .add(&dmem, &[(dst_stats_gpa, fresh.len() as u32, false)]);
+    dst.vq(sq).kick();
+    dst.wait_for("stats after migration", |h| {
+        h.status().guest_stats.free_bytes == Some(66 * MIB)
+    });
+    assert!(
+        dst.handle.status().rejected.is_empty(),
+        "{:?}",
+        dst.handle.status().rejected
+    );
 }
 
 #[test]
