@@ -780,6 +780,7 @@ impl VhostUserBackend for BalloonBackend {
         st.batch_ranges.clear();
         // The driver starts its rings again from 0.
         st.fences.clear();
+        st.import_pending = false;
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -1327,7 +1327,10 @@ fn chains_queued_while_a_ring_is_stopped_wait_for_its_restart() {
     h.vq(sq).kick();
     h.wait_for("stats", |h| h.status().guest_stats.updates == 1);
 
-    // QEMU stops the device.
+    // QEMU stops the device (vhost_dev_stop: rings disabled, then
+    // GET_VRING_BASE).
+    h.fe.set_vring_enable(sq, false).unwrap();
+    h.fe.set_vring_enable(fp, false).unwrap();
     assert_eq!(h.fe.get_vring_base(sq).unwrap(), 1);
     assert_eq!(h.fe.get_vring_base(fp).unwrap(), 0);
     // The stats buffer stays held while its ring is stopped.
