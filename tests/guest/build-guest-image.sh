@@ -3,7 +3,9 @@
 # initramfs with the virtio modules and the static guest programs from
 # guest-driver/programs (heartbeat, memory workload, data checker). Caches
 # it under ~/.cache/freehint/guest-<hash>/ and prints that directory, which
-# holds vmlinuz and initramfs.gz. Needs root for apt the first time.
+# holds vmlinuz and initramfs.gz, and disk/ with the same for a guest with a
+# virtio-blk ext4 disk (freehint.disk, see init.sh): that initramfs adds the
+# disk's modules and the disk checker. Needs root for apt the first time.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -12,11 +14,18 @@ log() { echo "build-guest-image: $*" >&2; }
 
 key=$(cat "$0" "$here/init.sh" "$repo"/guest-driver/programs/*.c | sha256sum | cut -c1-12)
 out=$cache/guest-$key
-if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.gz" ]; then
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.gz" ] && [ -s "$out/disk/initramfs.gz" ]; then
   echo "$out"
   exit 0
 fi
-command -v cpio >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cpio >/dev/null; }
+need=()
+command -v cpio >/dev/null || need+=(cpio)
+command -v depmod >/dev/null || [ -x /usr/sbin/depmod ] || need+=(kmod)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+export PATH=$PATH:/usr/sbin:/sbin
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -37,14 +46,38 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
   [ -n "$f" ] || { log "module $m not found in $kpkg"; exit 1; }
   cp "$f" "$root/lib/modules/"
 done
+# A guest with a disk (freehint.disk) boots disk/initramfs.gz: the same
+# archive with a second one appended (the kernel unpacks both) that adds
+# fh-diskcheck and the modules virtio_blk and ext4 need, so that a guest
+# without a disk has not a byte more in its memory. The modules are listed
+# in load order in lib/modules/disk.modules, as modprobe resolves them from
+# the package's modules.dep and softdeps (ext4 and jbd2 want crc32c).
+disk_root=$work/disk-root
+mkdir -p "$disk_root"/{bin,lib/modules}
+depmod -b kernel "$kver"
+modprobe -d kernel -S "$kver" --show-depends -a virtio_blk ext4 | awk '$1 == "insmod" {print $2}' > disk.paths
+[ -s disk.paths ] || { log "could not resolve the disk modules in $kpkg"; exit 1; }
+while read -r f; do
+  [ -e "$root/lib/modules/$(basename "$f")" ] || cp "$f" "$disk_root/lib/modules/"
+  basename "$f" .ko
+done < disk.paths > "$disk_root/lib/modules/disk.modules"
+log "disk modules: $(tr '\n' ' ' < "$disk_root/lib/modules/disk.modules")"
 for src in "$repo"/guest-driver/programs/*.c; do
-  gcc -static -O2 -Wall -Wextra -Werror -o "$root/bin/$(basename "$src" .c)" "$src"
+  name=$(basename "$src" .c)
+  dest=$root
+  [ "$name" = fh-diskcheck ] && dest=$disk_root
+  gcc -static -O2 -Wall -Wextra -Werror -o "$dest/bin/$name" "$src"
 done
 install -m 0755 "$here/init.sh" "$root/init"
 
+rm -rf "$out.tmp"
 mkdir -p "$out.tmp"
 cp "kernel/boot/vmlinuz-$kver" "$out.tmp/vmlinuz"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out.tmp/initramfs.gz"
+mkdir "$out.tmp/disk"
+ln -s ../vmlinuz "$out.tmp/disk/vmlinuz"
+(cat "$out.tmp/initramfs.gz"; cd "$disk_root" && find . | cpio -o -H newc --quiet | gzip -1) \
+  > "$out.tmp/disk/initramfs.gz"
 rm -rf "$out"
 mv "$out.tmp" "$out"
 log "guest image in $out"

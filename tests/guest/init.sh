@@ -5,6 +5,8 @@
 #   freehint.keep=MIB      of the memwork, keep MIB MiB resident (application data)
 #   freehint.check=MIB     size of the region fh-checker keeps and verifies
 #   freehint.noballoon     do not load virtio_balloon (a guest without the driver)
+#   freehint.disk[=1]      load virtio_blk and ext4, mount /dev/vda read-only at
+#                          /mnt/disk and run fh-diskcheck on it (its MANIFEST)
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -12,6 +14,7 @@ mount -t devtmpfs dev /dev
 memwork=0
 keep=0
 check=64
+disk=
 modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_balloon"
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
@@ -19,6 +22,8 @@ for arg in $(cat /proc/cmdline); do
     freehint.keep=*) keep=${arg#*=} ;;
     freehint.check=*) check=${arg#*=} ;;
     freehint.noballoon) modules=${modules% virtio_balloon} ;;
+    freehint.disk=0) disk= ;;
+    freehint.disk|freehint.disk=*) disk=1 ;;
   esac
 done
 for m in $modules; do
@@ -30,5 +35,29 @@ fh-checker "$check" &
 fh-heartbeat &
 if [ "$memwork" -gt 0 ]; then fh-memwork "$memwork" "$keep"; fi
 awk '/^MemTotal|^MemFree/ { printf "freehint-meminfo %s %s\n", $1, $2 }' /proc/meminfo
+if [ -n "$disk" ] && [ ! -e /lib/modules/disk.modules ]; then
+  echo "freehint-disk FAIL no disk modules: boot the disk/ initramfs of the guest image"
+elif [ -n "$disk" ]; then
+  # lib/modules/disk.modules: virtio_blk, ext4 and what they need, in load
+  # order (only in disk/initramfs.gz, see tests/guest/build-guest-image.sh).
+  # "No such device": a module for hardware this guest lacks (crc32c-intel
+  # without SSE4.2).
+  for m in $(cat /lib/modules/disk.modules); do
+    [ -e "/sys/module/$(echo "$m" | tr - _)" ] && continue
+    err=$(insmod "/lib/modules/$m.ko" 2>&1) || case "$err" in
+      *"No such device"*) ;;
+      *) echo "freehint-guest: could not load $m: $err" ;;
+    esac
+  done
+  mkdir -p /mnt/disk
+  n=0
+  while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+  if mount -t ext4 -o ro /dev/vda /mnt/disk; then
+    echo "freehint-guest: disk mounted"
+    fh-diskcheck /mnt/disk &
+  else
+    echo "freehint-disk FAIL /dev/vda: could not mount it"
+  fi
+fi
 echo "freehint-guest: ready"
 while true; do sleep 3600; done

@@ -15,6 +15,8 @@ if [ "$(id -u)" = 0 ]; then
   missing=()
   need_cmd iperf3 || missing+=(iperf3)
   need_cmd python3 || missing+=(python3)
+  # mkfs.ext4 makes the test guest's disk images (tests/demo/src/disk.rs).
+  need_cmd mkfs.ext4 || [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     apt-get update -qq

@@ -115,6 +115,13 @@ impl QemuGuest {
         self.numbers("freehint-check ok ")
     }
 
+    /// The disk checks passed so far (`freehint-disk ok N`: pass N of
+    /// `fh-diskcheck` read every file of the disk intact), in order. A pass
+    /// that found a file changed says `freehint-disk FAIL` instead.
+    pub fn disk_checks_ok(&self) -> Vec<u64> {
+        self.numbers("freehint-disk ok ")
+    }
+
     /// MemTotal − MemFree in MiB, from the `freehint-meminfo` lines the
     /// guest prints when its workload is done.
     pub fn used_mib(&self) -> Option<u64> {

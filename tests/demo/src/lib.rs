@@ -9,6 +9,7 @@
 
 #![deny(missing_docs)]
 
+pub mod disk;
 pub mod guest;
 
 use std::net::TcpListener;
@@ -21,6 +22,7 @@ use freehint_qemu::Qmp;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+pub use disk::{make_disk_image, DiskAio, DiskCache, DiskConfig};
 pub use guest::{guest_args, QemuGuest};
 
 /// Errors of a demo run; each displays as one line.
@@ -143,6 +145,10 @@ pub struct DemoSetup {
     pub boot_timeout: Duration,
     /// More guest kernel options (e.g. `freehint.noballoon`).
     pub append: String,
+    /// A virtio-blk disk for every QEMU of the run (the same image file:
+    /// shared storage), which the guest checks with `fh-diskcheck` (see
+    /// [`disk`]); `None`: no disk.
+    pub disk: Option<DiskConfig>,
 }
 
 /// How long a freshly started destination QEMU is left to settle before a
@@ -306,16 +312,17 @@ impl Testbed {
     fn guest_cmd(&self, qemu: &Path, vm: &str) -> Command {
         let s = &self.setup;
         let mut cmd = Command::new(qemu);
-        guest_args(
-            &mut cmd,
-            &s.guest_dir,
-            &self.ram(vm),
-            s.mem_mib,
-            &format!(
-                "freehint.memwork={} freehint.keep={} freehint.check={} {}",
-                s.work_mib, s.keep_mib, s.check_mib, s.append
-            ),
+        let mut append = format!(
+            "freehint.memwork={} freehint.keep={} freehint.check={} {}",
+            s.work_mib, s.keep_mib, s.check_mib, s.append
         );
+        let mut guest_dir = s.guest_dir.clone();
+        if let Some(disk) = &s.disk {
+            append = format!("{append} {}", DiskConfig::KERNEL_OPTION);
+            guest_dir = DiskConfig::guest_dir(&s.guest_dir);
+            disk.qemu_args(&mut cmd);
+        }
+        guest_args(&mut cmd, &guest_dir, &self.ram(vm), s.mem_mib, &append);
         cmd.arg("-qmp").arg(format!(
             "unix:{},server=on,wait=off",
             self.socket(&format!("{vm}.qmp")).display()

@@ -95,6 +95,7 @@ fn run(a: Args) -> Result<()> {
         check_mib: a.check_mib,
         boot_timeout: Duration::from_secs(600),
         append: a.guest_append.clone(),
+        disk: None,
     };
     let mut rows: Vec<RunReport> = Vec::new();
     let runs: Vec<Mode> = (0..a.repeat)

@@ -169,6 +169,7 @@ pub fn real_guest_setup(
         check_mib: 32,
         boot_timeout: std::time::Duration::from_secs(300),
         append: String::new(),
+        disk: None,
     })
 }
 
