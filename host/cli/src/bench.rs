@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use freehint_dirty_log::{DirtyLog, TrackedRange, UffdWpDirtyLog};
-use freehint_engine::{empty_bitmap, vmm_ram_ranges, MigrationStats, PrecopySender, ReceiveStats};
+use freehint_engine::{
+    empty_bitmap, vmm_ram_ranges, MigrationStats, Phase, PrecopySender, ReceiveStats,
+};
 use freehint_hint_filter::HintFilter;
 use freehint_memory::GuestRam;
-use freehint_sim_vm::{FromSim, SimVmClient, ToSim};
+use freehint_sim_vm::{device_state_pattern, FromSim, SimVmClient, ToSim};
 use freehint_types::{CmdId, GpaRange, HintSink, HintSource};
 use serde::Serialize;
 
@@ -85,6 +87,18 @@ pub struct SimArgs {
     /// Random seed of the simulated guest.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Hand over this many MiB of simulated device state (a pattern the
+    /// destination checks), e.g. more than one 16 MiB frame.
+    #[arg(long, default_value_t = 0)]
+    pub device_state_mib: u64,
+    /// Keep everything in this directory instead of a temporary one:
+    /// source.ram, destination.ram, the free pages at switchover
+    /// (free-pages.txt), and state files the simulated VM and the receiver
+    /// keep up to date (source.state.json: `running`; destination.state.json:
+    /// `phase`, `destination_running`), so a test can tell who runs the
+    /// guest even if a process was killed.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
     #[command(flatten)]
     pub params: ParamArgs,
 }
@@ -109,8 +123,13 @@ pub struct SimReport {
     pub pages_compared: u64,
     /// Pages that differ between source and destination.
     pub mismatched_pages: u64,
+    /// Whether the device state arrived intact (`null` if none was sent or
+    /// the destination did not load it).
+    pub device_state_intact: Option<bool>,
     /// The receiver's stats.
-    pub receiver: ReceiveStats,
+    pub receiver: Option<ReceiveStats>,
+    /// Why the migration failed, if it did.
+    pub error: Option<String>,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -119,13 +138,19 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let json = a.json;
             let r = sim(a)?;
             if json {
-                println!("{}", serde_json::to_string(&r)?);
+                crate::emit(serde_json::to_string(&r)?);
             } else {
                 println!("{}", r.stats.summary());
                 println!(
                     "{} pages compared, {} mismatched",
                     r.pages_compared, r.mismatched_pages
                 );
+            }
+            if let Some(e) = &r.error {
+                bail!("{e}");
+            }
+            if r.device_state_intact == Some(false) {
+                bail!("the device state arrived damaged");
             }
             if r.mismatched_pages != 0 {
                 bail!(
@@ -170,13 +195,25 @@ impl Drop for ChildGuard {
 fn sim(a: SimArgs) -> Result<SimReport> {
     let hints = a.hints == OnOff::On;
     let params = a.params.params(hints)?;
-    let work = tempfile::Builder::new()
-        .prefix("freehint-bench-")
-        .tempdir_in("/dev/shm")
-        .context("making a work directory in /dev/shm")?;
-    let src_path = work.path().join("source.ram");
-    let dst_path = work.path().join("destination.ram");
-    let control_path = work.path().join("control.sock");
+    let peer_timeout_s = params.peer_timeout_s;
+    let temp;
+    let work: &Path = match &a.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            d
+        }
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("freehint-bench-")
+                .tempdir_in("/dev/shm")
+                .context("making a work directory in /dev/shm")?;
+            temp.path()
+        }
+    };
+    let src_path = work.join("source.ram");
+    let dst_path = work.join("destination.ram");
+    let control_path = work.join("control.sock");
+    let _ = std::fs::remove_file(&control_path);
     let listener =
         UnixListener::bind(&control_path).context("binding the simulated VM's control socket")?;
 
@@ -197,6 +234,10 @@ fn sim(a: SimArgs) -> Result<SimReport> {
         .arg(a.seed.to_string())
         .arg("--free-memory")
         .arg(&a.free_memory)
+        .arg("--state-file")
+        .arg(work.join("source.state.json"))
+        .arg("--free-pages-file")
+        .arg(work.join("free-pages.txt"))
         .stdin(Stdio::null());
     if a.adversarial {
         sim_cmd.arg("--adversarial");
@@ -208,6 +249,8 @@ fn sim(a: SimArgs) -> Result<SimReport> {
     let FromSim::Ready { pid, .. } = ready else {
         bail!("simulated VM said {ready:?} instead of Ready");
     };
+    let device_state_bytes = (a.device_state_mib << 20) as usize;
+    client.set_device_state_bytes(device_state_bytes);
 
     let mut recv_cmd = Command::new(std::env::current_exe()?);
     if a.preallocate_destination {
@@ -221,6 +264,15 @@ fn sim(a: SimArgs) -> Result<SimReport> {
             .arg(a.mem_mib.to_string())
             .arg("--ram")
             .arg(&dst_path)
+            .arg("--state-file")
+            .arg(work.join("destination.state.json"))
+            // The source connects once its first hint round is under way;
+            // a source that fails before must not leave the receiver
+            // waiting forever.
+            .arg("--accept-timeout-s")
+            .arg((params.peer_timeout_s + params.hint_wait_ms / 1000 + 30).to_string())
+            .arg("--device-state-file")
+            .arg(work.join("destination.device-state"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -248,25 +300,53 @@ fn sim(a: SimArgs) -> Result<SimReport> {
         client.clone(),
         params,
     )?;
-    let stats = runtime()?.block_on(sender.migrate(addr))?;
+    crate::cancel_on_signals(sender.cancel_token())?;
+    let (stats, error) = match runtime()?.block_on(sender.migrate(addr)) {
+        Ok(stats) => (stats, None),
+        Err(f) => (f.stats.clone(), Some(f.to_string())),
+    };
 
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut recv_out, &mut rest)?;
-    let status = recv_child.0.wait()?;
-    if !status.success() {
-        bail!("receiver failed ({status})");
+    // The receiver ends on its own: after the handover, on the source's
+    // error, or within its timeouts. Give it twice the peer timeout; one
+    // that never saw the source connect has nothing to wait for.
+    let never_connected = std::fs::read_to_string(work.join("destination.state.json"))
+        .is_ok_and(|s| s.contains("\"phase\":\"setup\""));
+    if never_connected {
+        let _ = recv_child.0.kill();
     }
-    let receiver: ReceiveStats = serde_json::from_str(rest.trim().lines().last().unwrap_or(""))
-        .with_context(|| format!("parsing the receiver's stats {rest:?}"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut recv_out, &mut rest);
+        let _ = tx.send(rest);
+    });
+    let rest = rx
+        .recv_timeout(Duration::from_secs(2 * peer_timeout_s + 10))
+        .unwrap_or_else(|_| {
+            tracing::error!("the receiver did not end within twice the peer timeout; killing it");
+            String::new()
+        });
+    drop(recv_child);
+    // The receiver prints its stats (also when it failed) as its last line.
+    let receiver: Option<ReceiveStats> =
+        serde_json::from_str(rest.trim().lines().last().unwrap_or("")).ok();
 
-    let free = client
-        .free_at_stop()
-        .context("the simulated VM was never stopped")?;
-    let dst = GuestRam::open_file(&dst_path, a.mem_mib << 20)?;
-    let (pages_compared, mismatched_pages) = compare(&ram, &dst, &free);
+    let (mut pages_compared, mut mismatched_pages) = (0, 0);
+    let mut device_state_intact = None;
+    if stats.state == Phase::Completed {
+        let free = client
+            .free_at_stop()
+            .context("the simulated VM was never stopped")?;
+        let dst = GuestRam::open_file(&dst_path, a.mem_mib << 20)?;
+        (pages_compared, mismatched_pages) = compare(&ram, &dst, &free);
+        if device_state_bytes > 0 {
+            let got = std::fs::read(work.join("destination.device-state")).unwrap_or_default();
+            device_state_intact = Some(got == device_state_pattern(device_state_bytes));
+        }
+    }
     let _ = client.request(&ToSim::Quit);
 
-    if let Some(dir) = &a.keep_memory {
+    if let (Some(dir), Some(free)) = (&a.keep_memory, client.free_at_stop()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut f = std::fs::File::create(dir.join("free-at-switchover.txt"))?;
         for (s, e) in &free {
@@ -284,7 +364,9 @@ fn sim(a: SimArgs) -> Result<SimReport> {
         stats,
         pages_compared,
         mismatched_pages,
+        device_state_intact,
         receiver,
+        error,
     })
 }
 

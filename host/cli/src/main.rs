@@ -10,11 +10,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use freehint_dirty_log::UffdWpDirtyLog;
 use freehint_engine::{
-    empty_bitmap, vmm_ram_ranges, MigrationParams, NoDeviceVmm, PrecopySender, Receiver,
+    empty_bitmap, vmm_ram_ranges, CancellationToken, ImageVmm, MigrationParams, PhaseWatch,
+    PrecopySender, Receiver,
 };
 use freehint_hint_filter::HintFilter;
 use freehint_memory::GuestRam;
@@ -26,7 +27,11 @@ Example (any process whose guest RAM is a shared file, started with the preload 
   freehint send --pid $! --ram /dev/shm/vm.ram --to 127.0.0.1:7070
 
 The process is stopped with SIGSTOP for the final round and resumed with
-SIGCONT if the migration fails. It is left stopped after a successful one.";
+SIGCONT if the migration fails. It is left stopped after a successful one.
+Ctrl-C (SIGINT) or SIGTERM cancels: before the destination is told to take
+over, the process is resumed untouched. If the link dies after that, the
+process stays stopped and the error says so: resume it (kill -CONT) only if
+the destination did not take over.";
 
 const RECEIVE_EXAMPLE: &str = "\
 Example:
@@ -34,7 +39,8 @@ Example:
 
 Prints `listening on ADDR` once it accepts connections, then the stats of
 the migration it received. The RAM file is created if missing; it must be
-on tmpfs or hugetlbfs for the VMM to share it.";
+on tmpfs or hugetlbfs for the VMM to share it. The image counts as resumed
+only once the source commits; until then Ctrl-C gives up cleanly.";
 
 const BENCH_EXAMPLE: &str = "\
 Examples:
@@ -69,8 +75,12 @@ enum Command {
     Migrate(qemu_cmds::MigrateArgs),
     /// Print a daemon's state as JSON.
     Status(qemu_cmds::ControlArgs),
-    /// Resume a guest a destination daemon received with --no-resume.
-    Resume(qemu_cmds::ControlArgs),
+    /// Resume a guest a daemon holds paused (after --no-resume, or an
+    /// uncertain handover), or a paused QEMU whose daemon is gone (--qmp).
+    #[command(after_help = qemu_cmds::RESUME_EXAMPLE)]
+    Resume(qemu_cmds::ResumeArgs),
+    /// Cancel the migration a source daemon runs (the guest runs on).
+    Cancel(qemu_cmds::ControlArgs),
     /// Migrate a running process's guest RAM to a receiver.
     #[command(after_help = SEND_EXAMPLE)]
     Send(SendArgs),
@@ -82,6 +92,27 @@ enum Command {
     Bench {
         #[command(subcommand)]
         which: bench::BenchCommand,
+    },
+    /// Tools for tests: fault points.
+    Debug {
+        #[command(subcommand)]
+        which: DebugCommand,
+    },
+}
+
+/// `freehint debug …`.
+#[derive(Subcommand, Debug)]
+enum DebugCommand {
+    /// List the fault points (docs/FAULTS.md) as JSON, one per line; fails
+    /// if this build has none (build with --features freehint/failpoints).
+    FaultPoints,
+    /// Configure fault points in a running daemon (`NAME=ACTION;…`).
+    Fault {
+        /// The daemon's control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// The spec, in FAILPOINTS syntax.
+        spec: String,
     },
 }
 
@@ -103,7 +134,8 @@ pub struct ParamArgs {
     /// Do at least this many rounds before switching over.
     #[arg(long, default_value_t = MigrationParams::default().min_rounds)]
     pub min_rounds: u32,
-    /// Seconds to wait for the peer at each step.
+    /// Seconds either side waits for the other at any step; the
+    /// destination adopts this value, so both give up after the same time.
     #[arg(long, default_value_t = MigrationParams::default().peer_timeout_s)]
     pub peer_timeout_s: u64,
     /// With hints on, wait at most this many ms for the guest's first
@@ -173,13 +205,23 @@ struct ReceiveArgs {
     /// Print the stats as JSON instead of a summary.
     #[arg(long)]
     json: bool,
-    /// Seconds to wait for the source at each step.
-    #[arg(long, default_value_t = 60)]
-    timeout_s: u64,
+    /// Give up if no source connects within this many seconds (default:
+    /// wait as long as it takes). Once a source is connected, its
+    /// --peer-timeout-s bounds every wait.
+    #[arg(long)]
+    accept_timeout_s: Option<u64>,
     /// Allocate all of the destination RAM before accepting (like QEMU's
     /// -mem-prealloc).
     #[arg(long)]
     preallocate: bool,
+    /// Write `{"phase", "destination_running", "pid"}` here at every phase
+    /// change (for tests that must know the outcome even if this process
+    /// is killed).
+    #[arg(long)]
+    state_file: Option<PathBuf>,
+    /// Write the device state received here (it is otherwise discarded).
+    #[arg(long)]
+    device_state_file: Option<PathBuf>,
 }
 
 fn main() {
@@ -189,21 +231,99 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Err(e) = freehint_engine::fault::configure_from_env() {
+        eprintln!("freehint: error: FAILPOINTS: {e}");
+        std::process::exit(2);
+    }
     let result = match cli.command {
         Command::Vm(a) => qemu_cmds::vm(a),
         Command::Migrate(a) => qemu_cmds::migrate(a),
         Command::Status(a) => qemu_cmds::status(a),
         Command::Resume(a) => qemu_cmds::resume(a),
+        Command::Cancel(a) => qemu_cmds::cancel(a),
         Command::Send(a) => send(a),
         Command::Receive(a) => receive(a),
         Command::Bench { which } => bench::run(which),
+        Command::Debug { which } => debug(which),
     };
     if let Err(e) = result {
         eprintln!("freehint: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn debug(which: DebugCommand) -> Result<()> {
+    match which {
+        DebugCommand::FaultPoints => {
+            if !freehint_engine::fault::compiled_in() {
+                bail!("this build has no fault points; build with --features freehint/failpoints (make test does)");
+            }
+            for p in freehint_engine::fault::POINTS {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "name": p.name,
+                        "side": p.side,
+                        "handover": p.handover,
+                        "place": p.place,
+                    })
+                );
+            }
+            Ok(())
+        }
+        DebugCommand::Fault { control, spec } => qemu_cmds::fault(&control, spec),
+    }
+}
+
+/// Prints one line of results on stdout. A reader that went away (a
+/// closed pipe) is not an error worth a panic: the outcome is also in the
+/// exit status and the logs.
+pub fn emit(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// Cancels `token` on the first SIGINT or SIGTERM (a migration fails back
+/// if it has not committed); the second one ends the process at once.
+pub fn cancel_on_signals(token: CancellationToken) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing the signal handler")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut it = signals.forever();
+            if it.next().is_some() {
+                eprintln!("freehint: cancelling (the guest runs on unless the destination already took over); signal again to quit at once");
+                token.cancel();
+            }
+            if it.next().is_some() {
+                std::process::exit(130);
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
+/// Writes `{"phase", "destination_running", "pid"}` to `path` at every
+/// change of `watch`, atomically.
+fn write_state_file(watch: &PhaseWatch, path: PathBuf, vmm: Arc<ImageVmm>) {
+    watch.on_change(move |info| {
+        let body = serde_json::json!({
+            "phase": info.phase,
+            "round": info.round,
+            "destination_running": vmm.running(),
+            "pid": std::process::id(),
+        });
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, format!("{body}\n")).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    });
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -224,41 +344,73 @@ fn send(a: SendArgs) -> Result<()> {
     let filter = Arc::new(HintFilter::new(empty_bitmap(&ram)));
     let vmm = Arc::new(process_vmm::SignalVmm::new(a.pid));
     let sender = PrecopySender::new(ram, filter, Box::new(log), None, vmm, params)?;
-    let stats = runtime()?.block_on(sender.migrate(a.to))?;
-    if a.json {
-        println!("{}", serde_json::to_string(&stats)?);
-    } else {
-        println!("{}", stats.summary());
+    cancel_on_signals(sender.cancel_token())?;
+    match runtime()?.block_on(sender.migrate(a.to)) {
+        Ok(stats) => {
+            if a.json {
+                emit(serde_json::to_string(&stats)?);
+            } else {
+                emit(stats.summary());
+            }
+            Ok(())
+        }
+        Err(f) => {
+            if a.json {
+                let mut v = serde_json::to_value(&f.stats)?;
+                v["error"] = f.error.to_string().into();
+                emit(v);
+            }
+            Err(anyhow::Error::msg(f.to_string()))
+        }
     }
-    Ok(())
 }
 
 fn receive(a: ReceiveArgs) -> Result<()> {
     let ram = Arc::new(GuestRam::open_file(&a.ram, a.mem_mib << 20)?);
+    let vmm = Arc::new(ImageVmm::default());
+    let mut receiver = Receiver::new(
+        ram,
+        vmm.clone(),
+        a.accept_timeout_s.map(Duration::from_secs),
+    )
+    .preallocate(a.preallocate);
+    receiver.prepare()?;
+    if let Some(path) = a.state_file.clone() {
+        write_state_file(&receiver.phase_watch(), path, vmm.clone());
+    }
+    cancel_on_signals(receiver.cancel_token())?;
     let rt = runtime()?;
-    let stats = rt.block_on(async {
-        let mut receiver =
-            Receiver::new(ram, Arc::new(NoDeviceVmm), Duration::from_secs(a.timeout_s))
-                .preallocate(a.preallocate);
-        receiver.prepare()?;
+    let result = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await
             .with_context(|| format!("listening on {}", a.listen))?;
         println!("listening on {}", listener.local_addr()?);
         use std::io::Write;
         std::io::stdout().flush()?;
-        receiver
-            .receive(&listener)
-            .await
-            .map_err(anyhow::Error::from)
+        Ok::<_, anyhow::Error>(receiver.receive(&listener).await)
     })?;
-    if a.json {
-        println!("{}", serde_json::to_string(&stats)?);
-    } else {
-        println!(
-            "received {} pages with data and {} zero pages in {} rounds, {} ms",
-            stats.pages_placed, stats.pages_zero, stats.rounds, stats.total_time_ms
-        );
+    if let (Some(path), Some(state)) = (&a.device_state_file, vmm.device_state()) {
+        std::fs::write(path, state).with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(())
+    match result {
+        Ok(stats) => {
+            if a.json {
+                emit(serde_json::to_string(&stats)?);
+            } else {
+                emit(format_args!(
+                    "received {} pages with data and {} zero pages in {} rounds, {} ms",
+                    stats.pages_placed, stats.pages_zero, stats.rounds, stats.total_time_ms
+                ));
+            }
+            Ok(())
+        }
+        Err(f) => {
+            if a.json {
+                let mut v = serde_json::to_value(&f.stats)?;
+                v["error"] = f.error.to_string().into();
+                emit(v);
+            }
+            Err(anyhow::Error::msg(f.to_string()))
+        }
+    }
 }

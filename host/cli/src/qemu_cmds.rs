@@ -40,7 +40,28 @@ Example:
   freehint migrate --control /run/fh/a.ctl --to desthost:4444 --hints off --json
 
 On success the destination runs the guest and the source QEMU has quit. On
-failure the source guest runs on, and the error says why in one line.";
+failure the source guest runs on, and the error says why in one line.
+
+The handover: the destination loads the guest and says it is ready; the
+source commits; only then does the destination resume it. If the link dies
+right after the commit, the outcome is uncertain: both sides keep the guest
+paused, the error (and `freehint status`) says so and names the action:
+run `freehint resume` on the side that should run the guest, never both.
+
+Ctrl-C (or `freehint cancel --control SOCKET`) cancels: before the commit
+the source guest runs on, untouched. With --json the last line of output is
+the stats with `state` (completed, failed or uncertain), `source_running`
+and `destination_running`, also on failure.";
+
+pub const RESUME_EXAMPLE: &str = "\
+Examples:
+  freehint resume --control /run/fh/b.ctl    # a guest a daemon holds paused
+  freehint resume --qmp /run/fh/a.qmp        # a paused QEMU whose daemon is gone
+
+Use it after `freehint vm --no-resume`, or after a handover whose outcome was
+uncertain (`freehint status` says `uncertain` and names this action): resume
+the guest on exactly one side. --qmp sends QEMU `cont` directly, for a source
+whose daemon was killed after it stopped the guest.";
 
 #[derive(Args, Debug)]
 pub struct VmArgs {
@@ -64,9 +85,6 @@ pub struct VmArgs {
     /// Destination: allocate all guest RAM before the source connects.
     #[arg(long, requires = "incoming")]
     preallocate: bool,
-    /// Seconds to wait for the peer at each step.
-    #[arg(long, default_value_t = 30)]
-    peer_timeout_s: u64,
 }
 
 #[derive(Args, Debug)]
@@ -92,6 +110,17 @@ pub struct ControlArgs {
     /// The daemon's control socket.
     #[arg(long)]
     control: PathBuf,
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct ResumeArgs {
+    /// The control socket of the daemon that holds the guest paused.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// QEMU's QMP socket, when its daemon is gone.
+    #[arg(long)]
+    qmp: Option<PathBuf>,
 }
 
 pub fn vm(a: VmArgs) -> Result<()> {
@@ -120,7 +149,6 @@ pub fn vm(a: VmArgs) -> Result<()> {
         resume: !a.no_resume,
         preallocate: a.preallocate,
         state_dir,
-        peer_timeout_s: a.peer_timeout_s,
     })?;
     daemon.run()?;
     eprintln!("freehint: QEMU disconnected; exiting");
@@ -129,15 +157,65 @@ pub fn vm(a: VmArgs) -> Result<()> {
 
 pub fn migrate(a: MigrateArgs) -> Result<()> {
     let params = a.params.params(a.hints == OnOff::On)?;
+    // Ctrl-C / SIGTERM cancel the daemon's migration; its answer below
+    // then says how it ended.
+    let token = freehint_engine::CancellationToken::new();
+    crate::cancel_on_signals(token.clone())?;
+    let control = a.control.clone();
+    std::thread::Builder::new()
+        .name("cancel".into())
+        .spawn(move || {
+            futures_lite_block_on(token.cancelled());
+            if let Err(e) = request(&control, &ControlRequest::Cancel) {
+                eprintln!("freehint: cancelling: {e}");
+            }
+        })
+        .context("starting the cancel thread")?;
     match request(&a.control, &ControlRequest::Migrate { to: a.to, params })? {
         ControlReply::Migrated { stats } => {
             if a.json {
-                println!("{}", serde_json::to_string(&stats)?);
+                crate::emit(serde_json::to_string(&stats)?);
             } else {
-                println!("{}", stats.summary());
+                crate::emit(stats.summary());
             }
             Ok(())
         }
+        ControlReply::MigrationFailed { message, stats } => {
+            if a.json {
+                let mut v = serde_json::to_value(&stats)?;
+                v["error"] = message.clone().into();
+                crate::emit(v);
+            }
+            bail!("{message}")
+        }
+        ControlReply::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+/// Waits for a future on this thread (only for the cancel token, which
+/// needs no runtime).
+fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a current-thread runtime with no drivers always builds")
+        .block_on(f)
+}
+
+pub fn cancel(a: ControlArgs) -> Result<()> {
+    match request(&a.control, &ControlRequest::Cancel)? {
+        ControlReply::Cancelling { phase } => {
+            println!("cancelling the migration (it was in phase {phase}); `freehint migrate` reports how it ended");
+            Ok(())
+        }
+        ControlReply::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+pub fn fault(control: &std::path::Path, spec: String) -> Result<()> {
+    match request(control, &ControlRequest::Fault { spec })? {
+        ControlReply::Ok => Ok(()),
         ControlReply::Error { message } => bail!("{message}"),
         other => bail!("unexpected answer from the daemon: {other:?}"),
     }
@@ -154,8 +232,29 @@ pub fn status(a: ControlArgs) -> Result<()> {
     }
 }
 
-pub fn resume(a: ControlArgs) -> Result<()> {
-    match request(&a.control, &ControlRequest::Resume)? {
+pub fn resume(a: ResumeArgs) -> Result<()> {
+    if let Some(qmp) = &a.qmp {
+        let mut q = freehint_qemu::Qmp::connect(qmp)?;
+        let before = q.status()?;
+        if before == "running" {
+            bail!("the guest already runs in the QEMU at {}", qmp.display());
+        }
+        if before == "inmigrate" {
+            bail!(
+                "the QEMU at {} never received a whole guest (it is {before}); resume the guest on the other side",
+                qmp.display()
+            );
+        }
+        q.execute("cont", serde_json::json!({}))?;
+        let after = q.status()?;
+        if after != "running" {
+            bail!("QEMU is {after} after cont");
+        }
+        println!("guest resumed (it was {before})");
+        return Ok(());
+    }
+    let control = a.control.as_ref().context("--control or --qmp")?;
+    match request(control, &ControlRequest::Resume)? {
         ControlReply::Resumed => {
             println!("guest resumed");
             Ok(())

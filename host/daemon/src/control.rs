@@ -5,14 +5,16 @@
 //! -> {"cmd":"migrate","to":"10.0.0.2:4444","params":{"hints":true}}
 //! <- {"result":"migrated","stats":{"bytes_on_wire":...}}
 //! -> {"cmd":"status"}
-//! <- {"result":"status","role":"source","phase":"idle",...}
+//! <- {"result":"status","role":"source","state":"idle",...}
+//! -> {"cmd":"cancel"}
+//! <- {"result":"cancelling","phase":"precopy"}
 //! ```
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use freehint_engine::{MigrationParams, MigrationStats, ReceiveStats};
+use freehint_engine::{MigrationParams, MigrationStats, Phase, PhaseInfo, ReceiveStats};
 use serde::{Deserialize, Serialize};
 
 use crate::DaemonError;
@@ -31,9 +33,20 @@ pub enum ControlRequest {
     },
     /// What the daemon is doing.
     Status,
-    /// Resume a guest received with `--no-resume` (and tell its balloon
-    /// driver that migration is over).
+    /// Resume the guest this daemon holds paused: one received with
+    /// `--no-resume`, or one left paused by an uncertain handover (the
+    /// operator's decision that this side runs it). Its balloon driver is
+    /// told that migration is over.
     Resume,
+    /// Cancel the running migration. Before the commit it fails back (the
+    /// source guest runs on, untouched); after it, it is too late.
+    Cancel,
+    /// Configure fault points (`NAME=ACTION;…`, the `FAILPOINTS` syntax);
+    /// only in builds with the `failpoints` feature, for tests.
+    Fault {
+        /// The fault point spec.
+        spec: String,
+    },
 }
 
 /// The daemon's answer.
@@ -45,6 +58,21 @@ pub enum ControlReply {
         /// What the sender measured.
         stats: MigrationStats,
     },
+    /// The migration did not complete; `stats.state` says where the guest
+    /// is (`failed`: the source runs it; `uncertain`: both may be paused).
+    MigrationFailed {
+        /// Why, in one line, with the operator's action when one is needed.
+        message: String,
+        /// What the sender measured, and the outcome.
+        stats: MigrationStats,
+    },
+    /// The cancel was delivered; the migration's answer says how it ended.
+    Cancelling {
+        /// The phase it was in.
+        phase: Phase,
+    },
+    /// Done.
+    Ok,
     /// The daemon's state.
     Status(DaemonStatus),
     /// The received guest runs.
@@ -56,14 +84,51 @@ pub enum ControlReply {
     },
 }
 
+/// What a daemon does, as `freehint status` shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DaemonState {
+    /// QEMU has not connected to the vhost-user socket yet.
+    #[default]
+    WaitingForQemu,
+    /// Serving the balloon; no migration.
+    Idle,
+    /// Migrating the guest out.
+    Migrating,
+    /// Waiting for or receiving an incoming migration.
+    Receiving,
+    /// The guest moved to the destination.
+    Migrated,
+    /// The guest arrived and runs here.
+    Received,
+    /// The guest arrived and waits for `freehint resume`.
+    ReceivedPaused,
+    /// The last migration failed; the guest runs on the source.
+    Failed,
+    /// The last handover's outcome is unknown; the guest is paused here and
+    /// the operator decides (`operator_action`).
+    Uncertain,
+    /// The operator resumed the guest here after an uncertain handover.
+    ResumedByOperator,
+}
+
 /// A snapshot of a daemon.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DaemonStatus {
     /// `source` (migrates out on request) or `destination` (`--incoming`).
     pub role: String,
-    /// `waiting-for-qemu`, `idle`, `migrating`, `receiving`, `received-paused`,
-    /// `migrated`, `received`, `failed`.
-    pub phase: String,
+    /// What the daemon does: `waiting-for-qemu`, `idle`, `migrating`,
+    /// `receiving`, `migrated`, `received`, `received-paused`, `failed`,
+    /// `uncertain` (the guest is paused here after a handover whose outcome
+    /// is unknown: see `operator_action`), `resumed-by-operator`.
+    pub state: DaemonState,
+    /// The running or last migration: its phase and round.
+    pub migration: Option<PhaseInfo>,
+    /// What the operator must do, when the daemon cannot decide alone.
+    pub operator_action: Option<String>,
+    /// The VM's last free-page-hint cmd_id (it goes on across attempts
+    /// and migrations).
+    pub last_cmd_id: u32,
     /// Whether QEMU is connected to the vhost-user socket.
     pub qemu_connected: bool,
     /// Whether the guest's balloon driver has started the device (QEMU sent

@@ -182,6 +182,58 @@ pub fn find_mappings(pid: i32, path: &Path) -> Result<Vec<Mapping>, DirtyLogErro
     Ok(out)
 }
 
+/// A process that maps a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileMapper {
+    /// Its pid.
+    pub pid: i32,
+    /// Its command name (`/proc/PID/comm`).
+    pub comm: String,
+}
+
+/// Every process (other than those in `except`) that maps the file with
+/// device number `dev` and inode `ino` (as `stat` gives them), found in
+/// `/proc/*/maps`. Processes that vanish or cannot be read meanwhile are
+/// skipped.
+pub fn processes_mapping(dev: u64, ino: u64, except: &[i32]) -> Vec<FileMapper> {
+    let want = format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev));
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if except.contains(&pid) {
+            continue;
+        }
+        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            continue;
+        };
+        let maps_it = maps.lines().any(|line| {
+            let mut it = line.split_whitespace();
+            let (Some(_), Some(_), Some(_), Some(d), Some(i)) =
+                (it.next(), it.next(), it.next(), it.next(), it.next())
+            else {
+                return false;
+            };
+            d == want && i.parse::<u64>() == Ok(ino)
+        });
+        if maps_it {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim().to_string())
+                .unwrap_or_default();
+            out.push(FileMapper { pid, comm });
+        }
+    }
+    out
+}
+
 /// Dirty tracking with async userfaultfd write-protect and `PAGEMAP_SCAN`.
 #[derive(Debug)]
 pub struct UffdWpDirtyLog {

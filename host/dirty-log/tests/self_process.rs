@@ -69,3 +69,35 @@ fn unaligned_ranges_are_rejected() {
     .unwrap_err();
     assert!(err.to_string().contains("not aligned"), "{err}");
 }
+
+#[test]
+fn other_processes_mapping_a_file_are_found() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let path = dir.path().join("ram");
+    std::fs::write(&path, vec![0u8; 4096]).unwrap();
+    let meta = std::fs::metadata(&path).unwrap();
+    let me = std::process::id() as i32;
+    assert!(freehint_dirty_log::processes_mapping(meta.dev(), meta.ino(), &[]).is_empty());
+    // Another process maps it: python's mmap, held open until we kill it.
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import mmap,sys,time; f=open({:?},'r+b'); m=mmap.mmap(f.fileno(),4096); print('mapped',flush=True); time.sleep(60)",
+            path.display().to_string()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let found = freehint_dirty_log::processes_mapping(meta.dev(), meta.ino(), &[me]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].pid, child.id() as i32);
+}

@@ -4,8 +4,10 @@ use freehint_wire::WireError;
 
 use crate::vmm::VmmError;
 
-/// Why a migration failed. The source VM is running again when the sender
-/// returns one of these (unless the VMM itself failed, which the error says).
+/// Why a migration step failed. Where that leaves the guest is in the
+/// [`MigrationFailure`] / [`ReceiveFailure`] that carries it.
+///
+/// [`ReceiveFailure`]: crate::ReceiveFailure
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     /// A socket operation failed.
@@ -27,6 +29,9 @@ pub enum MigrateError {
     /// The peer sent a valid message at the wrong time.
     #[error("{0}")]
     Unexpected(String),
+    /// The peer closed the connection (or went away mid-frame).
+    #[error("{0}")]
+    Disconnected(String),
     /// The peer reported an error and gave up.
     #[error("peer gave up: {0}")]
     Peer(String),
@@ -53,9 +58,84 @@ pub enum MigrateError {
     /// The parameters are invalid.
     #[error("parameters: {0}")]
     Params(#[from] crate::params::ParamsError),
+    /// The operator cancelled the migration (or the process got SIGINT or
+    /// SIGTERM).
+    #[error("cancelled")]
+    Cancelled,
+    /// A bug: a thread panicked.
+    #[error("internal error: {0}")]
+    Panic(String),
+    /// A test made the migration fail at this fault point.
+    #[error("fault injected at {0}")]
+    FaultInjected(&'static str),
+    /// The VMM's device state does not fit in a migration.
+    #[error(
+        "the VMM's device state is {bytes} bytes, more than the {max_bytes} a migration carries"
+    )]
+    DeviceStateTooLarge {
+        /// Its size (or the estimate taken before stopping the VM).
+        bytes: u64,
+        /// The limit.
+        max_bytes: u64,
+    },
+}
+
+/// A migration the sender did not complete, and where it left the guest
+/// (`stats.state`, `stats.source_running`, `stats.destination_running`).
+#[derive(Debug)]
+pub struct MigrationFailure {
+    /// What went wrong.
+    pub error: MigrateError,
+    /// What was measured, and the outcome: [`Phase::Failed`] (the source
+    /// runs the guest unless resuming it failed) or [`Phase::Uncertain`].
+    ///
+    /// [`Phase::Failed`]: crate::Phase::Failed
+    /// [`Phase::Uncertain`]: crate::Phase::Uncertain
+    pub stats: crate::MigrationStats,
+}
+
+impl std::fmt::Display for MigrationFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.stats.state {
+            crate::Phase::Uncertain => write!(
+                f,
+                "{}; outcome uncertain: the source VM stays paused after its commit, and the destination may or may not have resumed the guest; resume it on exactly one side (the destination if it runs the guest)",
+                self.error
+            ),
+            _ if !self.stats.source_running => write!(
+                f,
+                "{}; the source VM is not running (resuming it failed)",
+                self.error
+            ),
+            _ => write!(f, "{}; the source VM runs on", self.error),
+        }
+    }
+}
+
+impl std::error::Error for MigrationFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// The text of a caught panic.
+pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a thread panicked".into())
 }
 
 impl MigrateError {
+    /// Whether this says the peer went silent or away, rather than that it
+    /// said or did something wrong.
+    pub fn is_link_loss(&self) -> bool {
+        matches!(
+            self,
+            MigrateError::Io { .. } | MigrateError::Timeout { .. } | MigrateError::Disconnected(_)
+        )
+    }
+
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> MigrateError {
         let context = context.into();
         move |source| MigrateError::Io { context, source }

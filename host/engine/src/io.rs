@@ -1,9 +1,15 @@
-//! Framed reads and writes on tokio streams.
+//! Framed reads and writes on tokio streams, with timeouts, and page data
+//! moved between sockets and guest memory through raw pointers only.
 
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::time::Duration;
 
 use freehint_wire::{FrameHeader, Kind, Message, HEADER_BYTES};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use vm_memory::VolatileSlice;
 
 use crate::MigrateError;
 
@@ -23,7 +29,7 @@ pub(crate) async fn read_header<R: AsyncRead + Unpin>(
             if got == 0 {
                 return Ok(None);
             }
-            return Err(MigrateError::Unexpected(format!(
+            return Err(MigrateError::Disconnected(format!(
                 "{context}: peer disconnected in the middle of a frame header"
             )));
         }
@@ -42,7 +48,7 @@ pub(crate) async fn read_exact<R: AsyncRead + Unpin>(
 ) -> Result<(), MigrateError> {
     match r.read_exact(buf).await {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(MigrateError::Unexpected(
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(MigrateError::Disconnected(
             format!("{context}: peer disconnected in the middle of a frame (truncated frame)"),
         )),
         Err(e) => Err(MigrateError::io(context.to_string())(e)),
@@ -81,23 +87,246 @@ pub(crate) async fn expect_message<R: AsyncRead + Unpin>(
             seconds: timeout.as_secs(),
         }),
         Ok(Ok(Some(m))) => Ok(m),
-        Ok(Ok(None)) => Err(MigrateError::Unexpected(format!(
+        Ok(Ok(None)) => Err(MigrateError::Disconnected(format!(
             "{context}: peer closed the connection"
         ))),
         Ok(Err(e)) => Err(e),
     }
 }
 
-/// Writes one message.
+/// Writes one message within `timeout`; returns the bytes written.
 pub(crate) async fn write_message<W: AsyncWrite + Unpin>(
     w: &mut W,
     m: &Message,
     context: &str,
+    timeout: Duration,
 ) -> Result<u64, MigrateError> {
     let mut b = Vec::new();
     m.encode(&mut b);
-    w.write_all(&b)
-        .await
-        .map_err(MigrateError::io(context.to_string()))?;
+    match tokio::time::timeout(timeout, w.write_all(&b)).await {
+        Err(_) => {
+            return Err(MigrateError::Timeout {
+                what: format!("{context}: the peer to take our data"),
+                seconds: timeout.as_secs(),
+            })
+        }
+        Ok(r) => r.map_err(MigrateError::io(context.to_string()))?,
+    }
     Ok(b.len() as u64)
+}
+
+/// `iovec`s for one `writev`: the batch head (in a buffer of ours) and runs
+/// of guest pages (raw pointers into the mapping, never Rust references:
+/// the guest may write them while the kernel copies them).
+pub(crate) struct IoVecs(pub(crate) Vec<libc::iovec>);
+
+// SAFETY: the pointers refer to memory that outlives every future holding
+// an `IoVecs`: the sender's batch-head buffer and the guest RAM mapping
+// (kept alive by the `Arc<GuestRam>` of the job that built them). No thread
+// gets a reference through them; only the kernel reads them in `writev`.
+unsafe impl Send for IoVecs {}
+
+/// Most iovecs one `writev` takes.
+const IOV_MAX: usize = 1024;
+
+/// Writes every byte the iovecs describe, however the kernel splits it.
+pub(crate) async fn writev_all(stream: &TcpStream, iovs: &mut IoVecs) -> io::Result<()> {
+    let mut first = 0;
+    while first < iovs.0.len() {
+        stream.writable().await?;
+        let rest = &iovs.0[first..];
+        let count = rest.len().min(IOV_MAX) as libc::c_int;
+        let written = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            // SAFETY: `rest` holds `count` valid iovecs, each describing
+            // readable memory (see `IoVecs`); writev only reads it.
+            let n = unsafe { libc::writev(stream.as_raw_fd(), rest.as_ptr(), count) };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        let mut n = match written {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        // Skip what was written: whole iovecs, then part of one.
+        while n > 0 {
+            let v = &mut iovs.0[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: n < iov_len, so the new base stays inside the
+                // same buffer.
+                v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Guest pages to fill from a socket: a raw pointer and a length taken from
+/// a [`VolatileSlice`], so no Rust reference to guest memory ever exists.
+pub(crate) struct RawPages {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl RawPages {
+    /// The pages `slice` covers.
+    pub(crate) fn of(slice: &VolatileSlice<'_, ()>) -> Self {
+        Self {
+            ptr: slice.ptr_guard_mut().as_ptr(),
+            len: slice.len(),
+        }
+    }
+}
+
+// SAFETY: the pointer refers to the guest RAM mapping, which the receiver
+// keeps alive (its `Arc<GuestRam>`) for as long as any future holding a
+// `RawPages` runs; the memory is only written through `read(2)` and
+// `ptr::copy_nonoverlapping`, from whichever thread runs the future.
+unsafe impl Send for RawPages {}
+
+/// Reads exactly `dst.len` bytes of page data into guest memory: first
+/// what `r` has buffered, then straight from the socket into the mapping,
+/// through raw pointers only.
+pub(crate) async fn read_into_pages(
+    r: &mut BufReader<TcpStream>,
+    dst: RawPages,
+    context: &str,
+) -> Result<(), MigrateError> {
+    let len = dst.len;
+    let mut done = 0;
+    let buffered = r.buffer();
+    if !buffered.is_empty() {
+        let n = buffered.len().min(len);
+        // SAFETY: `ptr..ptr + len` lies inside the mapping (see `RawPages`)
+        // and `n <= len`; the buffer is ours and does not overlap it.
+        unsafe { std::ptr::copy_nonoverlapping(buffered.as_ptr(), dst.ptr, n) };
+        Pin::new(&mut *r).consume(n);
+        done = n;
+    }
+    while done < len {
+        let stream = r.get_ref();
+        stream
+            .readable()
+            .await
+            .map_err(MigrateError::io(context.to_string()))?;
+        let got = stream.try_io(tokio::io::Interest::READABLE, || {
+            // SAFETY: `ptr + done .. ptr + len` lies inside the mapping;
+            // read() writes at most `len - done` bytes there.
+            let n = unsafe { libc::read(stream.as_raw_fd(), dst.ptr.add(done).cast(), len - done) };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match got {
+            Ok(0) => {
+                return Err(MigrateError::Disconnected(format!(
+                    "{context}: peer disconnected in the middle of a frame (truncated frame)"
+                )))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(MigrateError::io(context.to_string())(e)),
+        }
+    }
+    Ok(())
+}
+
+/// The control channel of a migration, on either side: a task reads every
+/// message as it arrives into a queue, so waiting for the next one can be
+/// abandoned at any moment (a `select!`, a timeout) without losing half a
+/// frame; writes go straight to the socket, each within a timeout.
+pub(crate) struct ControlChannel {
+    tx: tokio::net::tcp::OwnedWriteHalf,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Result<Message, MigrateError>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl ControlChannel {
+    /// Starts reading `stream`.
+    pub(crate) fn new(stream: TcpStream) -> Self {
+        let (mut rx_half, tx) = stream.into_split();
+        let (forward, rx) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            loop {
+                match read_message(&mut rx_half, "control channel").await {
+                    Ok(Some(m)) => {
+                        if forward.send(Ok(m)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = forward.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        Self { tx, rx, reader }
+    }
+
+    /// Sends one message within `timeout`; returns the bytes written.
+    pub(crate) async fn send(
+        &mut self,
+        m: &Message,
+        context: &str,
+        timeout: Duration,
+    ) -> Result<u64, MigrateError> {
+        write_message(&mut self.tx, m, context, timeout).await
+    }
+
+    /// The next message, or `None` once the peer closed the channel (an
+    /// error reading it is the error). Cancel-safe.
+    pub(crate) async fn next(&mut self) -> Option<Result<Message, MigrateError>> {
+        self.rx.recv().await
+    }
+
+    /// The next message within `timeout`; a closed channel or a timeout is
+    /// an error naming `what` was awaited.
+    pub(crate) async fn expect(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<Message, MigrateError> {
+        match tokio::time::timeout(timeout, self.rx.recv()).await {
+            Err(_) => Err(MigrateError::Timeout {
+                what: what.to_string(),
+                seconds: timeout.as_secs(),
+            }),
+            Ok(Some(m)) => m,
+            Ok(None) => Err(MigrateError::Disconnected(format!(
+                "the peer closed the control channel while we waited for {what}"
+            ))),
+        }
+    }
+
+    /// A message that already arrived, if any; an error if the peer closed
+    /// the channel or it failed.
+    pub(crate) fn try_next(&mut self) -> Result<Option<Message>, MigrateError> {
+        match self.rx.try_recv() {
+            Ok(Ok(m)) => Ok(Some(m)),
+            Ok(Err(e)) => Err(e),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => Ok(None),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => Err(
+                MigrateError::Disconnected("the peer closed the control channel".into()),
+            ),
+        }
+    }
+}
+
+impl Drop for ControlChannel {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }

@@ -5,8 +5,11 @@
 //!   [`DirtyLog`] between rounds (opening a new hint epoch each time), and
 //!   switches over through a [`Vmm`] when the bandwidth estimate says the
 //!   rest fits in the downtime target.
-//! * [`Receiver`] accepts one migration and places pages in the
-//!   destination's guest RAM.
+//! * [`Receiver`] accepts one migration, places pages in the destination's
+//!   guest RAM, and resumes the guest only once the source commits.
+//! * [`Phase`] / [`PhaseWatch`]: where a migration is, on either side; the
+//!   handover in which exactly one side may run the guest.
+//! * [`fault`]: named fault points for tests (`failpoints` feature).
 //! * [`MigrationParams`] is the one validated parameter set;
 //!   [`MigrationStats`] the one stats struct, with units in every field.
 //!
@@ -16,19 +19,23 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod fault;
 mod io;
 mod params;
+mod phase;
 mod receiver;
 mod sender;
 mod stats;
 mod vmm;
 
-pub use error::MigrateError;
+pub use error::{MigrateError, MigrationFailure};
 pub use params::{MigrationParams, ParamsError};
-pub use receiver::{ReceiveStats, Receiver};
+pub use phase::{Phase, PhaseInfo, PhaseWatch, Side};
+pub use receiver::{ReceiveFailure, ReceiveStats, Receiver};
 pub use sender::PrecopySender;
 pub use stats::MigrationStats;
-pub use vmm::{DestinationVmm, NoDeviceVmm, Vmm, VmmError};
+pub use tokio_util::sync::CancellationToken;
+pub use vmm::{DestinationVmm, ImageVmm, Vmm, VmmError};
 
 use freehint_dirty_log::{find_mappings, TrackedRange};
 use freehint_hint_filter::{MigrationBitmap, RegionLayout};
@@ -89,12 +96,26 @@ pub fn vmm_ram_ranges(pid: i32, ram: &GuestRam) -> Result<Vec<TrackedRange>, Mig
 /// sender never waits on a receiver that is busy placing the last batch.
 pub(crate) const SOCKET_BUFFER_BYTES: usize = 8 << 20;
 
-/// Sets the options every migration connection uses.
-pub(crate) fn tune_socket(s: &tokio::net::TcpStream) -> std::io::Result<()> {
+/// Sets the options every migration connection uses: no Nagle delay, large
+/// buffers, TCP keepalive (a peer whose host vanished is noticed even on an
+/// idle channel) and a user timeout of `peer_timeout` (data the peer does
+/// not acknowledge for that long fails the connection).
+pub(crate) fn tune_socket(
+    s: &tokio::net::TcpStream,
+    peer_timeout: std::time::Duration,
+) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let sock = socket2::SockRef::from(s);
     sock.set_send_buffer_size(SOCKET_BUFFER_BYTES)?;
     sock.set_recv_buffer_size(SOCKET_BUFFER_BYTES)?;
+    let idle = (peer_timeout / 3).max(std::time::Duration::from_secs(1));
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(std::time::Duration::from_secs(1))
+            .with_retries(3),
+    )?;
+    sock.set_tcp_user_timeout(Some(peer_timeout))?;
     Ok(())
 }
 

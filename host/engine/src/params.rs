@@ -29,8 +29,10 @@ pub struct MigrationParams {
     pub min_rounds: u32,
     /// Ask the guest for free-page hints and skip the pages it reports.
     pub hints: bool,
-    /// Seconds to wait for the peer to connect, answer hello, or confirm
-    /// that it resumed the VM.
+    /// Seconds either side waits for the other at any step (connecting,
+    /// each write of page data, each answer of the handover), and the
+    /// longest the destination tolerates a silent source. The destination
+    /// adopts the source's value, so both give up after the same time.
     pub peer_timeout_s: u64,
     /// With hints on, wait up to this long for the guest to finish
     /// reporting its free pages before the first round sends anything (a
@@ -94,8 +96,10 @@ impl MigrationParams {
         if self.hint_wait_ms > 60_000 {
             return err("hint_wait_ms", "must be at most 60000");
         }
-        if self.peer_timeout_s == 0 {
-            return err("peer_timeout_s", "must be positive");
+        if !u32::try_from(self.peer_timeout_s)
+            .is_ok_and(|t| freehint_wire::PEER_TIMEOUT_S_RANGE.contains(&t))
+        {
+            return err("peer_timeout_s", "must be 1..=3600");
         }
         Ok(())
     }

@@ -1,21 +1,39 @@
-//! The receiving side: accepts one migration and places its pages.
+//! The receiving side: accepts one migration, places its pages, and takes
+//! the guest over only when the source commits.
+//!
+//! The destination never resumes its copy of the guest before the source's
+//! `Commit` (see [`crate::Phase`]). Giving up before `Ready` leaves it
+//! [`Phase::Failed`]; losing the source between `Ready` and the commit — or
+//! after the source said it stops its VM — leaves it [`Phase::Uncertain`]:
+//! the guest may be paused on both sides and the operator decides.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use freehint_memory::GuestRam;
-use freehint_wire::{ChannelRole, Hello, Kind, Message, PageBatchHead, ZeroRun, ENTRY_ZERO};
+use freehint_wire::{
+    ChannelRole, Hello, Kind, Message, PageBatchHead, ZeroRun, ENTRY_ZERO, MAX_DEVICE_STATE_BYTES,
+};
+use futures_util::FutureExt;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, BufReader};
+use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
-use crate::io::{expect_message, read_exact, read_header, write_message};
+use crate::error::panic_text;
+use crate::fault::hit;
+use crate::io::{
+    expect_message, read_exact, read_header, read_into_pages, write_message, ControlChannel,
+    RawPages,
+};
+use crate::phase::{Phase, PhaseWatch, Side};
 use crate::{region_descs, DestinationVmm, MigrateError};
 
-/// What the receiver measured.
+/// What the receiver measured, and how the migration ended for it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReceiveStats {
     /// Bytes read from all sockets.
@@ -26,8 +44,59 @@ pub struct ReceiveStats {
     pub pages_zero: u64,
     /// Rounds received, the final one included.
     pub rounds: u32,
+    /// Bytes of device state loaded.
+    pub device_state_bytes: u64,
+    /// The source's last free-page-hint cmd_id (the VM's counter goes on
+    /// from it here), once `Complete` arrived.
+    pub last_cmd_id: Option<u32>,
     /// From the first connection to resuming the VM.
     pub total_time_ms: u64,
+    /// How it ended: `completed`, `failed` or `uncertain`.
+    pub state: Phase,
+    /// Whether this side resumed the guest.
+    pub destination_running: bool,
+    /// Whether this side holds the whole guest (paused or running): it got
+    /// every page and loaded the device state.
+    pub guest_complete: bool,
+    /// Whether this side holds the whole guest paused and may resume it on
+    /// the operator's word (an uncertain handover in which it refused
+    /// nothing).
+    pub guest_held_paused: bool,
+}
+
+/// An incoming migration that did not complete, and where it left the
+/// guest (`stats.state`).
+#[derive(Debug)]
+pub struct ReceiveFailure {
+    /// What went wrong.
+    pub error: MigrateError,
+    /// What was measured, and the outcome: [`Phase::Failed`] (this side
+    /// never ran the guest) or [`Phase::Uncertain`].
+    pub stats: ReceiveStats,
+}
+
+impl std::fmt::Display for ReceiveFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.stats.state, self.stats.guest_held_paused) {
+            (Phase::Uncertain, true) => write!(
+                f,
+                "{}; outcome uncertain: this side holds the guest paused and the source may have committed or may still hold it paused; resume it on exactly one side",
+                self.error
+            ),
+            (Phase::Uncertain, false) => write!(
+                f,
+                "{}; the guest was not resumed here and never will be, and the source may hold it paused: resume it on the source",
+                self.error
+            ),
+            _ => write!(f, "{}; the guest was not resumed here", self.error),
+        }
+    }
+}
+
+impl std::error::Error for ReceiveFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
 }
 
 /// Pages of the destination's RAM that hold data (so that a zero record for
@@ -68,17 +137,23 @@ impl WrittenMap {
 pub struct Receiver {
     ram: Arc<GuestRam>,
     vmm: Arc<dyn DestinationVmm>,
-    timeout: Duration,
+    accept_timeout: Option<Duration>,
     preallocate: bool,
     written: Option<Arc<WrittenMap>>,
+    phase: PhaseWatch,
+    cancel: CancellationToken,
 }
 
 impl std::fmt::Debug for Receiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Receiver").finish_non_exhaustive()
+        f.debug_struct("Receiver")
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
     }
 }
 
+/// What every bulk channel task shares.
+#[derive(Clone)]
 struct BulkCtx {
     /// Read page data straight into the mapping (its pages are populated,
     /// so this costs no faults); otherwise read into a buffer and `pwrite`.
@@ -89,18 +164,49 @@ struct BulkCtx {
     bytes: Arc<AtomicU64>,
     pages_placed: Arc<AtomicU64>,
     pages_zero: Arc<AtomicU64>,
+    /// Milliseconds since the start at which the source last sent anything.
+    last_progress_ms: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl BulkCtx {
+    fn progress(&self) {
+        self.last_progress_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// One incoming migration between its phases.
+struct Incoming {
+    stats: ReceiveStats,
+    started: Instant,
+    control: Option<ControlChannel>,
+    timeout: Duration,
+    /// The source said it stops its VM.
+    source_stopping: bool,
+    /// `resume` was called on the VM (it may run even if it failed).
+    resume_attempted: bool,
+    resumed: bool,
 }
 
 impl Receiver {
     /// A receiver that places pages into `ram` and hands the VM to `vmm`.
-    /// `timeout` bounds every wait for the source.
-    pub fn new(ram: Arc<GuestRam>, vmm: Arc<dyn DestinationVmm>, timeout: Duration) -> Self {
+    /// `accept_timeout` bounds the wait for a source to connect (`None`:
+    /// wait as long as it takes); once connected, the source's own timeout
+    /// bounds every wait.
+    pub fn new(
+        ram: Arc<GuestRam>,
+        vmm: Arc<dyn DestinationVmm>,
+        accept_timeout: Option<Duration>,
+    ) -> Self {
         Self {
             ram,
             vmm,
-            timeout,
+            accept_timeout,
             preallocate: false,
             written: None,
+            phase: PhaseWatch::new(Side::Destination),
+            cancel: CancellationToken::new(),
         }
     }
 
@@ -110,6 +216,17 @@ impl Receiver {
     pub fn preallocate(mut self, yes: bool) -> Self {
         self.preallocate = yes;
         self
+    }
+
+    /// The migration's phase, for whoever watches it.
+    pub fn phase_watch(&self) -> PhaseWatch {
+        self.phase.clone()
+    }
+
+    /// A token that cancels the migration: before the commit the receiver
+    /// gives up (and never resumes the guest); after it, it does nothing.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
     }
 
     /// Surveys the destination RAM and preallocates it if asked to, before
@@ -133,215 +250,470 @@ impl Receiver {
     }
 
     /// Accepts connections on `listener` until one migration has completed
-    /// (or failed). The VM is resumed only if every page arrived.
-    pub async fn receive(&self, listener: &TcpListener) -> Result<ReceiveStats, MigrateError> {
+    /// or failed. The VM is resumed only after the source's commit.
+    pub async fn receive(&self, listener: &TcpListener) -> Result<ReceiveStats, ReceiveFailure> {
+        let mut inc = Incoming {
+            stats: ReceiveStats::default(),
+            started: Instant::now(),
+            control: None,
+            timeout: self.accept_timeout.unwrap_or(Duration::from_secs(30)),
+            source_stopping: false,
+            resume_attempted: false,
+            resumed: false,
+        };
+        let cancel = self.cancel.clone();
+        let before_commit = {
+            let run = AssertUnwindSafe(self.until_commit(listener, &mut inc)).catch_unwind();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => Err(MigrateError::Cancelled),
+                r = run => r.unwrap_or_else(|p| Err(MigrateError::Panic(panic_text(&*p)))),
+            }
+        };
+        if let Err(e) = before_commit {
+            return Err(self.give_up(inc, e).await);
+        }
+        let after = AssertUnwindSafe(self.take_over(&mut inc))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| Err(MigrateError::Panic(panic_text(&*p))));
+        inc.stats.total_time_ms = inc.started.elapsed().as_millis() as u64;
+        inc.stats.destination_running = inc.resumed;
+        match after {
+            Ok(()) => {
+                self.phase.enter(Phase::Completed);
+                inc.stats.state = Phase::Completed;
+                Ok(inc.stats)
+            }
+            Err(e) if inc.resumed => {
+                // The guest runs here: the migration is done, whatever
+                // failed after that.
+                tracing::warn!("after resuming the guest: {e}");
+                self.phase.enter(Phase::Completed);
+                inc.stats.state = Phase::Completed;
+                Ok(inc.stats)
+            }
+            Err(e) if !inc.resume_attempted => {
+                // Nothing was done with the commit yet: refuse it for good,
+                // and the source resumes its copy.
+                Err(self.give_up(inc, e).await)
+            }
+            Err(e) => {
+                // Resuming failed: the VM may or may not run. Say nothing
+                // the source could take for a refusal; the operator decides.
+                tracing::error!(
+                    "resuming the guest after the source's commit failed: {e}; it may be paused here"
+                );
+                self.phase.enter(Phase::Uncertain);
+                inc.stats.state = Phase::Uncertain;
+                inc.stats.guest_held_paused = true;
+                Err(ReceiveFailure {
+                    error: e,
+                    stats: inc.stats,
+                })
+            }
+        }
+    }
+
+    /// Everything up to the source's commit.
+    async fn until_commit(
+        &self,
+        listener: &TcpListener,
+        inc: &mut Incoming,
+    ) -> Result<(), MigrateError> {
         let written = match &self.written {
             Some(w) => w.clone(),
             None => Self::survey(&self.ram, self.preallocate)?,
         };
-        let started = Instant::now();
         let local = region_descs(&self.ram);
         // The control channel comes first, then the bulk channels it
         // announces, all with the same session id.
-        let (mut control, hello) = self.accept(listener, None, &local).await?;
-        let n = hello.bulk_channels as usize;
-        if n == 0 {
-            return Err(MigrateError::Unexpected(
-                "source announced zero bulk channels".into(),
-            ));
-        }
-        let mut bulk: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
-        while bulk.iter().any(|b| b.is_none()) {
-            let (s, h) = self
-                .accept(listener, Some(hello.session_id), &local)
-                .await?;
-            match h.role {
-                ChannelRole::Bulk(i) if (i as usize) < n && bulk[i as usize].is_none() => {
-                    bulk[i as usize] = Some(s)
-                }
-                role => {
-                    return Err(MigrateError::Unexpected(format!(
-                        "unexpected {role:?} connection while waiting for bulk channels"
-                    )))
-                }
-            }
-        }
+        let (control, hello) = self.accept_control(listener, &local).await?;
+        inc.started = Instant::now();
+        inc.timeout = Duration::from_secs(hello.peer_timeout_s.into());
+        inc.control = Some(ControlChannel::new(control));
+        let bulk = self
+            .accept_bulk(listener, &hello, &local, inc.timeout)
+            .await?;
+        self.phase.enter(Phase::Precopy);
+        hit("dst.accepted")?;
         let ctx = BulkCtx {
             direct: self.preallocate,
             ram: self.ram.clone(),
             written,
-            barrier: Arc::new(Barrier::new(n)),
+            barrier: Arc::new(Barrier::new(bulk.len())),
             bytes: Arc::new(AtomicU64::new(0)),
             pages_placed: Arc::new(AtomicU64::new(0)),
             pages_zero: Arc::new(AtomicU64::new(0)),
+            last_progress_ms: Arc::new(AtomicU64::new(0)),
+            started: inc.started,
         };
         let mut tasks = JoinSet::new();
         for (i, s) in bulk.into_iter().enumerate() {
-            let s = s.expect("filled above");
             tasks.spawn(receive_bulk(
                 i,
                 BufReader::with_capacity(256 << 10, s),
-                BulkCtx {
-                    direct: ctx.direct,
-                    ram: ctx.ram.clone(),
-                    written: ctx.written.clone(),
-                    barrier: ctx.barrier.clone(),
-                    bytes: ctx.bytes.clone(),
-                    pages_placed: ctx.pages_placed.clone(),
-                    pages_zero: ctx.pages_zero.clone(),
-                },
+                ctx.clone(),
             ));
         }
-        let result = self.finish(&mut control, &mut tasks, &ctx, started).await;
-        if let Err(e) = &result {
-            tasks.abort_all();
-            let _ = write_message(&mut control, &Message::Error(e.to_string()), "control").await;
+        let result = self.receive_pages(inc, &mut tasks, &ctx).await;
+        inc.stats.bytes_received = ctx.bytes.load(Ordering::Relaxed);
+        inc.stats.pages_placed = ctx.pages_placed.load(Ordering::Relaxed);
+        inc.stats.pages_zero = ctx.pages_zero.load(Ordering::Relaxed);
+        let device_state = result?;
+        hit("dst.before-load")?;
+        self.vmm.load_device_state(&device_state, inc.timeout)?;
+        inc.stats.device_state_bytes = device_state.len() as u64;
+        inc.stats.guest_complete = true;
+        hit("dst.after-load")?;
+        let control = inc.control.as_mut().expect("accepted above");
+        control
+            .send(&Message::Ready, "control channel", inc.timeout)
+            .await?;
+        self.phase.enter(Phase::Ready);
+        hit("dst.after-ready")?;
+        let control = inc.control.as_mut().expect("accepted above");
+        match control.expect(inc.timeout, "the source's commit").await? {
+            Message::Commit => Ok(()),
+            Message::Error(e) => Err(MigrateError::Peer(e)),
+            other => Err(MigrateError::Unexpected(format!(
+                "expected the source's commit, got {:?}",
+                other.kind()
+            ))),
         }
-        result
     }
 
-    async fn finish(
+    /// Places pages until the source's `Complete`; returns the device state.
+    async fn receive_pages(
         &self,
-        control: &mut TcpStream,
+        inc: &mut Incoming,
         tasks: &mut JoinSet<Result<u32, MigrateError>>,
         ctx: &BulkCtx,
-        started: Instant,
-    ) -> Result<ReceiveStats, MigrateError> {
+    ) -> Result<Vec<u8>, MigrateError> {
+        let timeout = inc.timeout;
+        let control = inc.control.as_mut().expect("accepted above");
+        let mut device_state = Vec::new();
+        let mut last_rounds = Vec::new();
+        let mut watchdog = tokio::time::interval(Duration::from_millis(500));
         // Control messages arrive only at the end; meanwhile any bulk
-        // channel failing ends the migration.
-        let mut device_state = None;
-        let rounds = loop {
+        // channel failing ends the migration, and so does a source that
+        // sends nothing on any channel for the whole timeout.
+        let (rounds, device_state_bytes, last_cmd_id) = loop {
             tokio::select! {
-                msg = crate::io::read_message(control, "control channel") => {
-                    match msg? {
-                        Some(Message::DeviceState(s)) => device_state = Some(s),
-                        Some(Message::Complete { rounds }) => break rounds,
+                msg = control.next() => {
+                    ctx.progress();
+                    match msg.transpose()? {
+                        Some(Message::Stopping) => {
+                            inc.source_stopping = true;
+                            self.phase.enter(Phase::Stopped);
+                        }
+                        Some(Message::DeviceStateChunk(s)) => {
+                            if (device_state.len() + s.len()) as u64 > MAX_DEVICE_STATE_BYTES {
+                                return Err(MigrateError::DeviceStateTooLarge {
+                                    bytes: (device_state.len() + s.len()) as u64,
+                                    max_bytes: MAX_DEVICE_STATE_BYTES,
+                                });
+                            }
+                            device_state.extend_from_slice(&s);
+                        }
+                        Some(Message::Complete { rounds, device_state_bytes, last_cmd_id }) => {
+                            break (rounds, device_state_bytes, last_cmd_id)
+                        }
                         Some(Message::Error(e)) => return Err(MigrateError::Peer(e)),
                         Some(other) => return Err(MigrateError::Unexpected(format!(
                             "control channel: unexpected {:?}", other.kind()))),
-                        None => return Err(MigrateError::Unexpected(
+                        None => return Err(MigrateError::Disconnected(
                             "source disconnected before completing the migration".into())),
                     }
                 }
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     // A channel ended before completion: fine if it ended
                     // cleanly (the source closes bulk channels before it
-                    // sends Complete), fatal otherwise.
-                    flatten(done)?;
+                    // sends Complete), fatal otherwise. Its round count is
+                    // checked with the others below.
+                    last_rounds.push(flatten(done)?);
+                }
+                _ = watchdog.tick() => {
+                    let idle_ms = (ctx.started.elapsed().as_millis() as u64)
+                        .saturating_sub(ctx.last_progress_ms.load(Ordering::Relaxed));
+                    if idle_ms > timeout.as_millis() as u64 {
+                        return Err(MigrateError::Timeout {
+                            what: "the source (it sent nothing on any channel)".into(),
+                            seconds: timeout.as_secs(),
+                        });
+                    }
                 }
             }
         };
-        let mut last_rounds = Vec::new();
-        while let Some(done) = tokio::time::timeout(self.timeout, tasks.join_next())
+        self.phase.enter(Phase::HandingOver);
+        inc.stats.rounds = rounds;
+        inc.stats.last_cmd_id = Some(last_cmd_id);
+        hit("dst.after-complete")?;
+        if device_state.len() as u64 != device_state_bytes {
+            return Err(MigrateError::Unexpected(format!(
+                "the source announced {device_state_bytes} bytes of device state and sent {}",
+                device_state.len()
+            )));
+        }
+        while let Some(done) = tokio::time::timeout(timeout, tasks.join_next())
             .await
             .map_err(|_| MigrateError::Timeout {
                 what: "bulk channels to finish".into(),
-                seconds: self.timeout.as_secs(),
+                seconds: timeout.as_secs(),
             })?
         {
             last_rounds.push(flatten(done)?);
         }
         if last_rounds.iter().any(|&r| r != rounds) {
             return Err(MigrateError::Unexpected(format!(
-                "source completed after {rounds} rounds but a bulk channel ended at round {:?}",
-                last_rounds
+                "source completed after {rounds} rounds but bulk channels ended at rounds {last_rounds:?}"
             )));
         }
-        self.vmm
-            .load_device_state(&device_state.unwrap_or_default())?;
-        self.vmm.resume()?;
-        write_message(control, &Message::Resumed, "control channel").await?;
-        Ok(ReceiveStats {
-            bytes_received: ctx.bytes.load(Ordering::Relaxed),
-            pages_placed: ctx.pages_placed.load(Ordering::Relaxed),
-            pages_zero: ctx.pages_zero.load(Ordering::Relaxed),
-            rounds,
-            total_time_ms: started.elapsed().as_millis() as u64,
-        })
+        Ok(device_state)
     }
 
-    async fn accept(
+    /// After the commit: resumes the guest (from then on the migration is
+    /// completed here), then confirms.
+    async fn take_over(&self, inc: &mut Incoming) -> Result<(), MigrateError> {
+        self.phase.enter(Phase::Committed);
+        hit("dst.after-commit")?;
+        inc.resume_attempted = true;
+        self.vmm.resume()?;
+        inc.resumed = true;
+        // The guest runs here: that is the outcome, whatever happens to the
+        // confirmation.
+        self.phase.enter(Phase::Completed);
+        hit("dst.after-resume")?;
+        let control = inc.control.as_mut().expect("accepted above");
+        control
+            .send(&Message::Resumed, "control channel", inc.timeout)
+            .await?;
+        Ok(())
+    }
+
+    /// After a failure before this side acted on a commit: never resumes.
+    ///
+    /// * The source gave up (its `Error`): it runs the guest.
+    /// * We failed (a step, a cancel): we refuse for good with `Error`, and
+    ///   the source resumes its copy, committed or not; its own `Error` in
+    ///   answer confirms it.
+    /// * The source went silent or away: if it had stopped its guest (or
+    ///   we hold the whole guest), the outcome is uncertain.
+    async fn give_up(&self, mut inc: Incoming, e: MigrateError) -> ReceiveFailure {
+        let source_aborted = matches!(e, MigrateError::Peer(_));
+        let link_lost = e.is_link_loss();
+        let mut confirmed = source_aborted;
+        if !source_aborted && !link_lost {
+            if let Some(c) = inc.control.as_mut() {
+                let wait = inc.timeout.min(Duration::from_secs(10));
+                if c.send(&Message::Error(e.to_string()), "control", wait)
+                    .await
+                    .is_ok()
+                {
+                    confirmed = source_answered_error(c, wait).await;
+                }
+            }
+        }
+        let source_may_be_paused = inc.source_stopping || inc.stats.guest_complete;
+        let state = if confirmed || !source_may_be_paused {
+            Phase::Failed
+        } else {
+            Phase::Uncertain
+        };
+        // Only a guest this side refused nothing about may be resumed here.
+        inc.stats.guest_held_paused =
+            state == Phase::Uncertain && link_lost && inc.stats.guest_complete;
+        if state == Phase::Uncertain {
+            tracing::error!("incoming migration: {e}; outcome uncertain");
+        } else {
+            tracing::warn!("incoming migration failed: {e}");
+        }
+        self.phase.enter(state);
+        inc.stats.state = state;
+        inc.stats.total_time_ms = inc.started.elapsed().as_millis() as u64;
+        ReceiveFailure {
+            error: e,
+            stats: inc.stats,
+        }
+    }
+
+    async fn accept_control(
         &self,
         listener: &TcpListener,
-        session: Option<u64>,
         local: &[freehint_wire::RegionDesc],
     ) -> Result<(TcpStream, Hello), MigrateError> {
-        let what = if session.is_none() {
-            "the source to connect"
-        } else {
-            "the source's bulk channels"
-        };
-        let (mut s, peer) = tokio::time::timeout(self.timeout, listener.accept())
-            .await
-            .map_err(|_| MigrateError::Timeout {
-                what: what.into(),
-                seconds: self.timeout.as_secs(),
-            })?
-            .map_err(MigrateError::io("accepting a connection"))?;
-        crate::tune_socket(&s).map_err(MigrateError::io("socket option"))?;
-        let ctx = format!("hello from {peer}");
-        let hello = match expect_message(&mut s, &ctx, self.timeout).await? {
-            Message::Hello(h) => h,
-            other => {
-                return Err(MigrateError::Unexpected(format!(
-                    "{ctx}: expected hello, got {:?}",
-                    other.kind()
-                )))
-            }
-        };
-        if let Some(id) = session {
-            if hello.session_id != id {
-                return Err(MigrateError::Unexpected(
+        let timeout = self.accept_timeout.unwrap_or(Duration::from_secs(30));
+        loop {
+            let accepted = match self.accept_timeout {
+                Some(t) => tokio::time::timeout(t, listener.accept())
+                    .await
+                    .map_err(|_| MigrateError::Timeout {
+                        what: "a source to connect".into(),
+                        seconds: t.as_secs(),
+                    })?,
+                None => listener.accept().await,
+            };
+            let (mut s, peer) = accepted.map_err(MigrateError::io("accepting a connection"))?;
+            let ctx = format!("hello from {peer}");
+            let hello = match expect_message(&mut s, &ctx, timeout).await {
+                Ok(Message::Hello(h)) => h,
+                Ok(other) => {
                     reject(
                         &mut s,
-                        format!("{ctx}: connection from another migration session"),
+                        format!("{ctx}: expected hello, got {:?}", other.kind()),
                     )
-                    .await,
-                ));
-            }
-        } else if hello.role != ChannelRole::Control {
-            return Err(MigrateError::Unexpected(
+                    .await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("{ctx}: {e}; waiting for another source");
+                    reject(&mut s, format!("{ctx}: {e}")).await;
+                    continue;
+                }
+            };
+            if hello.role != ChannelRole::Control {
+                // A stray bulk channel of an earlier attempt, say.
                 reject(
                     &mut s,
                     format!("{ctx}: first connection must be the control channel"),
                 )
-                .await,
-            ));
+                .await;
+                continue;
+            }
+            if hello.regions != local {
+                return Err(MigrateError::Layout(
+                    reject(
+                        &mut s,
+                        format!(
+                            "source has {:?}, destination has {:?}",
+                            hello.regions, local
+                        ),
+                    )
+                    .await,
+                ));
+            }
+            if hello.bulk_channels == 0 {
+                return Err(MigrateError::Unexpected(
+                    reject(&mut s, "source announced zero bulk channels".into()).await,
+                ));
+            }
+            let t = Duration::from_secs(hello.peer_timeout_s.into());
+            crate::tune_socket(&s, t).map_err(MigrateError::io("socket option"))?;
+            write_message(&mut s, &Message::HelloAck, &ctx, t).await?;
+            return Ok((s, hello));
         }
-        if hello.regions != local {
-            return Err(MigrateError::Layout(
+    }
+
+    /// Accepts the bulk channels `hello` announced, within `timeout`;
+    /// connections of other sessions are turned away, not fatal.
+    async fn accept_bulk(
+        &self,
+        listener: &TcpListener,
+        hello: &Hello,
+        local: &[freehint_wire::RegionDesc],
+        timeout: Duration,
+    ) -> Result<Vec<TcpStream>, MigrateError> {
+        let n = hello.bulk_channels as usize;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut bulk: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
+        while bulk.iter().any(|b| b.is_none()) {
+            let (mut s, peer) = tokio::time::timeout_at(deadline, listener.accept())
+                .await
+                .map_err(|_| MigrateError::Timeout {
+                    what: "the source's bulk channels".into(),
+                    seconds: timeout.as_secs(),
+                })?
+                .map_err(MigrateError::io("accepting a connection"))?;
+            let ctx = format!("hello from {peer}");
+            let h = match expect_message(&mut s, &ctx, timeout).await {
+                Ok(Message::Hello(h)) => h,
+                Ok(_) | Err(_) => {
+                    tracing::warn!("{ctx}: not a hello; turned away");
+                    continue;
+                }
+            };
+            if h.session_id != hello.session_id {
                 reject(
                     &mut s,
-                    format!(
-                        "source has {:?}, destination has {:?}",
-                        hello.regions, local
-                    ),
+                    format!("{ctx}: connection from another migration session"),
                 )
-                .await,
-            ));
+                .await;
+                continue;
+            }
+            if h.regions != local {
+                return Err(MigrateError::Layout(
+                    reject(
+                        &mut s,
+                        format!("source has {:?}, destination has {:?}", h.regions, local),
+                    )
+                    .await,
+                ));
+            }
+            match h.role {
+                ChannelRole::Bulk(i) if (i as usize) < n && bulk[i as usize].is_none() => {
+                    crate::tune_socket(&s, timeout).map_err(MigrateError::io("socket option"))?;
+                    write_message(&mut s, &Message::HelloAck, &ctx, timeout).await?;
+                    bulk[i as usize] = Some(s);
+                }
+                role => {
+                    return Err(MigrateError::Unexpected(
+                        reject(
+                            &mut s,
+                            format!(
+                                "unexpected {role:?} connection while waiting for bulk channels"
+                            ),
+                        )
+                        .await,
+                    ))
+                }
+            }
         }
-        write_message(&mut s, &Message::HelloAck, &ctx).await?;
-        Ok((s, hello))
+        Ok(bulk.into_iter().flatten().collect())
+    }
+}
+
+/// Reads what the source says after our error, until it says `Error` (it
+/// fails back: `true`) or goes away or silent (`false`).
+async fn source_answered_error(control: &mut ControlChannel, wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, control.next()).await {
+            Ok(Some(Ok(Message::Error(_)))) => return true,
+            Ok(Some(Ok(_))) => continue,
+            _ => return false,
+        }
     }
 }
 
 /// Tells the peer why it is turned away; returns the reason.
 async fn reject(s: &mut TcpStream, why: String) -> String {
-    let _ = write_message(s, &Message::Error(why.clone()), "rejecting a connection").await;
+    let _ = write_message(
+        s,
+        &Message::Error(why.clone()),
+        "rejecting a connection",
+        Duration::from_secs(2),
+    )
+    .await;
     why
 }
 
 fn flatten(
     r: Result<Result<u32, MigrateError>, tokio::task::JoinError>,
 ) -> Result<u32, MigrateError> {
-    r.map_err(|e| MigrateError::Unexpected(format!("bulk channel task failed: {e}")))?
+    match r {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => Err(MigrateError::Panic(panic_text(&*e.into_panic()))),
+        Err(e) => Err(MigrateError::Unexpected(format!(
+            "bulk channel task failed: {e}"
+        ))),
+    }
 }
 
 /// Receives one bulk channel until the source closes it; returns the last
 /// round it completed.
-async fn receive_bulk<R: AsyncRead + Unpin>(
+async fn receive_bulk(
     index: usize,
-    mut r: R,
+    mut r: BufReader<TcpStream>,
     ctx: BulkCtx,
 ) -> Result<u32, MigrateError> {
     let name = format!("bulk channel {index}");
@@ -352,6 +724,7 @@ async fn receive_bulk<R: AsyncRead + Unpin>(
         let Some(h) = read_header(&mut r, &name).await? else {
             return Ok(round);
         };
+        ctx.progress();
         ctx.bytes.fetch_add(16 + h.payload_bytes, Ordering::Relaxed);
         match h.kind {
             Kind::PageBatch => {
@@ -399,17 +772,18 @@ async fn receive_bulk<R: AsyncRead + Unpin>(
                         run += 1;
                     }
                     if ctx.direct {
-                        let ptr = region.page_ptr(page).expect("checked by decode_entries");
-                        // SAFETY: pages page..page+run lie inside the
-                        // mapping (decode_entries checked every entry, and
-                        // the run is consecutive entries). The destination
-                        // VM is not running, and within a round no other
-                        // channel touches these pages (each page is sent at
-                        // most once a round; rounds end with a barrier).
-                        let dst = unsafe { std::slice::from_raw_parts_mut(ptr, run * page_bytes) };
-                        read_exact(&mut r, dst, &name).await?;
+                        // Straight from the socket into the mapping, through
+                        // raw pointers (the pages were checked to lie in the
+                        // region by decode_entries).
+                        let dst = RawPages::of(&region.volatile_pages(page, run as u64)?);
+                        read_into_pages(&mut r, dst, &name).await?;
                     } else {
-                        region.write_pages(page, &data[at..at + run * page_bytes])?;
+                        // SAFETY: the destination VM is not running (it
+                        // resumes only after the commit, once every channel
+                        // has ended), and within a round no other channel
+                        // places these pages (each page is sent at most once
+                        // a round; rounds end with a barrier).
+                        unsafe { region.write_pages(page, &data[at..at + run * page_bytes])? };
                     }
                     for p in page..page + run as u64 {
                         ctx.written.mark(region_idx as usize, p);
@@ -418,6 +792,8 @@ async fn receive_bulk<R: AsyncRead + Unpin>(
                     at += run * page_bytes;
                     k += run;
                 }
+                ctx.progress();
+                hit("dst.mid-round")?;
             }
             Kind::ZeroRun => {
                 let mut payload = vec![0u8; h.payload_bytes as usize];

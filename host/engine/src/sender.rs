@@ -1,25 +1,40 @@
-//! The precopy sender.
+//! The precopy sender: live rounds, the final round with the VM stopped,
+//! and the handover, each a phase function over one [`Attempt`].
+//!
+//! The handover rule (design §6): the destination loads the device state
+//! and says `Ready`; the source commits; only a committed destination
+//! resumes; a source that has committed never resumes on its own. Any
+//! failure before the commit resumes the source untouched; a lost link
+//! after it leaves the source paused in [`Phase::Uncertain`].
 
-use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use freehint_dirty_log::DirtyLog;
 use freehint_hint_filter::{Cursor, HintFilter, PageRun, SyncReport};
-use freehint_memory::{is_zero_page, GuestRam};
+use freehint_memory::{is_zero_volatile, GuestRam};
 use freehint_types::{CmdId, HintSource};
-use freehint_wire::{ChannelRole, Hello, Message, PageBatchHead, ZeroRun, ENTRY_ZERO};
+use freehint_wire::{
+    ChannelRole, Hello, Message, PageBatchHead, ZeroRun, ENTRY_ZERO, MAX_CONTROL_PAYLOAD_BYTES,
+    MAX_DEVICE_STATE_BYTES,
+};
+use futures_util::FutureExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
-use crate::io::{expect_message, read_message, write_message};
-use crate::{region_descs, MigrateError, MigrationParams, MigrationStats, Vmm};
+use crate::error::panic_text;
+use crate::fault::hit;
+use crate::io::{expect_message, write_message, writev_all, ControlChannel, IoVecs};
+use crate::phase::{Phase, PhaseWatch, Side};
+use crate::{region_descs, MigrateError, MigrationFailure, MigrationParams, MigrationStats, Vmm};
 
-/// Sends a VM's guest RAM to a [`crate::Receiver`] with precopy.
+/// Sends a VM's guest RAM to a [`crate::Receiver`] with precopy and hands
+/// the VM over.
 ///
 /// Before [`Self::migrate`], the dirty log must already track the VMM's
 /// RAM: every write after that point is caught.
@@ -30,12 +45,15 @@ pub struct PrecopySender {
     hint_source: Option<Arc<dyn HintSource>>,
     vmm: Arc<dyn Vmm>,
     params: MigrationParams,
+    phase: PhaseWatch,
+    cancel: CancellationToken,
 }
 
 impl std::fmt::Debug for PrecopySender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PrecopySender")
             .field("params", &self.params)
+            .field("phase", &self.phase)
             .finish_non_exhaustive()
     }
 }
@@ -48,17 +66,29 @@ struct RoundCounters {
     pages_zero: AtomicU64,
 }
 
-struct Channels {
-    control_tx: OwnedWriteHalf,
-    control_rx: mpsc::UnboundedReceiver<Result<Message, MigrateError>>,
+/// Everything one migration attempt holds between its phases.
+struct Attempt {
+    stats: MigrationStats,
+    started: Instant,
+    /// We stopped the VM and have not resumed it.
+    vm_stopped: bool,
+    stop_at: Option<Instant>,
+    control: Option<ControlChannel>,
     bulk: Vec<TcpStream>,
+    /// Zero runs to send at the start of the next round.
+    zero_runs: Vec<ZeroRun>,
+    round: u32,
+    bandwidth_bytes_per_s: f64,
+    /// Bytes of populated guest memory when the migration began.
+    populated_bytes: u64,
 }
 
 impl PrecopySender {
     /// A sender for `ram`, whose writes `dirty_log` tracks and whose bitmap
     /// `filter` holds (hints reach `filter` through its
     /// [`freehint_types::HintSink`] implementation). `hint_source`, if any,
-    /// is told when hint rounds start and stop.
+    /// is told when hint rounds start and stop, and gets DONE when a failed
+    /// migration is over.
     pub fn new(
         ram: Arc<GuestRam>,
         filter: Arc<HintFilter>,
@@ -75,87 +105,108 @@ impl PrecopySender {
             hint_source,
             vmm,
             params,
+            phase: PhaseWatch::new(Side::Source),
+            cancel: CancellationToken::new(),
         })
     }
 
-    /// Migrates to the receiver at `dest`. On error the source VM is
-    /// running again, its memory untouched.
-    pub async fn migrate(mut self, dest: SocketAddr) -> Result<MigrationStats, MigrateError> {
-        let mut stopped = false;
-        let mut control: Option<OwnedWriteHalf> = None;
-        let result = self.run(dest, &mut stopped, &mut control).await;
-        if let Err(e) = &result {
-            tracing::warn!("migration failed: {e}; failing back");
-            if let Some(src) = &self.hint_source {
-                if let Err(e) = src.stop_round() {
-                    tracing::warn!("could not stop the hint round: {e}");
-                }
-            }
-            if let Some(c) = control.as_mut() {
-                let _ = write_message(c, &Message::Error(e.to_string()), "control").await;
-            }
-            if stopped {
-                if let Err(re) = self.vmm.resume() {
-                    return Err(MigrateError::Vmm(crate::VmmError(format!(
-                        "{e}; and resuming the source VM failed too: {re}"
-                    ))));
-                }
-                tracing::info!("source VM resumed");
-            }
-        }
-        result
+    /// The migration's phase, for whoever watches it.
+    pub fn phase_watch(&self) -> PhaseWatch {
+        self.phase.clone()
+    }
+
+    /// A token that cancels the migration: before the commit it fails
+    /// back (the source VM runs on, untouched); after it, it does nothing.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
     }
 
     fn timeout(&self) -> Duration {
         Duration::from_secs(self.params.peer_timeout_s)
     }
 
-    async fn connect(&self, dest: SocketAddr, hello: Hello) -> Result<TcpStream, MigrateError> {
-        let what = format!("connecting to {dest} ({:?} channel)", hello.role);
-        let mut s = tokio::time::timeout(self.timeout(), TcpStream::connect(dest))
-            .await
-            .map_err(|_| MigrateError::Timeout {
-                what: what.clone(),
-                seconds: self.params.peer_timeout_s,
-            })?
-            .map_err(MigrateError::io(what.clone()))?;
-        crate::tune_socket(&s).map_err(MigrateError::io(what.clone()))?;
-        write_message(&mut s, &Message::Hello(hello), &what).await?;
-        match expect_message(&mut s, &format!("{what}: hello answer"), self.timeout()).await? {
-            Message::HelloAck => Ok(s),
-            Message::Error(e) => Err(MigrateError::Peer(e)),
-            other => Err(MigrateError::Unexpected(format!(
-                "{what}: expected hello ack, got {:?}",
-                other.kind()
-            ))),
+    /// Migrates to the receiver at `dest` and hands the VM over. On success
+    /// the destination runs the guest. On failure, `stats.state` says where
+    /// the guest is: [`Phase::Failed`] (the source runs it, untouched) or
+    /// [`Phase::Uncertain`] (the source keeps it paused after committing;
+    /// the operator decides).
+    pub async fn migrate(mut self, dest: SocketAddr) -> Result<MigrationStats, MigrationFailure> {
+        let mut at = Attempt {
+            stats: MigrationStats {
+                guest_ram_bytes: self.ram.size_bytes(),
+                ..Default::default()
+            },
+            started: Instant::now(),
+            vm_stopped: false,
+            stop_at: None,
+            control: None,
+            bulk: Vec::new(),
+            zero_runs: Vec::new(),
+            round: 0,
+            bandwidth_bytes_per_s: 0.0,
+            populated_bytes: 0,
+        };
+        let cancel = self.cancel.clone();
+        let before_commit = {
+            let run = AssertUnwindSafe(self.until_ready(dest, &mut at)).catch_unwind();
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => Err(MigrateError::Cancelled),
+                r = run => r.unwrap_or_else(|p| Err(MigrateError::Panic(panic_text(&*p)))),
+            }
+        };
+        if let Err(e) = before_commit {
+            return Err(self.fail_back(at, e).await);
         }
+        // The point of no return: from here on, no cancel, no fail back.
+        let committed = AssertUnwindSafe(self.commit(&mut at))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| Err(MigrateError::Panic(panic_text(&*p))));
+        match committed {
+            // The destination gave up before acting on the commit: it never
+            // resumes its copy, so the guest resumes here.
+            Err(e @ MigrateError::Peer(_)) => return Err(self.fail_back(at, e).await),
+            Err(e) => return Err(self.uncertain(at, e)),
+            Ok(()) => {}
+        }
+        self.phase.enter(Phase::Completed);
+        let after = std::panic::catch_unwind(AssertUnwindSafe(|| hit("src.after-resumed")))
+            .unwrap_or_else(|p| Err(MigrateError::Panic(panic_text(&*p))));
+        if let Err(e) = after {
+            // The destination runs the guest: nothing to undo.
+            tracing::warn!("after the handover: {e}");
+        }
+        if let Err(e) = self.vmm.handed_over() {
+            tracing::warn!("releasing the source VMM after the handover: {e}");
+        }
+        Ok(self.outcome(at, Phase::Completed, false, Some(true)))
     }
 
-    async fn open_channels(&self, dest: SocketAddr) -> Result<Channels, MigrateError> {
-        let session_id = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-            ^ ((std::process::id() as u64) << 32);
-        let hello = |role| Hello {
-            session_id,
-            role,
-            bulk_channels: self.params.bulk_channels,
-            regions: region_descs(&self.ram),
-        };
-        let control = self.connect(dest, hello(ChannelRole::Control)).await?;
-        let mut bulk = Vec::new();
-        for i in 0..self.params.bulk_channels {
-            bulk.push(self.connect(dest, hello(ChannelRole::Bulk(i))).await?);
-        }
-        let (rx_half, control_tx) = control.into_split();
-        let (tx, control_rx) = mpsc::unbounded_channel();
-        tokio::spawn(watch_control(rx_half, tx));
-        Ok(Channels {
-            control_tx,
-            control_rx,
-            bulk,
-        })
+    /// Everything up to the destination's `Ready`: any error here fails
+    /// back.
+    async fn until_ready(
+        &mut self,
+        dest: SocketAddr,
+        at: &mut Attempt,
+    ) -> Result<(), MigrateError> {
+        hit("src.setup")?;
+        self.first_round_plan(at).await?;
+        self.open_channels(dest, at).await?;
+        self.phase.enter(Phase::Precopy);
+        hit("src.connected")?;
+        self.live_rounds(at).await?;
+        self.check_device_state_size()?;
+        hit("src.before-stop")?;
+        self.stop_vm(at).await?;
+        hit("src.after-stop")?;
+        self.final_round(at).await?;
+        hit("src.after-final-round")?;
+        self.send_device_state(at).await?;
+        hit("src.after-complete")?;
+        self.await_ready(at).await?;
+        hit("src.after-ready")?;
+        Ok(())
     }
 
     /// Syncs the dirty log into the bitmap under the hint lock, and starts
@@ -167,17 +218,20 @@ impl PrecopySender {
     ) -> Result<SyncReport, MigrateError> {
         let t = Instant::now();
         let log = &mut self.dirty_log;
-        let report = self
-            .filter
-            .sync(open_next && self.hint_source.is_some(), |bm| {
-                log.sync(&mut |run| {
-                    bm.set_run(PageRun {
-                        region: run.region,
-                        first_page: run.first_page,
-                        count: run.count,
-                    });
-                })
-            })?;
+        let merge = |bm: &mut freehint_hint_filter::MigrationBitmap| {
+            log.sync(&mut |run| {
+                bm.set_run(PageRun {
+                    region: run.region,
+                    first_page: run.first_page,
+                    count: run.count,
+                });
+            })
+        };
+        let report = if open_next {
+            self.filter.sync(self.hint_source.is_some(), merge)?
+        } else {
+            self.filter.final_sync(merge)?
+        };
         let us = t.elapsed().as_micros() as u64;
         stats.syncs += 1;
         stats.sync_max_us = stats.sync_max_us.max(us);
@@ -189,25 +243,14 @@ impl PrecopySender {
         Ok(report)
     }
 
-    async fn run(
-        &mut self,
-        dest: SocketAddr,
-        stopped: &mut bool,
-        control_out: &mut Option<OwnedWriteHalf>,
-    ) -> Result<MigrationStats, MigrateError> {
-        let started = Instant::now();
-        let mut stats = MigrationStats {
-            guest_ram_bytes: self.ram.size_bytes(),
-            ..Default::default()
-        };
-
-        // Round 1 sends every populated page; holes go as zero records
-        // without being read (reading a tmpfs hole would allocate it).
+    /// Marks every populated page to send (holes go as zero records, never
+    /// read: reading a tmpfs hole would allocate it), opens the first hint
+    /// round and waits while the guest's report pays.
+    async fn first_round_plan(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
         let mut zero_runs: Vec<ZeroRun> = Vec::new();
-        let mut populated_bytes = 0u64;
         for (idx, region) in self.ram.regions().iter().enumerate() {
             let data = region.data_page_ranges()?;
-            populated_bytes +=
+            at.populated_bytes +=
                 data.iter().map(|r| r.end - r.start).sum::<u64>() * region.page_bytes();
             let mut next = 0;
             self.filter.with_bitmap(|bm| {
@@ -236,8 +279,7 @@ impl PrecopySender {
         }
         // Open the first hint round before connecting, so the guest's
         // report is under way by the time the first pages go out.
-        let hints = self.params.hints;
-        let first = self.sync(hints, &mut stats)?;
+        let first = self.sync(self.params.hints, &mut at.stats)?;
         if let (Some(id), Some(src)) = (first.opened_epoch, &self.hint_source) {
             let filter = self.filter.clone();
             let page_bytes = self.ram.regions().first().map_or(4096, |r| r.page_bytes());
@@ -246,8 +288,8 @@ impl PrecopySender {
             let max_ms = self
                 .params
                 .hint_wait_ms
-                .min(populated_bytes.saturating_mul(1000) / HINT_RATE_FLOOR_BYTES_PER_S);
-            stats.hint_wait_ms = wait_for_report(src.as_ref(), id, max_ms, || {
+                .min(at.populated_bytes.saturating_mul(1000) / HINT_RATE_FLOOR_BYTES_PER_S);
+            at.stats.hint_wait_ms = wait_for_report(src.as_ref(), id, max_ms, || {
                 let h = filter.stats();
                 (h.hinted_bytes, h.pages_skipped_free * page_bytes)
             })
@@ -255,8 +297,9 @@ impl PrecopySender {
         }
         // A hole written after the scan is in the dirty log, now merged:
         // it goes as data, so no zero run for it (two records for one page
-        // in one round could be placed in either order).
-        let mut zero_runs = self.filter.with_bitmap(|bm| {
+        // in one round could be placed in either order). The first sync's
+        // reported-free pages go as zero runs too.
+        at.zero_runs = self.filter.with_bitmap(|bm| {
             let mut still_zero = Vec::new();
             for z in &zero_runs {
                 let run = PageRun {
@@ -268,37 +311,80 @@ impl PrecopySender {
             }
             to_zero_runs(&still_zero)
         });
-        let Channels {
-            control_tx,
-            mut control_rx,
-            mut bulk,
-        } = self.open_channels(dest).await?;
-        *control_out = Some(control_tx);
+        at.zero_runs.extend(to_zero_runs(&first.discarded));
+        Ok(())
+    }
 
-        let mut bandwidth_bytes_per_s: f64 = 0.0;
-        let mut round: u32 = 0;
+    async fn connect(&self, dest: SocketAddr, hello: Hello) -> Result<TcpStream, MigrateError> {
+        let what = format!("connecting to {dest} ({:?} channel)", hello.role);
+        let mut s = tokio::time::timeout(self.timeout(), TcpStream::connect(dest))
+            .await
+            .map_err(|_| MigrateError::Timeout {
+                what: what.clone(),
+                seconds: self.params.peer_timeout_s,
+            })?
+            .map_err(MigrateError::io(what.clone()))?;
+        crate::tune_socket(&s, self.timeout()).map_err(MigrateError::io(what.clone()))?;
+        write_message(&mut s, &Message::Hello(hello), &what, self.timeout()).await?;
+        match expect_message(&mut s, &format!("{what}: hello answer"), self.timeout()).await? {
+            Message::HelloAck => Ok(s),
+            Message::Error(e) => Err(MigrateError::Peer(e)),
+            other => Err(MigrateError::Unexpected(format!(
+                "{what}: expected hello ack, got {:?}",
+                other.kind()
+            ))),
+        }
+    }
+
+    async fn open_channels(&self, dest: SocketAddr, at: &mut Attempt) -> Result<(), MigrateError> {
+        let session_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ ((std::process::id() as u64) << 32);
+        let hello = |role| Hello {
+            session_id,
+            role,
+            bulk_channels: self.params.bulk_channels,
+            peer_timeout_s: self.params.peer_timeout_s as u32,
+            regions: region_descs(&self.ram),
+        };
+        let control = self.connect(dest, hello(ChannelRole::Control)).await?;
+        for i in 0..self.params.bulk_channels {
+            at.bulk
+                .push(self.connect(dest, hello(ChannelRole::Bulk(i))).await?);
+        }
+        at.control = Some(ControlChannel::new(control));
+        Ok(())
+    }
+
+    /// Live rounds until the rest fits in the downtime target (or the
+    /// round limit is reached).
+    async fn live_rounds(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
         loop {
-            round += 1;
-            check_control(&mut control_rx)?;
+            at.round += 1;
+            self.phase.set_round(at.round);
+            hit("src.round-start")?;
+            check_control(at)?;
             let t = Instant::now();
-            let counters;
-            (bulk, counters) = self
-                .send_round(round, bulk, std::mem::take(&mut zero_runs))
-                .await?;
+            let zero_runs = std::mem::take(&mut at.zero_runs);
+            let counters = self.send_round(at, zero_runs).await?;
             let secs = t.elapsed().as_secs_f64();
             let bytes = counters.bytes.load(Ordering::Relaxed);
-            add_counters(&mut stats, &counters);
-            if bytes >= 4 << 20 || bandwidth_bytes_per_s == 0.0 {
+            add_counters(&mut at.stats, &counters);
+            if bytes >= 4 << 20 || at.bandwidth_bytes_per_s == 0.0 {
                 let bw = bytes as f64 / secs.max(1e-6);
-                bandwidth_bytes_per_s = bandwidth_bytes_per_s.max(bw);
-                stats.peak_bandwidth_mib_per_s = stats.peak_bandwidth_mib_per_s.max(bw / 1048576.0);
+                at.bandwidth_bytes_per_s = at.bandwidth_bytes_per_s.max(bw);
+                at.stats.peak_bandwidth_mib_per_s =
+                    at.stats.peak_bandwidth_mib_per_s.max(bw / 1048576.0);
             }
-            let report = self.sync(hints, &mut stats)?;
-            zero_runs = to_zero_runs(&report.discarded);
+            hit("src.before-sync")?;
+            let report = self.sync(true, &mut at.stats)?;
+            at.zero_runs = to_zero_runs(&report.discarded);
             let left = self.filter.bytes_to_send();
-            let estimate_ms = left as f64 / bandwidth_bytes_per_s.max(1.0) * 1000.0;
+            let estimate_ms = left as f64 / at.bandwidth_bytes_per_s.max(1.0) * 1000.0;
             tracing::info!(
-                round,
+                round = at.round,
                 round_bytes = bytes,
                 round_ms = (secs * 1000.0) as u64,
                 left_bytes = left,
@@ -309,81 +395,222 @@ impl PrecopySender {
             // zero runs the receiver punches out of its RAM file: many of
             // them get one more live round rather than the downtime.
             let converged = estimate_ms <= self.params.downtime_target_ms as f64
-                && zero_runs.len() <= MAX_ZERO_RUNS_AT_SWITCHOVER
-                && round >= self.params.min_rounds;
-            if converged || round + 1 >= self.params.max_rounds {
-                break;
+                && at.zero_runs.len() <= MAX_ZERO_RUNS_AT_SWITCHOVER
+                && at.round >= self.params.min_rounds;
+            if converged || at.round + 1 >= self.params.max_rounds {
+                return Ok(());
             }
         }
+    }
 
-        // Switchover.
-        check_control(&mut control_rx)?;
-        // Hints stop first, while the guest (and its balloon device) still
-        // runs to see it; hints racing the stop fall to the epoch closed
-        // by the final sync.
+    /// Refuses, while the VM still runs, a device state too large to move.
+    fn check_device_state_size(&self) -> Result<(), MigrateError> {
+        if let Some(bytes) = self.vmm.device_state_estimate_bytes()? {
+            if bytes > MAX_DEVICE_STATE_BYTES {
+                return Err(MigrateError::DeviceStateTooLarge {
+                    bytes,
+                    max_bytes: MAX_DEVICE_STATE_BYTES,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the destination, stops the hint round (while the guest still
+    /// runs to see it; hints racing the stop fall to the epoch the final
+    /// sync closes), and stops the VM.
+    async fn stop_vm(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
+        check_control(at)?;
+        let t = self.timeout();
+        let control = at.control.as_mut().expect("channels are open");
+        at.stats.bytes_on_wire += control
+            .send(&Message::Stopping, "control channel", t)
+            .await?;
         if let Some(src) = &self.hint_source {
             if let Err(e) = src.stop_round() {
                 tracing::warn!("could not stop the hint round: {e}");
             }
         }
-        let stop_at = Instant::now();
-        *stopped = true;
+        at.stop_at = Some(Instant::now());
+        // Set first: a stop that fails half-way is still undone.
+        at.vm_stopped = true;
         self.vmm.stop()?;
-        let report = self.sync(false, &mut stats)?;
+        self.phase.enter(Phase::Stopped);
+        Ok(())
+    }
+
+    /// The final sync and round, with the VM stopped; closes the bulk
+    /// channels.
+    async fn final_round(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
+        let report = self.sync(false, &mut at.stats)?;
+        let mut zero_runs = std::mem::take(&mut at.zero_runs);
         zero_runs.extend(to_zero_runs(&report.discarded));
-        round += 1;
-        let (bulk, counters) = self.send_round(round, bulk, zero_runs).await?;
-        stats.final_round_bytes = counters.bytes.load(Ordering::Relaxed);
-        add_counters(&mut stats, &counters);
-        for mut b in bulk {
-            b.shutdown()
-                .await
-                .map_err(MigrateError::io("closing a bulk channel"))?;
+        at.round += 1;
+        self.phase.set_round(at.round);
+        let counters = self.send_round(at, zero_runs).await?;
+        at.stats.final_round_bytes = counters.bytes.load(Ordering::Relaxed);
+        add_counters(&mut at.stats, &counters);
+        let t = self.timeout();
+        for mut b in std::mem::take(&mut at.bulk) {
+            match tokio::time::timeout(t, b.shutdown()).await {
+                Ok(r) => r.map_err(MigrateError::io("closing a bulk channel"))?,
+                Err(_) => {
+                    return Err(MigrateError::Timeout {
+                        what: "closing a bulk channel".into(),
+                        seconds: t.as_secs(),
+                    })
+                }
+            }
         }
-        let control = control_out.as_mut().expect("set above");
+        Ok(())
+    }
+
+    /// Takes the device state and sends it, then `Complete`.
+    async fn send_device_state(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
         let state = self.vmm.device_state()?;
-        stats.bytes_on_wire += write_message(
-            control,
-            &Message::DeviceState(state),
-            "sending device state",
-        )
-        .await?;
-        stats.bytes_on_wire += write_message(
-            control,
-            &Message::Complete { rounds: round },
-            "sending completion",
-        )
-        .await?;
-        let answer = tokio::time::timeout(self.timeout(), control_rx.recv())
-            .await
-            .map_err(|_| MigrateError::Timeout {
-                what: "the destination to confirm it resumed the VM".into(),
-                seconds: self.params.peer_timeout_s,
-            })?;
-        match answer {
-            Some(Ok(Message::Resumed)) => {}
-            Some(Ok(Message::Error(e))) => return Err(MigrateError::Peer(e)),
-            Some(Ok(other)) => {
+        if state.len() as u64 > MAX_DEVICE_STATE_BYTES {
+            return Err(MigrateError::DeviceStateTooLarge {
+                bytes: state.len() as u64,
+                max_bytes: MAX_DEVICE_STATE_BYTES,
+            });
+        }
+        check_control(at)?;
+        let t = self.timeout();
+        let control = at.control.as_mut().expect("channels are open");
+        for chunk in state.chunks(MAX_CONTROL_PAYLOAD_BYTES as usize) {
+            at.stats.bytes_on_wire += control
+                .send(
+                    &Message::DeviceStateChunk(chunk.to_vec()),
+                    "sending device state",
+                    t,
+                )
+                .await?;
+        }
+        at.stats.device_state_bytes = state.len() as u64;
+        at.stats.bytes_on_wire += control
+            .send(
+                &Message::Complete {
+                    rounds: at.round,
+                    device_state_bytes: state.len() as u64,
+                    last_cmd_id: self.filter.last_cmd_id().0,
+                },
+                "sending completion",
+                t,
+            )
+            .await?;
+        self.phase.enter(Phase::HandingOver);
+        Ok(())
+    }
+
+    async fn await_ready(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
+        let t = self.timeout();
+        let control = at.control.as_mut().expect("channels are open");
+        match control
+            .expect(t, "the destination to load the guest (Ready)")
+            .await?
+        {
+            Message::Ready => {
+                self.phase.enter(Phase::Ready);
+                Ok(())
+            }
+            Message::Error(e) => Err(MigrateError::Peer(e)),
+            other => Err(MigrateError::Unexpected(format!(
+                "expected the destination's Ready, got {:?}",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Commits and waits for the destination's confirmation. An explicit
+    /// refusal (the destination gave up before acting on the commit, and
+    /// never resumes its copy) is [`MigrateError::Peer`]; anything else
+    /// leaves the outcome uncertain.
+    async fn commit(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
+        self.phase.enter(Phase::Committed);
+        let t = self.timeout();
+        let control = at.control.as_mut().expect("channels are open");
+        at.stats.bytes_on_wire += control
+            .send(&Message::Commit, "sending the commit", t)
+            .await?;
+        hit("src.after-commit")?;
+        match control
+            .expect(t, "the destination to resume the guest")
+            .await?
+        {
+            Message::Resumed => {}
+            Message::Error(e) => return Err(MigrateError::Peer(e)),
+            other => {
                 return Err(MigrateError::Unexpected(format!(
-                    "expected the destination's confirmation, got {:?}",
+                    "expected the destination's Resumed, got {:?}",
                     other.kind()
                 )))
             }
-            Some(Err(e)) => return Err(e),
-            None => {
-                return Err(MigrateError::Unexpected(
-                    "destination closed the control channel before confirming".into(),
-                ))
+        }
+        at.stats.downtime_ms = at.stop_at.map_or(0, |s| s.elapsed().as_millis() as u64);
+        at.stats.total_time_ms = at.started.elapsed().as_millis() as u64;
+        Ok(())
+    }
+
+    /// After a failure before the commit: tells the destination, resumes the
+    /// VM if we stopped it, and sends the guest DONE (it holds the blocks
+    /// it hinted until then).
+    async fn fail_back(&mut self, mut at: Attempt, e: MigrateError) -> MigrationFailure {
+        tracing::warn!("migration failed: {e}; failing back");
+        if let Some(c) = at.control.as_mut() {
+            // Best effort, and quick: the peer may be what failed.
+            let _ = c
+                .send(
+                    &Message::Error(e.to_string()),
+                    "control",
+                    Duration::from_secs(2),
+                )
+                .await;
+        }
+        let mut error = e;
+        let mut source_running = true;
+        if at.vm_stopped {
+            match self.vmm.resume() {
+                Ok(()) => tracing::info!("source VM resumed"),
+                Err(re) => {
+                    tracing::error!("resuming the source VM failed: {re}");
+                    error = MigrateError::Vmm(crate::VmmError(format!(
+                        "{error}; and resuming the source VM failed too: {re}"
+                    )));
+                    source_running = false;
+                }
             }
         }
-        stats.downtime_ms = stop_at.elapsed().as_millis() as u64;
-        stats.total_time_ms = started.elapsed().as_millis() as u64;
-        stats.rounds = round;
-        // From here on the destination runs the guest: there is no failing
-        // back any more.
-        *stopped = false;
-        *control_out = None;
-        self.vmm.handed_over()?;
+        if let Some(src) = &self.hint_source {
+            if let Err(e) = src.finish() {
+                tracing::warn!("could not tell the guest that migration is over (DONE): {e}");
+            }
+        }
+        self.phase.enter(Phase::Failed);
+        let stats = self.outcome(at, Phase::Failed, source_running, Some(false));
+        MigrationFailure { error, stats }
+    }
+
+    fn uncertain(&mut self, at: Attempt, e: MigrateError) -> MigrationFailure {
+        tracing::error!(
+            "after the commit: {e}; the source VM stays paused, the destination may run the guest"
+        );
+        self.phase.enter(Phase::Uncertain);
+        let stats = self.outcome(at, Phase::Uncertain, false, None);
+        MigrationFailure { error: e, stats }
+    }
+
+    fn outcome(
+        &self,
+        at: Attempt,
+        state: Phase,
+        source_running: bool,
+        destination_running: Option<bool>,
+    ) -> MigrationStats {
+        let mut stats = at.stats;
+        if stats.total_time_ms == 0 {
+            stats.total_time_ms = at.started.elapsed().as_millis() as u64;
+        }
+        stats.rounds = at.round;
         let h = self.filter.stats();
         stats.pages_skipped_free = h.pages_skipped_free;
         stats.pages_skipped_reported = h.pages_skipped_reported;
@@ -391,45 +618,56 @@ impl PrecopySender {
         stats.hints_dropped_stale = h.hints_dropped_stale;
         stats.hints_rejected_invalid = h.hints_rejected_invalid;
         stats.sync_mean_us /= stats.syncs.max(1) as u64;
-        Ok(stats)
+        stats.state = state;
+        stats.source_running = source_running;
+        stats.destination_running = destination_running;
+        stats
     }
 
     /// Sends one round over every bulk channel, then a round-end barrier on
-    /// each.
+    /// each. The channel tasks are aborted if this future is dropped.
     async fn send_round(
         &self,
-        round: u32,
-        bulk: Vec<TcpStream>,
+        at: &mut Attempt,
         zero_runs: Vec<ZeroRun>,
-    ) -> Result<(Vec<TcpStream>, Arc<RoundCounters>), MigrateError> {
+    ) -> Result<Arc<RoundCounters>, MigrateError> {
         let cursor = Arc::new(Mutex::new(Cursor::default()));
         let counters = Arc::new(RoundCounters::default());
         let mut zero_runs = Some(zero_runs);
-        let mut tasks = Vec::new();
-        for (i, stream) in bulk.into_iter().enumerate() {
+        let mut tasks = JoinSet::new();
+        for (i, stream) in std::mem::take(&mut at.bulk).into_iter().enumerate() {
             let job = ChannelJob {
                 ram: self.ram.clone(),
                 filter: self.filter.clone(),
                 cursor: cursor.clone(),
                 counters: counters.clone(),
                 batch_bytes: self.params.batch_bytes,
-                round,
+                round: at.round,
                 zero_runs: if i == 0 {
                     zero_runs.take().unwrap_or_default()
                 } else {
                     Vec::new()
                 },
+                timeout: self.timeout(),
                 context: format!("bulk channel {i}"),
             };
-            tasks.push(tokio::spawn(job.run(stream)));
+            tasks.spawn(async move { (i, job.run(stream).await) });
         }
-        let mut streams = Vec::new();
+        let mut streams: Vec<Option<TcpStream>> = Vec::new();
         let mut first_err = None;
-        for t in tasks {
-            match t.await {
-                Ok(Ok(s)) => streams.push(s),
-                Ok(Err(e)) => {
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok((i, Ok(s))) => {
+                    if streams.len() <= i {
+                        streams.resize_with(i + 1, || None);
+                    }
+                    streams[i] = Some(s);
+                }
+                Ok((_, Err(e))) => {
                     first_err.get_or_insert(e);
+                }
+                Err(join) if join.is_panic() => {
+                    first_err.get_or_insert(MigrateError::Panic(panic_text(&*join.into_panic())));
                 }
                 Err(join) => {
                     first_err.get_or_insert(MigrateError::Unexpected(format!(
@@ -438,10 +676,11 @@ impl PrecopySender {
                 }
             }
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok((streams, counters)),
+        if let Some(e) = first_err {
+            return Err(e);
         }
+        at.bulk = streams.into_iter().flatten().collect();
+        Ok(counters)
     }
 }
 
@@ -462,57 +701,18 @@ fn to_zero_runs(runs: &[PageRun]) -> Vec<ZeroRun> {
 }
 
 /// Fails if the destination reported an error or went away.
-fn check_control(
-    rx: &mut mpsc::UnboundedReceiver<Result<Message, MigrateError>>,
-) -> Result<(), MigrateError> {
-    match rx.try_recv() {
-        Ok(Ok(Message::Error(e))) => Err(MigrateError::Peer(e)),
-        Ok(Ok(other)) => Err(MigrateError::Unexpected(format!(
+fn check_control(at: &mut Attempt) -> Result<(), MigrateError> {
+    let Some(c) = at.control.as_mut() else {
+        return Ok(());
+    };
+    match c.try_next()? {
+        None => Ok(()),
+        Some(Message::Error(e)) => Err(MigrateError::Peer(e)),
+        Some(other) => Err(MigrateError::Unexpected(format!(
             "destination sent {:?} in the middle of the migration",
             other.kind()
         ))),
-        Ok(Err(e)) => Err(e),
-        Err(mpsc::error::TryRecvError::Empty) => Ok(()),
-        Err(mpsc::error::TryRecvError::Disconnected) => Err(MigrateError::Unexpected(
-            "destination closed the control channel".into(),
-        )),
     }
-}
-
-/// Forwards what the destination says on the control channel.
-async fn watch_control(
-    mut rx: OwnedReadHalf,
-    tx: mpsc::UnboundedSender<Result<Message, MigrateError>>,
-) {
-    loop {
-        match read_message(&mut rx, "control channel").await {
-            Ok(Some(m)) => {
-                if tx.send(Ok(m)).is_err() {
-                    return;
-                }
-            }
-            Ok(None) => return,
-            Err(e) => {
-                let _ = tx.send(Err(e));
-                return;
-            }
-        }
-    }
-}
-
-/// Writes every byte of `bufs`, however the kernel splits the writes.
-async fn write_all_vectored(
-    stream: &mut TcpStream,
-    mut bufs: &mut [IoSlice<'_>],
-) -> std::io::Result<()> {
-    while !bufs.is_empty() {
-        let n = stream.write_vectored(bufs).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut bufs, n);
-    }
-    Ok(())
 }
 
 /// What one bulk channel does in one round.
@@ -524,6 +724,7 @@ struct ChannelJob {
     batch_bytes: u64,
     round: u32,
     zero_runs: Vec<ZeroRun>,
+    timeout: Duration,
     context: String,
 }
 
@@ -531,21 +732,21 @@ impl ChannelJob {
     async fn run(self, mut stream: TcpStream) -> Result<TcpStream, MigrateError> {
         let ctx = self.context.as_str();
         for z in &self.zero_runs {
-            let n = write_message(&mut stream, &Message::Zero(*z), ctx).await?;
+            let n = write_message(&mut stream, &Message::Zero(*z), ctx, self.timeout).await?;
             self.counters.bytes.fetch_add(n, Ordering::Relaxed);
             self.counters
                 .pages_zero
                 .fetch_add(z.count, Ordering::Relaxed);
         }
         let mut claimed: Vec<(usize, u64)> = Vec::new();
-        // (address, length) of runs of data pages in the mapping.
-        let mut spans: Vec<(usize, usize)> = Vec::new();
         let mut head_buf: Vec<u8> = Vec::new();
         // Reused batch after batch: no allocation per batch.
         let mut head = PageBatchHead {
             region: 0,
             entries: Vec::new(),
         };
+        let mut iovs = IoVecs(Vec::new());
+        let mut batches = 0u64;
         loop {
             claimed.clear();
             let n = {
@@ -563,7 +764,10 @@ impl ChannelJob {
             // Map each contiguous run for reading with one call (no fault
             // per page), check every page for zero in place, and send the
             // others straight from the mapping: the kernel copies them into
-            // the socket, with no copy of ours in between.
+            // the socket, with no copy of ours in between. Guest memory is
+            // read only through volatile loads and raw pointers: the guest
+            // may write it meanwhile; what we send may then be torn or
+            // stale, and the dirty log has the page for the next round.
             let mut k = 0;
             while k < claimed.len() {
                 let first = claimed[k].1;
@@ -574,42 +778,44 @@ impl ChannelJob {
                 region.populate_read(first, run as u64)?;
                 k += run;
             }
-            spans.clear();
+            // (address, length) of runs of data pages in the mapping.
+            let mut spans: Vec<(usize, usize)> = Vec::new();
             for &(_, page) in &claimed {
-                let ptr = region.page_ptr(page).ok_or_else(|| {
-                    MigrateError::Unexpected(format!(
-                        "bitmap names page {page} beyond region {region_idx}"
-                    ))
-                })?;
-                // SAFETY: a whole page inside this region's mapping, which
-                // lives as long as `self.ram`. The guest may write it while
-                // we look; what we send may then be torn or stale, and the
-                // dirty log has the page for the next round.
-                let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, page_bytes) };
-                if is_zero_page(bytes) {
+                let pages = region.volatile_pages(page, 1)?;
+                if is_zero_volatile(&pages) {
                     head.entries.push(page | ENTRY_ZERO);
                     continue;
                 }
                 head.entries.push(page);
+                let addr = pages.ptr_guard().as_ptr() as usize;
                 match spans.last_mut() {
-                    Some((start, len)) if *start + *len == ptr as usize => *len += page_bytes,
-                    _ => spans.push((ptr as usize, page_bytes)),
+                    Some((start, len)) if *start + *len == addr => *len += page_bytes,
+                    _ => spans.push((addr, page_bytes)),
                 }
             }
             let filled: usize = spans.iter().map(|s| s.1).sum();
             head_buf.clear();
             head.encode(page_bytes as u64, &mut head_buf);
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(spans.len() + 1);
-            slices.push(IoSlice::new(&head_buf));
+            iovs.0.clear();
+            iovs.0.push(libc::iovec {
+                iov_base: head_buf.as_mut_ptr().cast(),
+                iov_len: head_buf.len(),
+            });
             for &(addr, len) in &spans {
-                // SAFETY: as above: whole pages inside the live mapping.
-                slices.push(IoSlice::new(unsafe {
-                    std::slice::from_raw_parts(addr as *const u8, len)
-                }));
+                iovs.0.push(libc::iovec {
+                    iov_base: addr as *mut libc::c_void,
+                    iov_len: len,
+                });
             }
-            write_all_vectored(&mut stream, &mut slices)
-                .await
-                .map_err(MigrateError::io(ctx))?;
+            match tokio::time::timeout(self.timeout, writev_all(&stream, &mut iovs)).await {
+                Ok(r) => r.map_err(MigrateError::io(ctx))?,
+                Err(_) => {
+                    return Err(MigrateError::Timeout {
+                        what: format!("{ctx}: the destination to take page data"),
+                        seconds: self.timeout.as_secs(),
+                    })
+                }
+            }
             let data_pages = (filled / page_bytes) as u64;
             self.counters
                 .bytes
@@ -620,15 +826,23 @@ impl ChannelJob {
             self.counters
                 .pages_zero
                 .fetch_add(claimed.len() as u64 - data_pages, Ordering::Relaxed);
+            batches += 1;
+            if batches == 1 {
+                hit("src.mid-round")?;
+            }
         }
-        let n = write_message(&mut stream, &Message::RoundEnd { round: self.round }, ctx).await?;
+        let n = write_message(
+            &mut stream,
+            &Message::RoundEnd { round: self.round },
+            ctx,
+            self.timeout,
+        )
+        .await?;
         self.counters.bytes.fetch_add(n, Ordering::Relaxed);
         Ok(stream)
     }
 }
 
-/// Waits up to `max_ms` for the guest to finish reporting round `id`;
-/// returns how long it waited.
 /// Most zero runs (pages discarded by free page reporting since the last
 /// sync) left for the stopped round; with more, one more live round goes
 /// first. Measured: 62464 reported pages in the final round cost a real

@@ -1,5 +1,7 @@
 use serde::{Deserialize, Serialize};
 
+use crate::Phase;
+
 /// Everything measured about one migration. Every field name carries its
 /// unit; the same names appear in the JSON, the logs and the summary.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -42,14 +44,24 @@ pub struct MigrationStats {
     pub peak_bandwidth_mib_per_s: f64,
     /// Size of guest RAM.
     pub guest_ram_bytes: u64,
+    /// Bytes of VMM device state handed over.
+    pub device_state_bytes: u64,
+    /// How the migration ended: `completed`, `failed` or `uncertain`.
+    pub state: Phase,
+    /// Whether the source VM runs the guest at the end.
+    pub source_running: bool,
+    /// Whether the destination runs the guest at the end, as far as this
+    /// side knows (`null` when the outcome is uncertain).
+    pub destination_running: Option<bool>,
 }
 
 impl MigrationStats {
     /// A one-line human summary.
     pub fn summary(&self) -> String {
         format!(
-            "migrated {:.1} MiB of RAM: {:.1} MiB on the wire in {} ms ({} ms downtime), {} rounds; \
+            "{}: {:.1} MiB of RAM, {:.1} MiB on the wire in {} ms ({} ms downtime), {} rounds; \
              {} pages sent, {} zero, {} skipped as free (hints), {} stale hints dropped",
+            self.state,
             self.guest_ram_bytes as f64 / 1048576.0,
             self.bytes_on_wire as f64 / 1048576.0,
             self.total_time_ms,

@@ -48,6 +48,10 @@ pub struct HintStats {
     pub pages_skipped_reported: u64,
     /// Epochs opened.
     pub epochs_opened: u64,
+    /// Reported ranges that arrived after the final sync, too late to be
+    /// taken into account (the device must be quiet by then: a non-zero
+    /// count is a bug in whoever feeds the filter).
+    pub reports_after_final_sync: u64,
 }
 
 /// What the lock protects.
@@ -59,6 +63,8 @@ struct State {
     /// Pages the guest reported (and the device discarded) since the last
     /// sync; they become zero records in the next round.
     reported: Vec<PageRun>,
+    /// The final sync has run: nothing may change the bitmap but claims.
+    frozen: bool,
 }
 
 /// What a sync did.
@@ -96,17 +102,32 @@ impl std::fmt::Debug for HintFilter {
 }
 
 impl HintFilter {
-    /// A filter over `bitmap` with no epoch open.
+    /// A filter over `bitmap` with no epoch open, whose first epoch is the
+    /// first round id ([`CmdId::MIN_ROUND`]).
     pub fn new(bitmap: MigrationBitmap) -> Self {
+        Self::after(bitmap, CmdId(CmdId::MIN_ROUND - 1))
+    }
+
+    /// A filter whose epochs continue after `last_cmd_id`: the cmd_id
+    /// counter belongs to the VM, not to one migration attempt (Linux
+    /// ignores a cmd_id equal to the last it saw, and hints of an earlier
+    /// attempt still queued must never match a new epoch).
+    pub fn after(bitmap: MigrationBitmap, last_cmd_id: CmdId) -> Self {
         Self {
             state: Mutex::new(State {
                 bitmap,
                 open_epoch: None,
-                last_cmd_id: CmdId(CmdId::MIN_ROUND - 1),
+                last_cmd_id,
                 stats: HintStats::default(),
                 reported: Vec::new(),
+                frozen: false,
             }),
         }
+    }
+
+    /// The last cmd_id this filter opened (or the one it started after).
+    pub fn last_cmd_id(&self) -> CmdId {
+        self.lock().last_cmd_id
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -128,8 +149,29 @@ impl HintFilter {
         open_next: bool,
         merge: impl FnOnce(&mut MigrationBitmap) -> Result<(), E>,
     ) -> Result<SyncReport, E> {
+        self.sync_inner(open_next, false, merge)
+    }
+
+    /// The last sync, with the VM stopped: closes the open epoch, merges,
+    /// and freezes the bitmap: from now on hints are dropped as stale and
+    /// reports are refused (and counted in
+    /// [`HintStats::reports_after_final_sync`]).
+    pub fn final_sync<E>(
+        &self,
+        merge: impl FnOnce(&mut MigrationBitmap) -> Result<(), E>,
+    ) -> Result<SyncReport, E> {
+        self.sync_inner(false, true, merge)
+    }
+
+    fn sync_inner<E>(
+        &self,
+        open_next: bool,
+        freeze: bool,
+        merge: impl FnOnce(&mut MigrationBitmap) -> Result<(), E>,
+    ) -> Result<SyncReport, E> {
         let mut st = self.lock();
         let closed_epoch = st.open_epoch.take();
+        st.frozen |= freeze;
         merge(&mut st.bitmap)?;
         let reported = std::mem::take(&mut st.reported);
         let mut discarded = Vec::with_capacity(reported.len());
@@ -138,7 +180,7 @@ impl HintFilter {
             // be sent as data, so no zero record for it.
             st.bitmap.unset_subruns(run, &mut discarded);
         }
-        let opened_epoch = if open_next {
+        let opened_epoch = if open_next && !st.frozen {
             let id = st.last_cmd_id.next_round();
             st.last_cmd_id = id;
             st.open_epoch = Some(id);
@@ -224,6 +266,15 @@ impl HintFilter {
     pub fn apply_reported(&self, ranges: &[GpaRange]) -> HintOutcome {
         let mut out = HintOutcome::default();
         let mut st = self.lock();
+        if st.frozen {
+            st.stats.reports_after_final_sync += ranges.len() as u64;
+            tracing::error!(
+                ranges = ranges.len(),
+                "free page reports arrived after the final sync; not applied"
+            );
+            out.ranges_dropped_stale = ranges.len() as u64;
+            return out;
+        }
         for r in ranges {
             match st.bitmap.runs_inside(*r) {
                 Some(runs) => {

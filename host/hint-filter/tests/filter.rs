@@ -199,3 +199,60 @@ proptest! {
         });
     }
 }
+
+#[test]
+fn epochs_go_on_after_the_vms_last_cmd_id() {
+    // A second attempt (or the destination) starts after the VM's last id:
+    // Linux ignores an id equal to the last it saw, and hints of the first
+    // attempt still queued never match an epoch of the second.
+    let f = HintFilter::after(bitmap(64), CmdId(7));
+    let r = f.sync(true, |_| Ok::<(), ()>(())).unwrap();
+    assert_eq!(r.opened_epoch, Some(CmdId(8)));
+    assert_eq!(f.last_cmd_id(), CmdId(8));
+    f.with_bitmap(|b| {
+        b.set_run(PageRun {
+            region: 0,
+            first_page: 0,
+            count: 64,
+        });
+    });
+    let stale = f.apply_hints(CmdId(3), &[GpaRange::new(0, 4096)]);
+    assert_eq!(stale.ranges_dropped_stale, 1);
+    assert_eq!(f.pages_to_send(), 64);
+}
+
+#[test]
+fn the_final_sync_freezes_the_bitmap() {
+    let f = HintFilter::new(bitmap(64));
+    let open = f.sync(true, |_| Ok::<(), ()>(())).unwrap().opened_epoch.unwrap();
+    f.with_bitmap(|b| {
+        b.set_run(PageRun {
+            region: 0,
+            first_page: 0,
+            count: 64,
+        });
+    });
+    let r = f.final_sync(|_| Ok::<(), ()>(())).unwrap();
+    assert_eq!(r.closed_epoch, Some(open));
+    assert_eq!(r.opened_epoch, None);
+    // Nothing but claims changes the bitmap now: a late hint is stale, a
+    // late report is refused and counted, and no epoch opens again.
+    assert_eq!(
+        f.apply_hints(open, &[GpaRange::new(0, 8192)])
+            .ranges_dropped_stale,
+        1
+    );
+    assert_eq!(f.apply_reported(&[GpaRange::new(8192, 8192)]).pages_cleared, 0);
+    assert_eq!(f.stats().reports_after_final_sync, 1);
+    assert_eq!(f.pages_to_send(), 64);
+    assert_eq!(f.sync(true, |_| Ok::<(), ()>(())).unwrap().opened_epoch, None);
+}
+
+/// One region of `pages` 4 KiB pages, nothing to send yet.
+fn bitmap(pages: u64) -> MigrationBitmap {
+    MigrationBitmap::new(vec![RegionLayout {
+        gpa_start: 0,
+        page_bytes: 4096,
+        pages,
+    }])
+}

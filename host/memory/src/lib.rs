@@ -22,7 +22,10 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, MmapRegion,
+    VolatileMemory, VolatileSlice,
+};
 
 /// The size of a base page on the host.
 pub const BASE_PAGE_BYTES: u64 = 4096;
@@ -335,18 +338,45 @@ impl RamRegion {
         )
     }
 
+    /// Pages `first_page..first_page + count` as a [`VolatileSlice`]: guest
+    /// memory that the guest (or any process mapping the file) may write at
+    /// any moment, so it is only ever accessed through raw pointers and
+    /// volatile loads and stores, never through a Rust reference.
+    pub fn volatile_pages(
+        &self,
+        first_page: u64,
+        count: u64,
+    ) -> Result<VolatileSlice<'_, ()>, MemoryError> {
+        let len = count
+            .checked_mul(self.page_bytes())
+            .and_then(|l| usize::try_from(l).ok())
+            .unwrap_or(usize::MAX);
+        self.check_pages(first_page, len, "map pages")?;
+        self.mapping
+            .get_slice(MemoryRegionAddress(first_page * self.page_bytes()), len)
+            .map_err(|e| MemoryError::Io {
+                gpa_start: self.gpa_start,
+                op: "map pages",
+                source: io::Error::other(e.to_string()),
+            })
+    }
+
     /// Writes whole pages starting at `first_page`: with `pwrite` into the
     /// file (no page faults, no zeroing of new tmpfs pages), or through
     /// the mapping on hugetlbfs, which has no `write(2)`.
     ///
-    /// Nothing else may access these pages while they are written: the
-    /// destination's VM is not running yet.
-    pub fn write_pages(&self, first_page: u64, data: &[u8]) -> Result<(), MemoryError> {
+    /// # Safety
+    ///
+    /// Nothing else may read or write these pages while they are written
+    /// (on hugetlbfs the bytes are copied straight into the mapping, so a
+    /// running guest could see half a page): call it only on a destination
+    /// whose VM has not been resumed, for pages no other thread places.
+    pub unsafe fn write_pages(&self, first_page: u64, data: &[u8]) -> Result<(), MemoryError> {
         self.check_pages(first_page, data.len(), "write pages")?;
         if let PageSize::HugeTlb { .. } = self.page_size {
             let dst = self.page_ptr(first_page).expect("checked above");
-            // SAFETY: the range lies inside the mapping (checked above) and
-            // the caller guarantees no concurrent access.
+            // SAFETY: the range lies inside the mapping (checked above), and
+            // the caller guarantees that nothing else accesses it meanwhile.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
             return Ok(());
         }
@@ -571,17 +601,29 @@ impl GuestRam {
     }
 }
 
-/// Whether a page holds only zero bytes. Reads eight bytes at a time.
-pub fn is_zero_page(bytes: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: every bit pattern is a valid u64; align_to only reinterprets.
-        unsafe { bytes.align_to::<u64>() }
+/// Whether every byte of `pages` (guest memory, possibly being written
+/// meanwhile) is zero: volatile 8-byte loads, stopping at the first non-zero
+/// word. A page written during the check may be judged either way; the
+/// dirty log has it for the next round.
+pub fn is_zero_volatile(pages: &VolatileSlice<'_, ()>) -> bool {
+    let words = pages.len() / 8;
+    let Ok(array) = pages.get_array_ref::<u64>(0, words) else {
+        return false;
     };
-    head.iter().all(|&b| b == 0)
-        && tail.iter().all(|&b| b == 0)
-        && words
-            .chunks(8)
-            .all(|c| c.iter().fold(0u64, |a, &w| a | w) == 0)
+    // Eight words per step: one branch per cache line, not per word.
+    let mut i = 0;
+    while i + 8 <= words {
+        let mut any = 0u64;
+        for k in 0..8 {
+            any |= array.load(i + k);
+        }
+        if any != 0 {
+            return false;
+        }
+        i += 8;
+    }
+    (i..words).all(|k| array.load(k) == 0)
+        && (words * 8..pages.len()).all(|b| pages.get_ref::<u8>(b).is_ok_and(|r| r.load() == 0))
 }
 
 #[cfg(test)]
@@ -631,25 +673,35 @@ mod tests {
             PageSize::Base | PageSize::Thp { .. }
         ));
         let page: Vec<u8> = (0..8192).map(|i| (i % 251) as u8).collect();
-        r.write_pages(3, &page).unwrap();
+        // SAFETY: nothing else maps this test region.
+        unsafe { r.write_pages(3, &page).unwrap() };
         let mut back = vec![0u8; 8192];
         r.read_pages(3, &mut back).unwrap();
         assert_eq!(back, page);
         // SAFETY: inside the mapping; the same bytes are visible there.
         assert_eq!(unsafe { *r.page_ptr(4).unwrap().add(5) }, page[4096 + 5]);
         assert!(r.read_pages(31, &mut back).is_err(), "runs past the end");
-        assert!(r.write_pages(0, &page[..100]).is_err(), "not whole pages");
+        // SAFETY: as above.
+        assert!(
+            unsafe { r.write_pages(0, &page[..100]) }.is_err(),
+            "not whole pages"
+        );
     }
 
     #[test]
     fn zero_page_detection_sees_every_byte() {
-        let mut page = vec![0u8; 4096];
-        assert!(is_zero_page(&page));
-        for pos in [0usize, 1, 63, 2048, 4095] {
-            page[pos] = 1;
-            assert!(!is_zero_page(&page), "byte {pos}");
-            page[pos] = 0;
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let ram = GuestRam::open_file(&dir.path().join("ram"), 4 * BASE_PAGE_BYTES).unwrap();
+        let r = &ram.regions()[0];
+        let pages = r.volatile_pages(1, 2).unwrap();
+        assert!(is_zero_volatile(&pages));
+        for pos in [0usize, 1, 63, 2048, 4095, 4096, 8191] {
+            pages.get_ref::<u8>(pos).unwrap().store(1);
+            assert!(!is_zero_volatile(&pages), "byte {pos}");
+            pages.get_ref::<u8>(pos).unwrap().store(0);
         }
+        assert!(is_zero_volatile(&pages));
+        assert!(r.volatile_pages(3, 2).is_err(), "runs past the end");
     }
 
     #[test]

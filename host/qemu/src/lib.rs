@@ -63,6 +63,23 @@ pub enum QmpError {
     },
 }
 
+/// Something in the VM that writes guest RAM where freehint's dirty
+/// tracking (QEMU's userfaultfd) cannot see it; migrating such a VM would
+/// lose those writes, so it is refused up front.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UntrackedWriter {
+    /// The device or drive, as QEMU names it.
+    pub name: String,
+    /// Why its writes escape dirty tracking, and what to do instead.
+    pub reason: String,
+}
+
+impl std::fmt::Display for UntrackedWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.name, self.reason)
+    }
+}
+
 /// A VM's guest RAM as QEMU reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RamBackend {
@@ -219,6 +236,114 @@ impl Qmp {
         })
     }
 
+    /// The VM's devices and drives whose writes to guest RAM freehint's
+    /// dirty tracking cannot see:
+    ///
+    /// * drives with `cache.direct` on (`cache=none`, or `aio=native` /
+    ///   `io_uring` with O_DIRECT): the host kernel completes their reads by
+    ///   DMA into pinned guest pages, which can land after a dirty-log sync
+    ///   re-protected the page, unseen;
+    /// * vhost-user devices other than freehint's balloon (on
+    ///   `own_vhost_socket`) and VFIO devices: other processes or hardware
+    ///   write guest RAM through their own mappings.
+    pub fn untracked_writers(
+        &mut self,
+        own_vhost_socket: &Path,
+    ) -> Result<Vec<UntrackedWriter>, QmpError> {
+        let mut out = Vec::new();
+        let blocks = self.execute("query-block", json!({}))?;
+        for b in blocks.as_array().into_iter().flatten() {
+            let Some(inserted) = b.get("inserted") else {
+                continue;
+            };
+            if inserted["cache"]["direct"] == json!(true) {
+                let device = b["device"].as_str().filter(|d| !d.is_empty());
+                let name = device
+                    .or_else(|| b["qdev"].as_str())
+                    .or_else(|| inserted["node-name"].as_str())
+                    .unwrap_or("?");
+                out.push(UntrackedWriter {
+                    name: format!(
+                        "drive {name} ({})",
+                        inserted["file"].as_str().unwrap_or("?")
+                    ),
+                    reason: "uses cache.direct=on (cache=none, or O_DIRECT for aio=native/io_uring): \
+                             the host kernel writes guest RAM by DMA into pinned pages, which dirty \
+                             tracking cannot see; use cache=writeback or writethrough"
+                        .into(),
+                });
+            }
+        }
+        let chardevs = self.execute("query-chardev", json!({}))?;
+        let chardev_file = |label: &str| -> Option<String> {
+            chardevs
+                .as_array()?
+                .iter()
+                .find(|c| c["label"] == json!(label))
+                .and_then(|c| c["filename"].as_str().map(str::to_string))
+        };
+        let own = own_vhost_socket.display().to_string();
+        for dir in ["/machine/peripheral", "/machine/peripheral-anon"] {
+            let children = self.execute("qom-list", json!({ "path": dir }))?;
+            for c in children.as_array().into_iter().flatten() {
+                let Some(ty) = c["type"]
+                    .as_str()
+                    .and_then(|t| t.strip_prefix("child<"))
+                    .and_then(|t| t.strip_suffix('>'))
+                else {
+                    continue;
+                };
+                let id = c["name"].as_str().unwrap_or("?");
+                let path = format!("{dir}/{id}");
+                if ty.starts_with("vfio") {
+                    out.push(UntrackedWriter {
+                        name: format!("device {id} ({ty})"),
+                        reason: "a passed-through device writes guest RAM by DMA, which dirty \
+                                 tracking cannot see"
+                            .into(),
+                    });
+                } else if ty.starts_with("vhost-user-") {
+                    let label = self
+                        .execute("qom-get", json!({ "path": path, "property": "chardev" }))
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string));
+                    let file = label.as_deref().and_then(chardev_file);
+                    if file.as_deref().is_some_and(|f| f.contains(&own)) {
+                        continue; // freehint's own balloon
+                    }
+                    out.push(UntrackedWriter {
+                        name: format!("device {id} ({ty})"),
+                        reason: format!(
+                            "its vhost-user backend ({}) writes guest RAM through its own mapping, \
+                             which dirty tracking of QEMU cannot see",
+                            file.unwrap_or_else(|| "unknown socket".into())
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// An upper estimate of the device state QEMU's migration carries with
+    /// `x-ignore-shared`: its RAM blocks other than the shared backend
+    /// `ram_backend_id` (VRAM, ROMs), plus a margin for device registers.
+    /// `None` if this QEMU cannot say (`x-query-ramblock` is unstable).
+    pub fn device_state_estimate_bytes(
+        &mut self,
+        ram_backend_id: &str,
+    ) -> Result<Option<u64>, QmpError> {
+        let Ok(r) = self.execute("x-query-ramblock", json!({})) else {
+            return Ok(None);
+        };
+        let Some(text) = r["human-readable-text"].as_str() else {
+            return Ok(None);
+        };
+        Ok(Some(
+            ramblock_bytes_except(text, ram_backend_id) + (1 << 20),
+        ))
+    }
+
     /// Events received so far.
     pub fn take_events(&mut self) -> Vec<Value> {
         std::mem::take(&mut self.events)
@@ -246,7 +371,7 @@ impl Qmp {
         Ok(())
     }
 
-    /// Polls `query-migrate` until it completes or fails.
+    /// Polls `query-migrate` until it completes or fails, at most `timeout`.
     pub fn wait_migration(&mut self, timeout: Duration) -> Result<Value, QmpError> {
         let start = Instant::now();
         loop {
@@ -285,20 +410,23 @@ fn read_state(path: &Path) -> Result<Vec<u8>, VmmError> {
         .map_err(|e| VmmError(format!("reading device state {}: {e}", path.display())))
 }
 
-/// A QMP connection with freehint's capabilities set and a file to stage
-/// device state in; shared by both ends.
+/// A QMP connection with freehint's capabilities set, a file to stage
+/// device state in, and how long QEMU may take for each step; shared by
+/// both ends.
 #[derive(Debug)]
 struct Connection {
     qmp: Mutex<Qmp>,
     state_file: PathBuf,
+    timeout: Duration,
 }
 
 impl Connection {
-    fn new(mut qmp: Qmp, state_file: PathBuf) -> Result<Self, QmpError> {
+    fn new(mut qmp: Qmp, state_file: PathBuf, timeout: Duration) -> Result<Self, QmpError> {
         qmp.set_freehint_capabilities()?;
         Ok(Self {
             qmp: Mutex::new(qmp),
             state_file,
+            timeout,
         })
     }
 
@@ -318,14 +446,28 @@ impl Connection {
 #[derive(Debug)]
 pub struct QemuVmm {
     conn: Connection,
+    ram_backend_id: String,
 }
 
 impl QemuVmm {
-    /// Wraps a QMP connection; device state is staged in `state_file`.
-    pub fn new(qmp: Qmp, state_file: PathBuf) -> Result<Self, QmpError> {
+    /// Wraps a QMP connection to the QEMU whose guest RAM is the shared
+    /// backend `ram_backend_id`; device state is staged in `state_file`;
+    /// QEMU gets `timeout` for each step.
+    pub fn new(
+        qmp: Qmp,
+        ram_backend_id: String,
+        state_file: PathBuf,
+        timeout: Duration,
+    ) -> Result<Self, QmpError> {
         Ok(Self {
-            conn: Connection::new(qmp, state_file)?,
+            conn: Connection::new(qmp, state_file, timeout)?,
+            ram_backend_id,
         })
+    }
+
+    /// Whether the guest runs.
+    pub fn running(&self) -> Result<bool, QmpError> {
+        Ok(self.conn.qmp().status()? == "running")
     }
 }
 
@@ -352,8 +494,15 @@ impl Vmm for QemuVmm {
             json!({ "uri": format!("file:{}", file.display()) }),
         )
         .map_err(vmm_err)?;
-        q.wait_migration(Duration::from_secs(60)).map_err(vmm_err)?;
+        q.wait_migration(self.conn.timeout).map_err(vmm_err)?;
         read_state(file)
+    }
+
+    fn device_state_estimate_bytes(&self) -> Result<Option<u64>, VmmError> {
+        self.conn
+            .qmp()
+            .device_state_estimate_bytes(&self.ram_backend_id)
+            .map_err(vmm_err)
     }
 
     fn handed_over(&self) -> Result<(), VmmError> {
@@ -374,13 +523,23 @@ impl QemuDestination {
     /// Wraps a QMP connection; device state is staged in `state_file`.
     pub fn new(qmp: Qmp, state_file: PathBuf) -> Result<Self, QmpError> {
         Ok(Self {
-            conn: Connection::new(qmp, state_file)?,
+            conn: Connection::new(qmp, state_file, Duration::from_secs(60))?,
         })
+    }
+
+    /// Whether the guest runs.
+    pub fn running(&self) -> Result<bool, QmpError> {
+        Ok(self.conn.qmp().status()? == "running")
+    }
+
+    /// QEMU's run state (`inmigrate` until device state is loaded).
+    pub fn status(&self) -> Result<String, QmpError> {
+        self.conn.qmp().status()
     }
 }
 
 impl DestinationVmm for QemuDestination {
-    fn load_device_state(&self, state: &[u8]) -> Result<(), VmmError> {
+    fn load_device_state(&self, state: &[u8], timeout: Duration) -> Result<(), VmmError> {
         if state.is_empty() {
             return Err(VmmError("the source sent no device state for QEMU".into()));
         }
@@ -393,13 +552,29 @@ impl DestinationVmm for QemuDestination {
             json!({ "uri": format!("file:{}", file.display()) }),
         )
         .map_err(vmm_err)?;
-        q.wait_migration(Duration::from_secs(60)).map_err(vmm_err)?;
+        q.wait_migration(timeout).map_err(vmm_err)?;
         Ok(())
     }
 
     fn resume(&self) -> Result<(), VmmError> {
         self.conn.cont()
     }
+}
+
+/// Bytes used by the RAM blocks in `x-query-ramblock`'s table other than
+/// `except` (columns: name, page size, offset, used, total, HVA, RO).
+fn ramblock_bytes_except(table: &str, except: &str) -> u64 {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            // "4 KiB" is two columns.
+            let (name, used) = (cols.first()?, cols.get(4)?);
+            (*name != except)
+                .then(|| u64::from_str_radix(used.trim_start_matches("0x"), 16).ok())?
+        })
+        .sum()
 }
 
 /// The pid of the process at the other end of a connected Unix socket
@@ -432,4 +607,20 @@ pub fn socket_peer_pid(socket: &std::os::unix::net::UnixStream) -> std::io::Resu
         ));
     }
     Ok(cred.pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ramblock_table_sums_everything_but_the_shared_backend() {
+        // As QEMU 10.0 prints it for a q35 guest with a VGA card.
+        let t = "              Block Name    PSize              Offset               Used              Total                HVA  RO
+                    mem0    4 KiB  0x0000000000000000 0x0000000010000000 0x0000000010000000 0x00007f3b5ffff000  rw
+   0000:00:02.0/vga.vram    4 KiB  0x0000000010080000 0x0000000001000000 0x0000000001000000 0x00007f3b5d800000  rw
+                 pc.bios    4 KiB  0x0000000010000000 0x0000000000040000 0x0000000000040000 0x00007f3b5f600000  ro
+";
+        assert_eq!(ramblock_bytes_except(t, "mem0"), (16 << 20) + (256 << 10));
+    }
 }

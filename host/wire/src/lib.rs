@@ -8,7 +8,8 @@
 //! A migration uses several TCP connections, each opened with [`Hello`]
 //! naming its [`ChannelRole`]:
 //!
-//! * one **control** channel: hello, device state, completion, errors;
+//! * one **control** channel: hello, device state, completion, the
+//!   handover (`Ready` → `Commit` → `Resumed`, see [`Message`]), errors;
 //! * one or more **bulk** channels: [`PageBatchHead`]s with page data,
 //!   [`ZeroRun`]s and [`Message::RoundEnd`] barriers;
 //! * an **urgent** channel reserved for postcopy page requests
@@ -24,11 +25,17 @@
 /// `"FHNT"`.
 pub const MAGIC: u32 = 0x544e_4846;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of [`FrameHeader`] on the wire.
 pub const HEADER_BYTES: usize = 16;
 /// Largest payload accepted for any frame but a page batch.
 pub const MAX_CONTROL_PAYLOAD_BYTES: u32 = 16 << 20;
+/// Largest device state a migration carries (in chunks of at most
+/// [`MAX_CONTROL_PAYLOAD_BYTES`]). Real devices fit: a VGA card's VRAM is
+/// 16 MiB, a virtio-gpu or QXL card's up to a few hundred MiB.
+pub const MAX_DEVICE_STATE_BYTES: u64 = 1 << 30;
+/// Bounds of the peer timeout a source may ask for, in seconds.
+pub const PEER_TIMEOUT_S_RANGE: std::ops::RangeInclusive<u32> = 1..=3600;
 /// Largest number of pages in one batch.
 pub const MAX_BATCH_PAGES: u32 = 4096;
 /// Largest page-batch payload accepted: one 1 GiB hugetlbfs page plus its
@@ -89,8 +96,8 @@ pub enum Kind {
     ZeroRun = 4,
     /// [`Message::RoundEnd`].
     RoundEnd = 5,
-    /// [`Message::DeviceState`].
-    DeviceState = 6,
+    /// [`Message::DeviceStateChunk`].
+    DeviceStateChunk = 6,
     /// [`Message::Complete`].
     Complete = 7,
     /// [`Message::Resumed`].
@@ -99,6 +106,12 @@ pub enum Kind {
     Error = 9,
     /// [`Message::PageRequest`].
     PageRequest = 10,
+    /// [`Message::Ready`].
+    Ready = 11,
+    /// [`Message::Commit`].
+    Commit = 12,
+    /// [`Message::Stopping`].
+    Stopping = 13,
 }
 
 impl Kind {
@@ -109,11 +122,14 @@ impl Kind {
             3 => Kind::PageBatch,
             4 => Kind::ZeroRun,
             5 => Kind::RoundEnd,
-            6 => Kind::DeviceState,
+            6 => Kind::DeviceStateChunk,
             7 => Kind::Complete,
             8 => Kind::Resumed,
             9 => Kind::Error,
             10 => Kind::PageRequest,
+            11 => Kind::Ready,
+            12 => Kind::Commit,
+            13 => Kind::Stopping,
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -201,6 +217,10 @@ pub struct Hello {
     pub role: ChannelRole,
     /// Number of bulk channels the sender opens.
     pub bulk_channels: u8,
+    /// How long either side waits for the other at any step, in seconds:
+    /// the source's parameter, which the destination adopts, so both sides
+    /// give up after the same time.
+    pub peer_timeout_s: u32,
     /// The guest RAM layout.
     pub regions: Vec<RegionDesc>,
 }
@@ -308,6 +328,21 @@ pub struct ZeroRun {
 }
 
 /// Every message except page data.
+///
+/// The handover on the control channel, after the last round:
+///
+/// ```text
+///  source                               destination
+///  Stopping (the VM is about to stop) ->
+///  DeviceStateChunk* , Complete -------> all pages placed, device state loaded
+///                          <------------ Ready (paused, waiting for the decision)
+///  Commit (the source will never
+///          resume on its own) ---------> resume the VM
+///                          <------------ Resumed
+/// ```
+///
+/// Before the source sends `Commit`, either side may give up (`Error`):
+/// the source resumes its VM, the destination never resumes its copy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// Opens a connection.
@@ -321,16 +356,32 @@ pub enum Message {
         /// The round.
         round: u32,
     },
-    /// Opaque device state of the VMM (or nothing, for a VMM that moves it
-    /// itself).
-    DeviceState(Vec<u8>),
+    /// The source is about to stop its VM for the final round: from here
+    /// on, a source that disappears may leave its guest paused.
+    Stopping,
+    /// A piece of the VMM's opaque device state (at most
+    /// [`MAX_CONTROL_PAYLOAD_BYTES`]); the pieces in order are the state.
+    DeviceStateChunk(Vec<u8>),
     /// The source has sent everything; `rounds` rounds, the last one with
     /// the VM stopped.
     Complete {
         /// Number of rounds sent.
         rounds: u32,
+        /// Total bytes of the device state chunks sent before.
+        device_state_bytes: u64,
+        /// The last free-page-hint cmd_id the source used: the VM's counter
+        /// goes on from there on the destination (Linux ignores a cmd_id
+        /// equal to the last one it saw).
+        last_cmd_id: u32,
     },
-    /// The destination has placed everything and resumed the VM.
+    /// The destination has placed every page and loaded the device state;
+    /// its VM is paused and waits for [`Message::Commit`].
+    Ready,
+    /// The source has decided: the destination runs the guest. The source
+    /// never resumes its copy on its own after sending this.
+    Commit,
+    /// The destination has resumed the VM (or, if it was told to leave
+    /// it paused, has taken it over).
     Resumed,
     /// The peer gives up, with a reason.
     Error(String),
@@ -394,8 +445,11 @@ impl Message {
             Message::HelloAck => Kind::HelloAck,
             Message::Zero(_) => Kind::ZeroRun,
             Message::RoundEnd { .. } => Kind::RoundEnd,
-            Message::DeviceState(_) => Kind::DeviceState,
+            Message::Stopping => Kind::Stopping,
+            Message::DeviceStateChunk(_) => Kind::DeviceStateChunk,
             Message::Complete { .. } => Kind::Complete,
+            Message::Ready => Kind::Ready,
+            Message::Commit => Kind::Commit,
             Message::Resumed => Kind::Resumed,
             Message::Error(_) => Kind::Error,
             Message::PageRequest { .. } => Kind::PageRequest,
@@ -414,25 +468,40 @@ impl Message {
                     ChannelRole::Urgent => (2, 0),
                 };
                 p.extend_from_slice(&[role, idx, h.bulk_channels, 0]);
+                p.extend_from_slice(&h.peer_timeout_s.to_le_bytes());
                 p.extend_from_slice(&(h.regions.len() as u32).to_le_bytes());
+                p.extend_from_slice(&0u32.to_le_bytes());
                 for r in &h.regions {
                     p.extend_from_slice(&r.gpa_start.to_le_bytes());
                     p.extend_from_slice(&r.size_bytes.to_le_bytes());
                     p.extend_from_slice(&r.page_bytes.to_le_bytes());
                 }
             }
-            Message::HelloAck | Message::Resumed => {}
+            Message::HelloAck
+            | Message::Resumed
+            | Message::Ready
+            | Message::Commit
+            | Message::Stopping => {}
             Message::Zero(z) => {
                 p.extend_from_slice(&z.region.to_le_bytes());
                 p.extend_from_slice(&0u32.to_le_bytes());
                 p.extend_from_slice(&z.first_page.to_le_bytes());
                 p.extend_from_slice(&z.count.to_le_bytes());
             }
-            Message::RoundEnd { round } | Message::Complete { rounds: round } => {
+            Message::RoundEnd { round } => {
                 p.extend_from_slice(&round.to_le_bytes());
                 p.extend_from_slice(&0u32.to_le_bytes());
             }
-            Message::DeviceState(b) => p.extend_from_slice(b),
+            Message::Complete {
+                rounds,
+                device_state_bytes,
+                last_cmd_id,
+            } => {
+                p.extend_from_slice(&rounds.to_le_bytes());
+                p.extend_from_slice(&last_cmd_id.to_le_bytes());
+                p.extend_from_slice(&device_state_bytes.to_le_bytes());
+            }
+            Message::DeviceStateChunk(b) => p.extend_from_slice(b),
             Message::Error(s) => p.extend_from_slice(s.as_bytes()),
             Message::PageRequest { region, page } => {
                 p.extend_from_slice(&region.to_le_bytes());
@@ -463,8 +532,11 @@ impl Message {
             }
             Kind::ZeroRun => "zero run",
             Kind::RoundEnd => "round end",
-            Kind::DeviceState => "device state",
+            Kind::DeviceStateChunk => "device state",
             Kind::Complete => "complete",
+            Kind::Ready => "ready",
+            Kind::Commit => "commit",
+            Kind::Stopping => "stopping",
             Kind::Resumed => "resumed",
             Kind::Error => "error",
             Kind::PageRequest => "page request",
@@ -477,6 +549,17 @@ impl Message {
                 let idx = r.u8()?;
                 let bulk_channels = r.u8()?;
                 let _pad = r.u8()?;
+                let peer_timeout_s = r.u32()?;
+                if !PEER_TIMEOUT_S_RANGE.contains(&peer_timeout_s) {
+                    return Err(malformed(
+                        what,
+                        format!(
+                            "peer timeout of {peer_timeout_s} s (allowed: {}..={})",
+                            PEER_TIMEOUT_S_RANGE.start(),
+                            PEER_TIMEOUT_S_RANGE.end()
+                        ),
+                    ));
+                }
                 let role = match role {
                     0 => ChannelRole::Control,
                     1 => ChannelRole::Bulk(idx),
@@ -484,6 +567,7 @@ impl Message {
                     other => return Err(malformed(what, format!("unknown channel role {other}"))),
                 };
                 let n = r.u32()?;
+                let _pad = r.u32()?;
                 if n == 0 || n > 256 {
                     return Err(malformed(what, format!("{n} regions (1..=256 allowed)")));
                 }
@@ -507,11 +591,15 @@ impl Message {
                     session_id,
                     role,
                     bulk_channels,
+                    peer_timeout_s,
                     regions,
                 })
             }
             Kind::HelloAck => Message::HelloAck,
             Kind::Resumed => Message::Resumed,
+            Kind::Ready => Message::Ready,
+            Kind::Commit => Message::Commit,
+            Kind::Stopping => Message::Stopping,
             Kind::ZeroRun => {
                 let region = r.u32()?;
                 let _pad = r.u32()?;
@@ -528,10 +616,23 @@ impl Message {
             }
             Kind::Complete => {
                 let rounds = r.u32()?;
-                let _pad = r.u32()?;
-                Message::Complete { rounds }
+                let last_cmd_id = r.u32()?;
+                let device_state_bytes = r.u64()?;
+                if device_state_bytes > MAX_DEVICE_STATE_BYTES {
+                    return Err(malformed(
+                        what,
+                        format!(
+                            "{device_state_bytes} bytes of device state (at most {MAX_DEVICE_STATE_BYTES})"
+                        ),
+                    ));
+                }
+                Message::Complete {
+                    rounds,
+                    device_state_bytes,
+                    last_cmd_id,
+                }
             }
-            Kind::DeviceState => Message::DeviceState(r.take(payload.len())?.to_vec()),
+            Kind::DeviceStateChunk => Message::DeviceStateChunk(r.take(payload.len())?.to_vec()),
             Kind::Error => {
                 Message::Error(String::from_utf8_lossy(r.take(payload.len())?).into_owned())
             }
@@ -570,6 +671,7 @@ mod tests {
             session_id: 7,
             role: ChannelRole::Bulk(3),
             bulk_channels: 4,
+            peer_timeout_s: 30,
             regions: vec![RegionDesc {
                 gpa_start: 0,
                 size_bytes: 1 << 30,
@@ -583,8 +685,15 @@ mod tests {
             count: 9,
         }));
         roundtrip(Message::RoundEnd { round: 3 });
-        roundtrip(Message::DeviceState(vec![1, 2, 3, 4, 5, 6, 7, 8]));
-        roundtrip(Message::Complete { rounds: 9 });
+        roundtrip(Message::DeviceStateChunk(vec![1, 2, 3, 4, 5, 6, 7, 8]));
+        roundtrip(Message::Complete {
+            rounds: 9,
+            device_state_bytes: 20 << 20,
+            last_cmd_id: 17,
+        });
+        roundtrip(Message::Stopping);
+        roundtrip(Message::Ready);
+        roundtrip(Message::Commit);
         roundtrip(Message::Resumed);
         roundtrip(Message::PageRequest {
             region: 0,
@@ -621,7 +730,7 @@ mod tests {
         h[6] = 99;
         assert_eq!(FrameHeader::decode(&h), Err(WireError::UnknownKind(99)));
         let h = FrameHeader {
-            kind: Kind::DeviceState,
+            kind: Kind::DeviceStateChunk,
             payload_bytes: 1 << 40,
         }
         .encode();
@@ -644,6 +753,39 @@ mod tests {
         let mut long = b[16..].to_vec();
         long.push(0);
         assert!(Message::decode(Kind::ZeroRun, &long).is_err());
+    }
+
+    #[test]
+    fn hello_timeouts_and_device_state_sizes_are_bounded() {
+        let hello = |peer_timeout_s| {
+            let mut b = Vec::new();
+            Message::Hello(Hello {
+                session_id: 1,
+                role: ChannelRole::Control,
+                bulk_channels: 1,
+                peer_timeout_s,
+                regions: vec![RegionDesc {
+                    gpa_start: 0,
+                    size_bytes: 1 << 20,
+                    page_bytes: 4096,
+                }],
+            })
+            .encode(&mut b);
+            Message::decode(Kind::Hello, &b[16..])
+        };
+        assert!(hello(30).is_ok());
+        let e = hello(0).unwrap_err();
+        assert!(e.to_string().contains("peer timeout of 0 s"), "{e}");
+        assert!(hello(100_000).is_err());
+        let mut b = Vec::new();
+        Message::Complete {
+            rounds: 1,
+            device_state_bytes: MAX_DEVICE_STATE_BYTES + 1,
+            last_cmd_id: 2,
+        }
+        .encode(&mut b);
+        let e = Message::decode(Kind::Complete, &b[16..]).unwrap_err();
+        assert!(e.to_string().contains("device state"), "{e}");
     }
 
     #[test]
@@ -673,7 +815,7 @@ mod tests {
     proptest! {
         /// No byte sequence makes the decoders panic.
         #[test]
-        fn decoders_never_panic(kind in 1u16..12, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn decoders_never_panic(kind in 1u16..16, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             if let Ok(k) = Kind::from_u16(kind) {
                 let _ = Message::decode(k, &payload);
             }

@@ -99,6 +99,10 @@ pub struct SimVmClient {
     replies: Mutex<mpsc::Receiver<FromSim>>,
     /// The free pages recorded when the VM was paused for switchover.
     free_at_stop: Mutex<Option<Vec<(u64, u64)>>>,
+    /// Size of the simulated device state handed over.
+    device_state_bytes: std::sync::atomic::AtomicUsize,
+    /// Whether the VM runs, as the last acknowledged command left it.
+    running: std::sync::atomic::AtomicBool,
     timeout: Duration,
 }
 
@@ -161,6 +165,8 @@ impl SimVmClient {
             writer: Mutex::new(stream),
             replies: Mutex::new(rx),
             free_at_stop: Mutex::new(None),
+            device_state_bytes: Default::default(),
+            running: std::sync::atomic::AtomicBool::new(true),
             timeout: Duration::from_secs(120),
         });
         let ready = client.wait_reply()?;
@@ -205,6 +211,18 @@ impl SimVmClient {
         }
     }
 
+    /// Hands over `bytes` of simulated device state (a pattern
+    /// [`device_state_pattern`] reproduces), to exercise large states.
+    pub fn set_device_state_bytes(&self, bytes: usize) {
+        self.device_state_bytes
+            .store(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the simulated VM runs (not paused).
+    pub fn running(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The free pages recorded when the VM was stopped for switchover.
     pub fn free_at_stop(&self) -> Option<Vec<(u64, u64)>> {
         self.free_at_stop
@@ -218,17 +236,33 @@ impl Vmm for SimVmClient {
     fn stop(&self) -> Result<(), VmmError> {
         self.ack(ToSim::Pause)
             .map_err(|e| VmmError(e.to_string()))?;
+        self.running
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let free = self.free_pages().map_err(|e| VmmError(e.to_string()))?;
         *self.free_at_stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(free);
         Ok(())
     }
 
     fn resume(&self) -> Result<(), VmmError> {
-        self.ack(ToSim::Resume).map_err(|e| VmmError(e.to_string()))
+        self.ack(ToSim::Resume)
+            .map_err(|e| VmmError(e.to_string()))?;
+        self.running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     fn device_state(&self) -> Result<Vec<u8>, VmmError> {
-        Ok(Vec::new())
+        Ok(device_state_pattern(
+            self.device_state_bytes
+                .load(std::sync::atomic::Ordering::SeqCst),
+        ))
+    }
+
+    fn device_state_estimate_bytes(&self) -> Result<Option<u64>, VmmError> {
+        Ok(Some(
+            self.device_state_bytes
+                .load(std::sync::atomic::Ordering::SeqCst) as u64,
+        ))
     }
 
     fn handed_over(&self) -> Result<(), VmmError> {
@@ -258,6 +292,14 @@ impl HintSource for SimVmClient {
     fn round_reported(&self, _cmd_id: CmdId) -> Option<bool> {
         None
     }
+}
+
+/// The simulated device state of `bytes` bytes: a pattern the destination
+/// can check byte for byte.
+pub fn device_state_pattern(bytes: usize) -> Vec<u8> {
+    (0..bytes)
+        .map(|i| (pattern_word(i as u64 / 8, 7, 0) >> ((i % 8) * 8)) as u8)
+        .collect()
 }
 
 /// The pattern word `i` of page `page` at generation `generation`.

@@ -50,6 +50,23 @@ struct Args {
     /// touched).
     #[arg(long, default_value = "old-data")]
     free_memory: String,
+    /// Write `{"running": bool, "pid": N}` here whenever the VM starts,
+    /// pauses or resumes (and leave it when the controller goes away), so a
+    /// test can tell whether this VM runs after its controller died.
+    #[arg(long)]
+    state_file: Option<PathBuf>,
+    /// Write the free pages here (one `start end` page run a line) each
+    /// time the VM pauses: the pages a comparison skips.
+    #[arg(long)]
+    free_pages_file: Option<PathBuf>,
+}
+
+/// Writes `contents` to `path` atomically (a reader never sees half).
+fn write_atomically(path: &std::path::Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, contents).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
 }
 
 const FREE: u8 = 0;
@@ -67,6 +84,8 @@ struct Sim {
     /// The cmd_id the reporter works for (0 = none).
     cmd_id: AtomicU32,
     out: Mutex<UnixStream>,
+    state_file: Option<PathBuf>,
+    free_pages_file: Option<PathBuf>,
     adversarial: bool,
     dirty_pages_per_s: u64,
     hint_steals: AtomicU64,
@@ -152,6 +171,16 @@ impl Sim {
                 self.allocate(q, rng);
                 return;
             }
+        }
+    }
+
+    /// Records whether the VM runs (see `--state-file`).
+    fn record_running(&self, running: bool) {
+        if let Some(p) = &self.state_file {
+            write_atomically(
+                p,
+                &format!("{{\"running\":{running},\"pid\":{}}}\n", std::process::id()),
+            );
         }
     }
 
@@ -317,6 +346,8 @@ fn run(args: Args) -> Result<(), String> {
         quit: AtomicBool::new(false),
         cmd_id: AtomicU32::new(0),
         out: Mutex::new(control.try_clone().map_err(|e| e.to_string())?),
+        state_file: args.state_file.clone(),
+        free_pages_file: args.free_pages_file.clone(),
         adversarial: args.adversarial,
         dirty_pages_per_s: (args.dirty_mib_per_s << 20) / PAGE_BYTES,
         hint_steals: AtomicU64::new(0),
@@ -348,6 +379,7 @@ fn run(args: Args) -> Result<(), String> {
             sim.fill(p, 0);
         }
     }
+    sim.record_running(true);
     sim.send(&FromSim::Ready {
         pid: std::process::id() as i32,
         pages,
@@ -398,10 +430,20 @@ fn run(args: Args) -> Result<(), String> {
                 sim.paused.store(true, Ordering::SeqCst);
                 // Wait for writes in flight.
                 drop(sim.gate.write().unwrap_or_else(|e| e.into_inner()));
+                if let Some(p) = &sim.free_pages_file {
+                    let runs: String = sim
+                        .free_runs()
+                        .iter()
+                        .map(|(s, e)| format!("{s} {e}\n"))
+                        .collect();
+                    write_atomically(p, &runs);
+                }
+                sim.record_running(false);
                 FromSim::Ack
             }
             ToSim::Resume => {
                 sim.paused.store(false, Ordering::SeqCst);
+                sim.record_running(true);
                 FromSim::Ack
             }
             ToSim::FreePages => FromSim::FreePages {
