@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds QEMU 10.0.2 from Debian's source with the generic vhost-user device
-# made user-creatable and migratable (vhost-user-device-creatable-migratable.patch,
-# explained in docs/QEMU.md) and with Linux AIO and io_uring for disks
+# made user-creatable and migratable, and kept from starting once its backend
+# is gone (the two .patch files here, explained in docs/QEMU.md), and with
+# Linux AIO and io_uring for disks
 # (-drive ...,aio=native / aio=io_uring), and installs the reference QEMU
 # 10.0.2 from bookworm-backports (its firmware is used by both). Caches the build under
 # ~/.cache/freehint; prints the path of the patched qemu-system-x86_64.
@@ -9,9 +10,12 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${FREEHINT_CACHE:-$HOME/.cache/freehint}
-patch_file=$here/vhost-user-device-creatable-migratable.patch
+# The generic vhost-user device made user-creatable and migratable, and
+# kept from starting (and aborting QEMU) once its backend is gone.
+patches=("$here/vhost-user-device-creatable-migratable.patch"
+         "$here/vhost-user-base-start-needs-backend.patch")
 version=10.0.2
-key=$(cat "$patch_file" "$0" | sha256sum | cut -c1-12)
+key=$(cat "${patches[@]}" "$0" | sha256sum | cut -c1-12)
 prefix=$cache/qemu-$version-$key
 bin=$prefix/bin/qemu-system-x86_64
 log() { echo "build-qemu: $*" >&2; }
@@ -54,7 +58,7 @@ tarball=$(ls qemu_"$version"+ds.orig.tar.xz 2>/dev/null || true)
 [ -n "$tarball" ] || { log "could not download the QEMU $version source"; exit 1; }
 tar xf "$tarball"
 cd "qemu-$version"
-patch -p1 < "$patch_file" >&2
+for p in "${patches[@]}"; do patch -p1 < "$p" >&2; done
 # The +ds tarball carries no firmware blobs: skip unpacking them.
 sed -i 's/^if unpack_edk2_blobs$/if false/' pc-bios/meson.build
 log "configuring"

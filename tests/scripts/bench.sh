@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ./tests/scripts/setup-host.sh
-cargo build --release --workspace
+cargo build --release --workspace --features freehint/failpoints
 out=target/bench
 mkdir -p "$out"
 fh=./target/release/freehint

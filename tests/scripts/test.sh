@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Runs every test of freehint: format and lint checks, unit and property
-# tests, end-to-end migrations of the SIMULATED VM, the hugetlbfs test and
-# the loom model check. Does its own set-up.
+# tests, the loom model check, end-to-end migrations of the SIMULATED VM
+# (with the fault matrix: every fault point of docs/FAULTS.md), the
+# hugetlbfs test, and the real-guest tests (QEMU + Linux: migration, faults,
+# handover fault matrix, disks, page poisoning). Does its own set-up.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ./tests/scripts/setup-host.sh
 
+# Fault points (docs/FAULTS.md) are compiled in for the tests; every cargo
+# command below uses the same features so the binaries are built once.
+features=(--features freehint/failpoints)
+
 echo "== format and lint"
 cargo fmt --all -- --check
-cargo build --workspace --all-targets
-cargo clippy --workspace --all-targets -- -D warnings
+cargo build --workspace --all-targets "${features[@]}"
+cargo clippy --workspace --all-targets "${features[@]}" -- -D warnings
 
 mkdir -p target
 echo "== loom model check of the hint/sync lock"
@@ -25,7 +31,7 @@ if [ "$(id -u)" = 0 ]; then
 fi
 
 echo "== tests"
-cargo test --workspace 2>&1 | tee target/test.log
+cargo test --workspace "${features[@]}" 2>&1 | tee target/test.log
 
 # One closing line for everything above.
 awk '/^test result:/ { passed += $4; failed += $6 }
