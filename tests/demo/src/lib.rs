@@ -197,6 +197,12 @@ impl Daemon {
     pub fn wait_exit(&mut self, timeout: Duration) -> bool {
         poll(timeout, || !matches!(self.child.try_wait(), Ok(None)))
     }
+
+    /// Sends the daemon signal `sig` (e.g. `libc::SIGTERM`).
+    pub fn signal(&mut self, sig: i32) {
+        // SAFETY: kill() has no memory effects; the pid is our child's.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
 }
 
 impl Drop for Daemon {

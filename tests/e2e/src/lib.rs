@@ -181,3 +181,46 @@ pub fn one_measured_migration_at_a_time() -> std::sync::MutexGuard<'static, ()> 
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Compares two RAM image files page by page (4 KiB), skipping the pages
+/// listed free in `free_pages` (one `start end` page run a line, as the
+/// simulated VM writes it when paused); returns (pages compared, pages
+/// that differ).
+pub fn compare_ram_images(source: &Path, destination: &Path, free_pages: &Path) -> (u64, u64) {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    let free: Vec<(u64, u64)> = std::fs::read_to_string(free_pages)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace().map(|n| n.parse::<u64>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .collect();
+    let (s, d) = (
+        std::fs::File::open(source).expect("source image"),
+        std::fs::File::open(destination).expect("destination image"),
+    );
+    let pages = s.metadata().expect("stat").len() / PAGE as u64;
+    let (mut a, mut b) = (vec![0u8; PAGE], vec![0u8; PAGE]);
+    let (mut compared, mut differ) = (0, 0);
+    let mut runs = free.iter().peekable();
+    for p in 0..pages {
+        while runs.peek().is_some_and(|r| r.1 <= p) {
+            runs.next();
+        }
+        if runs.peek().is_some_and(|r| r.0 <= p) {
+            continue;
+        }
+        s.read_exact_at(&mut a, p * PAGE as u64)
+            .expect("read source");
+        // A destination page never written reads as zero (a hole).
+        b.fill(0);
+        let _ = d.read_at(&mut b, p * PAGE as u64);
+        compared += 1;
+        if a != b {
+            differ += 1;
+        }
+    }
+    (compared, differ)
+}

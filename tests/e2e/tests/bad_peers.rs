@@ -9,8 +9,8 @@ use std::time::Duration;
 use freehint_dirty_log::UffdWpDirtyLog;
 use freehint_e2e::SimVm;
 use freehint_engine::{
-    empty_bitmap, vmm_ram_ranges, DestinationVmm, MigrateError, MigrationParams, PrecopySender,
-    Receiver, VmmError,
+    empty_bitmap, vmm_ram_ranges, DestinationVmm, MigrateError, MigrationParams, Phase,
+    PrecopySender, ReceiveFailure, Receiver, VmmError,
 };
 use freehint_hint_filter::HintFilter;
 use freehint_memory::GuestRam;
@@ -25,7 +25,7 @@ struct CountingVmm {
 }
 
 impl DestinationVmm for CountingVmm {
-    fn load_device_state(&self, _: &[u8]) -> Result<(), VmmError> {
+    fn load_device_state(&self, _: &[u8], _: Duration) -> Result<(), VmmError> {
         Ok(())
     }
     fn resume(&self) -> Result<(), VmmError> {
@@ -45,35 +45,57 @@ fn layout() -> Vec<RegionDesc> {
 }
 
 fn hello(role: ChannelRole, regions: Vec<RegionDesc>) -> Vec<u8> {
+    hello_with(role, regions, 5)
+}
+
+fn hello_with(role: ChannelRole, regions: Vec<RegionDesc>, peer_timeout_s: u32) -> Vec<u8> {
     let mut b = Vec::new();
     Message::Hello(Hello {
         session_id: 42,
         role,
         bulk_channels: 1,
+        peer_timeout_s,
         regions,
     })
     .encode(&mut b);
     b
 }
 
-/// Runs a receiver and a scripted source; returns the receiver's error and
-/// how often it resumed the VM.
-async fn receive_from(
+fn frame(m: Message) -> Vec<u8> {
+    let mut b = Vec::new();
+    m.encode(&mut b);
+    b
+}
+
+/// Runs a receiver and a scripted source; returns the receiver's failure
+/// and how often it resumed the VM.
+async fn receive_failure(
     script: impl FnOnce(std::net::SocketAddr) -> tokio::task::JoinHandle<()>,
-) -> (MigrateError, u32) {
+) -> (ReceiveFailure, u32) {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
     let ram = Arc::new(GuestRam::open_file(&dir.path().join("dst.ram"), MEM).unwrap());
     let vmm = Arc::new(CountingVmm::default());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let source = script(addr);
-    let r = Receiver::new(ram, vmm.clone(), Duration::from_secs(5));
-    let err = r
+    let r = Receiver::new(ram, vmm.clone(), Some(Duration::from_secs(5)));
+    let failure = r
         .receive(&listener)
         .await
         .expect_err("the receiver must refuse");
     source.abort();
-    (err, vmm.resumed.load(Ordering::SeqCst))
+    (failure, vmm.resumed.load(Ordering::SeqCst))
+}
+
+/// [`receive_failure`] for cases where the receiver must simply fail:
+/// returns its error and how often it resumed.
+async fn receive_from(
+    script: impl FnOnce(std::net::SocketAddr) -> tokio::task::JoinHandle<()>,
+) -> (MigrateError, u32) {
+    let (f, resumed) = receive_failure(script).await;
+    assert_eq!(f.stats.state, Phase::Failed, "{f}");
+    assert!(!f.stats.destination_running);
+    (f.error, resumed)
 }
 
 async fn connect_both(addr: std::net::SocketAddr) -> (TcpStream, TcpStream) {
@@ -91,33 +113,39 @@ async fn connect_both(addr: std::net::SocketAddr) -> (TcpStream, TcpStream) {
     (c, b)
 }
 
-#[tokio::test]
-async fn garbage_instead_of_a_frame() {
-    let (e, resumed) = receive_from(|addr| {
+/// Sends `first` as a first connection, and returns what the receiver
+/// answered (it turns such a peer away and goes on waiting for a source).
+async fn turned_away(first: Vec<u8>) -> String {
+    let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
+    let (e, resumed) = receive_from(move |addr| {
         tokio::spawn(async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+            s.write_all(&first).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = s.read_to_end(&mut answer).await;
+            let _ = answer_tx.send(String::from_utf8_lossy(&answer).into_owned());
             tokio::time::sleep(Duration::from_secs(10)).await;
         })
     })
     .await;
-    assert!(e.to_string().contains("bad frame magic"), "{e}");
+    // It waited on for a real source until its accept timeout.
+    assert!(matches!(e, MigrateError::Timeout { .. }), "{e}");
     assert_eq!(resumed, 0);
+    answer_rx.await.unwrap()
 }
 
 #[tokio::test]
-async fn wrong_protocol_version() {
-    let (e, _) = receive_from(|addr| {
-        tokio::spawn(async move {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            let mut h = hello(ChannelRole::Control, layout());
-            h[4] = 7;
-            s.write_all(&h).await.unwrap();
-            tokio::time::sleep(Duration::from_secs(10)).await;
-        })
-    })
-    .await;
-    assert!(e.to_string().contains("protocol version 7"), "{e}");
+async fn garbage_instead_of_a_frame_is_turned_away() {
+    let answer = turned_away(b"GET / HTTP/1.1\r\n\r\n".to_vec()).await;
+    assert!(answer.contains("bad frame magic"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_wrong_protocol_version_is_turned_away_with_its_reason() {
+    let mut h = hello(ChannelRole::Control, layout());
+    h[4] = 7;
+    let answer = turned_away(h).await;
+    assert!(answer.contains("protocol version 7"), "{answer}");
 }
 
 #[tokio::test]
@@ -235,10 +263,19 @@ fn sender_for(sim: &SimVm) -> PrecopySender {
 
 /// The simulated guest is still running: its memory keeps changing.
 fn assert_running(sim: &SimVm) {
+    assert!(sim.client.running(), "the source VM was left paused");
     let a = std::fs::read(&sim.ram_path).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let b = std::fs::read(&sim.ram_path).unwrap();
     assert_ne!(a, b, "the source VM is not running");
+}
+
+/// The sender reports a failed migration with the source running and the
+/// destination not.
+fn assert_failed_back(stats: &freehint_engine::MigrationStats) {
+    assert_eq!(stats.state, Phase::Failed, "{stats:?}");
+    assert!(stats.source_running, "{stats:?}");
+    assert_eq!(stats.destination_running, Some(false), "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,6 +288,7 @@ async fn destination_unreachable() {
         .unwrap();
     let e = sender_for(&sim).migrate(closed).await.unwrap_err();
     assert!(e.to_string().contains("connecting to"), "{e}");
+    assert_failed_back(&e.stats);
     assert_running(&sim);
 }
 
@@ -268,18 +306,32 @@ async fn destination_speaks_another_version() {
             payload_bytes: 0,
         }
         .encode();
-        ack[4] = 2;
+        ack[4] = 9;
         s.write_all(&ack).await.unwrap();
         tokio::time::sleep(Duration::from_secs(10)).await;
     });
     let e = sender_for(&sim).migrate(addr).await.unwrap_err();
-    assert!(e.to_string().contains("protocol version 2"), "{e}");
+    assert!(e.to_string().contains("protocol version 9"), "{e}");
+    assert_failed_back(&e.stats);
     assert_running(&sim);
 }
 
-/// Acks hellos, then reads bulk data; `on_complete` decides what happens
-/// at the end.
-async fn fake_destination(l: TcpListener, fail_at_end: bool) {
+/// What a fake destination does once the source sent `Complete`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AtEnd {
+    /// Stop reading in the middle of the first round, connections open.
+    StopReading,
+    /// Vanish mid-round (before `Complete`).
+    VanishMidRound,
+    /// Refuse with an error instead of `Ready`.
+    Refuse,
+    /// Say `Ready`, read the commit, then vanish without `Resumed`.
+    VanishAfterReady,
+}
+
+/// Acks hellos, then reads bulk data; `at_end` decides what happens at the
+/// end.
+async fn fake_destination(l: TcpListener, at_end: AtEnd) {
     let (mut c, _) = l.accept().await.unwrap();
     let mut buf = vec![0u8; 1 << 16];
     let n = c.read(&mut buf).await.unwrap();
@@ -290,7 +342,17 @@ async fn fake_destination(l: TcpListener, fail_at_end: bool) {
     let (mut b, _) = l.accept().await.unwrap();
     let _ = b.read(&mut buf).await.unwrap();
     b.write_all(&ack).await.unwrap();
-    if !fail_at_end {
+    if at_end == AtEnd::StopReading {
+        let mut got = 0;
+        while got < 1 << 20 {
+            got += b.read(&mut buf).await.unwrap();
+        }
+        // Hold both connections open and read nothing more.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop((b, c));
+        return;
+    }
+    if at_end == AtEnd::VanishMidRound {
         // Take a few MiB of the first round, then vanish.
         let mut got = 0;
         while got < 4 << 20 {
@@ -314,9 +376,21 @@ async fn fake_destination(l: TcpListener, fail_at_end: bool) {
             break;
         }
     }
-    let mut err = Vec::new();
-    Message::Error("destination disk full".into()).encode(&mut err);
-    c.write_all(&err).await.unwrap();
+    if at_end == AtEnd::VanishAfterReady {
+        c.write_all(&frame(Message::Ready)).await.unwrap();
+        // Read until the commit arrives, then vanish.
+        let want = (Kind::Commit as u16).to_le_bytes();
+        let mut seen = Vec::new();
+        while !seen.windows(2).any(|w| w == want) {
+            let n = c.read(&mut cbuf).await.unwrap();
+            assert!(n > 0, "source closed control instead of committing");
+            seen.extend_from_slice(&cbuf[..n]);
+        }
+        return;
+    }
+    c.write_all(&frame(Message::Error("destination disk full".into())))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(10)).await;
 }
 
@@ -325,12 +399,31 @@ async fn destination_disconnects_mid_round() {
     let sim = SimVm::start(64, 64);
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(fake_destination(l, false));
+    tokio::spawn(fake_destination(l, AtEnd::VanishMidRound));
     let e = sender_for(&sim).migrate(addr).await.unwrap_err();
     assert!(
-        matches!(e, MigrateError::Io { .. } | MigrateError::Unexpected(_)),
+        matches!(
+            e.error,
+            MigrateError::Io { .. } | MigrateError::Unexpected(_)
+        ),
         "{e}"
     );
+    assert_failed_back(&e.stats);
+    assert_running(&sim);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_stops_reading_is_given_up_within_the_timeout() {
+    let sim = SimVm::start(64, 64);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(fake_destination(l, AtEnd::StopReading));
+    let t = std::time::Instant::now();
+    let e = sender_for(&sim).migrate(addr).await.unwrap_err();
+    assert!(matches!(e.error, MigrateError::Timeout { .. }), "{e}");
+    // peer_timeout_s is 5: a write that cannot go on fails after it.
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_failed_back(&e.stats);
     assert_running(&sim);
 }
 
@@ -339,7 +432,7 @@ async fn destination_fails_after_switchover_and_the_source_resumes() {
     let sim = SimVm::start(64, 64);
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(fake_destination(l, true));
+    tokio::spawn(fake_destination(l, AtEnd::Refuse));
     let e = sender_for(&sim).migrate(addr).await.unwrap_err();
     assert!(e.to_string().contains("destination disk full"), "{e}");
     // The VM had been stopped for the final round: it must run again.
@@ -347,5 +440,194 @@ async fn destination_fails_after_switchover_and_the_source_resumes() {
         sim.client.free_at_stop().is_some(),
         "the VM was never stopped"
     );
+    assert_failed_back(&e.stats);
     assert_running(&sim);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_lost_after_the_commit_leaves_the_source_paused_and_uncertain() {
+    let sim = SimVm::start(64, 64);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(fake_destination(l, AtEnd::VanishAfterReady));
+    let e = sender_for(&sim).migrate(addr).await.unwrap_err();
+    assert_eq!(e.stats.state, Phase::Uncertain, "{e}");
+    assert!(!e.stats.source_running);
+    assert_eq!(e.stats.destination_running, None);
+    assert!(e.to_string().contains("uncertain"), "{e}");
+    // A committed source never resumes on its own.
+    assert!(!sim.client.running(), "the source resumed after its commit");
+    let a = std::fs::read(&sim.ram_path).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        a,
+        std::fs::read(&sim.ram_path).unwrap(),
+        "the source VM runs"
+    );
+}
+
+// ---- the handover, seen by the destination ----
+
+/// A scripted source that sends a whole (empty) migration up to
+/// `Complete`, then reads `Ready` and runs `then` on the control channel.
+fn source_until_ready(
+    then: impl FnOnce(TcpStream) -> tokio::task::JoinHandle<()> + Send + 'static,
+) -> impl FnOnce(std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+    move |addr| {
+        tokio::spawn(async move {
+            let (mut c, mut b) = connect_both(addr).await;
+            b.write_all(&frame(Message::RoundEnd { round: 1 }))
+                .await
+                .unwrap();
+            drop(b);
+            c.write_all(&frame(Message::Stopping)).await.unwrap();
+            c.write_all(&frame(Message::Complete {
+                rounds: 1,
+                device_state_bytes: 0,
+                last_cmd_id: 9,
+            }))
+            .await
+            .unwrap();
+            let mut ready = [0u8; 16];
+            c.read_exact(&mut ready).await.unwrap();
+            assert_eq!(
+                FrameHeader::decode(&ready).unwrap().kind,
+                Kind::Ready,
+                "the destination did not say Ready"
+            );
+            then(c).await.unwrap();
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_source_that_vanishes_after_ready_leaves_the_destination_paused_and_uncertain() {
+    let (f, resumed) =
+        receive_failure(source_until_ready(|c| tokio::spawn(async move { drop(c) }))).await;
+    assert_eq!(f.stats.state, Phase::Uncertain, "{f}");
+    assert!(f.stats.guest_complete);
+    assert_eq!(f.stats.last_cmd_id, Some(9));
+    assert!(f.to_string().contains("uncertain"), "{f}");
+    assert_eq!(resumed, 0, "resumed without a commit");
+}
+
+#[tokio::test]
+async fn a_source_that_aborts_after_ready_is_never_resumed_here() {
+    let (f, resumed) = receive_failure(source_until_ready(|mut c| {
+        tokio::spawn(async move {
+            c.write_all(&frame(Message::Error("operator cancelled".into())))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        })
+    }))
+    .await;
+    assert_eq!(f.stats.state, Phase::Failed, "{f}");
+    assert!(f.to_string().contains("operator cancelled"), "{f}");
+    assert_eq!(resumed, 0);
+}
+
+#[tokio::test]
+async fn only_a_commit_resumes_the_destination_once() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let ram = Arc::new(GuestRam::open_file(&dir.path().join("dst.ram"), MEM).unwrap());
+    let vmm = Arc::new(CountingVmm::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let source = source_until_ready(|mut c| {
+        tokio::spawn(async move {
+            c.write_all(&frame(Message::Commit)).await.unwrap();
+            let mut resumed = [0u8; 16];
+            c.read_exact(&mut resumed).await.unwrap();
+            assert_eq!(FrameHeader::decode(&resumed).unwrap().kind, Kind::Resumed);
+        })
+    })(addr);
+    let stats = Receiver::new(ram, vmm.clone(), Some(Duration::from_secs(5)))
+        .receive(&listener)
+        .await
+        .unwrap();
+    source.await.unwrap();
+    assert_eq!(stats.state, Phase::Completed);
+    assert!(stats.destination_running);
+    assert_eq!(vmm.resumed.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_silent_source_is_given_up_after_its_own_timeout() {
+    let t = std::time::Instant::now();
+    let (e, resumed) = receive_from(|addr| {
+        tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(&hello_with(ChannelRole::Control, layout(), 1))
+                .await
+                .unwrap();
+            let mut ack = [0u8; 16];
+            c.read_exact(&mut ack).await.unwrap();
+            let mut b = TcpStream::connect(addr).await.unwrap();
+            b.write_all(&hello_with(ChannelRole::Bulk(0), layout(), 1))
+                .await
+                .unwrap();
+            b.read_exact(&mut ack).await.unwrap();
+            // Then nothing, on any channel, with both connections open.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+    })
+    .await;
+    assert!(matches!(e, MigrateError::Timeout { .. }), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the 1 s timeout the source asked for was not used"
+    );
+    assert_eq!(resumed, 0);
+}
+
+#[tokio::test]
+async fn a_stray_connection_while_bulk_channels_connect_is_turned_away() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let ram = Arc::new(GuestRam::open_file(&dir.path().join("dst.ram"), MEM).unwrap());
+    let vmm = Arc::new(CountingVmm::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let source = source_until_ready(|mut c| {
+        tokio::spawn(async move {
+            c.write_all(&frame(Message::Commit)).await.unwrap();
+            let mut resumed = [0u8; 16];
+            c.read_exact(&mut resumed).await.unwrap();
+        })
+    });
+    let script = tokio::spawn(async move {
+        // A stranger connects first with another session id; the real
+        // source follows.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&hello(ChannelRole::Control, layout()))
+            .await
+            .unwrap();
+        let mut ack = [0u8; 16];
+        c.read_exact(&mut ack).await.unwrap();
+        let mut stray = TcpStream::connect(addr).await.unwrap();
+        let mut h = Vec::new();
+        Message::Hello(Hello {
+            session_id: 7,
+            role: ChannelRole::Bulk(0),
+            bulk_channels: 1,
+            peer_timeout_s: 5,
+            regions: layout(),
+        })
+        .encode(&mut h);
+        stray.write_all(&h).await.unwrap();
+        drop(c);
+    });
+    // The stranger holds the control slot, so the receiver fails on it; a
+    // stray bulk connection must not be what fails it.
+    let r = Receiver::new(ram, vmm.clone(), Some(Duration::from_secs(3)));
+    let f = r
+        .receive(&listener)
+        .await
+        .expect_err("the stranger never completes");
+    script.await.unwrap();
+    assert!(
+        !f.to_string().contains("another migration session"),
+        "a stray connection aborted the migration: {f}"
+    );
+    drop(source);
 }

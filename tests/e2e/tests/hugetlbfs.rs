@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use freehint_dirty_log::{TrackedRange, UffdWpDirtyLog};
 use freehint_engine::{
-    empty_bitmap, MigrationParams, NoDeviceVmm, PrecopySender, Receiver, Vmm, VmmError,
+    empty_bitmap, ImageVmm, MigrationParams, PrecopySender, Receiver, Vmm, VmmError,
 };
 use freehint_hint_filter::HintFilter;
 use freehint_memory::{GuestRam, PageSize};
@@ -135,9 +135,13 @@ fn huge_pages_are_tracked_sent_and_placed_whole() {
         let addr = listener.local_addr().unwrap();
         let recv_ram = dst.clone();
         let receiver = tokio::spawn(async move {
-            Receiver::new(recv_ram, Arc::new(NoDeviceVmm), Duration::from_secs(10))
-                .receive(&listener)
-                .await
+            Receiver::new(
+                recv_ram,
+                Arc::new(ImageVmm::default()),
+                Some(Duration::from_secs(10)),
+            )
+            .receive(&listener)
+            .await
         });
         let filter = Arc::new(HintFilter::new(empty_bitmap(&src)));
         let params = MigrationParams {

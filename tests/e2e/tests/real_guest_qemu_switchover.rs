@@ -64,9 +64,13 @@ fn guest_resumes_on_the_destination_with_its_heartbeat_and_data() {
     });
     let dst = start(guest, &dst_ram, &dst_qmp, true);
 
+    let mut src_qmp_conn = Qmp::connect(&src_qmp).unwrap();
+    let ram_id = src_qmp_conn.shared_ram_backend().unwrap().id;
     let source = QemuVmm::new(
-        Qmp::connect(&src_qmp).unwrap(),
+        src_qmp_conn,
+        ram_id,
         dir.path().join("src.state"),
+        Duration::from_secs(60),
     )
     .unwrap();
     let dest = QemuDestination::new(
@@ -94,7 +98,8 @@ fn guest_resumes_on_the_destination_with_its_heartbeat_and_data() {
         "device state is {} bytes: RAM leaked into it (x-ignore-shared not in effect?)",
         state.len()
     );
-    dest.load_device_state(&state).unwrap();
+    dest.load_device_state(&state, Duration::from_secs(60))
+        .unwrap();
     dest.resume().unwrap();
 
     wait_for(

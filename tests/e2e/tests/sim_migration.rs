@@ -161,3 +161,34 @@ fn preallocated_destination_reads_pages_straight_into_place() {
     check(&v);
     assert_eq!(v["rounds"], 5, "{v}");
 }
+
+#[test]
+fn device_state_larger_than_one_frame_arrives_intact() {
+    // 20 MiB: more than one 16 MiB control frame (a VGA card's VRAM alone
+    // is 16 MiB), checked before the VM stops and sent in pieces.
+    let v = bench_sim(&[
+        "--mem-mib",
+        "64",
+        "--device-state-mib",
+        "20",
+        "--hints",
+        "on",
+    ])
+    .unwrap();
+    check(&v);
+    assert_eq!(v["device_state_intact"], true, "{v}");
+    assert_eq!(v["device_state_bytes"], 20 << 20, "{v}");
+    assert_eq!(v["state"], "completed", "{v}");
+    assert_eq!(v["source_running"], false, "{v}");
+    assert_eq!(v["destination_running"], true, "{v}");
+}
+
+#[test]
+fn a_device_state_too_large_is_refused_before_the_vm_stops() {
+    // Over the 1 GiB a migration carries: refused while the VM still runs
+    // (the estimate is checked before stopping it), and nothing is lost.
+    let err = bench_sim(&["--mem-mib", "64", "--device-state-mib", "1100"]).unwrap_err();
+    assert!(err.contains("device state is"), "{err}");
+    assert!(err.contains("the source VM runs on"), "{err}");
+    assert!(!err.contains("resuming"), "the VM was stopped first: {err}");
+}
