@@ -198,6 +198,10 @@ pub struct VmDaemon {
     last_cmd_id: AtomicU32,
     /// SIGINT/SIGTERM arrived: finish what runs, start nothing new.
     stopping: AtomicBool,
+    /// This daemon's QEMU runs (or holds) the guest: from the start on a
+    /// source, once it arrived on a destination; no longer once it moved
+    /// away.
+    hosts_guest: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -207,6 +211,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl VmDaemon {
     /// A daemon with its balloon device; [`Self::run`] starts serving.
     pub fn new(cfg: DaemonConfig) -> Result<Arc<Self>, DaemonError> {
+        let cfg_is_source = cfg.incoming.is_none();
         let slot = Arc::new(HintSlot::default());
         let backend = BalloonBackend::new(BalloonConfig::default(), slot.clone())?;
         let handle = backend.handle();
@@ -238,6 +243,7 @@ impl VmDaemon {
             answering: Default::default(),
             last_cmd_id: AtomicU32::new(CmdId::MIN_ROUND - 1),
             stopping: Default::default(),
+            hosts_guest: AtomicBool::new(cfg_is_source),
         }))
     }
 
@@ -414,17 +420,10 @@ impl VmDaemon {
             ControlRequest::Status => Ok(ControlReply::Status(self.status())),
             ControlRequest::Migrate { to, params } => {
                 // A destination becomes a source once the guest runs here.
-                let state = lock(&self.shared).state;
-                if self.cfg.incoming.is_some()
-                    && !matches!(
-                        state,
-                        DaemonState::Received | DaemonState::ResumedByOperator
-                    )
-                {
-                    return Err(DaemonError::BadRequest(format!(
-                        "this daemon waits for an incoming migration (--incoming) and holds no running guest ({}); ask the source's daemon to migrate",
-                        serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
-                    )));
+                if !self.hosts_guest.load(SeqCst) {
+                    return Err(DaemonError::BadRequest(
+                        "this daemon's QEMU does not run the guest (it waits for an incoming migration, or the guest moved away); ask the daemon of the QEMU that runs it".into(),
+                    ));
                 }
                 params
                     .validate()
@@ -472,6 +471,7 @@ impl VmDaemon {
                 return Err(DaemonError::BadRequest(e.to_string()));
             }
             self.finish_hints();
+            self.hosts_guest.store(true, SeqCst);
             let mut sh = lock(&self.shared);
             sh.state = if sh.state == DaemonState::Uncertain {
                 DaemonState::ResumedByOperator
@@ -565,6 +565,7 @@ impl VmDaemon {
         sh.cancel = None;
         let result = match result {
             Ok(stats) => {
+                self.hosts_guest.store(false, SeqCst);
                 sh.state = DaemonState::Migrated;
                 sh.last_error = None;
                 sh.operator_action = None;
@@ -830,6 +831,7 @@ impl VmDaemon {
                     "incoming migration complete"
                 );
                 sh.last_error = None;
+                self.hosts_guest.store(true, SeqCst);
                 if self.cfg.resume {
                     sh.state = DaemonState::Received;
                     drop(sh);
