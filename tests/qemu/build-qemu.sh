@@ -13,7 +13,7 @@ cache=${FREEHINT_CACHE:-$HOME/.cache/freehint}
 # The generic vhost-user device made user-creatable and migratable, and
 # kept from starting (and aborting QEMU) once its backend is gone.
 patches=("$here/vhost-user-device-creatable-migratable.patch"
-         "$here/vhost-user-base-start-needs-backend.patch")
+         "$here/vhost-user-base-backend-loss.patch")
 version=10.0.2
 key=$(cat "${patches[@]}" "$0" | sha256sum | cut -c1-12)
 prefix=$cache/qemu-$version-$key
