@@ -287,9 +287,9 @@ pub fn emit(line: impl std::fmt::Display) {
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
-/// Cancels `token` on the first SIGINT or SIGTERM (a migration fails back
-/// if it has not committed); the second one ends the process at once.
-pub fn cancel_on_signals(token: CancellationToken) -> Result<()> {
+/// Runs `cancel` on the first SIGINT or SIGTERM (a migration fails back if
+/// it has not committed); the second one ends the process at once.
+pub fn on_first_signal(cancel: impl FnOnce() + Send + 'static) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .context("installing the signal handler")?;
@@ -299,7 +299,7 @@ pub fn cancel_on_signals(token: CancellationToken) -> Result<()> {
             let mut it = signals.forever();
             if it.next().is_some() {
                 eprintln!("freehint: cancelling (the guest runs on unless the destination already took over); signal again to quit at once");
-                token.cancel();
+                cancel();
             }
             if it.next().is_some() {
                 std::process::exit(130);
@@ -307,6 +307,11 @@ pub fn cancel_on_signals(token: CancellationToken) -> Result<()> {
         })
         .context("starting the signal thread")?;
     Ok(())
+}
+
+/// Cancels `token` on the first SIGINT or SIGTERM (see [`on_first_signal`]).
+pub fn cancel_on_signals(token: CancellationToken) -> Result<()> {
+    on_first_signal(move || token.cancel())
 }
 
 /// Writes `{"phase", "destination_running", "pid"}` to `path` at every
@@ -346,22 +351,31 @@ fn send(a: SendArgs) -> Result<()> {
     let sender = PrecopySender::new(ram, filter, Box::new(log), None, vmm, params)?;
     cancel_on_signals(sender.cancel_token())?;
     match runtime()?.block_on(sender.migrate(a.to)) {
-        Ok(stats) => {
-            if a.json {
-                emit(serde_json::to_string(&stats)?);
-            } else {
-                emit(stats.summary());
-            }
-            Ok(())
+        Ok(stats) => report(a.json, &stats, stats.summary(), None),
+        Err(f) => report(a.json, &f.stats, "", Some(f.to_string())),
+    }
+}
+
+/// Prints the outcome of a migration: `stats` as JSON (with `error` when it
+/// failed), or `summary`; a failure becomes the command's error.
+pub fn report(
+    json: bool,
+    stats: &impl serde::Serialize,
+    summary: impl std::fmt::Display,
+    error: Option<String>,
+) -> Result<()> {
+    if json {
+        let mut v = serde_json::to_value(stats)?;
+        if let Some(e) = &error {
+            v["error"] = e.clone().into();
         }
-        Err(f) => {
-            if a.json {
-                let mut v = serde_json::to_value(&f.stats)?;
-                v["error"] = f.error.to_string().into();
-                emit(v);
-            }
-            Err(anyhow::Error::msg(f.to_string()))
-        }
+        emit(v);
+    } else if error.is_none() {
+        emit(summary);
+    }
+    match error {
+        Some(e) => Err(anyhow::Error::msg(e)),
+        None => Ok(()),
     }
 }
 
@@ -394,23 +408,12 @@ fn receive(a: ReceiveArgs) -> Result<()> {
     }
     match result {
         Ok(stats) => {
-            if a.json {
-                emit(serde_json::to_string(&stats)?);
-            } else {
-                emit(format_args!(
-                    "received {} pages with data and {} zero pages in {} rounds, {} ms",
-                    stats.pages_placed, stats.pages_zero, stats.rounds, stats.total_time_ms
-                ));
-            }
-            Ok(())
+            let summary = format!(
+                "received {} pages with data and {} zero pages in {} rounds, {} ms",
+                stats.pages_placed, stats.pages_zero, stats.rounds, stats.total_time_ms
+            );
+            report(a.json, &stats, summary, None)
         }
-        Err(f) => {
-            if a.json {
-                let mut v = serde_json::to_value(&f.stats)?;
-                v["error"] = f.error.to_string().into();
-                emit(v);
-            }
-            Err(anyhow::Error::msg(f.to_string()))
-        }
+        Err(f) => report(a.json, &f.stats, "", Some(f.to_string())),
     }
 }

@@ -159,47 +159,20 @@ pub fn migrate(a: MigrateArgs) -> Result<()> {
     let params = a.params.params(a.hints == OnOff::On)?;
     // Ctrl-C / SIGTERM cancel the daemon's migration; its answer below
     // then says how it ended.
-    let token = freehint_engine::CancellationToken::new();
-    crate::cancel_on_signals(token.clone())?;
     let control = a.control.clone();
-    std::thread::Builder::new()
-        .name("cancel".into())
-        .spawn(move || {
-            futures_lite_block_on(token.cancelled());
-            if let Err(e) = request(&control, &ControlRequest::Cancel) {
-                eprintln!("freehint: cancelling: {e}");
-            }
-        })
-        .context("starting the cancel thread")?;
-    match request(&a.control, &ControlRequest::Migrate { to: a.to, params })? {
-        ControlReply::Migrated { stats } => {
-            if a.json {
-                crate::emit(serde_json::to_string(&stats)?);
-            } else {
-                crate::emit(stats.summary());
-            }
-            Ok(())
+    crate::on_first_signal(move || {
+        if let Err(e) = request(&control, &ControlRequest::Cancel) {
+            eprintln!("freehint: cancelling: {e}");
         }
+    })?;
+    match request(&a.control, &ControlRequest::Migrate { to: a.to, params })? {
+        ControlReply::Migrated { stats } => crate::report(a.json, &stats, stats.summary(), None),
         ControlReply::MigrationFailed { message, stats } => {
-            if a.json {
-                let mut v = serde_json::to_value(&stats)?;
-                v["error"] = message.clone().into();
-                crate::emit(v);
-            }
-            bail!("{message}")
+            crate::report(a.json, &stats, "", Some(message))
         }
         ControlReply::Error { message } => bail!("{message}"),
         other => bail!("unexpected answer from the daemon: {other:?}"),
     }
-}
-
-/// Waits for a future on this thread (only for the cancel token, which
-/// needs no runtime).
-fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a current-thread runtime with no drivers always builds")
-        .block_on(f)
 }
 
 pub fn cancel(a: ControlArgs) -> Result<()> {

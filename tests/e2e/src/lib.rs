@@ -224,3 +224,23 @@ pub fn compare_ram_images(source: &Path, destination: &Path, free_pages: &Path) 
     }
     (compared, differ)
 }
+
+/// Runs `freehint ARGS`; returns (success, stdout, stderr).
+pub fn freehint(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin_dir().join("freehint"))
+        .args(args)
+        .output()
+        .expect("running freehint");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `freehint status` of the daemon at `control`, as JSON.
+pub fn daemon_status(control: &Path) -> serde_json::Value {
+    let (ok, out, err) = freehint(&["status", "--control", control.to_str().expect("utf-8")]);
+    assert!(ok, "freehint status: {err}");
+    serde_json::from_str(&out).expect("status JSON")
+}

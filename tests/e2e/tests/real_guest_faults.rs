@@ -8,20 +8,7 @@ use std::time::Duration;
 use freehint_demo::{
     check_after, free_port, freehint_migrate, poll, DemoError, FreehintPair, Testbed,
 };
-use freehint_e2e::{bin_dir, real_guest_setup};
-
-/// `freehint ARGS`: (success, stdout, stderr).
-fn freehint(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin_dir().join("freehint"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use freehint_e2e::{bin_dir, daemon_status, freehint, real_guest_setup};
 
 /// The error of a failed migration, checked to be one line.
 fn one_line(r: Result<freehint_engine::MigrationStats, DemoError>) -> String {
@@ -36,20 +23,17 @@ fn one_line(r: Result<freehint_engine::MigrationStats, DemoError>) -> String {
     }
 }
 
-fn status(control: &std::path::Path) -> serde_json::Value {
-    let (ok, out, err) = freehint(&["status", "--control", control.to_str().unwrap()]);
-    assert!(ok, "{err}");
-    serde_json::from_str(&out).unwrap()
-}
-
 fn phase(control: &std::path::Path) -> String {
-    status(control)["state"].as_str().unwrap().to_string()
+    daemon_status(control)["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// The guest's free memory as its balloon driver last reported it (each
 /// `status` asks for fresh figures).
 fn guest_free_mib(control: &std::path::Path) -> Option<u64> {
-    status(control)["balloon"]["guest_stats"]["free_bytes"]
+    daemon_status(control)["balloon"]["guest_stats"]["free_bytes"]
         .as_u64()
         .map(|b| b >> 20)
 }
@@ -174,7 +158,7 @@ fn an_unreachable_or_killed_destination_leaves_the_source_guest_running_and_a_re
     assert!(err.contains(&nobody), "{err}");
     assert!(still_beating(&src), "the source guest stopped");
     // ... until the failed attempt sends DONE: its free memory comes back.
-    let st = status(&src_daemon.control);
+    let st = daemon_status(&src_daemon.control);
     assert_eq!(
         st["balloon"]["config"]["free_page_hint_cmd_id"], 1,
         "no DONE after the failed attempt: {st}"
@@ -217,7 +201,7 @@ fn an_unreachable_or_killed_destination_leaves_the_source_guest_running_and_a_re
     assert!(stats.hinted_bytes > 0, "the retry got no hints: {stats:?}");
     let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
     assert!(alive && check == "ok", "{alive} {check}");
-    let dst_status = status(&dst_daemon.control);
+    let dst_status = daemon_status(&dst_daemon.control);
     assert!(
         dst_status["last_cmd_id"].as_u64().unwrap() > first_cmd_id,
         "the cmd_id did not go on across attempts and to the destination: {dst_status}"
@@ -256,16 +240,21 @@ fn cancel_and_sigterm_leave_the_source_guest_running() {
     ]);
     assert!(ok, "{err}");
     let (bins, control, to) = (s.bin_dir.clone(), src_daemon.control.clone(), addr.clone());
-    let migration =
-        std::thread::spawn(move || freehint_migrate(&bins, &control, &to, false, &[]));
+    let migration = std::thread::spawn(move || freehint_migrate(&bins, &control, &to, false, &[]));
     assert!(poll(Duration::from_secs(10), || phase(&src_daemon.control)
         == "migrating"));
     let (ok, out, err) = freehint(&["cancel", "--control", src_daemon.control.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(out.contains("cancelling"), "{out}");
     let err = one_line(migration.join().unwrap());
-    assert!(err.contains("cancelled") && err.contains("runs on"), "{err}");
-    assert!(still_beating(&src), "the source guest stopped after a cancel");
+    assert!(
+        err.contains("cancelled") && err.contains("runs on"),
+        "{err}"
+    );
+    assert!(
+        still_beating(&src),
+        "the source guest stopped after a cancel"
+    );
     assert_eq!(phase(&src_daemon.control), "failed");
     let (ok, _, err) = freehint(&["cancel", "--control", src_daemon.control.to_str().unwrap()]);
     assert!(!ok && err.contains("no migration is running"), "{err}");
@@ -274,8 +263,7 @@ fn cancel_and_sigterm_leave_the_source_guest_running() {
     // guest, and exits. (The destination QEMU took no state: a new attempt
     // could use it; this one just ends.)
     let (bins, control, to) = (s.bin_dir.clone(), src_daemon.control.clone(), addr.clone());
-    let migration =
-        std::thread::spawn(move || freehint_migrate(&bins, &control, &to, false, &[]));
+    let migration = std::thread::spawn(move || freehint_migrate(&bins, &control, &to, false, &[]));
     assert!(poll(Duration::from_secs(10), || phase(&src_daemon.control)
         == "migrating"));
     let mut src_daemon = src_daemon;

@@ -15,11 +15,10 @@
 //! The guest goes on with whichever side runs it; a fresh guest boots only
 //! when the side that runs it lost its daemon (a killed daemon).
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use freehint_demo::{free_port, poll, Daemon, QemuGuest, Testbed};
-use freehint_e2e::{bin_dir, real_guest_setup};
+use freehint_e2e::{daemon_status, freehint, real_guest_setup};
 
 /// A QEMU running (or holding) the guest, and its daemon.
 struct Vm {
@@ -28,24 +27,9 @@ struct Vm {
     daemon: Daemon,
 }
 
-fn freehint(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin_dir().join("freehint"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
+/// The daemon's status, if it still runs.
 fn status(d: &mut Daemon) -> Option<serde_json::Value> {
-    if !d.running() {
-        return None;
-    }
-    let (ok, out, _) = freehint(&["status", "--control", d.control.to_str().unwrap()]);
-    ok.then(|| serde_json::from_str(&out).ok()).flatten()
+    d.running().then(|| daemon_status(&d.control))
 }
 
 /// Whether the guest's heartbeat goes on in this QEMU.
@@ -107,12 +91,19 @@ fn every_handover_fault_leaves_the_guest_running_on_exactly_one_side() {
                 daemon: dst_daemon,
             };
             bed.settle_destination(&dst.daemon).unwrap();
-            let faulty = if source_side {
-                current.daemon.control.clone()
+            let (faulty, faulty_log) = if source_side {
+                (
+                    current.daemon.control.clone(),
+                    bed.logs.join(format!("{}.daemon.log", current.name)),
+                )
             } else {
-                dst.daemon.control.clone()
+                (
+                    dst.daemon.control.clone(),
+                    bed.logs.join(format!("{}.daemon.log", dst.name)),
+                )
             };
             let spec = format!("{point}={action}");
+            let log_before = std::fs::read(&faulty_log).map_or(0, |l| l.len());
             let (ok, _, err) = freehint(&[
                 "debug",
                 "fault",
@@ -136,6 +127,17 @@ fn every_handover_fault_leaves_the_guest_running_on_exactly_one_side() {
             poll(Duration::from_secs(12), || {
                 status(&mut dst.daemon).is_none_or(|v| v["state"] != "receiving")
             });
+            // The point fired (`return` and `return(kill)` log it, `panic`
+            // panics with its name).
+            let log = std::fs::read(&faulty_log).unwrap_or_default();
+            let log = String::from_utf8_lossy(log.get(log_before..).unwrap_or_default());
+            if !log.contains(&format!("point=\"{point}\""))
+                && !log.contains(&format!("failpoint {point} panic"))
+            {
+                failures.push(format!(
+                    "{spec}: the fault point never fired; migrate: {mout} {merr}"
+                ));
+            }
             let mut src_runs = beating(&mut current.qemu);
             let mut dst_runs = beating(&mut dst.qemu);
             let mut note = String::new();

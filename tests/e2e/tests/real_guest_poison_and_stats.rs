@@ -12,24 +12,13 @@
 use std::time::Duration;
 
 use freehint_demo::{check_after, freehint_migrate, poll, FreehintPair, QemuGuest, Testbed};
-use freehint_e2e::{bin_dir, one_measured_migration_at_a_time, real_guest_setup};
+use freehint_e2e::{daemon_status, one_measured_migration_at_a_time, real_guest_setup};
 
 const CORRUPTION: &str = "pagealloc: memory corruption";
 
-fn status(control: &std::path::Path) -> serde_json::Value {
-    let out = std::process::Command::new(bin_dir().join("freehint"))
-        .arg("status")
-        .arg("--control")
-        .arg(control)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// The number of stats buffers the daemon's balloon has parsed.
 fn stats_updates(control: &std::path::Path) -> u64 {
-    status(control)["balloon"]["guest_stats"]["updates"]
+    daemon_status(control)["balloon"]["guest_stats"]["updates"]
         .as_u64()
         .unwrap_or(0)
 }
@@ -63,11 +52,16 @@ fn a_poisoning_guest_migrates_with_hints_clean_and_its_stats_go_on() {
     // Free page reporting runs a couple of seconds after memory is freed:
     // give it time to report the workload's memory on the source.
     std::thread::sleep(Duration::from_secs(4));
-    let st = status(&src_daemon.control);
+    let st = daemon_status(&src_daemon.control);
     let poison = st["balloon"]["config"]["poison_val"].as_u64().unwrap();
-    assert_ne!(poison, 0, "the guest's poison_val did not reach the backend: {st}");
+    assert_ne!(
+        poison, 0,
+        "the guest's poison_val did not reach the backend: {st}"
+    );
     assert!(
-        poll(Duration::from_secs(10), || stats_updates(&src_daemon.control) >= 2),
+        poll(Duration::from_secs(10), || stats_updates(
+            &src_daemon.control
+        ) >= 2),
         "no stats from the source guest"
     );
     assert!(corruption(&src).is_empty(), "{:?}", corruption(&src));
@@ -81,7 +75,7 @@ fn a_poisoning_guest_migrates_with_hints_clean_and_its_stats_go_on() {
     // On the destination: the same poison value, and stats keep coming
     // (the held buffer came along); the guest freed its hinted blocks on
     // DONE and reports them, still poisoned.
-    let dst_st = status(&dst_daemon.control);
+    let dst_st = daemon_status(&dst_daemon.control);
     assert_eq!(
         dst_st["balloon"]["config"]["poison_val"].as_u64(),
         Some(poison),
@@ -89,14 +83,23 @@ fn a_poisoning_guest_migrates_with_hints_clean_and_its_stats_go_on() {
     );
     let updates = stats_updates(&dst_daemon.control);
     assert!(
-        poll(Duration::from_secs(20), || stats_updates(&dst_daemon.control)
-            >= updates + 2),
+        poll(Duration::from_secs(20), || stats_updates(
+            &dst_daemon.control
+        ) >= updates + 2),
         "stats stopped after the migration: {}",
-        status(&dst_daemon.control)
+        daemon_status(&dst_daemon.control)
     );
     std::thread::sleep(Duration::from_secs(4));
-    assert!(corruption(&src).is_empty(), "source: {:?}", corruption(&src));
-    assert!(corruption(&dst).is_empty(), "destination: {:?}", corruption(&dst));
+    assert!(
+        corruption(&src).is_empty(),
+        "source: {:?}",
+        corruption(&src)
+    );
+    assert!(
+        corruption(&dst).is_empty(),
+        "destination: {:?}",
+        corruption(&dst)
+    );
     eprintln!(
         "page_poison=1: poison_val {poison:#x} carried over, {} MiB hinted, {} MiB on the wire, stats updates on the destination {} -> {}",
         stats.hinted_bytes >> 20,
