@@ -224,7 +224,11 @@ fn epochs_go_on_after_the_vms_last_cmd_id() {
 #[test]
 fn the_final_sync_freezes_the_bitmap() {
     let f = HintFilter::new(bitmap(64));
-    let open = f.sync(true, |_| Ok::<(), ()>(())).unwrap().opened_epoch.unwrap();
+    let open = f
+        .sync(true, |_| Ok::<(), ()>(()))
+        .unwrap()
+        .opened_epoch
+        .unwrap();
     f.with_bitmap(|b| {
         b.set_run(PageRun {
             region: 0,
@@ -242,10 +246,16 @@ fn the_final_sync_freezes_the_bitmap() {
             .ranges_dropped_stale,
         1
     );
-    assert_eq!(f.apply_reported(&[GpaRange::new(8192, 8192)]).pages_cleared, 0);
+    assert_eq!(
+        f.apply_reported(&[GpaRange::new(8192, 8192)]).pages_cleared,
+        0
+    );
     assert_eq!(f.stats().reports_after_final_sync, 1);
     assert_eq!(f.pages_to_send(), 64);
-    assert_eq!(f.sync(true, |_| Ok::<(), ()>(())).unwrap().opened_epoch, None);
+    assert_eq!(
+        f.sync(true, |_| Ok::<(), ()>(())).unwrap().opened_epoch,
+        None
+    );
 }
 
 /// One region of `pages` 4 KiB pages, nothing to send yet.
