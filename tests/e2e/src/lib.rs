@@ -173,11 +173,11 @@ pub fn real_guest_setup(
     })
 }
 
-/// Held by a test that measures a REAL guest's migration, so that another
-/// such test in the same binary does not run beside it: on two cores a
-/// second pair of TCG guests starves the first guest's free-page report and
-/// skews what the test measures.
-pub fn one_measured_migration_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+/// Held by a test that runs REAL guests, so that another such test in the
+/// same binary does not run beside it: on two cores a second pair of TCG
+/// guests starves the first guest's free-page report, skews what a test
+/// measures, and stretches the timing a fault test relies on.
+pub fn one_real_guest_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }

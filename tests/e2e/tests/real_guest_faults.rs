@@ -8,7 +8,9 @@ use std::time::Duration;
 use freehint_demo::{
     check_after, free_port, freehint_migrate, poll, DemoError, FreehintPair, Testbed,
 };
-use freehint_e2e::{bin_dir, daemon_status, freehint, real_guest_setup};
+use freehint_e2e::{
+    bin_dir, daemon_status, freehint, one_real_guest_test_at_a_time, real_guest_setup,
+};
 
 /// The error of a failed migration, checked to be one line.
 fn one_line(r: Result<freehint_engine::MigrationStats, DemoError>) -> String {
@@ -96,6 +98,7 @@ fn a_guest_without_the_balloon_driver_migrates_only_without_hints() {
     let Some(mut s) = real_guest_setup("no-balloon-driver", 256, 0) else {
         return;
     };
+    let _alone = one_real_guest_test_at_a_time();
     s.append = "freehint.noballoon".into();
     let bed = Testbed::new(&s, "no-balloon-driver").unwrap();
     // (Every part bound: a part left to `..` would be dropped, killed, here.)
@@ -132,6 +135,7 @@ fn an_unreachable_or_killed_destination_leaves_the_source_guest_running_and_a_re
     let Some(s) = real_guest_setup("bad-destination", 512, 300) else {
         return;
     };
+    let _alone = one_real_guest_test_at_a_time();
     let bed = Testbed::new(&s, "bad-destination").unwrap();
     let src_daemon = bed.daemon("src", &[]).unwrap();
     let src = bed.freehint_qemu("src", &src_daemon, false).unwrap();
@@ -218,6 +222,7 @@ fn cancel_and_sigterm_leave_the_source_guest_running() {
     let Some(s) = real_guest_setup("cancel", 512, 300) else {
         return;
     };
+    let _alone = one_real_guest_test_at_a_time();
     let bed = Testbed::new(&s, "cancel").unwrap();
     let FreehintPair {
         src,
@@ -282,6 +287,7 @@ fn a_source_qemu_killed_mid_migration_is_reported_as_such() {
     let Some(s) = real_guest_setup("source-killed", 512, 300) else {
         return;
     };
+    let _alone = one_real_guest_test_at_a_time();
     let bed = Testbed::new(&s, "source-killed").unwrap();
     let FreehintPair {
         mut src,

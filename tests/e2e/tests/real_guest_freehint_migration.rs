@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use freehint_demo::{check_after, freehint_migrate, run_mode, FreehintPair, Mode, Testbed};
-use freehint_e2e::{one_measured_migration_at_a_time, real_guest_setup as setup};
+use freehint_e2e::{one_real_guest_test_at_a_time, real_guest_setup as setup};
 
 #[test]
 fn with_hints_the_guest_arrives_alive_with_its_data_sending_little_more_than_it_uses() {
@@ -20,7 +20,7 @@ fn with_hints_the_guest_arrives_alive_with_its_data_sending_little_more_than_it_
     let Some(mut s) = setup("hints-on", 2048, 1400) else {
         return;
     };
-    let _alone = one_measured_migration_at_a_time();
+    let _alone = one_real_guest_test_at_a_time();
     s.keep_mib = 128;
     s.check_mib = 16;
     let r = run_mode(&s, Mode::FreehintHints).unwrap();
@@ -69,7 +69,7 @@ fn without_hints_destination_ram_equals_the_source_page_by_page() {
     let Some(s) = setup("hints-off", 512, 200) else {
         return;
     };
-    let _alone = one_measured_migration_at_a_time();
+    let _alone = one_real_guest_test_at_a_time();
     let bed = Testbed::new(&s, "hints-off").unwrap();
     let FreehintPair {
         mut src,

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use freehint_demo::{check_after, freehint_migrate, poll, FreehintPair, QemuGuest, Testbed};
-use freehint_e2e::{daemon_status, one_measured_migration_at_a_time, real_guest_setup};
+use freehint_e2e::{daemon_status, one_real_guest_test_at_a_time, real_guest_setup};
 
 const CORRUPTION: &str = "pagealloc: memory corruption";
 
@@ -38,7 +38,7 @@ fn a_poisoning_guest_migrates_with_hints_clean_and_its_stats_go_on() {
     let Some(mut s) = real_guest_setup("poison", 512, 300) else {
         return;
     };
-    let _alone = one_measured_migration_at_a_time();
+    let _alone = one_real_guest_test_at_a_time();
     s.keep_mib = 32;
     s.append = "page_poison=1".into();
     let bed = Testbed::new(&s, "poison").unwrap();
