@@ -338,7 +338,7 @@ fn sim(a: SimArgs) -> Result<SimReport> {
             .free_at_stop()
             .context("the simulated VM was never stopped")?;
         let dst = GuestRam::open_file(&dst_path, a.mem_mib << 20)?;
-        (pages_compared, mismatched_pages) = compare(&ram, &dst, &free);
+        (pages_compared, mismatched_pages) = compare(&ram, &dst, &free)?;
         if device_state_bytes > 0 {
             let got = std::fs::read(work.join("destination.device-state")).unwrap_or_default();
             device_state_intact = Some(got == device_state_pattern(device_state_bytes));
@@ -403,11 +403,14 @@ fn accept_from(
     }
 }
 
-/// Compares every page not free at switchover; returns (compared, differing).
-fn compare(src: &GuestRam, dst: &GuestRam, free: &[(u64, u64)]) -> (u64, u64) {
+/// Compares every page not free at switchover, read from the two RAM files
+/// (`pread`, never through a reference into the mappings); returns
+/// (compared, differing).
+fn compare(src: &GuestRam, dst: &GuestRam, free: &[(u64, u64)]) -> Result<(u64, u64)> {
     let s = &src.regions()[0];
     let d = &dst.regions()[0];
     let page = s.page_bytes() as usize;
+    let (mut a, mut b) = (vec![0u8; page], vec![0u8; page]);
     let mut free_it = free.iter().peekable();
     let (mut compared, mut bad) = (0, 0);
     for p in 0..s.pages() {
@@ -417,13 +420,8 @@ fn compare(src: &GuestRam, dst: &GuestRam, free: &[(u64, u64)]) -> (u64, u64) {
         if free_it.peek().is_some_and(|r| r.0 <= p) {
             continue;
         }
-        // SAFETY: both pages are inside their mappings; neither VM runs.
-        let (a, b) = unsafe {
-            (
-                std::slice::from_raw_parts(s.page_ptr(p).expect("in range"), page),
-                std::slice::from_raw_parts(d.page_ptr(p).expect("in range"), page),
-            )
-        };
+        s.read_pages(p, &mut a)?;
+        d.read_pages(p, &mut b)?;
         compared += 1;
         if a != b {
             bad += 1;
@@ -432,7 +430,7 @@ fn compare(src: &GuestRam, dst: &GuestRam, free: &[(u64, u64)]) -> (u64, u64) {
             }
         }
     }
-    (compared, bad)
+    Ok((compared, bad))
 }
 
 #[derive(Serialize)]

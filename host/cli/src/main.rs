@@ -250,9 +250,23 @@ fn main() {
         Command::Debug { which } => debug(which),
     };
     if let Err(e) = result {
-        eprintln!("freehint: error: {e:#}");
+        eprintln!("freehint: error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// An error and its causes in one line, each cause once (most of our
+/// errors already say their cause).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !line.contains(&c) {
+            line.push_str(": ");
+            line.push_str(&c);
+        }
+    }
+    line.replace('\n', " ")
 }
 
 fn debug(which: DebugCommand) -> Result<()> {
