@@ -118,6 +118,31 @@ impl std::error::Error for MigrationFailure {
     }
 }
 
+/// Runs a migration step to its end; a panic in it becomes an error, to be
+/// handled by the same rules as any other.
+pub(crate) async fn caught<T>(
+    step: impl std::future::Future<Output = Result<T, MigrateError>>,
+) -> Result<T, MigrateError> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(step)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|p| Err(MigrateError::Panic(panic_text(&*p))))
+}
+
+/// Like [`caught`], but `cancel` ends the step early with
+/// [`MigrateError::Cancelled`] (the step is dropped at its next await).
+pub(crate) async fn cancellable<T>(
+    cancel: &tokio_util::sync::CancellationToken,
+    step: impl std::future::Future<Output = Result<T, MigrateError>>,
+) -> Result<T, MigrateError> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(MigrateError::Cancelled),
+        r = caught(step) => r,
+    }
+}
+
 /// The text of a caught panic.
 pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()

@@ -7,7 +7,6 @@
 //! after the source said it stops its VM — leaves it [`Phase::Uncertain`]:
 //! the guest may be paused on both sides and the operator decides.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +15,6 @@ use freehint_memory::GuestRam;
 use freehint_wire::{
     ChannelRole, Hello, Kind, Message, PageBatchHead, ZeroRun, ENTRY_ZERO, MAX_DEVICE_STATE_BYTES,
 };
-use futures_util::FutureExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
@@ -24,7 +22,7 @@ use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::panic_text;
+use crate::error::{cancellable, caught, panic_text};
 use crate::fault::hit;
 use crate::io::{
     expect_message, read_exact, read_header, read_into_pages, write_message, ControlChannel,
@@ -262,21 +260,10 @@ impl Receiver {
             resumed: false,
         };
         let cancel = self.cancel.clone();
-        let before_commit = {
-            let run = AssertUnwindSafe(self.until_commit(listener, &mut inc)).catch_unwind();
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => Err(MigrateError::Cancelled),
-                r = run => r.unwrap_or_else(|p| Err(MigrateError::Panic(panic_text(&*p)))),
-            }
-        };
-        if let Err(e) = before_commit {
+        if let Err(e) = cancellable(&cancel, self.until_commit(listener, &mut inc)).await {
             return Err(self.give_up(inc, e).await);
         }
-        let after = AssertUnwindSafe(self.take_over(&mut inc))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|p| Err(MigrateError::Panic(panic_text(&*p))));
+        let after = caught(self.take_over(&mut inc)).await;
         inc.stats.total_time_ms = inc.started.elapsed().as_millis() as u64;
         inc.stats.destination_running = inc.resumed;
         match after {

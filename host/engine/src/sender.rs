@@ -21,13 +21,12 @@ use freehint_wire::{
     ChannelRole, Hello, Message, PageBatchHead, ZeroRun, ENTRY_ZERO, MAX_CONTROL_PAYLOAD_BYTES,
     MAX_DEVICE_STATE_BYTES,
 };
-use futures_util::FutureExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::panic_text;
+use crate::error::{cancellable, caught, panic_text};
 use crate::fault::hit;
 use crate::io::{expect_message, write_message, writev_all, ControlChannel, IoVecs};
 use crate::phase::{Phase, PhaseWatch, Side};
@@ -147,23 +146,11 @@ impl PrecopySender {
             populated_bytes: 0,
         };
         let cancel = self.cancel.clone();
-        let before_commit = {
-            let run = AssertUnwindSafe(self.until_ready(dest, &mut at)).catch_unwind();
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => Err(MigrateError::Cancelled),
-                r = run => r.unwrap_or_else(|p| Err(MigrateError::Panic(panic_text(&*p)))),
-            }
-        };
-        if let Err(e) = before_commit {
+        if let Err(e) = cancellable(&cancel, self.until_ready(dest, &mut at)).await {
             return Err(self.fail_back(at, e).await);
         }
         // The point of no return: from here on, no cancel, no fail back.
-        let committed = AssertUnwindSafe(self.commit(&mut at))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|p| Err(MigrateError::Panic(panic_text(&*p))));
-        match committed {
+        match caught(self.commit(&mut at)).await {
             // The destination gave up before acting on the commit: it never
             // resumes its copy, so the guest resumes here.
             Err(e @ MigrateError::Peer(_)) => return Err(self.fail_back(at, e).await),
