@@ -435,10 +435,14 @@ impl VmDaemon {
             ControlRequest::Resume => self.resume(),
             ControlRequest::Cancel => {
                 let sh = lock(&self.shared);
-                let (Some(token), Some(watch)) = (&sh.cancel, &sh.migration) else {
+                let Some(token) = &sh.cancel else {
                     return Err(DaemonError::BadRequest("no migration is running".into()));
                 };
-                let phase = watch.get().phase;
+                // Before the sender exists the migration is in its set-up.
+                let phase = sh
+                    .migration
+                    .as_ref()
+                    .map_or(Phase::Setup, |w| w.get().phase);
                 if matches!(phase, Phase::Committed | Phase::Completed) {
                     return Err(DaemonError::BadRequest(format!(
                         "too late to cancel: the migration is {phase} (the destination takes the guest over)"
@@ -556,10 +560,21 @@ impl VmDaemon {
                 )));
             }
         }
+        // The token exists before anything else, so a cancel or a signal
+        // from now on reaches this migration whatever step it is in.
+        let cancel = CancellationToken::new();
+        {
+            let mut sh = lock(&self.shared);
+            sh.cancel = Some(cancel.clone());
+            sh.migration = None;
+        }
+        if self.stopping.load(SeqCst) {
+            cancel.cancel();
+        }
         self.set_state(DaemonState::Migrating);
         // QEMU's pid as the vhost-user socket saw it; QMP's confirms it.
         let mut pid = Some(self.vhost_peer_pid.load(SeqCst)).filter(|&p| p > 0);
-        let result = self.migrate_inner(dest, params, &mut pid);
+        let result = self.migrate_inner(dest, params, cancel, &mut pid);
         self.slot.detach();
         let mut sh = lock(&self.shared);
         sh.cancel = None;
@@ -615,8 +630,12 @@ impl VmDaemon {
         &self,
         dest: SocketAddr,
         params: MigrationParams,
+        cancel: CancellationToken,
         pid_out: &mut Option<i32>,
     ) -> Result<MigrationStats, DaemonError> {
+        if cancel.is_cancelled() {
+            return Err(MigrateError::Cancelled.into());
+        }
         let mut qmp = Qmp::connect(&self.cfg.qmp_socket)?;
         let pid = qmp.peer_pid()?;
         *pid_out = Some(pid);
@@ -676,12 +695,9 @@ impl VmDaemon {
             "migrating"
         );
         let sender =
-            PrecopySender::new(ram, filter.clone(), Box::new(log), hint_source, vmm, params)?;
-        {
-            let mut sh = lock(&self.shared);
-            sh.migration = Some(sender.phase_watch());
-            sh.cancel = Some(sender.cancel_token());
-        }
+            PrecopySender::new(ram, filter.clone(), Box::new(log), hint_source, vmm, params)?
+                .with_cancel_token(cancel);
+        lock(&self.shared).migration = Some(sender.phase_watch());
         let result = self.runtime.block_on(sender.migrate(dest));
         self.last_cmd_id.store(filter.last_cmd_id().0, SeqCst);
         match result {
@@ -793,14 +809,20 @@ impl VmDaemon {
             balloon: self.handle.clone(),
             resume: self.cfg.resume,
         });
-        let mut receiver = Receiver::new(ram, vmm, None).preallocate(self.cfg.preallocate);
-        receiver.prepare()?;
+        let cancel = CancellationToken::new();
+        let mut receiver = Receiver::new(ram, vmm, None)
+            .preallocate(self.cfg.preallocate)
+            .with_cancel_token(cancel.clone());
         {
             let mut sh = lock(&self.shared);
             sh.state = DaemonState::Receiving;
             sh.migration = Some(receiver.phase_watch());
-            sh.cancel = Some(receiver.cancel_token());
+            sh.cancel = Some(cancel.clone());
         }
+        if self.stopping.load(SeqCst) {
+            cancel.cancel();
+        }
+        receiver.prepare()?;
         let std_listener = listener
             .try_clone()
             .map_err(io("cloning the incoming listener"))?;

@@ -227,6 +227,13 @@ impl Receiver {
         self.cancel.clone()
     }
 
+    /// Uses `token` to cancel the migration (one the caller made before
+    /// the receiver existed, so that no cancel can fall between the two).
+    pub fn with_cancel_token(mut self, token: CancellationToken) -> Self {
+        self.cancel = token;
+        self
+    }
+
     /// Surveys the destination RAM and preallocates it if asked to, before
     /// any source connects; [`Self::receive`] does it itself otherwise.
     pub fn prepare(&mut self) -> Result<(), MigrateError> {

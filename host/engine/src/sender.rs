@@ -120,6 +120,13 @@ impl PrecopySender {
         self.cancel.clone()
     }
 
+    /// Uses `token` to cancel the migration (one the caller made before
+    /// the sender existed, so that no cancel can fall between the two).
+    pub fn with_cancel_token(mut self, token: CancellationToken) -> Self {
+        self.cancel = token;
+        self
+    }
+
     fn timeout(&self) -> Duration {
         Duration::from_secs(self.params.peer_timeout_s)
     }
