@@ -213,3 +213,60 @@ fn every_fault_point_leaves_the_guest_on_one_side_or_says_uncertain() {
     eprintln!("{}", table.join("\n"));
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+#[test]
+fn ctrl_c_cancels_and_the_source_runs_on() {
+    let work = tempfile::tempdir_in("/dev/shm").unwrap();
+    // A slow destination, so the migration is surely under way.
+    let child = Command::new(bin_dir().join("freehint"))
+        .args([
+            "bench",
+            "sim",
+            "--json",
+            "--mem-mib",
+            "64",
+            "--hints",
+            "off",
+        ])
+        .args(["--used-percent", "50", "--peer-timeout-s", "5"])
+        .arg("--work-dir")
+        .arg(work.path())
+        .env("FAILPOINTS", "dst.mid-round=sleep(50)")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !read_json(&work.path().join("destination.state.json"))
+        .is_some_and(|v| v["phase"] == "precopy")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the migration never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill() has no memory effects; the pid is our child's.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cancelled"), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(report["state"], "failed", "{report}");
+    assert_eq!(report["source_running"], true, "{report}");
+    let src = read_json(&work.path().join("source.state.json")).unwrap();
+    assert_eq!(src["running"], true, "{src}");
+    let t = Instant::now();
+    while read_json(&work.path().join("destination.state.json"))
+        .is_some_and(|v| v["phase"] != "failed")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the destination did not give up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
