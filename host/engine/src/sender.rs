@@ -740,6 +740,8 @@ impl ChannelJob {
             entries: Vec::new(),
         };
         let mut iovs = IoVecs(Vec::new());
+        // (address, length) of runs of data pages in the mapping.
+        let mut spans: Vec<(usize, usize)> = Vec::new();
         let mut batches = 0u64;
         loop {
             claimed.clear();
@@ -772,8 +774,7 @@ impl ChannelJob {
                 region.populate_read(first, run as u64)?;
                 k += run;
             }
-            // (address, length) of runs of data pages in the mapping.
-            let mut spans: Vec<(usize, usize)> = Vec::new();
+            spans.clear();
             for &(_, page) in &claimed {
                 let pages = region.volatile_pages(page, 1)?;
                 if is_zero_volatile(&pages) {
