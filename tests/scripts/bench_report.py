@@ -76,7 +76,7 @@ for pre in ("", "prealloc-"):
         rs = [load(f"sim4g-{pre}hints-{h}-{i}") for i in (1, 2, 3)]
         med[(pre, h)] = {k: median([r[k] for r in rs]) for k in ("bytes_on_wire", "total_time_ms", "downtime_ms")}
         for i, r in enumerate(rs, 1):
-            print(f"| {label} | {h} | {i} | {mib(r['bytes_on_wire'])} | {r['total_time_ms']} | {r['downtime_ms']} | {r['rounds']} | {r['pages_sent']} | {r['pages_skipped_free']} | {r['hints_dropped_stale']} | {r['mismatched_pages']} |")
+            print(f"| {label} | {h} | {i} | {mib(r['bytes_on_wire'])} | {r['total_time_ms']} | {r['downtime_ms']} | {r['rounds']} | {r['pages_sent']} | {r['pages_skipped_free']} | {r['hint_ranges_dropped_stale']} | {r['mismatched_pages']} |")
 print()
 print("Commands (each run three times):")
 print()

@@ -13,10 +13,10 @@ use freehint_dirty_log::{DirtyLog, TrackedRange, UffdWpDirtyLog};
 use freehint_engine::{
     empty_bitmap, vmm_ram_ranges, MigrationStats, Phase, PrecopySender, ReceiveStats,
 };
-use freehint_hint_filter::HintFilter;
+use freehint_hint_filter::{HintFilter, IdentityMappedSink};
 use freehint_memory::GuestRam;
 use freehint_sim_vm::{device_state_pattern, FromSim, SimVmClient, ToSim};
-use freehint_types::{CmdId, GpaRange, HintSink, HintSource};
+use freehint_types::{CmdId, HintSink, HintSource, RamRange};
 use serde::Serialize;
 
 use crate::{runtime, OnOff, ParamArgs};
@@ -290,7 +290,7 @@ fn sim(a: SimArgs) -> Result<SimReport> {
     let ram = Arc::new(GuestRam::open_file(&src_path, a.mem_mib << 20)?);
     let log = UffdWpDirtyLog::attach_process(pid, vmm_ram_ranges(pid, &ram)?)?;
     let filter = Arc::new(HintFilter::new(empty_bitmap(&ram)));
-    *sink_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(filter.clone());
+    *sink_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(IdentityMappedSink(filter.clone())));
     let hint_source: Option<Arc<dyn HintSource>> = if hints { Some(client.clone()) } else { None };
     let sender = PrecopySender::new(
         ram.clone(),
@@ -445,15 +445,15 @@ fn hints_rate(mem_mib: u64, passes: u32) -> Result<()> {
     use freehint_hint_filter::{MigrationBitmap, RegionLayout};
     let pages = (mem_mib << 20) / 4096;
     let bm = MigrationBitmap::new(vec![RegionLayout {
-        gpa_start: 0,
+        ram_start: 0,
         page_bytes: 4096,
         pages,
     }]);
     let f = HintFilter::new(bm);
     // Hints arrive as the Linux driver sends them: 4 MiB blocks, a
     // virtqueue's worth (16) per call.
-    let ranges: Vec<GpaRange> = (0..(mem_mib / 4))
-        .map(|b| GpaRange::new(b << 22, 4 << 20))
+    let ranges: Vec<RamRange> = (0..(mem_mib / 4))
+        .map(|b| RamRange::new(b << 22, 4 << 20))
         .collect();
     let mut total = 0u64;
     let t = Instant::now();

@@ -8,7 +8,7 @@
 //! 4 GiB continues the file where the RAM below the PCI hole stopped).
 
 use freehint_balloon::MemoryTableRegion;
-use freehint_types::GpaRange;
+use freehint_types::{GpaRange, RamRange};
 
 /// One guest-physical range and where it lives in the RAM file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,7 +18,44 @@ struct Segment {
     file_offset_bytes: u64,
 }
 
-/// Translates guest-physical ranges into RAM-file offset ranges.
+/// Translates guest-physical ranges into RAM ranges (offsets in the RAM
+/// file): the one place where the guest's address space meets the
+/// engine's.
+///
+/// # Examples
+///
+/// A q35 machine with 4 GiB: 2 GiB below the PCI hole, 2 GiB above 4 GiB,
+/// which continues the RAM file where the low part stopped.
+///
+/// ```
+/// use freehint_balloon::MemoryTableRegion;
+/// use freehint_daemon::GpaMap;
+/// use freehint_types::{GpaRange, RamRange};
+///
+/// const GIB: u64 = 1 << 30;
+/// let region = |gpa_start, size_bytes, file_offset_bytes| MemoryTableRegion {
+///     gpa_start,
+///     size_bytes,
+///     file_offset_bytes,
+///     file_dev: 1,
+///     file_ino: 7,
+/// };
+/// let map = GpaMap::new(
+///     &[region(0, 2 * GIB, 0), region(4 * GIB, 2 * GIB, 2 * GIB)],
+///     1,
+///     7,
+///     4 * GIB,
+/// );
+///
+/// let mut ram = Vec::new();
+/// // A hint just below the hole and one just above 4 GiB.
+/// assert!(map.translate(GpaRange::new(2 * GIB - 4096, 4096), &mut ram));
+/// assert!(map.translate(GpaRange::new(4 * GIB, 4096), &mut ram));
+/// assert_eq!(ram, [RamRange::new(2 * GIB - 4096, 4096), RamRange::new(2 * GIB, 4096)]);
+///
+/// // A range in the hole is refused whole.
+/// assert!(!map.translate(GpaRange::new(3 * GIB, 4096), &mut ram));
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GpaMap {
     segments: Vec<Segment>,
@@ -65,7 +102,7 @@ impl GpaMap {
     /// The file ranges of `range`, pushed to `out`. Returns `false` (and
     /// pushes nothing) if any part of `range` is outside the map or the
     /// range wraps: a guest range is used whole or not at all.
-    pub fn translate(&self, range: GpaRange, out: &mut Vec<GpaRange>) -> bool {
+    pub fn translate(&self, range: GpaRange, out: &mut Vec<RamRange>) -> bool {
         let Some(end) = range.end() else {
             return false;
         };
@@ -87,7 +124,7 @@ impl GpaMap {
                 return false;
             }
             let take = end.min(seg_end) - pos;
-            out.push(GpaRange::new(
+            out.push(RamRange::new(
                 seg.file_offset_bytes + (pos - seg.gpa_start),
                 take,
             ));
@@ -137,14 +174,14 @@ mod tests {
         let m = q35();
         let mut out = Vec::new();
         assert!(m.translate(GpaRange::new(4 * GIB + 4096, 8192), &mut out));
-        assert_eq!(out, vec![GpaRange::new(2 * GIB + 4096, 8192)]);
+        assert_eq!(out, vec![RamRange::new(2 * GIB + 4096, 8192)]);
         assert_eq!(m.mapped_bytes(), 4 * GIB - 0x20000);
     }
 
     #[test]
     fn holes_and_other_files_are_refused_whole() {
         let m = q35();
-        let mut out = vec![GpaRange::new(1, 1)];
+        let mut out = vec![RamRange::new(1, 1)];
         // Crosses the VGA hole.
         assert!(!m.translate(GpaRange::new(0x9f000, 0x2000), &mut out));
         // The PCI hole / BIOS file.
@@ -153,7 +190,7 @@ mod tests {
         assert!(!m.translate(GpaRange::new(6 * GIB, 4096), &mut out));
         assert!(!m.translate(GpaRange::new(4096, 0), &mut out));
         assert!(!m.translate(GpaRange::new(u64::MAX - 10, 4096), &mut out));
-        assert_eq!(out, vec![GpaRange::new(1, 1)], "nothing pushed");
+        assert_eq!(out, vec![RamRange::new(1, 1)], "nothing pushed");
     }
 
     #[test]
@@ -168,7 +205,7 @@ mod tests {
         assert!(m.translate(GpaRange::new(4096, 8192), &mut out));
         assert_eq!(
             out,
-            vec![GpaRange::new(4096, 4096), GpaRange::new(65536, 4096)]
+            vec![RamRange::new(4096, 4096), RamRange::new(65536, 4096)]
         );
     }
 

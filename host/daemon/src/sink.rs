@@ -4,9 +4,9 @@
 use std::sync::{Arc, Mutex, RwLock};
 
 use freehint_balloon::BalloonHandle;
-use freehint_dirty_log::{DirtyLog, DirtyLogError, DirtyRun};
+use freehint_dirty_log::{DirtyLog, DirtyLogError};
 use freehint_hint_filter::HintFilter;
-use freehint_types::{CmdId, GpaRange, HintOutcome, HintSink};
+use freehint_types::{CmdId, GpaRange, HintOutcome, HintSink, PageRun, RamRange};
 
 use crate::gpa_map::GpaMap;
 
@@ -39,12 +39,12 @@ impl HintSlot {
     fn with_target(
         &self,
         ranges: &[GpaRange],
-        apply: impl FnOnce(&HintFilter, &[GpaRange]) -> HintOutcome,
+        apply: impl FnOnce(&HintFilter, &[RamRange]) -> HintOutcome,
     ) -> HintOutcome {
         let guard = self.target.read().unwrap_or_else(|e| e.into_inner());
         let Some(t) = guard.as_ref() else {
             return HintOutcome {
-                ranges_dropped_stale: ranges.len() as u64,
+                hint_ranges_dropped_stale: ranges.len() as u64,
                 ..HintOutcome::default()
             };
         };
@@ -56,7 +56,7 @@ impl HintSlot {
             }
         }
         let mut out = apply(&t.filter, &translated);
-        out.ranges_rejected_invalid += invalid;
+        out.hint_ranges_rejected_invalid += invalid;
         out
     }
 }
@@ -95,7 +95,7 @@ impl UsedRingLog {
 }
 
 impl DirtyLog for UsedRingLog {
-    fn sync(&mut self, sink: &mut dyn FnMut(DirtyRun)) -> Result<(), DirtyLogError> {
+    fn sync(&mut self, sink: &mut dyn FnMut(PageRun)) -> Result<(), DirtyLogError> {
         let mut file_ranges = Vec::new();
         for ring in self.handle.used_ring_ranges() {
             if !self.map.translate(ring, &mut file_ranges) {
@@ -105,11 +105,7 @@ impl DirtyLog for UsedRingLog {
         for r in file_ranges {
             let first = r.start / self.page_bytes;
             let last = (r.start + r.len_bytes - 1) / self.page_bytes;
-            sink(DirtyRun {
-                region: 0,
-                first_page: first,
-                count: last - first + 1,
-            });
+            sink(PageRun::new(0, first, last - first + 1));
         }
         Ok(())
     }
@@ -122,7 +118,7 @@ impl DirtyLog for UsedRingLog {
 pub struct SharedDirtyLog(pub Arc<Mutex<Box<dyn DirtyLog>>>);
 
 impl DirtyLog for SharedDirtyLog {
-    fn sync(&mut self, sink: &mut dyn FnMut(DirtyRun)) -> Result<(), DirtyLogError> {
+    fn sync(&mut self, sink: &mut dyn FnMut(PageRun)) -> Result<(), DirtyLogError> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).sync(sink)
     }
 }

@@ -10,18 +10,40 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use freehint_balloon::{BalloonHandle, BalloonState};
-use freehint_engine::{DestinationVmm, Vmm, VmmError};
+use freehint_balloon::{BalloonError, BalloonHandle, BalloonState};
 use freehint_qemu::{QemuDestination, QemuVmm};
+use freehint_types::{DestinationVmm, Vmm, VmmError, VmmOp};
 
 const MAGIC: &[u8; 4] = b"FHDS";
 const VERSION: u16 = 1;
 const HEAD_BYTES: usize = 12;
 
+/// A device-state blob that cannot be made or read.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    /// The blob does not start with the magic.
+    #[error("not a freehint device-state blob")]
+    NotABlob,
+    /// A blob of another version.
+    #[error("device-state blob version {found}, this build reads {VERSION}")]
+    Version {
+        /// The blob's version.
+        found: u16,
+    },
+    /// The balloon state's length runs past the blob.
+    #[error("the balloon state runs past the end of the device-state blob")]
+    Truncated,
+    /// The balloon state could not be encoded or decoded.
+    #[error("balloon state (JSON)")]
+    Json(#[from] serde_json::Error),
+    /// The balloon backend refused the state.
+    #[error("balloon state")]
+    Balloon(#[from] BalloonError),
+}
+
 /// Packs QEMU's device state and the balloon's state into one blob.
-pub fn encode(qemu: &[u8], balloon: &BalloonState) -> Result<Vec<u8>, VmmError> {
-    let b = serde_json::to_vec(balloon)
-        .map_err(|e| VmmError(format!("encoding the balloon state: {e}")))?;
+pub fn encode(qemu: &[u8], balloon: &BalloonState) -> Result<Vec<u8>, DeviceStateError> {
+    let b = serde_json::to_vec(balloon)?;
     let mut out = Vec::with_capacity(HEAD_BYTES + b.len() + qemu.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -34,24 +56,20 @@ pub fn encode(qemu: &[u8], balloon: &BalloonState) -> Result<Vec<u8>, VmmError> 
 
 /// Splits a blob made by [`encode`] into QEMU's device state and the
 /// balloon's state.
-pub fn decode(blob: &[u8]) -> Result<(&[u8], BalloonState), VmmError> {
-    let bad = |why: &str| VmmError(format!("device state from the source: {why}"));
+pub fn decode(blob: &[u8]) -> Result<(&[u8], BalloonState), DeviceStateError> {
     if blob.len() < HEAD_BYTES || &blob[0..4] != MAGIC {
-        return Err(bad("not a freehint device-state blob"));
+        return Err(DeviceStateError::NotABlob);
     }
     let version = u16::from_le_bytes([blob[4], blob[5]]);
     if version != VERSION {
-        return Err(bad(&format!(
-            "version {version}, this build reads {VERSION}"
-        )));
+        return Err(DeviceStateError::Version { found: version });
     }
     let len = u32::from_le_bytes([blob[8], blob[9], blob[10], blob[11]]) as usize;
     let balloon_end = HEAD_BYTES
         .checked_add(len)
         .filter(|&e| e <= blob.len())
-        .ok_or_else(|| bad("balloon state runs past the end"))?;
-    let balloon: BalloonState = serde_json::from_slice(&blob[HEAD_BYTES..balloon_end])
-        .map_err(|e| bad(&format!("balloon state: {e}")))?;
+        .ok_or(DeviceStateError::Truncated)?;
+    let balloon: BalloonState = serde_json::from_slice(&blob[HEAD_BYTES..balloon_end])?;
     Ok((&blob[balloon_end..], balloon))
 }
 
@@ -78,6 +96,7 @@ impl Vmm for SourceVm {
         // is final.
         let qemu = self.qemu.device_state()?;
         encode(&qemu, &self.balloon.export_state())
+            .map_err(|e| VmmError::new(VmmOp::SaveDeviceState, e))
     }
 
     fn device_state_estimate_bytes(&self) -> Result<Option<u64>, VmmError> {
@@ -105,11 +124,12 @@ pub struct DestinationVm {
 
 impl DestinationVmm for DestinationVm {
     fn load_device_state(&self, blob: &[u8], timeout: Duration) -> Result<(), VmmError> {
-        let (qemu, balloon) = decode(blob)?;
+        let failed = |e: DeviceStateError| VmmError::new(VmmOp::LoadDeviceState, e);
+        let (qemu, balloon) = decode(blob).map_err(failed)?;
         self.qemu.load_device_state(qemu, timeout)?;
         self.balloon
             .import_state(&balloon)
-            .map_err(|e| VmmError(format!("balloon state from the source: {e}")))
+            .map_err(|e| failed(e.into()))
     }
 
     fn resume(&self) -> Result<(), VmmError> {
@@ -141,9 +161,9 @@ mod tests {
         assert!(decode(b"QEVM").is_err());
         let mut bad = blob.clone();
         bad[4] = 9;
-        assert!(decode(&bad).unwrap_err().0.contains("version 9"));
+        assert!(decode(&bad).unwrap_err().to_string().contains("version 9"));
         let mut long = blob[..HEAD_BYTES].to_vec();
         long[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(decode(&long).unwrap_err().0.contains("past the end"));
+        assert!(matches!(decode(&long), Err(DeviceStateError::Truncated)));
     }
 }

@@ -25,6 +25,8 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 
+pub use freehint_types::PageRun;
+
 /// Errors from dirty tracking.
 #[derive(Debug, thiserror::Error)]
 pub enum DirtyLogError {
@@ -94,24 +96,48 @@ pub struct TrackedRange {
     pub first_page: u64,
 }
 
-/// Written pages: `count` pages starting at page `first_page` of `region`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DirtyRun {
-    /// The region (as named in [`TrackedRange::region`]).
-    pub region: usize,
-    /// First written page within the region.
-    pub first_page: u64,
-    /// Number of consecutive written pages.
-    pub count: u64,
-}
-
 /// Which pages were written since the last sync.
+///
+/// # Examples
+///
+/// Track the writes to a RAM file mapped in this process (as the tests do;
+/// the daemon attaches to QEMU's mappings instead):
+///
+/// ```
+/// use freehint_dirty_log::{DirtyLog, PageRun, TrackedRange, UffdWpDirtyLog};
+/// use freehint_memory::GuestRam;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir_in("/dev/shm")?;
+/// let ram = GuestRam::open_file(&dir.path().join("ram"), 64 * 4096)?;
+/// let region = &ram.regions()[0];
+/// let mut log = UffdWpDirtyLog::attach_self(vec![TrackedRange {
+///     region: 0,
+///     vaddr_start: region.host_ptr() as u64,
+///     len_bytes: region.size_bytes(),
+///     page_bytes: 4096,
+///     first_page: 0,
+/// }])?;
+///
+/// // SAFETY: page 5 lies inside the mapping, which outlives this write.
+/// unsafe { region.page_ptr(5).unwrap().write_volatile(1) };
+/// let mut written = Vec::new();
+/// log.sync(&mut |run| written.push(run))?;
+/// assert_eq!(written, [PageRun::page(0, 5)]);
+///
+/// // The sync re-armed tracking: nothing was written since.
+/// written.clear();
+/// log.sync(&mut |run| written.push(run))?;
+/// assert!(written.is_empty());
+/// # Ok(())
+/// # }
+/// ```
 pub trait DirtyLog: Send {
     /// Reports the pages written since the previous call (or since tracking
     /// began) to `sink`, and re-arms tracking for them atomically with the
     /// report: a write that lands after its page was reported is reported by
     /// the next call.
-    fn sync(&mut self, sink: &mut dyn FnMut(DirtyRun)) -> Result<(), DirtyLogError>;
+    fn sync(&mut self, sink: &mut dyn FnMut(PageRun)) -> Result<(), DirtyLogError>;
 }
 
 /// Several dirty logs read as one: a page is dirty if any of them says so.
@@ -119,7 +145,7 @@ pub trait DirtyLog: Send {
 pub struct CombinedDirtyLog(pub Vec<Box<dyn DirtyLog>>);
 
 impl DirtyLog for CombinedDirtyLog {
-    fn sync(&mut self, sink: &mut dyn FnMut(DirtyRun)) -> Result<(), DirtyLogError> {
+    fn sync(&mut self, sink: &mut dyn FnMut(PageRun)) -> Result<(), DirtyLogError> {
         for log in &mut self.0 {
             log.sync(sink)?;
         }
@@ -328,7 +354,7 @@ impl UffdWpDirtyLog {
 }
 
 impl DirtyLog for UffdWpDirtyLog {
-    fn sync(&mut self, sink: &mut dyn FnMut(DirtyRun)) -> Result<(), DirtyLogError> {
+    fn sync(&mut self, sink: &mut dyn FnMut(PageRun)) -> Result<(), DirtyLogError> {
         for r in &self.ranges {
             let end = r.vaddr_start + r.len_bytes;
             let mut pos = r.vaddr_start;
@@ -347,7 +373,7 @@ impl DirtyLog for UffdWpDirtyLog {
                     // reported whole by the kernel anyway).
                     let first = (pr.start - r.vaddr_start) / r.page_bytes;
                     let last = (pr.end - r.vaddr_start).div_ceil(r.page_bytes);
-                    sink(DirtyRun {
+                    sink(PageRun {
                         region: r.region,
                         first_page: r.first_page + first,
                         count: last - first,

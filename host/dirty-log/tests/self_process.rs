@@ -1,10 +1,10 @@
 //! Dirty tracking of memory mapped in this process, with the real kernel
 //! mechanism (async uffd-wp + PAGEMAP_SCAN).
 
-use freehint_dirty_log::{DirtyLog, DirtyRun, TrackedRange, UffdWpDirtyLog};
+use freehint_dirty_log::{DirtyLog, PageRun, TrackedRange, UffdWpDirtyLog};
 use freehint_memory::GuestRam;
 
-fn collect(log: &mut UffdWpDirtyLog) -> Vec<DirtyRun> {
+fn collect(log: &mut UffdWpDirtyLog) -> Vec<PageRun> {
     let mut v = Vec::new();
     log.sync(&mut |r| v.push(r)).unwrap();
     v
@@ -49,7 +49,7 @@ fn exactly_the_written_pages_come_back_and_are_rearmed() {
     unsafe { region.page_ptr(4).unwrap().write_volatile(9) };
     assert_eq!(
         collect(&mut log),
-        vec![DirtyRun {
+        vec![PageRun {
             region: 0,
             first_page: 4,
             count: 1

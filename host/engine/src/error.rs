@@ -2,16 +2,20 @@ use std::io;
 
 use freehint_wire::WireError;
 
-use crate::vmm::VmmError;
+use freehint_types::{ErrorChain, HintSourceError, VmmError};
 
 /// Why a migration step failed. Where that leaves the guest is in the
 /// [`MigrationFailure`] / [`ReceiveFailure`] that carries it.
+///
+/// A variant that wraps another error names what was being done and keeps
+/// the error as its `source()`, without repeating its text: print it with
+/// [`ErrorChain`] to see every cause once.
 ///
 /// [`ReceiveFailure`]: crate::ReceiveFailure
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     /// A socket operation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,
@@ -19,7 +23,7 @@ pub enum MigrateError {
         source: io::Error,
     },
     /// The peer sent something that is not valid protocol.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Protocol {
         /// Where.
         context: String,
@@ -47,16 +51,28 @@ pub enum MigrateError {
         seconds: u64,
     },
     /// Dirty tracking failed.
-    #[error("dirty log: {0}")]
+    #[error("dirty log")]
     DirtyLog(#[from] freehint_dirty_log::DirtyLogError),
     /// Guest RAM access failed.
-    #[error("guest RAM: {0}")]
+    #[error("guest RAM")]
     Memory(#[from] freehint_memory::MemoryError),
     /// The VMM failed to stop, hand over or resume.
-    #[error("VMM: {0}")]
+    #[error(transparent)]
     Vmm(#[from] VmmError),
+    /// The guest's device could not start or stop a hint round.
+    #[error(transparent)]
+    HintSource(#[from] HintSourceError),
+    /// The migration failed, and resuming the source VM after it failed
+    /// too (`source`).
+    #[error("{}; and after that", ErrorChain(&**failure))]
+    ResumeFailed {
+        /// Why the migration failed.
+        failure: Box<MigrateError>,
+        /// Why the source VM could not be resumed.
+        source: VmmError,
+    },
     /// The parameters are invalid.
-    #[error("parameters: {0}")]
+    #[error("invalid migration parameters")]
     Params(#[from] crate::params::ParamsError),
     /// The operator cancelled the migration (or the process got SIGINT or
     /// SIGTERM).
@@ -100,14 +116,14 @@ impl std::fmt::Display for MigrationFailure {
             crate::Phase::Uncertain => write!(
                 f,
                 "{}; outcome uncertain: the source VM stays paused after its commit, and the destination may or may not have resumed the guest; resume it on exactly one side (the destination if it runs the guest)",
-                self.error
+                ErrorChain(&self.error)
             ),
             _ if !self.stats.source_running => write!(
                 f,
                 "{}; the source VM is not running (resuming it failed)",
-                self.error
+                ErrorChain(&self.error)
             ),
-            _ => write!(f, "{}; the source VM runs on", self.error),
+            _ => write!(f, "{}; the source VM runs on", ErrorChain(&self.error)),
         }
     }
 }

@@ -6,7 +6,9 @@ use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::time::Duration;
 
-use freehint_wire::{FrameHeader, Kind, Message, HEADER_BYTES};
+use freehint_wire::{
+    Frame, FrameHeader, Kind, Message, PageBatchHead, BATCH_PREFIX_BYTES, HEADER_BYTES,
+};
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use vm_memory::VolatileSlice;
@@ -55,24 +57,61 @@ pub(crate) async fn read_exact<R: AsyncRead + Unpin>(
     }
 }
 
-/// Reads one whole non-batch message; `Ok(None)` on a clean end of stream.
+/// Reads one frame (for a page batch: its head; the page data follows on
+/// the stream), with the bytes of the whole frame on the wire (header,
+/// payload and any page data); `Ok(None)` on a clean end of stream. `region_pages` gives
+/// a region's `(page_bytes, pages)` to check a batch against; with `None`,
+/// page batches are refused (a channel that does not carry page data).
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    context: &str,
+    region_pages: Option<&(dyn Fn(usize) -> Option<(u64, u64)> + Sync)>,
+    buf: &mut Vec<u8>,
+) -> Result<Option<(Frame, u64)>, MigrateError> {
+    let Some(h) = read_header(r, context).await? else {
+        return Ok(None);
+    };
+    let region_pages = match (h.kind, region_pages) {
+        (Kind::PageBatch, None) => {
+            return Err(MigrateError::Unexpected(format!(
+                "{context}: page data on a channel that does not carry it"
+            )))
+        }
+        (_, pages) => pages.unwrap_or(&|_| None),
+    };
+    let protocol = |e| MigrateError::protocol(context.to_string())(e);
+    let payload_bytes = if h.kind == Kind::PageBatch {
+        let mut prefix = [0u8; BATCH_PREFIX_BYTES];
+        read_exact(r, &mut prefix, context).await?;
+        let head_bytes =
+            PageBatchHead::head_bytes_from_prefix(&prefix, h.payload_bytes).map_err(protocol)?;
+        buf.clear();
+        buf.extend_from_slice(&prefix);
+        head_bytes
+    } else {
+        buf.clear();
+        h.payload_bytes as usize
+    };
+    let start = buf.len();
+    buf.resize(payload_bytes, 0);
+    read_exact(r, &mut buf[start..], context).await?;
+    let frame = Frame::decode(&h, buf, region_pages).map_err(protocol)?;
+    Ok(Some((frame, HEADER_BYTES as u64 + h.payload_bytes)))
+}
+
+/// Reads one whole message (no page batch); `Ok(None)` on a clean end of
+/// stream.
 pub(crate) async fn read_message<R: AsyncRead + Unpin>(
     r: &mut R,
     context: &str,
 ) -> Result<Option<Message>, MigrateError> {
-    let Some(h) = read_header(r, context).await? else {
-        return Ok(None);
-    };
-    if h.kind == Kind::PageBatch {
-        return Err(MigrateError::Unexpected(format!(
+    match read_frame(r, context, None, &mut Vec::new()).await? {
+        None => Ok(None),
+        Some((Frame::Message(m), _)) => Ok(Some(m)),
+        Some((Frame::PageBatch(_), _)) => Err(MigrateError::Unexpected(format!(
             "{context}: page data on a channel that does not carry it"
-        )));
+        ))),
     }
-    let mut payload = vec![0u8; h.payload_bytes as usize];
-    read_exact(r, &mut payload, context).await?;
-    Message::decode(h.kind, &payload)
-        .map(Some)
-        .map_err(MigrateError::protocol(context.to_string()))
 }
 
 /// Like [`read_message`], but a timeout or end of stream is an error.

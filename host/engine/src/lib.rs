@@ -5,6 +5,10 @@
 //!   [`DirtyLog`] between rounds (opening a new hint epoch each time), and
 //!   switches over through a [`Vmm`] when the bandwidth estimate says the
 //!   rest fits in the downtime target.
+//! * The collaborators it drives are traits of the bottom crate,
+//!   `freehint-types`: [`Vmm`] and [`DestinationVmm`] (QEMU, the simulated
+//!   VM, a bare image: [`ImageVmm`]), [`HintSource`] and [`HintSink`] (the
+//!   balloon device).
 //! * [`Receiver`] accepts one migration, places pages in the destination's
 //!   guest RAM, and resumes the guest only once the source commits.
 //! * [`Phase`] / [`PhaseWatch`]: where a migration is, on either side; the
@@ -14,6 +18,10 @@
 //!   [`MigrationStats`] the one stats struct, with units in every field.
 //!
 //! [`HintFilter`]: freehint_hint_filter::HintFilter
+//! [`Vmm`]: freehint_types::Vmm
+//! [`DestinationVmm`]: freehint_types::DestinationVmm
+//! [`HintSource`]: freehint_types::HintSource
+//! [`HintSink`]: freehint_types::HintSink
 //! [`DirtyLog`]: freehint_dirty_log::DirtyLog
 
 #![deny(missing_docs)]
@@ -35,7 +43,7 @@ pub use receiver::{ReceiveFailure, ReceiveStats, Receiver};
 pub use sender::PrecopySender;
 pub use stats::MigrationStats;
 pub use tokio_util::sync::CancellationToken;
-pub use vmm::{DestinationVmm, ImageVmm, Vmm, VmmError};
+pub use vmm::ImageVmm;
 
 use freehint_dirty_log::{find_mappings, TrackedRange};
 use freehint_hint_filter::{MigrationBitmap, RegionLayout};
@@ -47,7 +55,7 @@ pub fn region_descs(ram: &GuestRam) -> Vec<RegionDesc> {
     ram.regions()
         .iter()
         .map(|r| RegionDesc {
-            gpa_start: r.gpa_start(),
+            ram_start: r.ram_start(),
             size_bytes: r.size_bytes(),
             page_bytes: r.page_bytes(),
         })
@@ -125,7 +133,7 @@ pub fn empty_bitmap(ram: &GuestRam) -> MigrationBitmap {
         ram.regions()
             .iter()
             .map(|r| RegionLayout {
-                gpa_start: r.gpa_start(),
+                ram_start: r.ram_start(),
                 page_bytes: r.page_bytes(),
                 pages: r.pages(),
             })

@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use freehint_memory::GuestRam;
-use freehint_wire::{
-    ChannelRole, Hello, Kind, Message, PageBatchHead, ZeroRun, ENTRY_ZERO, MAX_DEVICE_STATE_BYTES,
-};
+use freehint_types::{DestinationVmm, ErrorChain, PageRun};
+use freehint_wire::{BatchEntry, ChannelRole, Frame, Hello, Message, MAX_DEVICE_STATE_BYTES};
 use serde::{Deserialize, Serialize};
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
@@ -25,11 +24,11 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{cancellable, caught, panic_text};
 use crate::fault::hit;
 use crate::io::{
-    expect_message, read_exact, read_header, read_into_pages, write_message, ControlChannel,
+    expect_message, read_exact, read_frame, read_into_pages, write_message, ControlChannel,
     RawPages,
 };
 use crate::phase::{Phase, PhaseWatch, Side};
-use crate::{region_descs, DestinationVmm, MigrateError};
+use crate::{region_descs, MigrateError};
 
 /// What the receiver measured, and how the migration ended for it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -79,14 +78,14 @@ impl std::fmt::Display for ReceiveFailure {
             (Phase::Uncertain, true) => write!(
                 f,
                 "{}; outcome uncertain: this side holds the guest paused and the source may have committed or may still hold it paused; resume it on exactly one side",
-                self.error
+                ErrorChain(&self.error)
             ),
             (Phase::Uncertain, false) => write!(
                 f,
                 "{}; the guest was not resumed here and never will be, and the source may hold it paused: resume it on the source",
-                self.error
+                ErrorChain(&self.error)
             ),
-            _ => write!(f, "{}; the guest was not resumed here", self.error),
+            _ => write!(f, "{}; the guest was not resumed here", ErrorChain(&self.error)),
         }
     }
 }
@@ -282,7 +281,7 @@ impl Receiver {
             Err(e) if inc.resumed => {
                 // The guest runs here: the migration is done, whatever
                 // failed after that.
-                tracing::warn!("after resuming the guest: {e}");
+                tracing::warn!("after resuming the guest: {}", ErrorChain(&e));
                 self.phase.enter(Phase::Completed);
                 inc.stats.state = Phase::Completed;
                 Ok(inc.stats)
@@ -296,8 +295,7 @@ impl Receiver {
                 // Resuming failed: the VM may or may not run. Say nothing
                 // the source could take for a refusal; the operator decides.
                 tracing::error!(
-                    "resuming the guest after the source's commit failed: {e}; it may be paused here"
-                );
+                    "resuming the guest after the source's commit failed: {}; it may be paused here", ErrorChain(&e));
                 self.phase.enter(Phase::Uncertain);
                 inc.stats.state = Phase::Uncertain;
                 inc.stats.guest_held_paused = true;
@@ -500,7 +498,7 @@ impl Receiver {
         if !source_aborted && !link_lost {
             if let Some(c) = inc.control.as_mut() {
                 let wait = inc.timeout.min(Duration::from_secs(10));
-                if c.send(&Message::Error(e.to_string()), "control", wait)
+                if c.send(&Message::Error(ErrorChain(&e).to_string()), "control", wait)
                     .await
                     .is_ok()
                 {
@@ -518,9 +516,9 @@ impl Receiver {
         inc.stats.guest_held_paused =
             state == Phase::Uncertain && link_lost && inc.stats.guest_complete;
         if state == Phase::Uncertain {
-            tracing::error!("incoming migration: {e}; outcome uncertain");
+            tracing::error!("incoming migration: {}; outcome uncertain", ErrorChain(&e));
         } else {
-            tracing::warn!("incoming migration failed: {e}");
+            tracing::warn!("incoming migration failed: {}", ErrorChain(&e));
         }
         self.phase.enter(state);
         inc.stats.state = state;
@@ -560,8 +558,8 @@ impl Receiver {
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!("{ctx}: {e}; waiting for another source");
-                    reject(&mut s, format!("{ctx}: {e}")).await;
+                    tracing::warn!("{ctx}: {}; waiting for another source", ErrorChain(&e));
+                    reject(&mut s, format!("{ctx}: {}", ErrorChain(&e))).await;
                     continue;
                 }
             };
@@ -698,7 +696,8 @@ fn flatten(
         Ok(r) => r,
         Err(e) if e.is_panic() => Err(MigrateError::Panic(panic_text(&*e.into_panic()))),
         Err(e) => Err(MigrateError::Unexpected(format!(
-            "bulk channel task failed: {e}"
+            "bulk channel task failed: {}",
+            ErrorChain(&e)
         ))),
     }
 }
@@ -712,101 +711,67 @@ async fn receive_bulk(
 ) -> Result<u32, MigrateError> {
     let name = format!("bulk channel {index}");
     let mut round = 0u32;
-    let mut entries_raw = Vec::new();
+    let mut frame_buf = Vec::new();
     let mut data: Vec<u8> = Vec::new();
+    let ram = ctx.ram.clone();
+    let region_pages =
+        move |idx: usize| ram.regions().get(idx).map(|r| (r.page_bytes(), r.pages()));
     loop {
-        let Some(h) = read_header(&mut r, &name).await? else {
+        let Some((frame, frame_bytes)) =
+            read_frame(&mut r, &name, Some(&region_pages), &mut frame_buf).await?
+        else {
             return Ok(round);
         };
         ctx.progress();
-        ctx.bytes.fetch_add(16 + h.payload_bytes, Ordering::Relaxed);
-        match h.kind {
-            Kind::PageBatch => {
-                let mut counts = [0u8; 8];
-                read_exact(&mut r, &mut counts, &name).await?;
-                let (region_idx, count) = PageBatchHead::decode_counts(&counts, h.payload_bytes)
-                    .map_err(MigrateError::protocol(name.clone()))?;
-                let region = ctx.ram.regions().get(region_idx as usize).ok_or_else(|| {
-                    MigrateError::Unexpected(format!(
-                        "{name}: page batch for region {region_idx}, which does not exist"
-                    ))
-                })?;
-                entries_raw.resize(count as usize * 8, 0);
-                read_exact(&mut r, &mut entries_raw, &name).await?;
-                let head = PageBatchHead::decode_entries(
-                    region_idx,
-                    &entries_raw,
-                    h.payload_bytes,
-                    region.page_bytes(),
-                    region.pages(),
-                )
-                .map_err(MigrateError::protocol(name.clone()))?;
+        ctx.bytes.fetch_add(frame_bytes, Ordering::Relaxed);
+        match frame {
+            Frame::PageBatch(head) => {
+                let region_idx = head.region();
+                // Checked to exist by the decoder.
+                let region = &ctx.ram.regions()[region_idx];
                 let page_bytes = region.page_bytes() as usize;
                 if !ctx.direct {
                     data.resize(head.data_pages() as usize * page_bytes, 0);
                     read_exact(&mut r, &mut data, &name).await?;
                 }
-                // Place runs of consecutive pages with one write each.
                 let mut at = 0usize;
-                let mut k = 0;
-                let entries = &head.entries;
-                while k < entries.len() {
-                    let e = entries[k];
-                    let page = e & !ENTRY_ZERO;
-                    if e & ENTRY_ZERO != 0 {
-                        if ctx.written.take(region_idx as usize, page) {
-                            region.punch_hole(page..page + 1)?;
+                for entry in head.entries() {
+                    let (page, run) = match *entry {
+                        BatchEntry::Zero { first_page, count } => {
+                            discard_written(&ctx, PageRun::new(region_idx, first_page, count))?;
+                            ctx.pages_zero.fetch_add(count, Ordering::Relaxed);
+                            continue;
                         }
-                        ctx.pages_zero.fetch_add(1, Ordering::Relaxed);
-                        k += 1;
-                        continue;
-                    }
-                    let mut run = 1;
-                    while k + run < entries.len() && entries[k + run] == page + run as u64 {
-                        run += 1;
-                    }
+                        BatchEntry::Data { first_page, count } => (first_page, count),
+                    };
                     if ctx.direct {
                         // Straight from the socket into the mapping, through
-                        // raw pointers (the pages were checked to lie in the
-                        // region by decode_entries).
-                        let dst = RawPages::of(&region.volatile_pages(page, run as u64)?);
+                        // raw pointers (the decoder checked the run lies in
+                        // the region).
+                        let dst = RawPages::of(&region.volatile_pages(page, run)?);
                         read_into_pages(&mut r, dst, &name).await?;
                     } else {
+                        let len = run as usize * page_bytes;
                         // SAFETY: the destination VM is not running (it
                         // resumes only after the commit, once every channel
                         // has ended), and within a round no other channel
                         // places these pages (each page is sent at most once
                         // a round; rounds end with a barrier).
-                        unsafe { region.write_pages(page, &data[at..at + run * page_bytes])? };
+                        unsafe { region.write_pages(page, &data[at..at + len])? };
+                        at += len;
                     }
-                    for p in page..page + run as u64 {
-                        ctx.written.mark(region_idx as usize, p);
+                    for p in page..page + run {
+                        ctx.written.mark(region_idx, p);
                     }
-                    ctx.pages_placed.fetch_add(run as u64, Ordering::Relaxed);
-                    at += run * page_bytes;
-                    k += run;
+                    ctx.pages_placed.fetch_add(run, Ordering::Relaxed);
                 }
                 ctx.progress();
                 hit("dst.mid-round")?;
             }
-            Kind::ZeroRun => {
-                let mut payload = vec![0u8; h.payload_bytes as usize];
-                read_exact(&mut r, &mut payload, &name).await?;
-                let Message::Zero(z) = Message::decode(h.kind, &payload)
-                    .map_err(MigrateError::protocol(name.clone()))?
-                else {
-                    unreachable!("a zero-run frame decodes to Message::Zero")
-                };
-                place_zero_run(&ctx, z, &name)?;
+            Frame::Message(Message::Zero(run)) => {
+                place_zero_run(&ctx, run, &name)?;
             }
-            Kind::RoundEnd => {
-                let mut payload = vec![0u8; h.payload_bytes as usize];
-                read_exact(&mut r, &mut payload, &name).await?;
-                let Message::RoundEnd { round: got } = Message::decode(h.kind, &payload)
-                    .map_err(MigrateError::protocol(name.clone()))?
-                else {
-                    unreachable!("a round-end frame decodes to Message::RoundEnd")
-                };
+            Frame::Message(Message::RoundEnd { round: got }) => {
                 if got != round + 1 {
                     return Err(MigrateError::Unexpected(format!(
                         "{name}: round {got} ended, expected round {}",
@@ -819,49 +784,53 @@ async fn receive_bulk(
                 // channel must not be overwritten by its older copy.
                 ctx.barrier.wait().await;
             }
-            other => {
+            Frame::Message(other) => {
                 return Err(MigrateError::Unexpected(format!(
-                    "{name}: unexpected {other:?} frame on a bulk channel"
+                    "{name}: unexpected {} frame on a bulk channel",
+                    other.kind().name()
                 )))
             }
         }
     }
 }
 
-fn place_zero_run(ctx: &BulkCtx, z: ZeroRun, name: &str) -> Result<(), MigrateError> {
-    let region = ctx.ram.regions().get(z.region as usize).ok_or_else(|| {
-        MigrateError::Unexpected(format!(
-            "{name}: zero run for region {} which does not exist",
-            z.region
-        ))
-    })?;
-    let end = z
-        .first_page
-        .checked_add(z.count)
-        .filter(|&e| e <= region.pages() && z.count > 0);
-    let Some(end) = end else {
-        return Err(MigrateError::Unexpected(format!(
-            "{name}: zero run {}+{} is beyond region {} ({} pages)",
-            z.first_page,
-            z.count,
-            z.region,
-            region.pages()
-        )));
-    };
-    let mut p = z.first_page;
+/// Discards the pages of `run` that hold data from an earlier round, so
+/// that they read as zero (pages never written are zero already).
+fn discard_written(ctx: &BulkCtx, run: PageRun) -> Result<(), MigrateError> {
+    let region = &ctx.ram.regions()[run.region];
+    let end = run.first_page + run.count;
+    let mut p = run.first_page;
     while p < end {
-        if !ctx.written.take(z.region as usize, p) {
+        if !ctx.written.take(run.region, p) {
             p += 1;
             continue;
         }
         // Gather the run of written pages and discard it from the file.
         let start = p;
         p += 1;
-        while p < end && ctx.written.take(z.region as usize, p) {
+        while p < end && ctx.written.take(run.region, p) {
             p += 1;
         }
         region.punch_hole(start..p)?;
     }
+    Ok(())
+}
+
+fn place_zero_run(ctx: &BulkCtx, z: PageRun, name: &str) -> Result<(), MigrateError> {
+    let region = ctx.ram.regions().get(z.region).ok_or_else(|| {
+        MigrateError::Unexpected(format!(
+            "{name}: zero run for region {} which does not exist",
+            z.region
+        ))
+    })?;
+    if z.end_page().is_none_or(|end| end > region.pages()) {
+        return Err(MigrateError::Unexpected(format!(
+            "{name}: zero run {z} is beyond region {} ({} pages)",
+            z.region,
+            region.pages()
+        )));
+    }
+    discard_written(ctx, z)?;
     ctx.pages_zero.fetch_add(z.count, Ordering::Relaxed);
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The precopy sender: live rounds, the final round with the VM stopped,
 //! and the handover, each a phase function over one [`Attempt`].
 //!
-//! The handover rule (design §6): the destination loads the device state
+//! The handover rule (docs/ARCHITECTURE.md, "The handover"): the destination loads the device state
 //! and says `Ready`; the source commits; only a committed destination
 //! resumes; a source that has committed never resumes on its own. Any
 //! failure before the commit resumes the source untouched; a lost link
@@ -14,12 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use freehint_dirty_log::DirtyLog;
-use freehint_hint_filter::{Cursor, HintFilter, PageRun, SyncReport};
+use freehint_hint_filter::{Cursor, HintFilter, SyncReport};
 use freehint_memory::{is_zero_volatile, GuestRam};
-use freehint_types::{CmdId, HintSource};
+use freehint_types::{CmdId, ErrorChain, HintSource, PageRun, Vmm};
 use freehint_wire::{
-    ChannelRole, Hello, Message, PageBatchHead, ZeroRun, ENTRY_ZERO, MAX_CONTROL_PAYLOAD_BYTES,
-    MAX_DEVICE_STATE_BYTES,
+    ChannelRole, Hello, Message, PageBatchHead, MAX_CONTROL_PAYLOAD_BYTES, MAX_DEVICE_STATE_BYTES,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -30,7 +29,7 @@ use crate::error::{cancellable, caught, panic_text};
 use crate::fault::hit;
 use crate::io::{expect_message, write_message, writev_all, ControlChannel, IoVecs};
 use crate::phase::{Phase, PhaseWatch, Side};
-use crate::{region_descs, MigrateError, MigrationFailure, MigrationParams, MigrationStats, Vmm};
+use crate::{region_descs, MigrateError, MigrationFailure, MigrationParams, MigrationStats};
 
 /// Sends a VM's guest RAM to a [`crate::Receiver`] with precopy and hands
 /// the VM over.
@@ -75,7 +74,7 @@ struct Attempt {
     control: Option<ControlChannel>,
     bulk: Vec<TcpStream>,
     /// Zero runs to send at the start of the next round.
-    zero_runs: Vec<ZeroRun>,
+    zero_runs: Vec<PageRun>,
     round: u32,
     bandwidth_bytes_per_s: f64,
     /// Bytes of populated guest memory when the migration began.
@@ -169,10 +168,13 @@ impl PrecopySender {
             .unwrap_or_else(|p| Err(MigrateError::Panic(panic_text(&*p))));
         if let Err(e) = after {
             // The destination runs the guest: nothing to undo.
-            tracing::warn!("after the handover: {e}");
+            tracing::warn!("after the handover: {}", ErrorChain(&e));
         }
         if let Err(e) = self.vmm.handed_over() {
-            tracing::warn!("releasing the source VMM after the handover: {e}");
+            tracing::warn!(
+                "releasing the source VMM after the handover: {}",
+                ErrorChain(&e)
+            );
         }
         Ok(self.outcome(at, Phase::Completed, false, Some(true)))
     }
@@ -214,11 +216,7 @@ impl PrecopySender {
         let log = &mut self.dirty_log;
         let merge = |bm: &mut freehint_hint_filter::MigrationBitmap| {
             log.sync(&mut |run| {
-                bm.set_run(PageRun {
-                    region: run.region,
-                    first_page: run.first_page,
-                    count: run.count,
-                });
+                bm.set_run(run);
             })
         };
         let report = if open_next {
@@ -231,8 +229,7 @@ impl PrecopySender {
         stats.sync_max_us = stats.sync_max_us.max(us);
         stats.sync_mean_us += us; // divided at the end
         if let (Some(id), Some(src)) = (report.opened_epoch, &self.hint_source) {
-            src.start_round(id)
-                .map_err(|e| crate::VmmError(e.to_string()))?;
+            src.start_round(id)?;
         }
         Ok(report)
     }
@@ -241,7 +238,7 @@ impl PrecopySender {
     /// read: reading a tmpfs hole would allocate it), opens the first hint
     /// round and waits while the guest's report pays.
     async fn first_round_plan(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
-        let mut zero_runs: Vec<ZeroRun> = Vec::new();
+        let mut zero_runs: Vec<PageRun> = Vec::new();
         for (idx, region) in self.ram.regions().iter().enumerate() {
             let data = region.data_page_ranges()?;
             at.populated_bytes +=
@@ -249,11 +246,7 @@ impl PrecopySender {
             let mut next = 0;
             self.filter.with_bitmap(|bm| {
                 for r in &data {
-                    bm.set_run(PageRun {
-                        region: idx,
-                        first_page: r.start,
-                        count: r.end - r.start,
-                    });
+                    bm.set_run(PageRun::new(idx, r.start, r.end - r.start));
                 }
             });
             for r in data
@@ -262,11 +255,7 @@ impl PrecopySender {
                 .chain([(region.pages(), region.pages())])
             {
                 if r.0 > next {
-                    zero_runs.push(ZeroRun {
-                        region: idx as u32,
-                        first_page: next,
-                        count: r.0 - next,
-                    });
+                    zero_runs.push(PageRun::new(idx, next, r.0 - next));
                 }
                 next = r.1;
             }
@@ -295,17 +284,12 @@ impl PrecopySender {
         // reported-free pages go as zero runs too.
         at.zero_runs = self.filter.with_bitmap(|bm| {
             let mut still_zero = Vec::new();
-            for z in &zero_runs {
-                let run = PageRun {
-                    region: z.region as usize,
-                    first_page: z.first_page,
-                    count: z.count,
-                };
-                bm.unset_subruns(run, &mut still_zero);
+            for run in &zero_runs {
+                bm.unset_subruns(*run, &mut still_zero);
             }
-            to_zero_runs(&still_zero)
+            still_zero
         });
-        at.zero_runs.extend(to_zero_runs(&first.discarded));
+        at.zero_runs.extend(first.discarded);
         Ok(())
     }
 
@@ -374,7 +358,7 @@ impl PrecopySender {
             }
             hit("src.before-sync")?;
             let report = self.sync(true, &mut at.stats)?;
-            at.zero_runs = to_zero_runs(&report.discarded);
+            at.zero_runs = report.discarded;
             let left = self.filter.bytes_to_send();
             let estimate_ms = left as f64 / at.bandwidth_bytes_per_s.max(1.0) * 1000.0;
             tracing::info!(
@@ -422,7 +406,7 @@ impl PrecopySender {
             .await?;
         if let Some(src) = &self.hint_source {
             if let Err(e) = src.stop_round() {
-                tracing::warn!("could not stop the hint round: {e}");
+                tracing::warn!("could not stop the hint round: {}", ErrorChain(&e));
             }
         }
         at.stop_at = Some(Instant::now());
@@ -438,7 +422,7 @@ impl PrecopySender {
     async fn final_round(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
         let report = self.sync(false, &mut at.stats)?;
         let mut zero_runs = std::mem::take(&mut at.zero_runs);
-        zero_runs.extend(to_zero_runs(&report.discarded));
+        zero_runs.extend(report.discarded);
         at.round += 1;
         self.phase.set_round(at.round);
         let counters = self.send_round(at, zero_runs).await?;
@@ -549,12 +533,12 @@ impl PrecopySender {
     /// VM if we stopped it, and sends the guest DONE (it holds the blocks
     /// it hinted until then).
     async fn fail_back(&mut self, mut at: Attempt, e: MigrateError) -> MigrationFailure {
-        tracing::warn!("migration failed: {e}; failing back");
+        tracing::warn!("migration failed: {}; failing back", ErrorChain(&e));
         if let Some(c) = at.control.as_mut() {
             // Best effort, and quick: the peer may be what failed.
             let _ = c
                 .send(
-                    &Message::Error(e.to_string()),
+                    &Message::Error(ErrorChain(&e).to_string()),
                     "control",
                     Duration::from_secs(2),
                 )
@@ -566,17 +550,21 @@ impl PrecopySender {
             match self.vmm.resume() {
                 Ok(()) => tracing::info!("source VM resumed"),
                 Err(re) => {
-                    tracing::error!("resuming the source VM failed: {re}");
-                    error = MigrateError::Vmm(crate::VmmError(format!(
-                        "{error}; and resuming the source VM failed too: {re}"
-                    )));
+                    tracing::error!("resuming the source VM failed: {}", ErrorChain(&re));
+                    error = MigrateError::ResumeFailed {
+                        failure: Box::new(error),
+                        source: re,
+                    };
                     source_running = false;
                 }
             }
         }
         if let Some(src) = &self.hint_source {
             if let Err(e) = src.finish() {
-                tracing::warn!("could not tell the guest that migration is over (DONE): {e}");
+                tracing::warn!(
+                    "could not tell the guest that migration is over (DONE): {}",
+                    ErrorChain(&e)
+                );
             }
         }
         self.phase.enter(Phase::Failed);
@@ -586,7 +574,8 @@ impl PrecopySender {
 
     fn uncertain(&mut self, at: Attempt, e: MigrateError) -> MigrationFailure {
         tracing::error!(
-            "after the commit: {e}; the source VM stays paused, the destination may run the guest"
+            "after the commit: {}; the source VM stays paused, the destination may run the guest",
+            ErrorChain(&e)
         );
         self.phase.enter(Phase::Uncertain);
         let stats = self.outcome(at, Phase::Uncertain, false, None);
@@ -609,8 +598,8 @@ impl PrecopySender {
         stats.pages_skipped_free = h.pages_skipped_free;
         stats.pages_skipped_reported = h.pages_skipped_reported;
         stats.hinted_bytes = h.hinted_bytes;
-        stats.hints_dropped_stale = h.hints_dropped_stale;
-        stats.hints_rejected_invalid = h.hints_rejected_invalid;
+        stats.hint_ranges_dropped_stale = h.hint_ranges_dropped_stale;
+        stats.hint_ranges_rejected_invalid = h.hint_ranges_rejected_invalid;
         stats.sync_mean_us /= stats.syncs.max(1) as u64;
         stats.state = state;
         stats.source_running = source_running;
@@ -623,7 +612,7 @@ impl PrecopySender {
     async fn send_round(
         &self,
         at: &mut Attempt,
-        zero_runs: Vec<ZeroRun>,
+        zero_runs: Vec<PageRun>,
     ) -> Result<Arc<RoundCounters>, MigrateError> {
         let cursor = Arc::new(Mutex::new(Cursor::default()));
         let counters = Arc::new(RoundCounters::default());
@@ -684,16 +673,6 @@ fn add_counters(stats: &mut MigrationStats, c: &RoundCounters) {
     stats.pages_zero += c.pages_zero.load(Ordering::Relaxed);
 }
 
-fn to_zero_runs(runs: &[PageRun]) -> Vec<ZeroRun> {
-    runs.iter()
-        .map(|r| ZeroRun {
-            region: r.region as u32,
-            first_page: r.first_page,
-            count: r.count,
-        })
-        .collect()
-}
-
 /// Fails if the destination reported an error or went away.
 fn check_control(at: &mut Attempt) -> Result<(), MigrateError> {
     let Some(c) = at.control.as_mut() else {
@@ -717,7 +696,7 @@ struct ChannelJob {
     counters: Arc<RoundCounters>,
     batch_bytes: u64,
     round: u32,
-    zero_runs: Vec<ZeroRun>,
+    zero_runs: Vec<PageRun>,
     timeout: Duration,
     context: String,
 }
@@ -732,13 +711,10 @@ impl ChannelJob {
                 .pages_zero
                 .fetch_add(z.count, Ordering::Relaxed);
         }
-        let mut claimed: Vec<(usize, u64)> = Vec::new();
+        let mut claimed: Vec<PageRun> = Vec::new();
         let mut head_buf: Vec<u8> = Vec::new();
         // Reused batch after batch: no allocation per batch.
-        let mut head = PageBatchHead {
-            region: 0,
-            entries: Vec::new(),
-        };
+        let mut head = PageBatchHead::default();
         let mut iovs = IoVecs(Vec::new());
         // (address, length) of runs of data pages in the mapping.
         let mut spans: Vec<(usize, usize)> = Vec::new();
@@ -749,43 +725,34 @@ impl ChannelJob {
                 let mut c = self.cursor.lock().unwrap_or_else(|e| e.into_inner());
                 self.filter.claim(&mut c, self.batch_bytes, &mut claimed)
             };
-            if n == 0 {
+            let Some(region_idx) = claimed.first().map(|run| run.region) else {
                 break;
-            }
-            let region_idx = claimed[0].0;
+            };
             let region = &self.ram.regions()[region_idx];
             let page_bytes = region.page_bytes() as usize;
-            head.region = region_idx as u32;
-            head.entries.clear();
-            // Map each contiguous run for reading with one call (no fault
-            // per page), check every page for zero in place, and send the
-            // others straight from the mapping: the kernel copies them into
-            // the socket, with no copy of ours in between. Guest memory is
-            // read only through volatile loads and raw pointers: the guest
-            // may write it meanwhile; what we send may then be torn or
-            // stale, and the dirty log has the page for the next round.
-            let mut k = 0;
-            while k < claimed.len() {
-                let first = claimed[k].1;
-                let mut run = 1;
-                while k + run < claimed.len() && claimed[k + run].1 == first + run as u64 {
-                    run += 1;
-                }
-                region.populate_read(first, run as u64)?;
-                k += run;
-            }
+            head.reset(region_idx);
+            // Map each run for reading with one call (no fault per page),
+            // check every page for zero in place, and send the others
+            // straight from the mapping: the kernel copies them into the
+            // socket, with no copy of ours in between. Guest memory is read
+            // only through volatile loads and raw pointers: the guest may
+            // write it meanwhile; what we send may then be torn or stale,
+            // and the dirty log has the page for the next round.
             spans.clear();
-            for &(_, page) in &claimed {
-                let pages = region.volatile_pages(page, 1)?;
-                if is_zero_volatile(&pages) {
-                    head.entries.push(page | ENTRY_ZERO);
-                    continue;
-                }
-                head.entries.push(page);
-                let addr = pages.ptr_guard().as_ptr() as usize;
-                match spans.last_mut() {
-                    Some((start, len)) if *start + *len == addr => *len += page_bytes,
-                    _ => spans.push((addr, page_bytes)),
+            for run in &claimed {
+                region.populate_read(run.first_page, run.count)?;
+                for page in run.first_page..run.first_page + run.count {
+                    let pages = region.volatile_pages(page, 1)?;
+                    if is_zero_volatile(&pages) {
+                        head.push_zero(page);
+                        continue;
+                    }
+                    head.push_data(page);
+                    let addr = pages.ptr_guard().as_ptr() as usize;
+                    match spans.last_mut() {
+                        Some((start, len)) if *start + *len == addr => *len += page_bytes,
+                        _ => spans.push((addr, page_bytes)),
+                    }
                 }
             }
             let filled: usize = spans.iter().map(|s| s.1).sum();
@@ -820,7 +787,7 @@ impl ChannelJob {
                 .fetch_add(data_pages, Ordering::Relaxed);
             self.counters
                 .pages_zero
-                .fetch_add(claimed.len() as u64 - data_pages, Ordering::Relaxed);
+                .fetch_add(n - data_pages, Ordering::Relaxed);
             batches += 1;
             if batches == 1 {
                 hit("src.mid-round")?;

@@ -20,9 +20,9 @@ pub struct MigrationStats {
     /// Bytes of guest memory covered by applied hints.
     pub hinted_bytes: u64,
     /// Hint ranges dropped because their cmd_id was not the open epoch.
-    pub hints_dropped_stale: u64,
+    pub hint_ranges_dropped_stale: u64,
     /// Hint ranges rejected as outside guest RAM, empty or wrapping.
-    pub hints_rejected_invalid: u64,
+    pub hint_ranges_rejected_invalid: u64,
     /// Time spent waiting for the guest's first free-page report before
     /// round 1 (part of `total_time_ms`).
     pub hint_wait_ms: u64,
@@ -70,7 +70,7 @@ impl MigrationStats {
             self.pages_sent,
             self.pages_zero,
             self.pages_skipped_free,
-            self.hints_dropped_stale
+            self.hint_ranges_dropped_stale
         )
     }
 }

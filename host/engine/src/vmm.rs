@@ -1,38 +1,8 @@
+//! [`ImageVmm`]: the destination VMM of a bare RAM image.
+
 use std::time::Duration;
 
-/// An error from the VMM.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct VmmError(pub String);
-
-/// The source VM, as the sender needs it for switchover.
-pub trait Vmm: Send + Sync {
-    /// Stops the guest's vCPUs (and anything else that writes guest RAM).
-    /// After this returns, guest RAM no longer changes.
-    fn stop(&self) -> Result<(), VmmError>;
-    /// Resumes the guest after a failed migration.
-    fn resume(&self) -> Result<(), VmmError>;
-    /// The device state to hand to the destination (may be empty). Called
-    /// with the VM stopped.
-    fn device_state(&self) -> Result<Vec<u8>, VmmError>;
-    /// An upper estimate of [`Self::device_state`]'s size, taken while the
-    /// VM still runs, so that a state too large to migrate is refused
-    /// before the guest is stopped. `None` if the VMM cannot tell.
-    fn device_state_estimate_bytes(&self) -> Result<Option<u64>, VmmError> {
-        Ok(None)
-    }
-    /// The destination runs the guest now: release the source.
-    fn handed_over(&self) -> Result<(), VmmError>;
-}
-
-/// The destination VM, as the receiver needs it.
-pub trait DestinationVmm: Send + Sync {
-    /// Loads device state received from the source, within `timeout`
-    /// (the migration's peer timeout, which both sides share).
-    fn load_device_state(&self, state: &[u8], timeout: Duration) -> Result<(), VmmError>;
-    /// Starts the guest: all RAM has been placed.
-    fn resume(&self) -> Result<(), VmmError>;
-}
+use freehint_types::{DestinationVmm, VmmError};
 
 /// A destination whose VM is its RAM file and an opaque device-state blob
 /// (a bare RAM image, as `freehint receive` and the simulated VM's bench

@@ -1,30 +1,19 @@
 //! The migration bitmap: one bit per page (in each region's own page unit).
 
 use bitvec::prelude::*;
-use freehint_types::GpaRange;
+use freehint_types::{PageRun, RamRange};
 
 use crate::Cursor;
 
 /// The shape of one region, as the bitmap sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegionLayout {
-    /// Guest-physical start.
-    pub gpa_start: u64,
+    /// RAM address of the region's start.
+    pub ram_start: u64,
     /// Page unit in bytes (4 KiB, or a hugetlbfs page size).
     pub page_bytes: u64,
     /// Number of pages.
     pub pages: u64,
-}
-
-/// `count` pages from `first_page` of `region`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PageRun {
-    /// Region index.
-    pub region: usize,
-    /// First page.
-    pub first_page: u64,
-    /// Number of pages.
-    pub count: u64,
 }
 
 /// One bit per page: set means "must be sent".
@@ -125,11 +114,11 @@ impl MigrationBitmap {
         }
     }
 
-    /// The whole pages inside a guest-physical range, as runs per region, or
+    /// The whole pages inside a RAM range, as runs per region, or
     /// `None` if any byte of the range is outside guest RAM, the range is
     /// empty, or it wraps. Partial pages at the edges are left out: a hint
     /// covering only part of a page says nothing about the rest of it.
-    pub fn runs_inside(&self, range: GpaRange) -> Option<Vec<PageRun>> {
+    pub fn runs_inside(&self, range: RamRange) -> Option<Vec<PageRun>> {
         let end = range.end()?;
         if range.len_bytes == 0 {
             return None;
@@ -139,15 +128,15 @@ impl MigrationBitmap {
         while pos < end {
             let idx = self
                 .layouts
-                .partition_point(|l| l.gpa_start + l.pages * l.page_bytes <= pos);
+                .partition_point(|l| l.ram_start + l.pages * l.page_bytes <= pos);
             let l = self.layouts.get(idx)?;
-            if pos < l.gpa_start {
+            if pos < l.ram_start {
                 return None;
             }
-            let region_end = l.gpa_start + l.pages * l.page_bytes;
+            let region_end = l.ram_start + l.pages * l.page_bytes;
             let stop = end.min(region_end);
-            let first = (pos - l.gpa_start).div_ceil(l.page_bytes);
-            let last = (stop - l.gpa_start) / l.page_bytes;
+            let first = (pos - l.ram_start).div_ceil(l.page_bytes);
+            let last = (stop - l.ram_start) / l.page_bytes;
             if last > first {
                 runs.push(PageRun {
                     region: idx,
@@ -169,34 +158,33 @@ impl MigrationBitmap {
             .sum()
     }
 
-    /// Takes (clears and appends to `out`) set pages from `cursor` on, at
-    /// most `max_bytes` worth but at least one, staying within one region;
-    /// moves the cursor.
-    pub fn take_set(
-        &mut self,
-        cursor: &mut Cursor,
-        max_bytes: u64,
-        out: &mut Vec<(usize, u64)>,
-    ) -> usize {
+    /// Takes (clears and appends to `out` as runs of consecutive pages) set
+    /// pages from `cursor` on, at most `max_bytes` worth but at least one,
+    /// staying within one region; moves the cursor. Returns the pages taken.
+    pub fn take_set(&mut self, cursor: &mut Cursor, max_bytes: u64, out: &mut Vec<PageRun>) -> u64 {
         while cursor.region < self.bits.len() {
-            let max = (max_bytes / self.layouts[cursor.region].page_bytes).max(1) as usize;
+            let max = (max_bytes / self.layouts[cursor.region].page_bytes).max(1);
             let bits = &mut self.bits[cursor.region];
             let start = (cursor.page as usize).min(bits.len());
-            let mut taken = 0;
-            let mut last = start;
+            let mark = out.len();
+            let mut taken = 0u64;
             for i in bits[start..].iter_ones() {
                 if taken == max {
                     break;
                 }
-                out.push((cursor.region, (start + i) as u64));
-                last = start + i + 1;
+                let page = (start + i) as u64;
+                match out[mark..].last_mut() {
+                    Some(run) if run.end_page() == Some(page) => run.count += 1,
+                    _ => out.push(PageRun::page(cursor.region, page)),
+                }
                 taken += 1;
             }
             if taken > 0 {
-                for &(_, p) in &out[out.len() - taken..] {
-                    bits.set(p as usize, false);
+                for run in &out[mark..] {
+                    bits[run.first_page as usize..(run.first_page + run.count) as usize]
+                        .fill(false);
                 }
-                cursor.page = last as u64;
+                cursor.page = out.last().and_then(PageRun::end_page).unwrap_or(0);
                 return taken;
             }
             cursor.region += 1;

@@ -11,7 +11,13 @@
 //! * free-page hints ([`HintFilter::apply_hints`]) clear pages, but only if
 //!   their cmd_id is the open epoch; any other hint is dropped and counted.
 //!
-//! Why this is enough (design §4, seed 004): a hint for epoch k was
+//! Hints arrive in the RAM address space ([`RamRange`]); whoever receives
+//! them from the guest translates guest-physical addresses first (the
+//! daemon's `GpaMap`), or, for a VM whose two spaces coincide, wraps the
+//! filter in an [`IdentityMappedSink`].
+//!
+//! Why this is enough (docs/ARCHITECTURE.md, "Hints and the dirty log"):
+//! a hint for epoch k was
 //! generated after the guest saw cmd_id k, which the engine published after
 //! the sync that opened k. Any write to the page after the hint was
 //! generated is therefore in the dirty log at the sync that closes k, and
@@ -22,9 +28,12 @@
 
 mod bitmap;
 
-pub use bitmap::{MigrationBitmap, PageRun, RegionLayout};
+pub use bitmap::{MigrationBitmap, RegionLayout};
+pub use freehint_types::PageRun;
 
-use freehint_types::{CmdId, GpaRange, HintOutcome, HintSink};
+use std::sync::Arc;
+
+use freehint_types::{CmdId, GpaRange, HintOutcome, HintSink, RamRange};
 
 #[cfg(loom)]
 use loom::sync::{Mutex, MutexGuard};
@@ -37,9 +46,9 @@ pub struct HintStats {
     /// Hint ranges applied to the bitmap.
     pub hint_ranges_applied: u64,
     /// Hint ranges dropped because their cmd_id was not the open epoch.
-    pub hints_dropped_stale: u64,
+    pub hint_ranges_dropped_stale: u64,
     /// Hint ranges rejected as invalid (outside RAM, empty, wrapping).
-    pub hints_rejected_invalid: u64,
+    pub hint_ranges_rejected_invalid: u64,
     /// Pages that hints cleared while they were still to be sent.
     pub pages_skipped_free: u64,
     /// Bytes of guest memory covered by applied hints.
@@ -90,7 +99,46 @@ pub struct Cursor {
     pub page: u64,
 }
 
-/// The migration bitmap behind the hint/sync lock. Implements [`HintSink`].
+/// The migration bitmap behind the hint/sync lock.
+///
+/// # Examples
+///
+/// The epoch rule: a hint counts only while the epoch it was computed in is
+/// open. Each sync closes the epoch, merges the dirty log, and opens the
+/// next; a hint of a closed epoch could predate a write the sync just
+/// merged, so it is dropped.
+///
+/// ```
+/// use freehint_hint_filter::{HintFilter, MigrationBitmap, PageRun, RegionLayout};
+/// use freehint_types::RamRange;
+///
+/// // 16 pages of 4 KiB, all still to be sent.
+/// let mut bitmap = MigrationBitmap::new(vec![RegionLayout { ram_start: 0, page_bytes: 4096, pages: 16 }]);
+/// bitmap.set_all();
+/// let filter = HintFilter::new(bitmap);
+///
+/// // Round 1: the sync opens an epoch; publish its cmd_id to the guest.
+/// let epoch1 = filter.sync(true, |_| Ok::<_, ()>(())).unwrap().opened_epoch.unwrap();
+/// // The guest reports pages 0..4 free, tagged with that cmd_id.
+/// let hint = [RamRange::new(0, 4 * 4096)];
+/// assert_eq!(filter.apply_hints(epoch1, &hint).pages_cleared, 4);
+///
+/// // The next sync merges a write to page 2 and opens epoch 2.
+/// let epoch2 = filter
+///     .sync(true, |bm| {
+///         bm.set_run(PageRun::page(0, 2));
+///         Ok::<_, ()>(())
+///     })
+///     .unwrap()
+///     .opened_epoch
+///     .unwrap();
+/// assert_ne!(epoch1, epoch2);
+///
+/// // A late hint of epoch 1 for page 2 is dropped: page 2 stays to send.
+/// let late = filter.apply_hints(epoch1, &[RamRange::new(2 * 4096, 4096)]);
+/// assert_eq!(late.hint_ranges_dropped_stale, 1);
+/// assert_eq!(filter.pages_to_send(), 16 - 4 + 1);
+/// ```
 pub struct HintFilter {
     state: Mutex<State>,
 }
@@ -199,10 +247,10 @@ impl HintFilter {
 
     /// Claims pages to send, at most `max_bytes` worth but at least one,
     /// starting at `cursor` and moving it on: the pages are cleared from the
-    /// bitmap and appended to `out` as (region, page). Claims come from one
-    /// region at a time. Returns the number of pages claimed; 0 means the
-    /// walk reached the end.
-    pub fn claim(&self, cursor: &mut Cursor, max_bytes: u64, out: &mut Vec<(usize, u64)>) -> usize {
+    /// bitmap and appended to `out` as runs of consecutive pages, in
+    /// order. Claims come from one region at a time. Returns the number of
+    /// pages claimed; 0 means the walk reached the end.
+    pub fn claim(&self, cursor: &mut Cursor, max_bytes: u64, out: &mut Vec<PageRun>) -> u64 {
         let mut st = self.lock();
         st.bitmap.take_set(cursor, max_bytes, out)
     }
@@ -233,12 +281,12 @@ impl HintFilter {
     }
 
     /// Applies free-page hints tagged `cmd_id`.
-    pub fn apply_hints(&self, cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
+    pub fn apply_hints(&self, cmd_id: CmdId, ranges: &[RamRange]) -> HintOutcome {
         let mut out = HintOutcome::default();
         let mut st = self.lock();
         if st.open_epoch != Some(cmd_id) {
-            out.ranges_dropped_stale = ranges.len() as u64;
-            st.stats.hints_dropped_stale += out.ranges_dropped_stale;
+            out.hint_ranges_dropped_stale = ranges.len() as u64;
+            st.stats.hint_ranges_dropped_stale += out.hint_ranges_dropped_stale;
             return out;
         }
         for r in ranges {
@@ -247,23 +295,23 @@ impl HintFilter {
                     for run in runs {
                         out.pages_cleared += st.bitmap.clear_run(run);
                     }
-                    out.ranges_applied += 1;
+                    out.hint_ranges_applied += 1;
                     st.stats.hinted_bytes += r.len_bytes;
                 }
                 None => {
                     tracing::debug!("hint {r} rejected: not inside guest RAM");
-                    out.ranges_rejected_invalid += 1;
+                    out.hint_ranges_rejected_invalid += 1;
                 }
             }
         }
-        st.stats.hint_ranges_applied += out.ranges_applied;
-        st.stats.hints_rejected_invalid += out.ranges_rejected_invalid;
+        st.stats.hint_ranges_applied += out.hint_ranges_applied;
+        st.stats.hint_ranges_rejected_invalid += out.hint_ranges_rejected_invalid;
         st.stats.pages_skipped_free += out.pages_cleared;
         out
     }
 
     /// Applies free page reporting: the ranges were discarded by the device.
-    pub fn apply_reported(&self, ranges: &[GpaRange]) -> HintOutcome {
+    pub fn apply_reported(&self, ranges: &[RamRange]) -> HintOutcome {
         let mut out = HintOutcome::default();
         let mut st = self.lock();
         if st.frozen {
@@ -272,7 +320,7 @@ impl HintFilter {
                 ranges = ranges.len(),
                 "free page reports arrived after the final sync; not applied"
             );
-            out.ranges_dropped_stale = ranges.len() as u64;
+            out.hint_ranges_dropped_stale = ranges.len() as u64;
             return out;
         }
         for r in ranges {
@@ -284,11 +332,11 @@ impl HintFilter {
                         st.stats.pages_skipped_reported += cleared;
                         st.reported.push(run);
                     }
-                    out.ranges_applied += 1;
+                    out.hint_ranges_applied += 1;
                 }
                 None => {
-                    out.ranges_rejected_invalid += 1;
-                    st.stats.hints_rejected_invalid += 1;
+                    out.hint_ranges_rejected_invalid += 1;
+                    st.stats.hint_ranges_rejected_invalid += 1;
                 }
             }
         }
@@ -296,12 +344,24 @@ impl HintFilter {
     }
 }
 
-impl HintSink for HintFilter {
+/// A [`HintSink`] for a VM whose RAM address space is its guest-physical
+/// one (RAM at guest-physical 0, no holes: the simulated VM): hints go to
+/// the filter unchanged. A real VMM's hints need its memory map instead.
+#[derive(Clone, Debug)]
+pub struct IdentityMappedSink(pub Arc<HintFilter>);
+
+impl IdentityMappedSink {
+    fn ram_ranges(ranges: &[GpaRange]) -> Vec<RamRange> {
+        ranges.iter().map(|r| r.identity()).collect()
+    }
+}
+
+impl HintSink for IdentityMappedSink {
     fn free_page_hints(&self, cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
-        self.apply_hints(cmd_id, ranges)
+        self.0.apply_hints(cmd_id, &Self::ram_ranges(ranges))
     }
 
     fn reported_free(&self, ranges: &[GpaRange]) -> HintOutcome {
-        self.apply_reported(ranges)
+        self.0.apply_reported(&Self::ram_ranges(ranges))
     }
 }

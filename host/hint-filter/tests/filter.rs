@@ -2,7 +2,7 @@
 //! Behaviour of the hint filter: epochs, bounds, reporting.
 
 use freehint_hint_filter::{Cursor, HintFilter, MigrationBitmap, PageRun, RegionLayout};
-use freehint_types::{CmdId, GpaRange};
+use freehint_types::{CmdId, RamRange};
 use proptest::prelude::*;
 
 const MIB: u64 = 1 << 20;
@@ -11,12 +11,12 @@ fn two_regions() -> HintFilter {
     // 16 MiB of 4 KiB pages at 0, a hole, then 8 MiB of 2 MiB pages at 1 GiB.
     let mut bm = MigrationBitmap::new(vec![
         RegionLayout {
-            gpa_start: 0,
+            ram_start: 0,
             page_bytes: 4096,
             pages: 4096,
         },
         RegionLayout {
-            gpa_start: 1 << 30,
+            ram_start: 1 << 30,
             page_bytes: 2 * MIB,
             pages: 4,
         },
@@ -33,9 +33,9 @@ fn no_merge(_: &mut MigrationBitmap) -> Result<(), ()> {
 fn hints_apply_only_in_their_own_epoch() {
     let f = two_regions();
     let total = f.pages_to_send();
-    let hint = [GpaRange::new(0, 4 * MIB)];
+    let hint = [RamRange::new(0, 4 * MIB)];
     // No epoch open yet: dropped.
-    assert_eq!(f.apply_hints(CmdId(2), &hint).ranges_dropped_stale, 1);
+    assert_eq!(f.apply_hints(CmdId(2), &hint).hint_ranges_dropped_stale, 1);
     let r = f.sync(true, no_merge).unwrap();
     let epoch = r.opened_epoch.unwrap();
     assert!(epoch.is_round());
@@ -47,8 +47,8 @@ fn hints_apply_only_in_their_own_epoch() {
     assert_eq!(r2.closed_epoch, Some(epoch));
     assert_ne!(r2.opened_epoch, Some(epoch));
     assert_eq!(
-        f.apply_hints(epoch, &[GpaRange::new(4 * MIB, 4 * MIB)])
-            .ranges_dropped_stale,
+        f.apply_hints(epoch, &[RamRange::new(4 * MIB, 4 * MIB)])
+            .hint_ranges_dropped_stale,
         1
     );
     assert_eq!(f.pages_to_send(), total - 1024);
@@ -57,10 +57,10 @@ fn hints_apply_only_in_their_own_epoch() {
     assert_eq!(r3.opened_epoch, None);
     assert_eq!(
         f.apply_hints(r2.opened_epoch.unwrap(), &hint)
-            .ranges_dropped_stale,
+            .hint_ranges_dropped_stale,
         1
     );
-    assert_eq!(f.stats().hints_dropped_stale, 3);
+    assert_eq!(f.stats().hint_ranges_dropped_stale, 3);
 }
 
 #[test]
@@ -69,18 +69,18 @@ fn hints_outside_ram_are_rejected_and_never_applied() {
     let epoch = f.sync(true, no_merge).unwrap().opened_epoch.unwrap();
     let before = f.pages_to_send();
     for bad in [
-        GpaRange::new(16 * MIB - 4096, 8192), // runs off the end of region 0
-        GpaRange::new(512 * MIB, 4096),       // in the hole
-        GpaRange::new((1 << 30) + 8 * MIB, 1), // past region 1
-        GpaRange::new(u64::MAX - 10, 100),    // wraps
-        GpaRange::new(4096, 0),               // empty
+        RamRange::new(16 * MIB - 4096, 8192), // runs off the end of region 0
+        RamRange::new(512 * MIB, 4096),       // in the hole
+        RamRange::new((1 << 30) + 8 * MIB, 1), // past region 1
+        RamRange::new(u64::MAX - 10, 100),    // wraps
+        RamRange::new(4096, 0),               // empty
     ] {
         let out = f.apply_hints(epoch, &[bad]);
-        assert_eq!(out.ranges_rejected_invalid, 1, "{bad}");
+        assert_eq!(out.hint_ranges_rejected_invalid, 1, "{bad}");
         assert_eq!(out.pages_cleared, 0, "{bad}");
     }
     assert_eq!(f.pages_to_send(), before);
-    assert_eq!(f.stats().hints_rejected_invalid, 5);
+    assert_eq!(f.stats().hint_ranges_rejected_invalid, 5);
 }
 
 #[test]
@@ -89,13 +89,13 @@ fn partial_pages_are_not_cleared_and_huge_pages_clear_whole() {
     let epoch = f.sync(true, no_merge).unwrap().opened_epoch.unwrap();
     // 1.5 pages starting mid-page: no whole page inside.
     assert_eq!(
-        f.apply_hints(epoch, &[GpaRange::new(2048, 4096)])
+        f.apply_hints(epoch, &[RamRange::new(2048, 4096)])
             .pages_cleared,
         0
     );
     // 3 MiB from the start of the huge region: one whole 2 MiB page.
     assert_eq!(
-        f.apply_hints(epoch, &[GpaRange::new(1 << 30, 3 * MIB)])
+        f.apply_hints(epoch, &[RamRange::new(1 << 30, 3 * MIB)])
             .pages_cleared,
         1
     );
@@ -106,7 +106,7 @@ fn reported_pages_become_zero_records_unless_written_again() {
     let f = two_regions();
     f.sync(true, no_merge).unwrap();
     assert_eq!(
-        f.apply_reported(&[GpaRange::new(0, 64 * 4096)])
+        f.apply_reported(&[RamRange::new(0, 64 * 4096)])
             .pages_cleared,
         64
     );
@@ -163,9 +163,46 @@ fn claims_walk_regions_in_order_and_clear() {
     assert_eq!(f.claim(&mut c, 3 * 4096, &mut out), 0);
     assert_eq!(
         out,
-        vec![(0, 4094), (0, 4095), (1, 0), (1, 1), (1, 2), (1, 3)]
+        vec![
+            PageRun::new(0, 4094, 2),
+            PageRun::page(1, 0),
+            PageRun::page(1, 1),
+            PageRun::page(1, 2),
+            PageRun::page(1, 3)
+        ]
     );
     assert_eq!(f.pages_to_send(), 0);
+}
+
+#[test]
+fn a_claim_yields_runs_of_consecutive_pages() {
+    let f = two_regions();
+    f.with_bitmap(|bm| {
+        bm.clear_run(PageRun::new(0, 0, 4096));
+        for run in [
+            PageRun::new(0, 10, 3),
+            PageRun::page(0, 20),
+            PageRun::new(0, 22, 5),
+        ] {
+            bm.set_run(run);
+        }
+    });
+    let mut c = Cursor::default();
+    let mut out = Vec::new();
+    // Room for 8 pages: the third run is cut after 4 of its pages.
+    assert_eq!(f.claim(&mut c, 8 * 4096, &mut out), 8);
+    assert_eq!(
+        out,
+        vec![
+            PageRun::new(0, 10, 3),
+            PageRun::page(0, 20),
+            PageRun::new(0, 22, 4)
+        ]
+    );
+    assert_eq!(c.page, 26, "the cursor stops after the last page taken");
+    out.clear();
+    assert_eq!(f.claim(&mut c, 8 * 4096, &mut out), 1);
+    assert_eq!(out, vec![PageRun::page(0, 26)]);
 }
 
 proptest! {
@@ -181,7 +218,7 @@ proptest! {
         let mut expect = vec![true; 4096];
         for (id_off, start, len) in hints {
             let id = CmdId(epoch.0 + id_off as u32 - 2);
-            let r = GpaRange::new(start, len);
+            let r = RamRange::new(start, len);
             let out = f.apply_hints(id, &[r]);
             let valid = start + len <= 16 * MIB;
             if id == epoch && valid {
@@ -216,8 +253,8 @@ fn epochs_go_on_after_the_vms_last_cmd_id() {
             count: 64,
         });
     });
-    let stale = f.apply_hints(CmdId(3), &[GpaRange::new(0, 4096)]);
-    assert_eq!(stale.ranges_dropped_stale, 1);
+    let stale = f.apply_hints(CmdId(3), &[RamRange::new(0, 4096)]);
+    assert_eq!(stale.hint_ranges_dropped_stale, 1);
     assert_eq!(f.pages_to_send(), 64);
 }
 
@@ -242,12 +279,12 @@ fn the_final_sync_freezes_the_bitmap() {
     // Nothing but claims changes the bitmap now: a late hint is stale, a
     // late report is refused and counted, and no epoch opens again.
     assert_eq!(
-        f.apply_hints(open, &[GpaRange::new(0, 8192)])
-            .ranges_dropped_stale,
+        f.apply_hints(open, &[RamRange::new(0, 8192)])
+            .hint_ranges_dropped_stale,
         1
     );
     assert_eq!(
-        f.apply_reported(&[GpaRange::new(8192, 8192)]).pages_cleared,
+        f.apply_reported(&[RamRange::new(8192, 8192)]).pages_cleared,
         0
     );
     assert_eq!(f.stats().reports_after_final_sync, 1);
@@ -261,7 +298,7 @@ fn the_final_sync_freezes_the_bitmap() {
 /// One region of `pages` 4 KiB pages, nothing to send yet.
 fn bitmap(pages: u64) -> MigrationBitmap {
     MigrationBitmap::new(vec![RegionLayout {
-        gpa_start: 0,
+        ram_start: 0,
         page_bytes: 4096,
         pages,
     }])

@@ -16,7 +16,7 @@
 #![cfg(loom)]
 
 use freehint_hint_filter::{Cursor, HintFilter, MigrationBitmap, PageRun, RegionLayout};
-use freehint_types::{CmdId, GpaRange};
+use freehint_types::{CmdId, RamRange};
 use loom::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use loom::sync::{Arc, Mutex};
 use loom::thread;
@@ -66,7 +66,7 @@ impl World {
 fn no_write_is_lost_under_any_interleaving() {
     loom::model(|| {
         let mut bm = MigrationBitmap::new(vec![RegionLayout {
-            gpa_start: 0,
+            ram_start: 0,
             page_bytes: 4096,
             pages: 1,
         }]);
@@ -87,7 +87,7 @@ fn no_write_is_lost_under_any_interleaving() {
                 let cmd = w.published_cmd.load(SeqCst);
                 w.hint_generated.store(true, SeqCst);
                 if CmdId(cmd).is_round() {
-                    w.filter.apply_hints(CmdId(cmd), &[GpaRange::new(0, 4096)]);
+                    w.filter.apply_hints(CmdId(cmd), &[RamRange::new(0, 4096)]);
                 }
             })
         };

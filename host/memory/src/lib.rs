@@ -12,6 +12,11 @@
 //!   [`PageSize::Thp`] so the sender knows the backing may be huge;
 //! * hugetlbfs: the huge page size of the mount (2 MiB or 1 GiB); such a page
 //!   is tracked, sent and placed as one unit and never split.
+//!
+//! Regions are placed in the *RAM* address space
+//! ([`freehint_types::RamRange`]), not the guest-physical one: for QEMU a
+//! region's `ram_start` is its offset in the memory-backend file. vm-memory's
+//! `GuestAddress` inside this crate is that RAM address.
 
 #![deny(missing_docs)]
 
@@ -45,36 +50,36 @@ pub enum MemoryError {
         source: io::Error,
     },
     /// Mapping a region failed.
-    #[error("mapping guest RAM region at {gpa_start:#x} ({size_bytes} bytes): {reason}")]
+    #[error("mapping guest RAM region at {ram_start:#x} ({size_bytes} bytes): {reason}")]
     Map {
-        /// Guest-physical start of the region.
-        gpa_start: u64,
+        /// RAM address of the region's start.
+        ram_start: u64,
         /// Size of the region.
         size_bytes: u64,
         /// Why.
         reason: String,
     },
     /// A region is not a whole number of its pages, or is empty.
-    #[error("guest RAM region at {gpa_start:#x}: size {size_bytes} is not a positive multiple of its page size {page_bytes}")]
+    #[error("guest RAM region at {ram_start:#x}: size {size_bytes} is not a positive multiple of its page size {page_bytes}")]
     BadSize {
-        /// Guest-physical start of the region.
-        gpa_start: u64,
+        /// RAM address of the region's start.
+        ram_start: u64,
         /// Size of the region.
         size_bytes: u64,
         /// Page size of its backing.
         page_bytes: u64,
     },
     /// Regions overlap or are not sorted.
-    #[error("guest RAM regions overlap or are out of order at {gpa_start:#x}")]
+    #[error("guest RAM regions overlap or are out of order at {ram_start:#x}")]
     Overlap {
-        /// Guest-physical start of the offending region.
-        gpa_start: u64,
+        /// RAM address of the offending region's start.
+        ram_start: u64,
     },
     /// An I/O operation on a region failed.
-    #[error("guest RAM region at {gpa_start:#x}: {op}: {source}")]
+    #[error("guest RAM region at {ram_start:#x}: {op}: {source}")]
     Io {
-        /// Guest-physical start of the region.
-        gpa_start: u64,
+        /// RAM address of the region's start.
+        ram_start: u64,
         /// The operation.
         op: &'static str,
         /// What the OS said.
@@ -177,8 +182,9 @@ fn shmem_thp_enabled(path: Option<&Path>) -> bool {
 /// Describes one region to map.
 #[derive(Debug)]
 pub struct RegionSpec {
-    /// Guest-physical address of the first byte.
-    pub gpa_start: u64,
+    /// RAM address of the first byte (for QEMU, the offset in its
+    /// memory-backend file; see [`freehint_types::RamRange`]).
+    pub ram_start: u64,
     /// Size of the region in bytes.
     pub size_bytes: u64,
     /// The backing file (tmpfs, hugetlbfs or memfd).
@@ -193,7 +199,7 @@ pub struct RegionSpec {
 /// One region of guest RAM, mapped shared into this process.
 #[derive(Debug)]
 pub struct RamRegion {
-    gpa_start: u64,
+    ram_start: u64,
     size_bytes: u64,
     page_size: PageSize,
     file_offset_bytes: u64,
@@ -203,9 +209,9 @@ pub struct RamRegion {
 }
 
 impl RamRegion {
-    /// Guest-physical address of the first byte.
-    pub fn gpa_start(&self) -> u64 {
-        self.gpa_start
+    /// RAM address of the first byte (see [`freehint_types::RamRange`]).
+    pub fn ram_start(&self) -> u64 {
+        self.ram_start
     }
 
     /// Size in bytes.
@@ -265,7 +271,7 @@ impl RamRegion {
     /// Pages outside these ranges have never been written and read as zero.
     pub fn data_page_ranges(&self) -> Result<Vec<Range<u64>>, MemoryError> {
         let io_err = |op, source| MemoryError::Io {
-            gpa_start: self.gpa_start,
+            ram_start: self.ram_start,
             op,
             source,
         };
@@ -316,7 +322,7 @@ impl RamRegion {
         self.file
             .read_exact_at(buf, self.file_offset_bytes + first_page * self.page_bytes())
             .map_err(|source| MemoryError::Io {
-                gpa_start: self.gpa_start,
+                ram_start: self.ram_start,
                 op: "read pages",
                 source,
             })
@@ -355,7 +361,7 @@ impl RamRegion {
         self.mapping
             .get_slice(MemoryRegionAddress(first_page * self.page_bytes()), len)
             .map_err(|e| MemoryError::Io {
-                gpa_start: self.gpa_start,
+                ram_start: self.ram_start,
                 op: "map pages",
                 source: io::Error::other(e.to_string()),
             })
@@ -387,7 +393,7 @@ impl RamRegion {
                 self.file_offset_bytes + first_page * self.page_bytes(),
             )
             .map_err(|source| MemoryError::Io {
-                gpa_start: self.gpa_start,
+                ram_start: self.ram_start,
                 op: "write pages",
                 source,
             })
@@ -408,7 +414,7 @@ impl RamRegion {
             Ok(())
         } else {
             Err(MemoryError::Io {
-                gpa_start: self.gpa_start,
+                ram_start: self.ram_start,
                 op,
                 source: io::Error::new(io::ErrorKind::InvalidInput, "page range outside region"),
             })
@@ -444,7 +450,7 @@ impl RamRegion {
         let rc = unsafe { libc::madvise(ptr as *mut libc::c_void, len, advice) };
         if rc != 0 {
             return Err(MemoryError::Io {
-                gpa_start: self.gpa_start,
+                ram_start: self.ram_start,
                 op,
                 source: io::Error::last_os_error(),
             });
@@ -457,7 +463,7 @@ impl RamRegion {
     pub fn punch_hole(&self, pages: Range<u64>) -> Result<(), MemoryError> {
         if pages.start >= pages.end || pages.end > self.pages() {
             return Err(MemoryError::Io {
-                gpa_start: self.gpa_start,
+                ram_start: self.ram_start,
                 op: "punch hole",
                 source: io::Error::new(io::ErrorKind::InvalidInput, "page range outside region"),
             });
@@ -475,7 +481,7 @@ impl RamRegion {
         };
         if rc != 0 {
             return Err(MemoryError::Io {
-                gpa_start: self.gpa_start,
+                ram_start: self.ram_start,
                 op: "punch hole",
                 source: io::Error::last_os_error(),
             });
@@ -507,36 +513,36 @@ impl GuestRam {
             let page_bytes = page_size.unit_bytes();
             if spec.size_bytes == 0 || spec.size_bytes % page_bytes != 0 {
                 return Err(MemoryError::BadSize {
-                    gpa_start: spec.gpa_start,
+                    ram_start: spec.ram_start,
                     size_bytes: spec.size_bytes,
                     page_bytes,
                 });
             }
-            if spec.gpa_start < prev_end && !regions.is_empty() {
+            if spec.ram_start < prev_end && !regions.is_empty() {
                 return Err(MemoryError::Overlap {
-                    gpa_start: spec.gpa_start,
+                    ram_start: spec.ram_start,
                 });
             }
             let end = spec
-                .gpa_start
+                .ram_start
                 .checked_add(spec.size_bytes)
                 .ok_or(MemoryError::Overlap {
-                    gpa_start: spec.gpa_start,
+                    ram_start: spec.ram_start,
                 })?;
             prev_end = end;
             let file = Arc::new(spec.file);
             let map_err = |reason: String| MemoryError::Map {
-                gpa_start: spec.gpa_start,
+                ram_start: spec.ram_start,
                 size_bytes: spec.size_bytes,
                 reason,
             };
             let fo = FileOffset::from_arc(file.clone(), spec.file_offset_bytes);
             let mmap = MmapRegion::from_file(fo, spec.size_bytes as usize)
                 .map_err(|e| map_err(e.to_string()))?;
-            let mapping = GuestRegionMmap::new(mmap, GuestAddress(spec.gpa_start))
+            let mapping = GuestRegionMmap::new(mmap, GuestAddress(spec.ram_start))
                 .ok_or_else(|| map_err("region wraps the address space".into()))?;
             regions.push(RamRegion {
-                gpa_start: spec.gpa_start,
+                ram_start: spec.ram_start,
                 size_bytes: spec.size_bytes,
                 page_size,
                 file_offset_bytes: spec.file_offset_bytes,
@@ -550,7 +556,7 @@ impl GuestRam {
 
     /// Opens `path` (creating it with `size_bytes` if it does not exist, or
     /// checking its size if it does) and maps it as one region at
-    /// guest-physical address 0.
+    /// RAM address 0.
     pub fn open_file(path: &Path, size_bytes: u64) -> Result<Self, MemoryError> {
         let file_err = |source| MemoryError::File {
             path: path.to_path_buf(),
@@ -573,7 +579,7 @@ impl GuestRam {
             )));
         }
         Self::map(vec![RegionSpec {
-            gpa_start: 0,
+            ram_start: 0,
             size_bytes,
             file,
             file_offset_bytes: 0,
@@ -581,7 +587,7 @@ impl GuestRam {
         }])
     }
 
-    /// The regions, sorted by guest-physical address.
+    /// The regions, sorted by RAM address.
     pub fn regions(&self) -> &[RamRegion] {
         &self.regions
     }
@@ -591,13 +597,13 @@ impl GuestRam {
         self.regions.iter().map(|r| r.size_bytes).sum()
     }
 
-    /// The region holding guest-physical address `gpa`, as (index, region).
-    pub fn find(&self, gpa: u64) -> Option<(usize, &RamRegion)> {
+    /// The region holding RAM address `ram_addr`, as (index, region).
+    pub fn find(&self, ram_addr: u64) -> Option<(usize, &RamRegion)> {
         let idx = self
             .regions
-            .partition_point(|r| r.gpa_start + r.size_bytes <= gpa);
+            .partition_point(|r| r.ram_start + r.size_bytes <= ram_addr);
         let r = self.regions.get(idx)?;
-        (gpa >= r.gpa_start).then_some((idx, r))
+        (ram_addr >= r.ram_start).then_some((idx, r))
     }
 }
 
@@ -660,7 +666,7 @@ mod tests {
         let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         file.set_len(32 * 4096).unwrap();
         let ram = GuestRam::map(vec![RegionSpec {
-            gpa_start: 1 << 20,
+            ram_start: 1 << 20,
             size_bytes: 32 * 4096,
             file,
             file_offset_bytes: 0,
@@ -718,7 +724,7 @@ mod tests {
                 .unwrap();
             f.set_len(16 * 4096).unwrap();
             RegionSpec {
-                gpa_start: gpa,
+                ram_start: gpa,
                 size_bytes: 16 * 4096,
                 file: f,
                 file_offset_bytes: 0,

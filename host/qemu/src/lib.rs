@@ -20,14 +20,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use freehint_engine::{DestinationVmm, Vmm, VmmError};
+use freehint_types::{DestinationVmm, Vmm, VmmError, VmmOp};
 use serde_json::{json, Value};
 
 /// Errors talking to QEMU.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     /// The QMP socket failed.
-    #[error("QMP socket {path}: {source}")]
+    #[error("QMP socket {path}")]
     Io {
         /// The socket.
         path: PathBuf,
@@ -53,6 +53,20 @@ pub enum QmpError {
     /// QEMU runs without something freehint needs.
     #[error("{0}")]
     Unsupported(String),
+    /// The file device state is staged in could not be written or read.
+    #[error("device state file {path}")]
+    StateFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// QEMU did not pause when told to stop.
+    #[error("QEMU is {0} after stop")]
+    NotPaused(String),
+    /// The source sent an empty device state for a QEMU destination.
+    #[error("the source sent no device state for QEMU")]
+    NoDeviceState,
     /// A wait ran out.
     #[error("timed out after {seconds} s waiting for {what}")]
     Timeout {
@@ -401,13 +415,11 @@ impl Qmp {
     }
 }
 
-fn vmm_err(e: QmpError) -> VmmError {
-    VmmError(e.to_string())
-}
-
-fn read_state(path: &Path) -> Result<Vec<u8>, VmmError> {
-    std::fs::read(path)
-        .map_err(|e| VmmError(format!("reading device state {}: {e}", path.display())))
+fn read_state(path: &Path) -> Result<Vec<u8>, QmpError> {
+    std::fs::read(path).map_err(|source| QmpError::StateFile {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// A QMP connection with freehint's capabilities set, a file to stage
@@ -438,7 +450,7 @@ impl Connection {
         self.qmp()
             .execute("cont", json!({}))
             .map(|_| ())
-            .map_err(vmm_err)
+            .map_err(|e| VmmError::new(VmmOp::Resume, e))
     }
 }
 
@@ -474,11 +486,14 @@ impl QemuVmm {
 impl Vmm for QemuVmm {
     fn stop(&self) -> Result<(), VmmError> {
         let mut q = self.conn.qmp();
-        q.execute("stop", json!({})).map_err(vmm_err)?;
-        match q.status().map_err(vmm_err)?.as_str() {
-            "paused" | "postmigrate" => Ok(()),
-            other => Err(VmmError(format!("QEMU is {other} after stop"))),
-        }
+        let mut stopped = || {
+            q.execute("stop", json!({}))?;
+            match q.status()?.as_str() {
+                "paused" | "postmigrate" => Ok(()),
+                other => Err(QmpError::NotPaused(other.to_string())),
+            }
+        };
+        stopped().map_err(|e| VmmError::new(VmmOp::Stop, e))
     }
 
     fn resume(&self) -> Result<(), VmmError> {
@@ -489,20 +504,22 @@ impl Vmm for QemuVmm {
         let file = &self.conn.state_file;
         let _ = std::fs::remove_file(file);
         let mut q = self.conn.qmp();
-        q.execute(
-            "migrate",
-            json!({ "uri": format!("file:{}", file.display()) }),
-        )
-        .map_err(vmm_err)?;
-        q.wait_migration(self.conn.timeout).map_err(vmm_err)?;
-        read_state(file)
+        let mut saved = || {
+            q.execute(
+                "migrate",
+                json!({ "uri": format!("file:{}", file.display()) }),
+            )?;
+            q.wait_migration(self.conn.timeout)?;
+            read_state(file)
+        };
+        saved().map_err(|e| VmmError::new(VmmOp::SaveDeviceState, e))
     }
 
     fn device_state_estimate_bytes(&self) -> Result<Option<u64>, VmmError> {
         self.conn
             .qmp()
             .device_state_estimate_bytes(&self.ram_backend_id)
-            .map_err(vmm_err)
+            .map_err(|e| VmmError::new(VmmOp::EstimateDeviceState, e))
     }
 
     fn handed_over(&self) -> Result<(), VmmError> {
@@ -540,20 +557,23 @@ impl QemuDestination {
 
 impl DestinationVmm for QemuDestination {
     fn load_device_state(&self, state: &[u8], timeout: Duration) -> Result<(), VmmError> {
-        if state.is_empty() {
-            return Err(VmmError("the source sent no device state for QEMU".into()));
-        }
         let file = &self.conn.state_file;
-        std::fs::write(file, state)
-            .map_err(|e| VmmError(format!("writing device state {}: {e}", file.display())))?;
-        let mut q = self.conn.qmp();
-        q.execute(
-            "migrate-incoming",
-            json!({ "uri": format!("file:{}", file.display()) }),
-        )
-        .map_err(vmm_err)?;
-        q.wait_migration(timeout).map_err(vmm_err)?;
-        Ok(())
+        let loaded = || {
+            if state.is_empty() {
+                return Err(QmpError::NoDeviceState);
+            }
+            std::fs::write(file, state).map_err(|source| QmpError::StateFile {
+                path: file.clone(),
+                source,
+            })?;
+            let mut q = self.conn.qmp();
+            q.execute(
+                "migrate-incoming",
+                json!({ "uri": format!("file:{}", file.display()) }),
+            )?;
+            q.wait_migration(timeout).map(|_| ())
+        };
+        loaded().map_err(|e| VmmError::new(VmmOp::LoadDeviceState, e))
     }
 
     fn resume(&self) -> Result<(), VmmError> {

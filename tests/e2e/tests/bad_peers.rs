@@ -9,10 +9,11 @@ use std::time::Duration;
 use freehint_dirty_log::UffdWpDirtyLog;
 use freehint_e2e::SimVm;
 use freehint_engine::{
-    empty_bitmap, vmm_ram_ranges, DestinationVmm, MigrateError, MigrationParams, Phase,
-    PrecopySender, ReceiveFailure, Receiver, VmmError,
+    empty_bitmap, vmm_ram_ranges, MigrateError, MigrationParams, Phase, PrecopySender,
+    ReceiveFailure, Receiver,
 };
-use freehint_hint_filter::HintFilter;
+use freehint_types::{DestinationVmm, ErrorChain, VmmError};
+use freehint_hint_filter::{HintFilter, IdentityMappedSink};
 use freehint_memory::GuestRam;
 use freehint_wire::{ChannelRole, FrameHeader, Hello, Kind, Message, PageBatchHead, RegionDesc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,7 +39,7 @@ const MEM: u64 = 16 << 20;
 
 fn layout() -> Vec<RegionDesc> {
     vec![RegionDesc {
-        gpa_start: 0,
+        ram_start: 0,
         size_bytes: MEM,
         page_bytes: 4096,
     }]
@@ -129,7 +130,7 @@ async fn turned_away(first: Vec<u8>) -> String {
     })
     .await;
     // It waited on for a real source until its accept timeout.
-    assert!(matches!(e, MigrateError::Timeout { .. }), "{e}");
+    assert!(matches!(e, MigrateError::Timeout { .. }), "{}", ErrorChain(&e));
     assert_eq!(resumed, 0);
     answer_rx.await.unwrap()
 }
@@ -154,7 +155,7 @@ async fn different_ram_layout() {
         tokio::spawn(async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
             let other = vec![RegionDesc {
-                gpa_start: 0,
+                ram_start: 0,
                 size_bytes: 2 * MEM,
                 page_bytes: 4096,
             }];
@@ -165,7 +166,7 @@ async fn different_ram_layout() {
         })
     })
     .await;
-    assert!(matches!(e, MigrateError::Layout(_)), "{e}");
+    assert!(matches!(e, MigrateError::Layout(_)), "{}", ErrorChain(&e));
 }
 
 #[tokio::test]
@@ -173,10 +174,8 @@ async fn page_beyond_ram() {
     let (e, resumed) = receive_from(|addr| {
         tokio::spawn(async move {
             let (_c, mut b) = connect_both(addr).await;
-            let head = PageBatchHead {
-                region: 0,
-                entries: vec![MEM / 4096],
-            };
+            let mut head = PageBatchHead::new(0);
+            head.push_data(MEM / 4096);
             let mut f = Vec::new();
             head.encode(4096, &mut f);
             f.extend_from_slice(&[1u8; 4096]);
@@ -185,7 +184,7 @@ async fn page_beyond_ram() {
         })
     })
     .await;
-    assert!(e.to_string().contains("beyond region"), "{e}");
+    assert!(ErrorChain(&e).to_string().contains("beyond region"), "{}", ErrorChain(&e));
     assert_eq!(resumed, 0);
 }
 
@@ -194,10 +193,9 @@ async fn truncated_frame_then_disconnect() {
     let (e, resumed) = receive_from(|addr| {
         tokio::spawn(async move {
             let (c, mut b) = connect_both(addr).await;
-            let head = PageBatchHead {
-                region: 0,
-                entries: vec![1, 2],
-            };
+            let mut head = PageBatchHead::new(0);
+            head.push_data(1);
+            head.push_data(2);
             let mut f = Vec::new();
             head.encode(4096, &mut f);
             f.extend_from_slice(&[1u8; 4096 + 100]); // 2 pages promised
@@ -207,7 +205,7 @@ async fn truncated_frame_then_disconnect() {
         })
     })
     .await;
-    let msg = e.to_string();
+    let msg = ErrorChain(&e).to_string();
     assert!(
         msg.contains("truncated") || msg.contains("disconnected"),
         "{msg}"
@@ -220,10 +218,8 @@ async fn source_disconnects_mid_round() {
     let (e, resumed) = receive_from(|addr| {
         tokio::spawn(async move {
             let (c, mut b) = connect_both(addr).await;
-            let head = PageBatchHead {
-                region: 0,
-                entries: vec![1],
-            };
+            let mut head = PageBatchHead::new(0);
+            head.push_data(1);
             let mut f = Vec::new();
             head.encode(4096, &mut f);
             f.extend_from_slice(&[1u8; 4096]);
@@ -233,7 +229,7 @@ async fn source_disconnects_mid_round() {
         })
     })
     .await;
-    assert!(e.to_string().contains("before completing"), "{e}");
+    assert!(ErrorChain(&e).to_string().contains("before completing"), "{}", ErrorChain(&e));
     assert_eq!(resumed, 0);
 }
 
@@ -244,7 +240,7 @@ fn sender_for(sim: &SimVm) -> PrecopySender {
     let ranges = vmm_ram_ranges(sim.pid, &ram).unwrap();
     let log = UffdWpDirtyLog::attach_process(sim.pid, ranges).unwrap();
     let filter = Arc::new(HintFilter::new(empty_bitmap(&ram)));
-    *sim.sink.lock().unwrap() = Some(filter.clone());
+    *sim.sink.lock().unwrap() = Some(Arc::new(IdentityMappedSink(filter.clone())));
     let params = MigrationParams {
         peer_timeout_s: 5,
         bulk_channels: 1,
@@ -287,7 +283,7 @@ async fn destination_unreachable() {
         .local_addr()
         .unwrap();
     let e = sender_for(&sim).migrate(closed).await.unwrap_err();
-    assert!(e.to_string().contains("connecting to"), "{e}");
+    assert!(ErrorChain(&e).to_string().contains("connecting to"), "{}", ErrorChain(&e));
     assert_failed_back(&e.stats);
     assert_running(&sim);
 }
@@ -311,7 +307,7 @@ async fn destination_speaks_another_version() {
         tokio::time::sleep(Duration::from_secs(10)).await;
     });
     let e = sender_for(&sim).migrate(addr).await.unwrap_err();
-    assert!(e.to_string().contains("protocol version 9"), "{e}");
+    assert!(ErrorChain(&e).to_string().contains("protocol version 9"), "{}", ErrorChain(&e));
     assert_failed_back(&e.stats);
     assert_running(&sim);
 }
@@ -420,7 +416,7 @@ async fn a_destination_that_stops_reading_is_given_up_within_the_timeout() {
     tokio::spawn(fake_destination(l, AtEnd::StopReading));
     let t = std::time::Instant::now();
     let e = sender_for(&sim).migrate(addr).await.unwrap_err();
-    assert!(matches!(e.error, MigrateError::Timeout { .. }), "{e}");
+    assert!(matches!(e.error, MigrateError::Timeout { .. }), "{}", ErrorChain(&e));
     // peer_timeout_s is 5: a write that cannot go on fails after it.
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
     assert_failed_back(&e.stats);
@@ -434,7 +430,7 @@ async fn destination_fails_after_switchover_and_the_source_resumes() {
     let addr = l.local_addr().unwrap();
     tokio::spawn(fake_destination(l, AtEnd::Refuse));
     let e = sender_for(&sim).migrate(addr).await.unwrap_err();
-    assert!(e.to_string().contains("destination disk full"), "{e}");
+    assert!(ErrorChain(&e).to_string().contains("destination disk full"), "{}", ErrorChain(&e));
     // The VM had been stopped for the final round: it must run again.
     assert!(
         sim.client.free_at_stop().is_some(),
@@ -454,7 +450,7 @@ async fn a_destination_lost_after_the_commit_leaves_the_source_paused_and_uncert
     assert_eq!(e.stats.state, Phase::Uncertain, "{e}");
     assert!(!e.stats.source_running);
     assert_eq!(e.stats.destination_running, None);
-    assert!(e.to_string().contains("uncertain"), "{e}");
+    assert!(ErrorChain(&e).to_string().contains("uncertain"), "{}", ErrorChain(&e));
     // A committed source never resumes on its own.
     assert!(!sim.client.running(), "the source resumed after its commit");
     let a = std::fs::read(&sim.ram_path).unwrap();
@@ -623,7 +619,7 @@ async fn a_silent_source_is_given_up_after_its_own_timeout() {
         })
     })
     .await;
-    assert!(matches!(e, MigrateError::Timeout { .. }), "{e}");
+    assert!(matches!(e, MigrateError::Timeout { .. }), "{}", ErrorChain(&e));
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "the 1 s timeout the source asked for was not used"

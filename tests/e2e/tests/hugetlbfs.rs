@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use freehint_dirty_log::{TrackedRange, UffdWpDirtyLog};
-use freehint_engine::{
-    empty_bitmap, ImageVmm, MigrationParams, PrecopySender, Receiver, Vmm, VmmError,
-};
+use freehint_engine::{empty_bitmap, ImageVmm, MigrationParams, PrecopySender, Receiver};
+use freehint_types::{Vmm, VmmError, VmmOp};
 use freehint_hint_filter::HintFilter;
 use freehint_memory::{GuestRam, PageSize};
 
@@ -51,7 +50,10 @@ impl Vmm for WriterVmm {
         Ok(())
     }
     fn resume(&self) -> Result<(), VmmError> {
-        Err(VmmError("this test VM does not resume".into()))
+        Err(VmmError::new(
+            VmmOp::Resume,
+            "this test VM does not resume",
+        ))
     }
     fn device_state(&self) -> Result<Vec<u8>, VmmError> {
         Ok(Vec::new())

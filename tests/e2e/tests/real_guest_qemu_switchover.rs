@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use freehint_e2e::{guest_args, wait_for, QemuGuest};
-use freehint_engine::{DestinationVmm, Vmm};
+use freehint_types::{DestinationVmm, Vmm};
 use freehint_qemu::{QemuDestination, QemuVmm, Qmp};
 
 const MEM_MIB: u64 = 256;

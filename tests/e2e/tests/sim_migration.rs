@@ -73,7 +73,7 @@ fn adversarial_hint_timing_over_many_rounds_loses_nothing() {
         .unwrap();
         check(&v);
         assert_eq!(v["rounds"], 26, "{v}");
-        stale += v["hints_dropped_stale"].as_u64().unwrap();
+        stale += v["hint_ranges_dropped_stale"].as_u64().unwrap();
     }
     assert!(stale > 0, "the adversarial guest delivered no late hints");
 }

@@ -27,8 +27,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use freehint_engine::{Vmm, VmmError};
-use freehint_types::{CmdId, GpaRange, HintSink, HintSource, HintSourceError};
+use freehint_types::{
+    CmdId, GpaRange, HintCommand, HintSink, HintSource, HintSourceError, Vmm, VmmError, VmmOp,
+};
 use serde::{Deserialize, Serialize};
 
 /// Pages per hinted block: 2^10 base pages (4 MiB), as Linux on x86 hints.
@@ -235,17 +236,19 @@ impl SimVmClient {
 impl Vmm for SimVmClient {
     fn stop(&self) -> Result<(), VmmError> {
         self.ack(ToSim::Pause)
-            .map_err(|e| VmmError(e.to_string()))?;
+            .map_err(|e| VmmError::new(VmmOp::Stop, e))?;
         self.running
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        let free = self.free_pages().map_err(|e| VmmError(e.to_string()))?;
+        let free = self
+            .free_pages()
+            .map_err(|e| VmmError::new(VmmOp::Stop, e))?;
         *self.free_at_stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(free);
         Ok(())
     }
 
     fn resume(&self) -> Result<(), VmmError> {
         self.ack(ToSim::Resume)
-            .map_err(|e| VmmError(e.to_string()))?;
+            .map_err(|e| VmmError::new(VmmOp::Resume, e))?;
         self.running
             .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
@@ -275,17 +278,17 @@ impl Vmm for SimVmClient {
 impl HintSource for SimVmClient {
     fn start_round(&self, cmd_id: CmdId) -> Result<(), HintSourceError> {
         self.ack(ToSim::StartRound { cmd_id: cmd_id.0 })
-            .map_err(|e| HintSourceError(e.to_string()))
+            .map_err(|e| HintSourceError::new(HintCommand::StartRound(cmd_id), e))
     }
 
     fn stop_round(&self) -> Result<(), HintSourceError> {
         self.ack(ToSim::StopRound)
-            .map_err(|e| HintSourceError(e.to_string()))
+            .map_err(|e| HintSourceError::new(HintCommand::StopRound, e))
     }
 
     fn finish(&self) -> Result<(), HintSourceError> {
         self.ack(ToSim::Finish)
-            .map_err(|e| HintSourceError(e.to_string()))
+            .map_err(|e| HintSourceError::new(HintCommand::Finish, e))
     }
 
     /// The simulator reports continuously and never closes a round.

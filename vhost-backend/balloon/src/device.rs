@@ -424,9 +424,9 @@ fn deliver(inner: &Inner, actions: Actions) {
     let c = &mut st.counters;
     c.hint_ranges += hint_count;
     c.hint_bytes += hint_bytes;
-    c.hint_ranges_applied += hint_outcome.ranges_applied;
-    c.hint_ranges_dropped_stale += hint_outcome.ranges_dropped_stale;
-    c.hint_ranges_rejected_by_sink += hint_outcome.ranges_rejected_invalid;
+    c.hint_ranges_applied += hint_outcome.hint_ranges_applied;
+    c.hint_ranges_dropped_stale += hint_outcome.hint_ranges_dropped_stale;
+    c.hint_ranges_rejected_invalid += hint_outcome.hint_ranges_rejected_invalid;
     c.hint_pages_cleared += hint_outcome.pages_cleared;
     c.reported_ranges += actions.reported.len() as u64;
     c.reported_bytes += reported_bytes;

@@ -72,7 +72,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use freehint_types::{CmdId, GpaRange, HintSink, HintSource, HintSourceError};
+use freehint_types::{CmdId, GpaRange, HintCommand, HintSink, HintSource, HintSourceError};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
@@ -169,12 +169,6 @@ pub enum BalloonError {
     /// A device state that cannot be applied to this device.
     #[error("invalid balloon device state: {0}")]
     InvalidState(String),
-}
-
-impl From<BalloonError> for HintSourceError {
-    fn from(e: BalloonError) -> Self {
-        HintSourceError(e.to_string())
-    }
 }
 
 /// Mutable device state, behind one lock.
@@ -717,18 +711,23 @@ impl BalloonHandle {
 
 impl HintSource for BalloonHandle {
     fn start_round(&self, cmd_id: CmdId) -> Result<(), HintSourceError> {
+        let failed = |e| HintSourceError::new(HintCommand::StartRound(cmd_id), e);
         if !cmd_id.is_round() {
-            return Err(BalloonError::NotARound(cmd_id.0).into());
+            return Err(failed(BalloonError::NotARound(cmd_id.0)));
         }
-        Ok(self.inner.set_cmd_id(cmd_id)?)
+        self.inner.set_cmd_id(cmd_id).map_err(failed)
     }
 
     fn stop_round(&self) -> Result<(), HintSourceError> {
-        Ok(self.inner.set_cmd_id(CmdId::STOP)?)
+        self.inner
+            .set_cmd_id(CmdId::STOP)
+            .map_err(|e| HintSourceError::new(HintCommand::StopRound, e))
     }
 
     fn finish(&self) -> Result<(), HintSourceError> {
-        Ok(self.inner.set_cmd_id(CmdId::DONE)?)
+        self.inner
+            .set_cmd_id(CmdId::DONE)
+            .map_err(|e| HintSourceError::new(HintCommand::Finish, e))
     }
 
     fn round_reported(&self, cmd_id: CmdId) -> Option<bool> {

@@ -183,7 +183,7 @@ pub struct DeviceCounters {
     /// Hint ranges the sink dropped as stale (wrong cmd_id).
     pub hint_ranges_dropped_stale: u64,
     /// Hint ranges the sink rejected as invalid.
-    pub hint_ranges_rejected_by_sink: u64,
+    pub hint_ranges_rejected_invalid: u64,
     /// Pages the sink cleared from the migration bitmap.
     pub hint_pages_cleared: u64,
     /// cmd_id batches opened by the guest.

@@ -68,7 +68,7 @@ impl HintSink for RecordingSink {
         let mut h = self.hints.lock().unwrap();
         h.extend(ranges.iter().map(|r| (cmd_id, *r)));
         HintOutcome {
-            ranges_applied: ranges.len() as u64,
+            hint_ranges_applied: ranges.len() as u64,
             ..HintOutcome::default()
         }
     }

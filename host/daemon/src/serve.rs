@@ -1,0 +1,179 @@
+//! The control socket's server side: one thread per request, answered
+//! from the daemon's state (the protocol and the client are in
+//! [`crate::control`]).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+
+use freehint_engine::{Phase, PhaseWatch};
+use freehint_types::{DestinationVmm, Vmm};
+
+use crate::discovery::resolve;
+use crate::{
+    lock, spawn, ControlReply, ControlRequest, DaemonError, DaemonState, DaemonStatus, VmDaemon,
+};
+
+impl VmDaemon {
+    pub(crate) fn serve_control(self: Arc<Self>, listener: UnixListener) {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let me = self.clone();
+            let _ = spawn("control-request", move || me.answer(conn));
+        }
+    }
+
+    fn answer(&self, conn: UnixStream) {
+        self.answering.fetch_add(1, SeqCst);
+        self.answer_inner(conn);
+        self.answering.fetch_sub(1, SeqCst);
+    }
+
+    fn answer_inner(&self, conn: UnixStream) {
+        let mut line = String::new();
+        let Ok(writer) = conn.try_clone() else { return };
+        if BufReader::new(conn).read_line(&mut line).is_err() {
+            return;
+        }
+        let reply = match serde_json::from_str::<ControlRequest>(&line) {
+            Err(e) => ControlReply::Error {
+                message: format!("bad request: {e}"),
+            },
+            Ok(req) => {
+                let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.handle_request(req)
+                }));
+                match handled {
+                    Ok(Ok(reply)) => reply,
+                    Ok(Err(DaemonError::Migration { message, stats })) => {
+                        ControlReply::MigrationFailed {
+                            message,
+                            stats: *stats,
+                        }
+                    }
+                    Ok(Err(e)) => ControlReply::Error {
+                        message: e.to_string(),
+                    },
+                    Err(_) => ControlReply::Error {
+                        message: "internal error: the request handler panicked".into(),
+                    },
+                }
+            }
+        };
+        let mut out = serde_json::to_string(&reply).unwrap_or_else(|e| {
+            format!(r#"{{"result":"error","message":"cannot encode the reply: {e}"}}"#)
+        });
+        out.push('\n');
+        let mut writer = writer;
+        let _ = writer.write_all(out.as_bytes());
+    }
+
+    /// Carries out one control request.
+    pub fn handle_request(&self, req: ControlRequest) -> Result<ControlReply, DaemonError> {
+        match req {
+            ControlRequest::Status => Ok(ControlReply::Status(self.status())),
+            ControlRequest::Migrate { to, params } => {
+                // A destination becomes a source once the guest runs here.
+                if !self.hosts_guest.load(SeqCst) {
+                    return Err(DaemonError::BadRequest(
+                        "this daemon's QEMU does not run the guest (it waits for an incoming migration, or the guest moved away); ask the daemon of the QEMU that runs it".into(),
+                    ));
+                }
+                params
+                    .validate()
+                    .map_err(|e| DaemonError::BadRequest(format!("invalid parameters: {e}")))?;
+                let dest = resolve(&to)?;
+                let stats = self.migrate(dest, params)?;
+                Ok(ControlReply::Migrated { stats })
+            }
+            ControlRequest::Resume => self.resume(),
+            ControlRequest::Cancel => {
+                let sh = lock(&self.shared);
+                let Some(token) = &sh.cancel else {
+                    return Err(DaemonError::BadRequest("no migration is running".into()));
+                };
+                // Before the sender exists the migration is in its set-up.
+                let phase = sh
+                    .migration
+                    .as_ref()
+                    .map_or(Phase::Setup, |w| w.get().phase);
+                if matches!(phase, Phase::Committed | Phase::Completed) {
+                    return Err(DaemonError::BadRequest(format!(
+                        "too late to cancel: the migration is {phase} (the destination takes the guest over)"
+                    )));
+                }
+                if phase.is_final() {
+                    return Err(DaemonError::BadRequest(format!(
+                        "no migration is running (the last one is {phase})"
+                    )));
+                }
+                token.cancel();
+                Ok(ControlReply::Cancelling { phase })
+            }
+            ControlRequest::Fault { spec } => {
+                freehint_engine::fault::configure(&spec).map_err(DaemonError::BadRequest)?;
+                Ok(ControlReply::Ok)
+            }
+        }
+    }
+
+    /// Resumes a guest held paused here (see [`ControlRequest::Resume`]).
+    fn resume(&self) -> Result<ControlReply, DaemonError> {
+        let (dest, src) = {
+            let mut sh = lock(&self.shared);
+            (sh.paused_destination.take(), sh.paused_source.take())
+        };
+        if let Some(dest) = dest {
+            if let Err(e) = dest.resume() {
+                lock(&self.shared).paused_destination = Some(dest);
+                return Err(DaemonError::BadRequest(e.to_string()));
+            }
+            self.finish_hints();
+            self.hosts_guest.store(true, SeqCst);
+            let mut sh = lock(&self.shared);
+            sh.state = if sh.state == DaemonState::Uncertain {
+                DaemonState::ResumedByOperator
+            } else {
+                DaemonState::Received
+            };
+            sh.operator_action = None;
+            return Ok(ControlReply::Resumed);
+        }
+        if let Some(src) = src {
+            if let Err(e) = src.resume() {
+                lock(&self.shared).paused_source = Some(src);
+                return Err(DaemonError::BadRequest(e.to_string()));
+            }
+            self.finish_hints();
+            let mut sh = lock(&self.shared);
+            sh.state = DaemonState::ResumedByOperator;
+            sh.operator_action = None;
+            return Ok(ControlReply::Resumed);
+        }
+        Err(DaemonError::BadRequest(
+            "no guest is held paused here (only after an incoming migration with --no-resume, or after a handover whose outcome was uncertain)".into(),
+        ))
+    }
+
+    /// The daemon's state. Asks the guest for fresh balloon statistics on
+    /// the way (they arrive for the next call).
+    pub fn status(&self) -> DaemonStatus {
+        if let Err(e) = self.handle.request_stats() {
+            tracing::debug!("requesting guest stats: {e}");
+        }
+        let sh = lock(&self.shared);
+        DaemonStatus {
+            role: self.role().into(),
+            state: sh.state,
+            migration: sh.migration.as_ref().map(PhaseWatch::get),
+            operator_action: sh.operator_action.clone(),
+            last_cmd_id: self.last_cmd_id.load(SeqCst),
+            qemu_connected: self.connected.load(SeqCst),
+            balloon_driver_active: !self.handle.memory_table().is_empty(),
+            last_error: sh.last_error.clone(),
+            received: sh.received.clone(),
+            balloon: serde_json::to_value(self.handle.status()).unwrap_or_default(),
+        }
+    }
+}

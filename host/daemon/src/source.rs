@@ -1,0 +1,215 @@
+//! The source side: one outgoing migration of this daemon's VM at a time.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::Duration;
+
+use freehint_dirty_log::CombinedDirtyLog;
+use freehint_engine::{
+    empty_bitmap, CancellationToken, MigrateError, MigrationParams, MigrationStats, Phase,
+    PrecopySender,
+};
+use freehint_hint_filter::HintFilter;
+use freehint_memory::GuestRam;
+use freehint_qemu::{QemuVmm, Qmp};
+use freehint_types::{CmdId, HintSource};
+
+use crate::discovery::process_alive;
+use crate::sink::UsedRingLog;
+use crate::{io, lock, vm, DaemonError, DaemonState, GpaMap, VmDaemon};
+
+impl VmDaemon {
+    pub(crate) fn finish_hints(&self) {
+        // The guest holds the blocks it hinted until it reads DONE.
+        if let Err(e) = self.handle.finish() {
+            tracing::warn!("could not tell the guest that migration is over (DONE): {e}");
+        }
+    }
+
+    /// Migrates the VM to the destination daemon at `dest`. On error the
+    /// source guest runs again, unless the error says otherwise (its QEMU
+    /// died, or the handover's outcome is uncertain).
+    pub fn migrate(
+        &self,
+        dest: SocketAddr,
+        params: MigrationParams,
+    ) -> Result<MigrationStats, DaemonError> {
+        let _busy = self.busy.try_lock().map_err(|_| DaemonError::Busy)?;
+        if self.stopping.load(SeqCst) {
+            return Err(DaemonError::BadRequest(
+                "the daemon is shutting down".into(),
+            ));
+        }
+        if !self.connected.load(SeqCst) {
+            return Err(DaemonError::BadRequest(format!(
+                "QEMU is not connected to the vhost-user socket {}",
+                self.cfg.vhost_socket.display()
+            )));
+        }
+        {
+            let sh = lock(&self.shared);
+            if sh.paused_source.is_some() {
+                return Err(DaemonError::BadRequest(format!(
+                    "the guest is paused after an uncertain handover; decide first: {}",
+                    sh.operator_action
+                        .as_deref()
+                        .unwrap_or("see `freehint status`")
+                )));
+            }
+        }
+        // The token exists before anything else, so a cancel or a signal
+        // from now on reaches this migration whatever step it is in.
+        let cancel = CancellationToken::new();
+        {
+            let mut sh = lock(&self.shared);
+            sh.cancel = Some(cancel.clone());
+            sh.migration = None;
+        }
+        if self.stopping.load(SeqCst) {
+            cancel.cancel();
+        }
+        self.set_state(DaemonState::Migrating);
+        // QEMU's pid as the vhost-user socket saw it; QMP's confirms it.
+        let mut pid = Some(self.vhost_peer_pid.load(SeqCst)).filter(|&p| p > 0);
+        let result = self.migrate_inner(dest, params, cancel, &mut pid);
+        self.slot.detach();
+        let mut sh = lock(&self.shared);
+        sh.cancel = None;
+        let result = match result {
+            Ok(stats) => {
+                self.hosts_guest.store(false, SeqCst);
+                sh.state = DaemonState::Migrated;
+                sh.last_error = None;
+                sh.operator_action = None;
+                Ok(stats)
+            }
+            Err(DaemonError::Migration { message, stats }) => {
+                let uncertain = stats.state == Phase::Uncertain;
+                let message = match pid {
+                    // Whatever step noticed it, a dead source QEMU is the news.
+                    Some(pid) if !process_alive(pid) => format!(
+                        "the source QEMU (pid {pid}) exited during the migration: the guest is gone on the source ({message})"
+                    ),
+                    _ if uncertain => {
+                        let action = format!(
+                            "check `freehint status` on the destination's daemon ({dest}); if the guest does not run there, run `freehint resume --control {}` here; never resume it on both sides",
+                            self.cfg.control_socket.display()
+                        );
+                        sh.operator_action = Some(action.clone());
+                        format!("{message}; {action}")
+                    }
+                    _ => message,
+                };
+                sh.state = if uncertain {
+                    DaemonState::Uncertain
+                } else {
+                    DaemonState::Failed
+                };
+                sh.last_error = Some(message.clone());
+                Err(DaemonError::Migration { message, stats })
+            }
+            Err(e) => {
+                let e = match pid {
+                    Some(pid) if !process_alive(pid) => DaemonError::BadRequest(format!(
+                        "the source QEMU (pid {pid}) exited during the migration: the guest is gone on the source ({e})"
+                    )),
+                    _ => e,
+                };
+                sh.state = DaemonState::Failed;
+                sh.last_error = Some(e.to_string());
+                Err(e)
+            }
+        };
+        result
+    }
+
+    fn migrate_inner(
+        &self,
+        dest: SocketAddr,
+        params: MigrationParams,
+        cancel: CancellationToken,
+        pid_out: &mut Option<i32>,
+    ) -> Result<MigrationStats, DaemonError> {
+        if cancel.is_cancelled() {
+            return Err(MigrateError::Cancelled.into());
+        }
+        let mut qmp = Qmp::connect(&self.cfg.qmp_socket)?;
+        let pid = qmp.peer_pid()?;
+        *pid_out = Some(pid);
+        let backend = qmp.shared_ram_backend()?;
+        let ram = Arc::new(GuestRam::open_file(&backend.path, backend.size_bytes)?);
+        let region = &ram.regions()[0];
+        let meta = region
+            .file()
+            .metadata()
+            .map_err(io(format!("stat {}", backend.path.display())))?;
+        self.refuse_untracked_writers(&mut qmp, pid, meta.dev(), meta.ino())?;
+        let map = GpaMap::new(
+            &self.handle.memory_table(),
+            meta.dev(),
+            meta.ino(),
+            backend.size_bytes,
+        );
+        if params.hints && map.is_empty() {
+            return Err(DaemonError::NoBalloonDriver);
+        }
+        let page_bytes = region.page_bytes();
+        let uffd_log = self.dirty_log(pid, &ram)?;
+        let filter = Arc::new(HintFilter::after(
+            empty_bitmap(&ram),
+            CmdId(self.last_cmd_id.load(SeqCst)),
+        ));
+        self.slot.attach(filter.clone(), map.clone());
+        let log = CombinedDirtyLog(vec![
+            Box::new(uffd_log),
+            Box::new(UsedRingLog::new(self.handle.clone(), map, page_bytes)),
+        ]);
+        let timeout = Duration::from_secs(params.peer_timeout_s);
+        let qemu = Arc::new(QemuVmm::new(
+            qmp,
+            backend.id.clone(),
+            self.cfg.state_dir.join("source.state"),
+            timeout,
+        )?);
+        let vmm = Arc::new(vm::SourceVm {
+            qemu: qemu.clone(),
+            balloon: self.handle.clone(),
+        });
+        // DONE after a failed attempt goes to the guest even with hints
+        // off: it may still hold blocks of an earlier attempt.
+        let hint_source: Option<Arc<dyn HintSource>> = if params.hints {
+            Some(Arc::new(self.handle.clone()))
+        } else {
+            None
+        };
+        tracing::info!(
+            pid,
+            ram = %backend.path.display(),
+            ram_bytes = backend.size_bytes,
+            %dest,
+            hints = params.hints,
+            first_cmd_id = filter.last_cmd_id().0 + 1,
+            "migrating"
+        );
+        let sender =
+            PrecopySender::new(ram, filter.clone(), Box::new(log), hint_source, vmm, params)?
+                .with_cancel_token(cancel);
+        lock(&self.shared).migration = Some(sender.phase_watch());
+        let result = self.runtime.block_on(sender.migrate(dest));
+        self.last_cmd_id.store(filter.last_cmd_id().0, SeqCst);
+        match result {
+            Ok(stats) => Ok(stats),
+            Err(failure) => {
+                if failure.stats.state == Phase::Uncertain {
+                    lock(&self.shared).paused_source = Some(qemu);
+                }
+                Err(DaemonError::Migration {
+                    message: failure.to_string(),
+                    stats: Box::new(failure.stats),
+                })
+            }
+        }
+    }
+}
