@@ -16,6 +16,9 @@ echo "== format and lint"
 cargo fmt --all -- --check
 cargo build --workspace --all-targets "${features[@]}"
 cargo clippy --workspace --all-targets "${features[@]}" -- -D warnings
+echo "== docs: the crate table matches Cargo.toml; rustdoc without warnings"
+python3 tests/scripts/check-architecture.py
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace "${features[@]}" --quiet
 
 mkdir -p target
 echo "== loom model check of the hint/sync lock"

@@ -11,7 +11,7 @@
 //!   processes mapping its RAM), then finds QEMU's pid (`SO_PEERCRED`), its
 //!   RAM file (QMP `query-memdev` + `qom-get mem-path`), takes the
 //!   userfaultfd our preload library made in QEMU, and runs the engine's
-//!   [`PrecopySender`] with the balloon as hint source and QEMU (QMP) for
+//!   [`PrecopySender`](freehint_engine::PrecopySender) with the balloon as hint source and QEMU (QMP) for
 //!   the handover;
 //! * on the destination (`incoming`): receives into the destination QEMU's
 //!   RAM file, loads device state, resumes the guest once the source

@@ -3,7 +3,7 @@
 //! Every frame starts with a 16-byte [`FrameHeader`]: magic, protocol
 //! version, message kind, payload length. Payloads are little endian and
 //! padded so that page data starts 8-byte aligned within the frame, and
-//! headers stay 16-byte aligned on the stream (seed 000's wish).
+//! headers stay 16-byte aligned on the stream.
 //!
 //! A migration uses several TCP connections, each opened with [`Hello`]
 //! naming its [`ChannelRole`]:

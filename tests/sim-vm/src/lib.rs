@@ -120,7 +120,7 @@ pub struct SimError(pub String);
 
 impl SimVmClient {
     /// Wraps an accepted control connection. Hints are handed to the sink
-    /// installed later with [`Self::set_sink`] (dropped until then, as a
+    /// installed later in `sink` (dropped until then, as a
     /// device with no migration running would). Returns the client and
     /// the simulator's Ready message.
     pub fn new(
