@@ -36,6 +36,36 @@ const MAX_BODY: usize = 64 * 1024;
 /// Most file descriptors one message carries.
 const MAX_FDS: usize = 32;
 
+/// Bytes of control message for [`MAX_FDS`] descriptors in one
+/// `SCM_RIGHTS` message.
+// SAFETY: CMSG_SPACE only computes a size from its argument.
+const CMSG_BYTES: usize =
+    unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
+
+/// A control message buffer, aligned for `cmsghdr`.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; CMSG_BYTES]);
+
+const _: () = assert!(std::mem::align_of::<libc::cmsghdr>() <= 8);
+
+/// Why a message could not be read whole.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    /// The socket failed, or closed inside a message.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The kernel truncated the control message (`MSG_CTRUNC`): more
+    /// descriptors than [`MAX_FDS`], or a control message of another kind.
+    #[error("control message truncated (MSG_CTRUNC); the descriptors received are closed")]
+    ControlTruncated,
+    /// More than [`MAX_FDS`] descriptors came with one message.
+    #[error("{0} file descriptors with one message (at most {MAX_FDS})")]
+    TooManyFds(usize),
+    /// The header announces a body larger than [`MAX_BODY`].
+    #[error("message body of {0} bytes (at most {MAX_BODY})")]
+    Oversized(usize),
+}
+
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -57,10 +87,14 @@ const ADD_MEM_REG: u32 = 37;
 
 const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
 
-/// Receives up to `buf.len()` bytes and any attached file descriptors.
-fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-    // Room for MAX_FDS descriptors in one SCM_RIGHTS message.
-    let mut cmsg = [0u64; 64];
+/// Receives up to `buf.len()` bytes and the file descriptors sent with
+/// them.
+///
+/// A control message the kernel truncated (`MSG_CTRUNC`) is an error: the
+/// message cannot be forwarded whole, and the descriptors that did arrive
+/// are closed.
+fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), ReadError> {
+    let mut cmsg = CmsgBuf([0; CMSG_BYTES]);
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -69,31 +103,38 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<Owned
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cmsg);
+    msg.msg_control = cmsg.0.as_mut_ptr().cast();
+    msg.msg_controllen = CMSG_BYTES as _;
     let n = loop {
         // SAFETY: `msg` points at `iov` (over `buf`) and `cmsg`, which live
-        // across the call and have the lengths given.
+        // across the call and have the lengths given; recvmsg writes only
+        // inside them.
         let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
         if n >= 0 {
             break n as usize;
         }
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
+            return Err(e.into());
         }
     };
     let mut fds = Vec::new();
-    // SAFETY: the kernel filled `msg.msg_control` with `msg_controllen`
-    // bytes of control messages; CMSG_FIRSTHDR/NXTHDR/DATA walk them within
-    // that length.
+    let control_end = cmsg.0.as_ptr() as usize + (msg.msg_controllen as usize).min(CMSG_BYTES);
+    // SAFETY: recvmsg set `msg_controllen` to the bytes of control messages
+    // it wrote into `cmsg` (aligned for cmsghdr). CMSG_FIRSTHDR and
+    // CMSG_NXTHDR return only headers that lie whole inside that length;
+    // the descriptors read after a header lie inside both its `cmsg_len`
+    // and that length (`data_end`), and are read unaligned.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(c) as *const RawFd;
-                let payload = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                for i in 0..payload / std::mem::size_of::<RawFd>() {
+                let data_end = (c as usize)
+                    .saturating_add((*c).cmsg_len as usize)
+                    .min(control_end);
+                let count = data_end.saturating_sub(data as usize) / std::mem::size_of::<RawFd>();
+                for i in 0..count {
                     let raw = std::ptr::read_unaligned(data.add(i));
                     // The kernel installed this descriptor for us; we own it.
                     fds.push(OwnedFd::from_raw_fd(raw));
@@ -101,6 +142,10 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<Owned
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        // Dropping `fds` closes what did arrive.
+        return Err(ReadError::ControlTruncated);
     }
     Ok((n, fds))
 }
@@ -110,8 +155,14 @@ fn send_with_fds(stream: &mut UnixStream, buf: &[u8], fds: &[OwnedFd]) -> std::i
     if fds.is_empty() {
         return stream.write_all(buf);
     }
+    if fds.len() > MAX_FDS || buf.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "descriptors without bytes, or more than one control message holds",
+        ));
+    }
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let mut cmsg = [0u64; 64];
+    let mut cmsg = CmsgBuf([0; CMSG_BYTES]);
     let data_len = std::mem::size_of_val(raw.as_slice()) as u32;
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
@@ -121,29 +172,42 @@ fn send_with_fds(stream: &mut UnixStream, buf: &[u8], fds: &[OwnedFd]) -> std::i
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a size.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-    // SAFETY: `msg_control` points at `cmsg`, which is larger than
-    // CMSG_SPACE(data_len) for MAX_FDS descriptors; we write one header and
-    // `raw.len()` descriptors inside it. `iov` covers `buf`, which sendmsg
-    // only reads.
-    let n = unsafe {
+    msg.msg_control = cmsg.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size from its argument.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(data_len) } as _;
+    // SAFETY: `msg_control` points at `cmsg`, CMSG_SPACE(MAX_FDS
+    // descriptors) bytes aligned for cmsghdr, and `msg_controllen` is at
+    // most that (at most MAX_FDS descriptors, checked above): the header
+    // CMSG_FIRSTHDR returns (not null, the length holds one) and the
+    // `raw.len()` descriptors CMSG_DATA points at lie inside `cmsg`.
+    unsafe {
         let c = libc::CMSG_FIRSTHDR(&msg);
         (*c).cmsg_level = libc::SOL_SOCKET;
         (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(data_len) as usize;
+        (*c).cmsg_len = libc::CMSG_LEN(data_len) as _;
         std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c) as *mut RawFd, raw.len());
-        libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
-    };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
     }
-    stream.write_all(&buf[n as usize..])
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (over `buf`, which sendmsg only
+        // reads) and at the control message filled above, all alive across
+        // the call.
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    stream.write_all(&buf[n..])
 }
 
+/// A whole message (header and body) and its descriptors.
+type Message = (Vec<u8>, Vec<OwnedFd>);
+
 /// One whole message: header, body, descriptors. `None` on a clean EOF.
-fn read_message(stream: &mut UnixStream) -> std::io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+fn read_message(stream: &mut UnixStream) -> Result<Option<Message>, ReadError> {
     let mut msg = vec![0u8; HDR_LEN];
     let (n, mut fds) = recv_with_fds(stream.as_raw_fd(), &mut msg)?;
     if n == 0 {
@@ -153,19 +217,17 @@ fn read_message(stream: &mut UnixStream) -> std::io::Result<Option<(Vec<u8>, Vec
     while got < HDR_LEN {
         let (m, more) = recv_with_fds(stream.as_raw_fd(), &mut msg[got..])?;
         if m == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
         fds.extend(more);
         got += m;
     }
     if fds.len() > MAX_FDS {
-        return Err(std::io::Error::other("too many file descriptors"));
+        return Err(ReadError::TooManyFds(fds.len()));
     }
     let size = u32::from_le_bytes([msg[8], msg[9], msg[10], msg[11]]) as usize;
     if size > MAX_BODY {
-        return Err(std::io::Error::other(format!(
-            "message body of {size} bytes"
-        )));
+        return Err(ReadError::Oversized(size));
     }
     msg.resize(HDR_LEN + size, 0);
     stream.read_exact(&mut msg[HDR_LEN..])?;
@@ -523,5 +585,71 @@ pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
     let _ = frontend.shutdown(std::net::Shutdown::Both);
     if let Ok(h) = back {
         let _ = h.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn null_fds(n: usize) -> Vec<OwnedFd> {
+        (0..n)
+            .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn descriptors_travel_with_the_first_byte() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        send_with_fds(&mut a, &[7u8; HDR_LEN], &null_fds(3)).unwrap();
+        let mut buf = [0u8; HDR_LEN];
+        let (n, fds) = recv_with_fds(b.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!((n, fds.len()), (HDR_LEN, 3));
+        assert!(send_with_fds(&mut a, &[0u8; HDR_LEN], &null_fds(MAX_FDS + 1)).is_err());
+    }
+
+    /// Sends one byte with `fds` attached, with no limit on their number.
+    fn send_many_fds(stream: &UnixStream, fds: &[OwnedFd]) {
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let data_len = std::mem::size_of_val(raw.as_slice()) as u32;
+        let mut cmsg = vec![0u64; 1024];
+        let byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_ptr() as *mut libc::c_void,
+            iov_len: 1,
+        };
+        // SAFETY: msghdr is plain data; all-zero is a valid value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size from its argument.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(data_len) } as _;
+        assert!(msg.msg_controllen as usize <= cmsg.len() * 8);
+        // SAFETY: the control message (one header and `raw.len()`
+        // descriptors, CMSG_SPACE(data_len) bytes, checked above) lies
+        // inside `cmsg`; `iov` covers `byte`, which sendmsg only reads.
+        let n = unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(data_len) as _;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr(),
+                libc::CMSG_DATA(c) as *mut RawFd,
+                raw.len(),
+            );
+            libc::sendmsg(stream.as_raw_fd(), &msg, 0)
+        };
+        assert_eq!(n, 1, "{}", std::io::Error::last_os_error());
+    }
+
+    #[test]
+    fn a_truncated_control_message_is_an_error() {
+        let (a, b) = UnixStream::pair().unwrap();
+        send_many_fds(&a, &null_fds(MAX_FDS + 8));
+        let mut buf = [0u8; 1];
+        let r = recv_with_fds(b.as_raw_fd(), &mut buf);
+        assert!(matches!(r, Err(ReadError::ControlTruncated)), "{r:?}");
     }
 }
