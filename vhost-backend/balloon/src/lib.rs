@@ -90,6 +90,7 @@ mod device;
 mod fence;
 mod gate;
 pub mod layout;
+mod message;
 mod migration;
 pub mod proxy;
 pub mod status;
