@@ -55,17 +55,17 @@
 //! # The frontend proxy
 //!
 //! `vhost-user-backend` 0.24 cannot send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`
-//! (its `Backend` has no such method and hides its socket), and it drops the
-//! connection on the first request its handler refuses. [`BalloonBackend::serve_connection`]
-//! therefore puts a small message proxy between the frontend and the
-//! `VhostUserDaemon`: it keeps a duplicate of the backend request channel fd
-//! to send config changes on, and refuses (NACK, counted) the frontend
-//! requests that would otherwise kill the connection. See [`proxy`].
+//! (vhost 0.18's `Backend` has no such method and hides its socket), and it
+//! drops the connection on the first request its handler refuses.
+//! [`BalloonBackend::serve_connection`] therefore puts a small message proxy
+//! between the frontend and the `VhostUserDaemon`: it keeps a duplicate of
+//! the backend request channel fd, on which `backend_req.rs` sends config
+//! changes, and refuses (NACK, counted) the frontend requests that would
+//! otherwise kill the connection. See [`proxy`].
 
 #![deny(missing_docs)]
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::Path;
@@ -85,6 +85,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+mod backend_req;
 pub mod config;
 mod device;
 mod fence;
@@ -96,12 +97,14 @@ pub mod proxy;
 pub mod status;
 mod vhost_log;
 
+pub use backend_req::BackendReqError;
 pub use config::ConfigSpace;
 pub use fence::{CmdIdFence, FENCED_HINT_CMD_ID, MAX_FENCES};
 pub use layout::{queue_roles, QueueRole};
 pub use migration::{BalloonState, BALLOON_STATE_VERSION};
 pub use status::{BalloonStatus, DeviceCounters, GuestStats, RejectReason};
 
+use backend_req::{Channel, Notified, Wait};
 use status::RejectCounters;
 
 /// Guest memory as the backend maps it.
@@ -152,8 +155,8 @@ pub enum BalloonError {
     #[error("invalid balloon config: {0}")]
     InvalidConfig(String),
     /// A config change could not reach the frontend.
-    #[error("config change not delivered: {0}")]
-    ConfigChange(String),
+    #[error("config change not delivered")]
+    ConfigChange(#[source] BackendReqError),
     /// A cmd_id that does not name a round was given to `start_round`.
     #[error("cmd_id {0} does not name a round (must be >= 2)")]
     NotARound(u32),
@@ -174,8 +177,22 @@ pub enum BalloonError {
 
 impl From<BalloonError> for HintSourceError {
     fn from(e: BalloonError) -> Self {
-        HintSourceError(e.to_string())
+        // HintSourceError holds a string: keep every cause in it.
+        HintSourceError(error_chain(&e))
     }
+}
+
+/// `e` and each of its sources, joined with ": " (for logs and for errors
+/// that only hold a string).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
 }
 
 /// Mutable device state, behind one lock.
@@ -221,64 +238,6 @@ pub(crate) struct Inner {
     pub(crate) gates: [gate::RingGate; layout::MAX_QUEUES],
 }
 
-/// The backend request channel and whether the frontend runs the device.
-///
-/// QEMU 10.0's vhost-user device dereferences its (then NULL) virtio device
-/// when a config change arrives while the device is stopped (VM paused,
-/// between `GET_VRING_BASE` and the next start), so config changes made
-/// then are held and sent when the device starts again.
-#[derive(Default)]
-pub(crate) struct Channel {
-    /// The channel (`SET_BACKEND_REQ_FD`).
-    pub(crate) stream: Option<UnixStream>,
-    /// Between the first `SET_VRING_KICK` and the next `GET_VRING_BASE`.
-    pub(crate) device_started: bool,
-    /// A config change was made while the device was stopped.
-    pub(crate) change_pending: bool,
-}
-
-impl Channel {
-    /// Sends CONFIG_CHANGE_MSG now (`Ok(true)`), or marks it pending while
-    /// the device is stopped (`Ok(false)`). With `wait_for_frontend`, asks
-    /// for a reply (`NEED_REPLY`) and waits up to a second for it, so the
-    /// frontend has handled the change before the caller goes on (before it
-    /// stops the VM, say). Never wait on the proxy thread: the frontend may
-    /// be waiting for it.
-    pub(crate) fn notify(&mut self, wait_for_frontend: bool) -> Result<bool, BalloonError> {
-        if !self.device_started {
-            self.change_pending = true;
-            return Ok(false);
-        }
-        let s = self.stream.as_mut().ok_or_else(|| {
-            BalloonError::ConfigChange(
-                "no backend request channel (SET_BACKEND_REQ_FD not received)".into(),
-            )
-        })?;
-        let err =
-            |e: std::io::Error| BalloonError::ConfigChange(format!("backend request channel: {e}"));
-        // request = CONFIG_CHANGE_MSG (2), flags = version 1 (| NEED_REPLY 8), size 0.
-        let mut msg = [0u8; 12];
-        msg[0..4].copy_from_slice(&2u32.to_le_bytes());
-        let flags: u32 = if wait_for_frontend { 0x1 | 0x8 } else { 0x1 };
-        msg[4..8].copy_from_slice(&flags.to_le_bytes());
-        s.write_all(&msg).map_err(err)?;
-        self.change_pending = false;
-        if wait_for_frontend {
-            // The reply: header (request 2, flags REPLY) and a u64 status.
-            s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
-                .map_err(err)?;
-            let mut reply = [0u8; 20];
-            std::io::Read::read_exact(s, &mut reply).map_err(err)?;
-            if reply[0..4] != 2u32.to_le_bytes() || reply[12..20] != [0u8; 8] {
-                return Err(BalloonError::ConfigChange(format!(
-                    "unexpected reply to CONFIG_CHANGE_MSG: {reply:02x?}"
-                )));
-            }
-        }
-        Ok(true)
-    }
-}
-
 /// The guest-physical range of a queue's used ring (flags, idx, one 8-byte
 /// element per entry, avail_event), if the queue has a size.
 pub(crate) fn used_ring_range(vring: &VringRwLock) -> Option<GpaRange> {
@@ -301,23 +260,26 @@ impl Inner {
     }
 
     /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG to the frontend, or
-    /// holds it until the device starts again (see [`Channel`]).
-    pub(crate) fn notify_config(&self, wait_for_frontend: bool) -> Result<(), BalloonError> {
-        let result = lock(&self.channel).notify(wait_for_frontend);
-        if let Ok(false) = result {
-            tracing::debug!("balloon: device stopped; config change held until it starts");
-            return Ok(());
-        }
-        let result = result.map(|_| ());
+    /// holds it until the device starts again (see [`backend_req`]).
+    pub(crate) fn notify_config(&self, wait: Wait) -> Result<(), BalloonError> {
+        let result = lock(&self.channel).config_changed(wait);
         let mut st = lock(&self.state);
-        match &result {
-            Ok(()) => st.counters.config_changes_sent += 1,
+        match result {
+            Ok(Notified::Held) => {
+                tracing::debug!("balloon: device stopped; config change held until it starts");
+                Ok(())
+            }
+            Ok(Notified::Sent) => {
+                st.counters.config_changes_sent += 1;
+                Ok(())
+            }
             Err(e) => {
                 st.counters.config_changes_failed += 1;
-                tracing::warn!("balloon: {e}");
+                let e = BalloonError::ConfigChange(e);
+                tracing::warn!("balloon: {}", error_chain(&e));
+                Err(e)
             }
         }
-        result
     }
 
     fn set_cmd_id(&self, cmd: CmdId) -> Result<(), BalloonError> {
@@ -340,7 +302,7 @@ impl Inner {
             st.config.free_page_hint_cmd_id = cmd.0;
         }
         tracing::info!(cmd_id = %cmd, "balloon: free_page_hint_cmd_id set");
-        self.notify_config(true)
+        self.notify_config(Wait::ForReply)
     }
 
     /// The driver's `avail->idx` of the free-page queue (Acquire), if the
@@ -531,7 +493,7 @@ impl BalloonHandle {
             queues: queue_roles(st.acked_features),
             config: st.config,
             balloon_pages: st.balloon.len() as u64,
-            backend_channel: lock(&self.inner.channel).stream.is_some(),
+            backend_channel: lock(&self.inner.channel).backend_req.is_some(),
             memory_table: lock(&self.inner.mem).is_some(),
             guest_stats: st.stats.clone(),
             counters: st.counters.clone(),
@@ -549,7 +511,7 @@ impl BalloonHandle {
     pub fn set_target_pages(&self, pages: u32) -> Result<(), BalloonError> {
         lock(&self.inner.state).config.num_pages = pages;
         tracing::info!(pages, "balloon: target set");
-        self.inner.notify_config(true)
+        self.inner.notify_config(Wait::ForReply)
     }
 
     /// Returns the held stats buffer to the guest so that it sends fresh
@@ -807,7 +769,8 @@ impl VhostUserBackend for BalloonBackend {
 
     fn set_backend_req_fd(&self, _backend: Backend) {
         // The proxy keeps its own duplicate of this channel (vhost 0.18's
-        // Backend cannot send CONFIG_CHANGE_MSG); this copy is not needed.
+        // Backend cannot send CONFIG_CHANGE_MSG, see `backend_req.rs`);
+        // this copy is not needed.
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

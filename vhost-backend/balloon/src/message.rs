@@ -51,6 +51,17 @@ const _: () = assert!(std::mem::size_of::<Header<BackendReq>>() == HEADER_LEN);
 unsafe impl<R: Request> ByteValued for Header<R> {}
 
 impl<R: Request> Header<R> {
+    /// A request header (version 1) with `flags` (`NEED_REPLY` or none;
+    /// other bits are dropped) for a body of `size` bytes.
+    pub(crate) fn new(request: R, flags: VhostUserHeaderFlag, size: u32) -> Self {
+        Header {
+            request: request.into(),
+            flags: VERSION_1 | (flags.bits() & VhostUserHeaderFlag::ALL_FLAGS.bits()),
+            size,
+            _request: PhantomData,
+        }
+    }
+
     /// The header in `bytes`, as sent (any code, any flags).
     pub(crate) fn from_bytes(bytes: &[u8; HEADER_LEN]) -> Self {
         let mut h = Header {
@@ -80,6 +91,11 @@ impl<R: Request> Header<R> {
         R::try_from(self.request).ok()
     }
 
+    /// The request code as sent.
+    pub(crate) fn raw_code(&self) -> u32 {
+        self.request
+    }
+
     /// The flag bits as sent (reserved bits kept).
     pub(crate) fn flags(&self) -> VhostUserHeaderFlag {
         VhostUserHeaderFlag::from_bits_retain(self.flags)
@@ -88,6 +104,16 @@ impl<R: Request> Header<R> {
     /// Whether the sender asks for a reply ([`VhostUserHeaderFlag::NEED_REPLY`]).
     pub(crate) fn needs_reply(&self) -> bool {
         self.flags().contains(VhostUserHeaderFlag::NEED_REPLY)
+    }
+
+    /// Whether this is a reply ([`VhostUserHeaderFlag::REPLY`]).
+    pub(crate) fn is_reply(&self) -> bool {
+        self.flags().contains(VhostUserHeaderFlag::REPLY)
+    }
+
+    /// The protocol version (the [`VhostUserHeaderFlag::VERSION`] bits).
+    pub(crate) fn version(&self) -> u32 {
+        self.flags & VhostUserHeaderFlag::VERSION.bits()
     }
 
     /// The size of the body that follows, in bytes.
@@ -135,6 +161,32 @@ mod tests {
         assert_eq!(h.code(), None);
         assert_eq!(h.flags().bits(), 0x1_0001);
         assert_eq!(&h.reply(0).as_slice()[0..4], &999u32.to_ne_bytes());
+    }
+
+    #[test]
+    fn a_request_header_is_version_1_with_the_flags_asked() {
+        let h = Header::new(
+            BackendReq::CONFIG_CHANGE_MSG,
+            VhostUserHeaderFlag::NEED_REPLY,
+            0,
+        );
+        let mut want = Vec::new();
+        for v in [2u32, 0x1 | 0x8, 0] {
+            want.extend_from_slice(&v.to_ne_bytes());
+        }
+        assert_eq!(h.as_slice(), &want[..]);
+        assert!(h.needs_reply() && !h.is_reply());
+        assert_eq!((h.version(), h.raw_code()), (1, 2));
+        let r = h.reply(8);
+        assert!(r.is_reply() && !r.needs_reply());
+        assert_eq!(r.code(), Some(BackendReq::CONFIG_CHANGE_MSG));
+        // Only the flag bits a request may carry.
+        let h = Header::new(
+            BackendReq::CONFIG_CHANGE_MSG,
+            VhostUserHeaderFlag::from_bits_retain(0xffff_fff0),
+            0,
+        );
+        assert_eq!(h.flags().bits(), 0x1);
     }
 
     #[test]

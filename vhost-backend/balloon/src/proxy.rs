@@ -40,6 +40,7 @@ use vhost::vhost_user::message::{
 };
 use vm_memory::ByteValued;
 
+use crate::backend_req::{BackendReqChannel, Wait};
 use crate::layout::{self, features};
 use crate::message::{read_body, Header, HEADER_LEN};
 use crate::status::RejectReason;
@@ -690,7 +691,8 @@ pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
                 if let Some(fd) = msg.fds.first() {
                     match fd.try_clone() {
                         Ok(dup) => {
-                            lock(&inner.channel).stream = Some(UnixStream::from(dup));
+                            lock(&inner.channel).backend_req =
+                                Some(BackendReqChannel::new(UnixStream::from(dup)));
                             tracing::info!("balloon: backend request channel set up");
                         }
                         Err(e) => tracing::warn!(
@@ -737,7 +739,8 @@ pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
             if ch.change_pending {
                 drop(ch);
                 tracing::info!("balloon: device started; sending the held config change");
-                let _ = inner.notify_config(false);
+                // Never wait for the frontend here: it may be waiting for us.
+                let _ = inner.notify_config(Wait::No);
             }
         }
     }
