@@ -18,7 +18,10 @@
 //! therefore keeps a duplicate of the channel's socket
 //! ([`BackendReqChannel`]), and this module writes the message itself, in
 //! vhost's vocabulary: [`BackendReq`], [`VhostUserHeaderFlag`], and
-//! [`VhostUserU64`] for the frontend's reply.
+//! [`VhostUserU64`] for the frontend's reply. Like vhost's `Backend`, it
+//! asks for a reply (`NEED_REPLY`) only when the frontend negotiated
+//! `VHOST_USER_PROTOCOL_F_REPLY_ACK`: without it the flag means nothing and
+//! no reply would come.
 //!
 //! # Held changes
 //!
@@ -93,7 +96,8 @@ pub enum BackendReqError {
 pub(crate) enum Wait {
     /// Ask for a reply (`NEED_REPLY`) and wait up to [`REPLY_TIMEOUT`] for
     /// it, so that the frontend has handled the request before the caller
-    /// goes on (before it stops the VM, say).
+    /// goes on (before it stops the VM, say). Without `REPLY_ACK`
+    /// negotiated there is no reply to wait for: the request is only sent.
     ForReply,
     /// Send and go on. The only choice on the proxy thread: the frontend
     /// may be waiting for it.
@@ -104,13 +108,22 @@ pub(crate) enum Wait {
 #[derive(Debug)]
 pub(crate) struct BackendReqChannel {
     stream: UnixStream,
+    /// `VHOST_USER_PROTOCOL_F_REPLY_ACK` is negotiated: the frontend
+    /// answers requests sent with `NEED_REPLY`.
+    reply_ack: bool,
 }
 
 impl BackendReqChannel {
     /// The channel on `stream` (a duplicate of the `SET_BACKEND_REQ_FD`
-    /// descriptor).
-    pub(crate) fn new(stream: UnixStream) -> Self {
-        BackendReqChannel { stream }
+    /// descriptor), `reply_ack` if the frontend negotiated `REPLY_ACK`.
+    pub(crate) fn new(stream: UnixStream, reply_ack: bool) -> Self {
+        BackendReqChannel { stream, reply_ack }
+    }
+
+    /// Records whether `REPLY_ACK` is negotiated (as vhost's
+    /// `Backend::set_reply_ack_flag`).
+    pub(crate) fn set_reply_ack(&mut self, reply_ack: bool) {
+        self.reply_ack = reply_ack;
     }
 
     /// Tells the frontend that the config space changed
@@ -122,15 +135,23 @@ impl BackendReqChannel {
     /// Sends `request` (no body) and, with [`Wait::ForReply`], waits for
     /// its reply.
     fn send(&self, request: BackendReq, wait: Wait) -> Result<(), BackendReqError> {
-        let flags = match wait {
-            Wait::ForReply => VhostUserHeaderFlag::NEED_REPLY,
-            Wait::No => VhostUserHeaderFlag::empty(),
+        let need_reply = wait == Wait::ForReply && self.reply_ack;
+        if wait == Wait::ForReply && !need_reply {
+            tracing::debug!(
+                ?request,
+                "balloon: REPLY_ACK not negotiated; not waiting for the frontend"
+            );
+        }
+        let flags = if need_reply {
+            VhostUserHeaderFlag::NEED_REPLY
+        } else {
+            VhostUserHeaderFlag::empty()
         };
         let header = Header::new(request, flags, 0);
         (&self.stream)
             .write_all(header.as_slice())
             .map_err(|source| BackendReqError::Send { request, source })?;
-        if wait == Wait::ForReply {
+        if need_reply {
             self.wait_for_reply(request)?;
         }
         Ok(())
@@ -219,7 +240,7 @@ mod tests {
 
     fn started(stream: UnixStream) -> Channel {
         Channel {
-            backend_req: Some(BackendReqChannel::new(stream)),
+            backend_req: Some(BackendReqChannel::new(stream, true)),
             device_started: true,
             change_pending: false,
         }
@@ -257,6 +278,14 @@ mod tests {
 
         // Without waiting: no NEED_REPLY, nothing read back.
         assert_eq!(ch.config_changed(Wait::No).unwrap(), Notified::Sent);
+        let header = Header::<BackendReq>::from_bytes(&answer(&mut frontend, None));
+        assert!(!header.needs_reply());
+
+        // Without REPLY_ACK there is no reply to wait for.
+        if let Some(c) = ch.backend_req.as_mut() {
+            c.set_reply_ack(false);
+        }
+        assert_eq!(ch.config_changed(Wait::ForReply).unwrap(), Notified::Sent);
         let header = Header::<BackendReq>::from_bytes(&answer(&mut frontend, None));
         assert!(!header.needs_reply());
     }

@@ -260,13 +260,16 @@ struct Session {
 }
 
 impl Session {
+    /// Whether `REPLY_ACK` is negotiated.
+    fn reply_ack(&self) -> bool {
+        self.acked_protocol
+            .is_some_and(|p| p.contains(VhostUserProtocolFeatures::REPLY_ACK))
+    }
+
     /// Whether the frontend wants an answer to `header`: it asked for one
     /// and `REPLY_ACK` is negotiated.
     fn wants_ack(&self, header: &Header<FrontendReq>) -> bool {
-        header.needs_reply()
-            && self
-                .acked_protocol
-                .is_some_and(|p| p.contains(VhostUserProtocolFeatures::REPLY_ACK))
+        header.needs_reply() && self.reply_ack()
     }
 }
 
@@ -658,6 +661,14 @@ pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
             }
         };
         match request {
+            Request::SetProtocolFeatures(_) => {
+                // If the channel was set up first (QEMU sends
+                // SET_BACKEND_REQ_FD after this message, but the protocol
+                // does not require that order), it learns REPLY_ACK now.
+                if let Some(c) = lock(&inner.channel).backend_req.as_mut() {
+                    c.set_reply_ack(session.reply_ack());
+                }
+            }
             Request::SetFeatures(f) if f & VhostUserVirtioFeatures::LOG_ALL.bits() == 0 => {
                 // Logging ended (or never began): drop the log.
                 lock(&inner.vhost_log).take();
@@ -691,8 +702,10 @@ pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
                 if let Some(fd) = msg.fds.first() {
                     match fd.try_clone() {
                         Ok(dup) => {
-                            lock(&inner.channel).backend_req =
-                                Some(BackendReqChannel::new(UnixStream::from(dup)));
+                            lock(&inner.channel).backend_req = Some(BackendReqChannel::new(
+                                UnixStream::from(dup),
+                                session.reply_ack(),
+                            ));
                             tracing::info!("balloon: backend request channel set up");
                         }
                         Err(e) => tracing::warn!(
