@@ -72,6 +72,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use error::error_chain;
 use freehint_types::{CmdId, GpaRange, HintSink, HintSource, HintSourceError};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
@@ -88,6 +89,7 @@ use vmm_sys_util::event::{
 mod backend_req;
 pub mod config;
 mod device;
+mod error;
 mod fence;
 mod gate;
 pub mod layout;
@@ -99,6 +101,7 @@ mod vhost_log;
 
 pub use backend_req::BackendReqError;
 pub use config::ConfigSpace;
+pub use error::{BalloonConfigError, BalloonError, BalloonStateError, VhostDaemonError};
 pub use fence::{CmdIdFence, FENCED_HINT_CMD_ID, MAX_FENCES};
 pub use layout::{queue_roles, QueueRole};
 pub use migration::{BalloonState, BALLOON_STATE_VERSION};
@@ -135,64 +138,6 @@ impl Default for BalloonConfig {
             max_queue_size: DEFAULT_MAX_QUEUE_SIZE,
         }
     }
-}
-
-/// Errors of the balloon backend.
-#[derive(Debug, thiserror::Error)]
-pub enum BalloonError {
-    /// A socket operation failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// The vhost-user daemon failed.
-    #[error("vhost-user daemon: {0}")]
-    Daemon(String),
-    /// The configuration is invalid.
-    #[error("invalid balloon config: {0}")]
-    InvalidConfig(String),
-    /// A config change could not reach the frontend.
-    #[error("config change not delivered")]
-    ConfigChange(#[source] BackendReqError),
-    /// A cmd_id that does not name a round was given to `start_round`.
-    #[error("cmd_id {0} does not name a round (must be >= 2)")]
-    NotARound(u32),
-    /// A device state of a version this backend cannot read.
-    #[error(
-        "balloon device state version {found} is not supported (this backend reads version {supported})"
-    )]
-    StateVersion {
-        /// The version of the state given.
-        found: u32,
-        /// The version this backend reads.
-        supported: u32,
-    },
-    /// A device state that cannot be applied to this device.
-    #[error("invalid balloon device state: {0}")]
-    InvalidState(String),
-}
-
-impl From<BalloonError> for HintSourceError {
-    fn from(e: BalloonError) -> Self {
-        // HintSourceError holds a string: keep every cause in it.
-        HintSourceError(error_chain(&e))
-    }
-}
-
-/// `e` and each of its sources, joined with ": " (for logs and for errors
-/// that only hold a string).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 /// Mutable device state, behind one lock.
@@ -357,10 +302,9 @@ impl BalloonBackend {
     /// A new device that hands hints and reports to `sink`.
     pub fn new(config: BalloonConfig, sink: Arc<dyn HintSink>) -> Result<Self, BalloonError> {
         if config.max_queue_size == 0 || !config.max_queue_size.is_power_of_two() {
-            return Err(BalloonError::InvalidConfig(format!(
-                "max_queue_size {} is not a power of two",
-                config.max_queue_size
-            )));
+            return Err(BalloonError::InvalidConfig(
+                BalloonConfigError::MaxQueueSize(config.max_queue_size),
+            ));
         }
         let state = State {
             config: ConfigSpace {
@@ -395,8 +339,8 @@ impl BalloonBackend {
     /// frontend and serves it until it disconnects.
     pub fn serve(&self, socket: &Path) -> Result<(), BalloonError> {
         let _ = std::fs::remove_file(socket);
-        let listener = UnixListener::bind(socket).map_err(|source| BalloonError::Io {
-            what: "bind the vhost-user socket",
+        let listener = UnixListener::bind(socket).map_err(|source| BalloonError::Listen {
+            socket: socket.to_path_buf(),
             source,
         })?;
         let (stream, _) = listener.accept().map_err(|source| BalloonError::Io {
@@ -420,8 +364,8 @@ impl BalloonBackend {
             std::process::id(),
             CONNECTION_SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let addr =
-            SocketAddr::from_abstract_name(name.as_bytes()).map_err(io("abstract socket name"))?;
+        let addr = SocketAddr::from_abstract_name(name.as_bytes())
+            .map_err(io("name the private daemon socket"))?;
         let listener =
             UnixListener::bind_addr(&addr).map_err(io("bind the private daemon socket"))?;
         // The connection completes from the backlog; the daemon accepts it below.
@@ -432,11 +376,8 @@ impl BalloonBackend {
             "freehint-balloon".to_string(),
             self.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| BalloonError::Daemon(e.to_string()))?;
-        daemon
-            .start(&mut vlistener)
-            .map_err(|e| BalloonError::Daemon(e.to_string()))?;
+        )?;
+        daemon.start(&mut vlistener)?;
 
         let proxy_inner = self.inner.clone();
         let proxy = std::thread::Builder::new()
@@ -456,7 +397,7 @@ impl BalloonBackend {
             Err(vhost_user_backend::Error::HandleRequest(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
             )) => Ok(()),
-            Err(e) => Err(BalloonError::Daemon(e.to_string())),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -603,50 +544,50 @@ impl BalloonHandle {
                 supported: BALLOON_STATE_VERSION,
             });
         }
-        let invalid = |what: String| Err(BalloonError::InvalidState(what));
+        let invalid = |why| Err(BalloonError::InvalidState(why));
         if let Some(head) = state.held_stats_head {
             if head >= self.inner.max_queue_size {
-                return invalid(format!(
-                    "stats head {head} outside a queue of at most {} entries",
-                    self.inner.max_queue_size
-                ));
+                return invalid(BalloonStateError::StatsHeadOutOfRange {
+                    head,
+                    max_queue_size: self.inner.max_queue_size,
+                });
             }
         }
-        if let Some(pfn) = state
+        if let Some(&pfn) = state
             .inflated_pfns_4k
             .iter()
             .find(|&&p| p > u64::from(u32::MAX))
         {
-            return invalid(format!("inflated PFN {pfn:#x} is not a 32-bit PFN"));
+            return invalid(BalloonStateError::PfnNot32Bit(pfn));
         }
         if state.cmd_id_fences.len() > MAX_FENCES {
-            return invalid(format!(
-                "{} cmd_id fences (at most {MAX_FENCES})",
-                state.cmd_id_fences.len()
-            ));
+            return invalid(BalloonStateError::TooManyFences {
+                count: state.cmd_id_fences.len(),
+                max: MAX_FENCES,
+            });
         }
         if let Some(f) = state
             .cmd_id_fences
             .iter()
             .find(|f| !CmdId(f.cmd_id).is_round())
         {
-            return invalid(format!("cmd_id fence for {}, not a round", f.cmd_id));
+            return invalid(BalloonStateError::FenceNotARound(f.cmd_id));
         }
         if let Some(atomic) = lock(&self.inner.mem).clone() {
             let mem = atomic.memory();
             let pages = device::memory_bytes(&mem) / BALLOON_PAGE_BYTES;
             if u64::from(state.actual_pages_4k) > pages {
-                return invalid(format!(
-                    "actual = {} pages but guest memory has {pages}",
-                    state.actual_pages_4k
-                ));
+                return invalid(BalloonStateError::ActualBeyondMemory {
+                    actual_pages: state.actual_pages_4k,
+                    memory_pages: pages,
+                });
             }
-            if let Some(pfn) = state
+            if let Some(&pfn) = state
                 .inflated_pfns_4k
                 .iter()
                 .find(|&&p| !device::in_memory(&mem, p * BALLOON_PAGE_BYTES, BALLOON_PAGE_BYTES))
             {
-                return invalid(format!("inflated PFN {pfn:#x} is outside guest memory"));
+                return invalid(BalloonStateError::PfnOutsideMemory(pfn));
             }
         }
         let mut st = lock(&self.inner.state);
