@@ -7,7 +7,7 @@
 //! * **free page hinting** (`FREE_PAGE_HINT`): the host starts a round with a
 //!   fresh `free_page_hint_cmd_id` ([`BalloonHandle`] implements
 //!   [`HintSource`]); the guest answers with a cmd_id buffer, free blocks
-//!   and STOP; every block becomes a [`GpaRange`](freehint_types::GpaRange) handed, tagged with the
+//!   and STOP; every block becomes a [`GpaRange`] handed, tagged with the
 //!   cmd_id of its batch, to the engine's [`HintSink`]. Block contents are
 //!   never read. A batch whose cmd_id buffer was queued before the id it
 //!   reads was published is tagged [`FENCED_HINT_CMD_ID`] (see `fence.rs`).
@@ -61,7 +61,16 @@
 //! between the frontend and the `VhostUserDaemon`: it keeps a duplicate of
 //! the backend request channel fd, on which `backend_req.rs` sends config
 //! changes, and refuses (NACK, counted) the frontend requests that would
-//! otherwise kill the connection. See [`proxy`].
+//! otherwise kill the connection. See [`proxy`]. Both speak vhost's
+//! vocabulary: requests are vhost's `FrontendReq`/`BackendReq`, bodies its
+//! `ByteValued` message types, checked with its `VhostUserMsgValidator`.
+//!
+//! # Errors
+//!
+//! [`BalloonError`] keeps the error each failure comes from as its
+//! `source()` ([`BackendReqError`] for config changes, [`VhostDaemonError`]
+//! for the vhost-user daemon, `std::io::Error` for sockets), and its
+//! message does not repeat it: print it with its chain.
 
 #![deny(missing_docs)]
 
