@@ -290,7 +290,8 @@ fn sim(a: SimArgs) -> Result<SimReport> {
     let ram = Arc::new(GuestRam::open_file(&src_path, a.mem_mib << 20)?);
     let log = UffdWpDirtyLog::attach_process(pid, vmm_ram_ranges(pid, &ram)?)?;
     let filter = Arc::new(HintFilter::new(empty_bitmap(&ram)));
-    *sink_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(IdentityMappedSink(filter.clone())));
+    *sink_slot.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(Arc::new(IdentityMappedSink(filter.clone())));
     let hint_source: Option<Arc<dyn HintSource>> = if hints { Some(client.clone()) } else { None };
     let sender = PrecopySender::new(
         ram.clone(),

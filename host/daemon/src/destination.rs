@@ -11,6 +11,7 @@ use freehint_qemu::{QemuDestination, QmpError};
 
 use crate::discovery::wait_for_qmp;
 use crate::{io, lock, vm, DaemonError, DaemonState, VmDaemon};
+use freehint_types::ErrorChain;
 
 impl VmDaemon {
     /// Takes incoming migrations until one completes, the destination QEMU
@@ -26,11 +27,11 @@ impl VmDaemon {
                 Ok(Again::No) => return,
                 Ok(Again::Yes) => continue,
                 Err(e) => {
-                    tracing::error!("incoming migration: {e}");
+                    tracing::error!("incoming migration: {}", ErrorChain(&e));
                     {
                         let mut sh = lock(&self.shared);
                         sh.state = DaemonState::Failed;
-                        sh.last_error = Some(e.to_string());
+                        sh.last_error = Some(ErrorChain(&e).to_string());
                     }
                     if matches!(e, DaemonError::Qmp(QmpError::Closed(_))) {
                         return;

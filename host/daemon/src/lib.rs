@@ -54,7 +54,7 @@ use std::time::Duration;
 use freehint_balloon::{BalloonBackend, BalloonConfig, BalloonHandle};
 use freehint_engine::{CancellationToken, MigrateError, MigrationStats, PhaseWatch, ReceiveStats};
 use freehint_qemu::{QemuDestination, QemuVmm, QmpError};
-use freehint_types::CmdId;
+use freehint_types::{CmdId, ErrorChain};
 
 pub use control::{request, ControlReply, ControlRequest, DaemonState, DaemonStatus};
 pub use gpa_map::GpaMap;
@@ -64,10 +64,10 @@ use sink::{HintSlot, SharedDirtyLog};
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// Talking to QEMU failed.
-    #[error("QEMU: {0}")]
+    #[error("QEMU")]
     Qmp(#[from] QmpError),
     /// A migration step failed before the migration started.
-    #[error("{0}")]
+    #[error(transparent)]
     Migrate(#[from] MigrateError),
     /// The migration did not complete; `stats` says where the guest is.
     #[error("{message}")]
@@ -78,10 +78,10 @@ pub enum DaemonError {
         stats: Box<MigrationStats>,
     },
     /// Guest RAM could not be opened or mapped.
-    #[error("guest RAM: {0}")]
+    #[error("guest RAM")]
     Memory(#[from] freehint_memory::MemoryError),
     /// Dirty tracking of QEMU could not be set up.
-    #[error("dirty tracking of QEMU (pid {pid}): {source}; was QEMU started with LD_PRELOAD=libfreehint_preload.so?")]
+    #[error("dirty tracking of QEMU (pid {pid}; was QEMU started with LD_PRELOAD=libfreehint_preload.so?)")]
     DirtyLog {
         /// QEMU's pid.
         pid: i32,
@@ -101,7 +101,9 @@ pub enum DaemonError {
     #[error("{0}")]
     BadRequest(String),
     /// The control socket failed.
-    #[error("freehint daemon at {path}: {what}: {source} (is `freehint vm` running with this --control socket?)")]
+    #[error(
+        "freehint daemon at {path} (is `freehint vm` running with this --control socket?): {what}"
+    )]
     Control {
         /// The socket.
         path: PathBuf,
@@ -114,7 +116,7 @@ pub enum DaemonError {
     #[error("control protocol: {0}")]
     Protocol(String),
     /// Another OS error.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What failed.
         what: String,
@@ -122,7 +124,7 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     /// The balloon backend failed.
-    #[error("balloon backend: {0}")]
+    #[error("balloon backend")]
     Balloon(#[from] freehint_balloon::BalloonError),
 }
 
@@ -302,7 +304,7 @@ impl VmDaemon {
             .map_err(io("accepting QEMU on the vhost-user socket"))?;
         match freehint_qemu::socket_peer_pid(&frontend) {
             Ok(pid) => self.vhost_peer_pid.store(pid, SeqCst),
-            Err(e) => tracing::warn!("no pid for the vhost-user peer: {e}"),
+            Err(e) => tracing::warn!("no pid for the vhost-user peer: {}", ErrorChain(&e)),
         }
         self.connected.store(true, SeqCst);
         {

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
 use freehint_engine::{Phase, PhaseWatch};
-use freehint_types::{DestinationVmm, Vmm};
+use freehint_types::{DestinationVmm, ErrorChain, Vmm};
 
 use crate::discovery::resolve;
 use crate::{
@@ -53,7 +53,7 @@ impl VmDaemon {
                         }
                     }
                     Ok(Err(e)) => ControlReply::Error {
-                        message: e.to_string(),
+                        message: ErrorChain(&e).to_string(),
                     },
                     Err(_) => ControlReply::Error {
                         message: "internal error: the request handler panicked".into(),
@@ -80,9 +80,9 @@ impl VmDaemon {
                         "this daemon's QEMU does not run the guest (it waits for an incoming migration, or the guest moved away); ask the daemon of the QEMU that runs it".into(),
                     ));
                 }
-                params
-                    .validate()
-                    .map_err(|e| DaemonError::BadRequest(format!("invalid parameters: {e}")))?;
+                params.validate().map_err(|e| {
+                    DaemonError::BadRequest(format!("invalid parameters: {}", ErrorChain(&e)))
+                })?;
                 let dest = resolve(&to)?;
                 let stats = self.migrate(dest, params)?;
                 Ok(ControlReply::Migrated { stats })
@@ -127,7 +127,7 @@ impl VmDaemon {
         if let Some(dest) = dest {
             if let Err(e) = dest.resume() {
                 lock(&self.shared).paused_destination = Some(dest);
-                return Err(DaemonError::BadRequest(e.to_string()));
+                return Err(DaemonError::BadRequest(ErrorChain(&e).to_string()));
             }
             self.finish_hints();
             self.hosts_guest.store(true, SeqCst);
@@ -143,7 +143,7 @@ impl VmDaemon {
         if let Some(src) = src {
             if let Err(e) = src.resume() {
                 lock(&self.shared).paused_source = Some(src);
-                return Err(DaemonError::BadRequest(e.to_string()));
+                return Err(DaemonError::BadRequest(ErrorChain(&e).to_string()));
             }
             self.finish_hints();
             let mut sh = lock(&self.shared);
@@ -160,7 +160,7 @@ impl VmDaemon {
     /// the way (they arrive for the next call).
     pub fn status(&self) -> DaemonStatus {
         if let Err(e) = self.handle.request_stats() {
-            tracing::debug!("requesting guest stats: {e}");
+            tracing::debug!("requesting guest stats: {}", ErrorChain(&e));
         }
         let sh = lock(&self.shared);
         DaemonStatus {

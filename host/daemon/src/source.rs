@@ -14,7 +14,7 @@ use freehint_engine::{
 use freehint_hint_filter::HintFilter;
 use freehint_memory::GuestRam;
 use freehint_qemu::{QemuVmm, Qmp};
-use freehint_types::{CmdId, HintSource};
+use freehint_types::{CmdId, ErrorChain, HintSource};
 
 use crate::discovery::process_alive;
 use crate::sink::UsedRingLog;
@@ -24,7 +24,10 @@ impl VmDaemon {
     pub(crate) fn finish_hints(&self) {
         // The guest holds the blocks it hinted until it reads DONE.
         if let Err(e) = self.handle.finish() {
-            tracing::warn!("could not tell the guest that migration is over (DONE): {e}");
+            tracing::warn!(
+                "could not tell the guest that migration is over (DONE): {}",
+                ErrorChain(&e)
+            );
         }
     }
 
@@ -113,12 +116,13 @@ impl VmDaemon {
             Err(e) => {
                 let e = match pid {
                     Some(pid) if !process_alive(pid) => DaemonError::BadRequest(format!(
-                        "the source QEMU (pid {pid}) exited during the migration: the guest is gone on the source ({e})"
+                        "the source QEMU (pid {pid}) exited during the migration: the guest is gone on the source ({})",
+                        ErrorChain(&e)
                     )),
                     _ => e,
                 };
                 sh.state = DaemonState::Failed;
-                sh.last_error = Some(e.to_string());
+                sh.last_error = Some(ErrorChain(&e).to_string());
                 Err(e)
             }
         };

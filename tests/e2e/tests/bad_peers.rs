@@ -12,9 +12,9 @@ use freehint_engine::{
     empty_bitmap, vmm_ram_ranges, MigrateError, MigrationParams, Phase, PrecopySender,
     ReceiveFailure, Receiver,
 };
-use freehint_types::{DestinationVmm, ErrorChain, VmmError};
 use freehint_hint_filter::{HintFilter, IdentityMappedSink};
 use freehint_memory::GuestRam;
+use freehint_types::{DestinationVmm, ErrorChain, VmmError};
 use freehint_wire::{ChannelRole, FrameHeader, Hello, Kind, Message, PageBatchHead, RegionDesc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -130,7 +130,11 @@ async fn turned_away(first: Vec<u8>) -> String {
     })
     .await;
     // It waited on for a real source until its accept timeout.
-    assert!(matches!(e, MigrateError::Timeout { .. }), "{}", ErrorChain(&e));
+    assert!(
+        matches!(e, MigrateError::Timeout { .. }),
+        "{}",
+        ErrorChain(&e)
+    );
     assert_eq!(resumed, 0);
     answer_rx.await.unwrap()
 }
@@ -184,7 +188,11 @@ async fn page_beyond_ram() {
         })
     })
     .await;
-    assert!(ErrorChain(&e).to_string().contains("beyond region"), "{}", ErrorChain(&e));
+    assert!(
+        ErrorChain(&e).to_string().contains("beyond region"),
+        "{}",
+        ErrorChain(&e)
+    );
     assert_eq!(resumed, 0);
 }
 
@@ -229,7 +237,11 @@ async fn source_disconnects_mid_round() {
         })
     })
     .await;
-    assert!(ErrorChain(&e).to_string().contains("before completing"), "{}", ErrorChain(&e));
+    assert!(
+        ErrorChain(&e).to_string().contains("before completing"),
+        "{}",
+        ErrorChain(&e)
+    );
     assert_eq!(resumed, 0);
 }
 
@@ -283,7 +295,11 @@ async fn destination_unreachable() {
         .local_addr()
         .unwrap();
     let e = sender_for(&sim).migrate(closed).await.unwrap_err();
-    assert!(ErrorChain(&e).to_string().contains("connecting to"), "{}", ErrorChain(&e));
+    assert!(
+        ErrorChain(&e).to_string().contains("connecting to"),
+        "{}",
+        ErrorChain(&e)
+    );
     assert_failed_back(&e.stats);
     assert_running(&sim);
 }
@@ -307,7 +323,11 @@ async fn destination_speaks_another_version() {
         tokio::time::sleep(Duration::from_secs(10)).await;
     });
     let e = sender_for(&sim).migrate(addr).await.unwrap_err();
-    assert!(ErrorChain(&e).to_string().contains("protocol version 9"), "{}", ErrorChain(&e));
+    assert!(
+        ErrorChain(&e).to_string().contains("protocol version 9"),
+        "{}",
+        ErrorChain(&e)
+    );
     assert_failed_back(&e.stats);
     assert_running(&sim);
 }
@@ -416,7 +436,11 @@ async fn a_destination_that_stops_reading_is_given_up_within_the_timeout() {
     tokio::spawn(fake_destination(l, AtEnd::StopReading));
     let t = std::time::Instant::now();
     let e = sender_for(&sim).migrate(addr).await.unwrap_err();
-    assert!(matches!(e.error, MigrateError::Timeout { .. }), "{}", ErrorChain(&e));
+    assert!(
+        matches!(e.error, MigrateError::Timeout { .. }),
+        "{}",
+        ErrorChain(&e)
+    );
     // peer_timeout_s is 5: a write that cannot go on fails after it.
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
     assert_failed_back(&e.stats);
@@ -430,7 +454,11 @@ async fn destination_fails_after_switchover_and_the_source_resumes() {
     let addr = l.local_addr().unwrap();
     tokio::spawn(fake_destination(l, AtEnd::Refuse));
     let e = sender_for(&sim).migrate(addr).await.unwrap_err();
-    assert!(ErrorChain(&e).to_string().contains("destination disk full"), "{}", ErrorChain(&e));
+    assert!(
+        ErrorChain(&e).to_string().contains("destination disk full"),
+        "{}",
+        ErrorChain(&e)
+    );
     // The VM had been stopped for the final round: it must run again.
     assert!(
         sim.client.free_at_stop().is_some(),
@@ -450,7 +478,11 @@ async fn a_destination_lost_after_the_commit_leaves_the_source_paused_and_uncert
     assert_eq!(e.stats.state, Phase::Uncertain, "{e}");
     assert!(!e.stats.source_running);
     assert_eq!(e.stats.destination_running, None);
-    assert!(ErrorChain(&e).to_string().contains("uncertain"), "{}", ErrorChain(&e));
+    assert!(
+        ErrorChain(&e).to_string().contains("uncertain"),
+        "{}",
+        ErrorChain(&e)
+    );
     // A committed source never resumes on its own.
     assert!(!sim.client.running(), "the source resumed after its commit");
     let a = std::fs::read(&sim.ram_path).unwrap();
@@ -619,7 +651,11 @@ async fn a_silent_source_is_given_up_after_its_own_timeout() {
         })
     })
     .await;
-    assert!(matches!(e, MigrateError::Timeout { .. }), "{}", ErrorChain(&e));
+    assert!(
+        matches!(e, MigrateError::Timeout { .. }),
+        "{}",
+        ErrorChain(&e)
+    );
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "the 1 s timeout the source asked for was not used"

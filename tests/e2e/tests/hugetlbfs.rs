@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use freehint_dirty_log::{TrackedRange, UffdWpDirtyLog};
 use freehint_engine::{empty_bitmap, ImageVmm, MigrationParams, PrecopySender, Receiver};
-use freehint_types::{Vmm, VmmError, VmmOp};
 use freehint_hint_filter::HintFilter;
 use freehint_memory::{GuestRam, PageSize};
+use freehint_types::{Vmm, VmmError, VmmOp};
 
 const HUGE: u64 = 2 << 20;
 const PAGES: u64 = 16;
@@ -50,10 +50,7 @@ impl Vmm for WriterVmm {
         Ok(())
     }
     fn resume(&self) -> Result<(), VmmError> {
-        Err(VmmError::new(
-            VmmOp::Resume,
-            "this test VM does not resume",
-        ))
+        Err(VmmError::new(VmmOp::Resume, "this test VM does not resume"))
     }
     fn device_state(&self) -> Result<Vec<u8>, VmmError> {
         Ok(Vec::new())

@@ -16,8 +16,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use freehint_e2e::{guest_args, wait_for, QemuGuest};
-use freehint_types::{DestinationVmm, Vmm};
 use freehint_qemu::{QemuDestination, QemuVmm, Qmp};
+use freehint_types::{DestinationVmm, Vmm};
 
 const MEM_MIB: u64 = 256;
 

@@ -54,6 +54,16 @@ pub mod features {
         | bit(VERSION_1);
 }
 
+// The vhost-user bits in vhost's own vocabulary: the same bits.
+const _: () = assert!(
+    features::bit(features::LOG_ALL)
+        == vhost::vhost_user::message::VhostUserVirtioFeatures::LOG_ALL.bits()
+);
+const _: () = assert!(
+    features::bit(features::PROTOCOL_FEATURES)
+        == vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+);
+
 /// The maximum number of queues the device can have (all features acked).
 pub const MAX_QUEUES: usize = 5;
 

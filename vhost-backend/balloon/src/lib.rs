@@ -7,7 +7,7 @@
 //! * **free page hinting** (`FREE_PAGE_HINT`): the host starts a round with a
 //!   fresh `free_page_hint_cmd_id` ([`BalloonHandle`] implements
 //!   [`HintSource`]); the guest answers with a cmd_id buffer, free blocks
-//!   and STOP; every block becomes a [`GpaRange`](freehint_types::GpaRange) handed, tagged with the
+//!   and STOP; every block becomes a [`GpaRange`] handed, tagged with the
 //!   cmd_id of its batch, to the engine's [`HintSink`]. Block contents are
 //!   never read. A batch whose cmd_id buffer was queued before the id it
 //!   reads was published is tagged [`FENCED_HINT_CMD_ID`] (see `fence.rs`).
@@ -55,24 +55,35 @@
 //! # The frontend proxy
 //!
 //! `vhost-user-backend` 0.24 cannot send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`
-//! (its `Backend` has no such method and hides its socket), and it drops the
-//! connection on the first request its handler refuses. [`BalloonBackend::serve_connection`]
-//! therefore puts a small message proxy between the frontend and the
-//! `VhostUserDaemon`: it keeps a duplicate of the backend request channel fd
-//! to send config changes on, and refuses (NACK, counted) the frontend
-//! requests that would otherwise kill the connection. See [`proxy`].
+//! (vhost 0.18's `Backend` has no such method and hides its socket), and it
+//! drops the connection on the first request its handler refuses.
+//! [`BalloonBackend::serve_connection`] therefore puts a small message proxy
+//! between the frontend and the `VhostUserDaemon`: it keeps a duplicate of
+//! the backend request channel fd, on which `backend_req.rs` sends config
+//! changes, and refuses (NACK, counted) the frontend requests that would
+//! otherwise kill the connection. See [`proxy`]. Both speak vhost's
+//! vocabulary: requests are vhost's `FrontendReq`/`BackendReq`, bodies its
+//! `ByteValued` message types, checked with its `VhostUserMsgValidator`.
+//!
+//! # Errors
+//!
+//! [`BalloonError`] keeps the error each failure comes from as its
+//! `source()` ([`BackendReqError`] for config changes, [`VhostDaemonError`]
+//! for the vhost-user daemon, `std::io::Error` for sockets), and its
+//! message does not repeat it: print it with its chain.
 
 #![deny(missing_docs)]
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use freehint_types::{CmdId, GpaRange, HintCommand, HintSink, HintSource, HintSourceError};
+use freehint_types::{
+    CmdId, ErrorChain, GpaRange, HintCommand, HintSink, HintSource, HintSourceError,
+};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
@@ -85,22 +96,28 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+mod backend_req;
 pub mod config;
 mod device;
+mod error;
 mod fence;
 mod gate;
 pub mod layout;
+mod message;
 mod migration;
 pub mod proxy;
 pub mod status;
 mod vhost_log;
 
+pub use backend_req::BackendReqError;
 pub use config::ConfigSpace;
+pub use error::{BalloonConfigError, BalloonError, BalloonStateError, VhostDaemonError};
 pub use fence::{CmdIdFence, FENCED_HINT_CMD_ID, MAX_FENCES};
 pub use layout::{queue_roles, QueueRole};
 pub use migration::{BalloonState, BALLOON_STATE_VERSION};
 pub use status::{BalloonStatus, DeviceCounters, GuestStats, RejectReason};
 
+use backend_req::{Channel, Notified, Wait};
 use status::RejectCounters;
 
 /// Guest memory as the backend maps it.
@@ -131,44 +148,6 @@ impl Default for BalloonConfig {
             max_queue_size: DEFAULT_MAX_QUEUE_SIZE,
         }
     }
-}
-
-/// Errors of the balloon backend.
-#[derive(Debug, thiserror::Error)]
-pub enum BalloonError {
-    /// A socket operation failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// The vhost-user daemon failed.
-    #[error("vhost-user daemon: {0}")]
-    Daemon(String),
-    /// The configuration is invalid.
-    #[error("invalid balloon config: {0}")]
-    InvalidConfig(String),
-    /// A config change could not reach the frontend.
-    #[error("config change not delivered: {0}")]
-    ConfigChange(String),
-    /// A cmd_id that does not name a round was given to `start_round`.
-    #[error("cmd_id {0} does not name a round (must be >= 2)")]
-    NotARound(u32),
-    /// A device state of a version this backend cannot read.
-    #[error(
-        "balloon device state version {found} is not supported (this backend reads version {supported})"
-    )]
-    StateVersion {
-        /// The version of the state given.
-        found: u32,
-        /// The version this backend reads.
-        supported: u32,
-    },
-    /// A device state that cannot be applied to this device.
-    #[error("invalid balloon device state: {0}")]
-    InvalidState(String),
 }
 
 /// Mutable device state, behind one lock.
@@ -214,64 +193,6 @@ pub(crate) struct Inner {
     pub(crate) gates: [gate::RingGate; layout::MAX_QUEUES],
 }
 
-/// The backend request channel and whether the frontend runs the device.
-///
-/// QEMU 10.0's vhost-user device dereferences its (then NULL) virtio device
-/// when a config change arrives while the device is stopped (VM paused,
-/// between `GET_VRING_BASE` and the next start), so config changes made
-/// then are held and sent when the device starts again.
-#[derive(Default)]
-pub(crate) struct Channel {
-    /// The channel (`SET_BACKEND_REQ_FD`).
-    pub(crate) stream: Option<UnixStream>,
-    /// Between the first `SET_VRING_KICK` and the next `GET_VRING_BASE`.
-    pub(crate) device_started: bool,
-    /// A config change was made while the device was stopped.
-    pub(crate) change_pending: bool,
-}
-
-impl Channel {
-    /// Sends CONFIG_CHANGE_MSG now (`Ok(true)`), or marks it pending while
-    /// the device is stopped (`Ok(false)`). With `wait_for_frontend`, asks
-    /// for a reply (`NEED_REPLY`) and waits up to a second for it, so the
-    /// frontend has handled the change before the caller goes on (before it
-    /// stops the VM, say). Never wait on the proxy thread: the frontend may
-    /// be waiting for it.
-    pub(crate) fn notify(&mut self, wait_for_frontend: bool) -> Result<bool, BalloonError> {
-        if !self.device_started {
-            self.change_pending = true;
-            return Ok(false);
-        }
-        let s = self.stream.as_mut().ok_or_else(|| {
-            BalloonError::ConfigChange(
-                "no backend request channel (SET_BACKEND_REQ_FD not received)".into(),
-            )
-        })?;
-        let err =
-            |e: std::io::Error| BalloonError::ConfigChange(format!("backend request channel: {e}"));
-        // request = CONFIG_CHANGE_MSG (2), flags = version 1 (| NEED_REPLY 8), size 0.
-        let mut msg = [0u8; 12];
-        msg[0..4].copy_from_slice(&2u32.to_le_bytes());
-        let flags: u32 = if wait_for_frontend { 0x1 | 0x8 } else { 0x1 };
-        msg[4..8].copy_from_slice(&flags.to_le_bytes());
-        s.write_all(&msg).map_err(err)?;
-        self.change_pending = false;
-        if wait_for_frontend {
-            // The reply: header (request 2, flags REPLY) and a u64 status.
-            s.set_read_timeout(Some(std::time::Duration::from_secs(1)))
-                .map_err(err)?;
-            let mut reply = [0u8; 20];
-            std::io::Read::read_exact(s, &mut reply).map_err(err)?;
-            if reply[0..4] != 2u32.to_le_bytes() || reply[12..20] != [0u8; 8] {
-                return Err(BalloonError::ConfigChange(format!(
-                    "unexpected reply to CONFIG_CHANGE_MSG: {reply:02x?}"
-                )));
-            }
-        }
-        Ok(true)
-    }
-}
-
 /// The guest-physical range of a queue's used ring (flags, idx, one 8-byte
 /// element per entry, avail_event), if the queue has a size.
 pub(crate) fn used_ring_range(vring: &VringRwLock) -> Option<GpaRange> {
@@ -294,23 +215,26 @@ impl Inner {
     }
 
     /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG to the frontend, or
-    /// holds it until the device starts again (see [`Channel`]).
-    pub(crate) fn notify_config(&self, wait_for_frontend: bool) -> Result<(), BalloonError> {
-        let result = lock(&self.channel).notify(wait_for_frontend);
-        if let Ok(false) = result {
-            tracing::debug!("balloon: device stopped; config change held until it starts");
-            return Ok(());
-        }
-        let result = result.map(|_| ());
+    /// holds it until the device starts again (see [`backend_req`]).
+    pub(crate) fn notify_config(&self, wait: Wait) -> Result<(), BalloonError> {
+        let result = lock(&self.channel).config_changed(wait);
         let mut st = lock(&self.state);
-        match &result {
-            Ok(()) => st.counters.config_changes_sent += 1,
+        match result {
+            Ok(Notified::Held) => {
+                tracing::debug!("balloon: device stopped; config change held until it starts");
+                Ok(())
+            }
+            Ok(Notified::Sent) => {
+                st.counters.config_changes_sent += 1;
+                Ok(())
+            }
             Err(e) => {
                 st.counters.config_changes_failed += 1;
-                tracing::warn!("balloon: {e}");
+                let e = BalloonError::ConfigChange(e);
+                tracing::warn!("balloon: {}", ErrorChain(&e));
+                Err(e)
             }
         }
-        result
     }
 
     fn set_cmd_id(&self, cmd: CmdId) -> Result<(), BalloonError> {
@@ -333,7 +257,7 @@ impl Inner {
             st.config.free_page_hint_cmd_id = cmd.0;
         }
         tracing::info!(cmd_id = %cmd, "balloon: free_page_hint_cmd_id set");
-        self.notify_config(true)
+        self.notify_config(Wait::ForReply)
     }
 
     /// The driver's `avail->idx` of the free-page queue (Acquire), if the
@@ -388,10 +312,9 @@ impl BalloonBackend {
     /// A new device that hands hints and reports to `sink`.
     pub fn new(config: BalloonConfig, sink: Arc<dyn HintSink>) -> Result<Self, BalloonError> {
         if config.max_queue_size == 0 || !config.max_queue_size.is_power_of_two() {
-            return Err(BalloonError::InvalidConfig(format!(
-                "max_queue_size {} is not a power of two",
-                config.max_queue_size
-            )));
+            return Err(BalloonError::InvalidConfig(
+                BalloonConfigError::MaxQueueSize(config.max_queue_size),
+            ));
         }
         let state = State {
             config: ConfigSpace {
@@ -426,8 +349,8 @@ impl BalloonBackend {
     /// frontend and serves it until it disconnects.
     pub fn serve(&self, socket: &Path) -> Result<(), BalloonError> {
         let _ = std::fs::remove_file(socket);
-        let listener = UnixListener::bind(socket).map_err(|source| BalloonError::Io {
-            what: "bind the vhost-user socket",
+        let listener = UnixListener::bind(socket).map_err(|source| BalloonError::Listen {
+            socket: socket.to_path_buf(),
             source,
         })?;
         let (stream, _) = listener.accept().map_err(|source| BalloonError::Io {
@@ -451,8 +374,8 @@ impl BalloonBackend {
             std::process::id(),
             CONNECTION_SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let addr =
-            SocketAddr::from_abstract_name(name.as_bytes()).map_err(io("abstract socket name"))?;
+        let addr = SocketAddr::from_abstract_name(name.as_bytes())
+            .map_err(io("name the private daemon socket"))?;
         let listener =
             UnixListener::bind_addr(&addr).map_err(io("bind the private daemon socket"))?;
         // The connection completes from the backlog; the daemon accepts it below.
@@ -463,11 +386,8 @@ impl BalloonBackend {
             "freehint-balloon".to_string(),
             self.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| BalloonError::Daemon(e.to_string()))?;
-        daemon
-            .start(&mut vlistener)
-            .map_err(|e| BalloonError::Daemon(e.to_string()))?;
+        )?;
+        daemon.start(&mut vlistener)?;
 
         let proxy_inner = self.inner.clone();
         let proxy = std::thread::Builder::new()
@@ -487,7 +407,7 @@ impl BalloonBackend {
             Err(vhost_user_backend::Error::HandleRequest(
                 vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
             )) => Ok(()),
-            Err(e) => Err(BalloonError::Daemon(e.to_string())),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -524,7 +444,7 @@ impl BalloonHandle {
             queues: queue_roles(st.acked_features),
             config: st.config,
             balloon_pages: st.balloon.len() as u64,
-            backend_channel: lock(&self.inner.channel).stream.is_some(),
+            backend_channel: lock(&self.inner.channel).backend_req.is_some(),
             memory_table: lock(&self.inner.mem).is_some(),
             guest_stats: st.stats.clone(),
             counters: st.counters.clone(),
@@ -542,7 +462,7 @@ impl BalloonHandle {
     pub fn set_target_pages(&self, pages: u32) -> Result<(), BalloonError> {
         lock(&self.inner.state).config.num_pages = pages;
         tracing::info!(pages, "balloon: target set");
-        self.inner.notify_config(true)
+        self.inner.notify_config(Wait::ForReply)
     }
 
     /// Returns the held stats buffer to the guest so that it sends fresh
@@ -634,50 +554,50 @@ impl BalloonHandle {
                 supported: BALLOON_STATE_VERSION,
             });
         }
-        let invalid = |what: String| Err(BalloonError::InvalidState(what));
+        let invalid = |why| Err(BalloonError::InvalidState(why));
         if let Some(head) = state.held_stats_head {
             if head >= self.inner.max_queue_size {
-                return invalid(format!(
-                    "stats head {head} outside a queue of at most {} entries",
-                    self.inner.max_queue_size
-                ));
+                return invalid(BalloonStateError::StatsHeadOutOfRange {
+                    head,
+                    max_queue_size: self.inner.max_queue_size,
+                });
             }
         }
-        if let Some(pfn) = state
+        if let Some(&pfn) = state
             .inflated_pfns_4k
             .iter()
             .find(|&&p| p > u64::from(u32::MAX))
         {
-            return invalid(format!("inflated PFN {pfn:#x} is not a 32-bit PFN"));
+            return invalid(BalloonStateError::PfnNot32Bit(pfn));
         }
         if state.cmd_id_fences.len() > MAX_FENCES {
-            return invalid(format!(
-                "{} cmd_id fences (at most {MAX_FENCES})",
-                state.cmd_id_fences.len()
-            ));
+            return invalid(BalloonStateError::TooManyFences {
+                count: state.cmd_id_fences.len(),
+                max: MAX_FENCES,
+            });
         }
         if let Some(f) = state
             .cmd_id_fences
             .iter()
             .find(|f| !CmdId(f.cmd_id).is_round())
         {
-            return invalid(format!("cmd_id fence for {}, not a round", f.cmd_id));
+            return invalid(BalloonStateError::FenceNotARound(f.cmd_id));
         }
         if let Some(atomic) = lock(&self.inner.mem).clone() {
             let mem = atomic.memory();
             let pages = device::memory_bytes(&mem) / BALLOON_PAGE_BYTES;
             if u64::from(state.actual_pages_4k) > pages {
-                return invalid(format!(
-                    "actual = {} pages but guest memory has {pages}",
-                    state.actual_pages_4k
-                ));
+                return invalid(BalloonStateError::ActualBeyondMemory {
+                    actual_pages: state.actual_pages_4k,
+                    memory_pages: pages,
+                });
             }
-            if let Some(pfn) = state
+            if let Some(&pfn) = state
                 .inflated_pfns_4k
                 .iter()
                 .find(|&&p| !device::in_memory(&mem, p * BALLOON_PAGE_BYTES, BALLOON_PAGE_BYTES))
             {
-                return invalid(format!("inflated PFN {pfn:#x} is outside guest memory"));
+                return invalid(BalloonStateError::PfnOutsideMemory(pfn));
             }
         }
         let mut st = lock(&self.inner.state);
@@ -805,7 +725,8 @@ impl VhostUserBackend for BalloonBackend {
 
     fn set_backend_req_fd(&self, _backend: Backend) {
         // The proxy keeps its own duplicate of this channel (vhost 0.18's
-        // Backend cannot send CONFIG_CHANGE_MSG); this copy is not needed.
+        // Backend cannot send CONFIG_CHANGE_MSG, see `backend_req.rs`);
+        // this copy is not needed.
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

@@ -34,16 +34,28 @@ unsafe impl Sync for VhostLog {}
 
 impl VhostLog {
     /// Maps the log QEMU sent: `size` bytes of bitmap at `offset` in `fd`.
+    ///
+    /// The file must hold all of them: a page of the mapping past its end
+    /// would raise SIGBUS when marked. (QEMU's log is a memfd sealed
+    /// against shrinking; a frontend that shrinks the file afterwards can
+    /// still crash the device, as it can with guest memory.)
     pub(crate) fn map(fd: &OwnedFd, size: u64, offset: u64) -> std::io::Result<VhostLog> {
         let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad log size/offset");
-        let map_len =
-            usize::try_from(size.checked_add(offset).ok_or_else(bad)?).map_err(|_| bad())?;
+        let end = size.checked_add(offset).ok_or_else(bad)?;
+        let map_len = usize::try_from(end).map_err(|_| bad())?;
         if size == 0 {
             return Err(bad());
         }
+        let file_len = std::fs::File::from(fd.try_clone()?).metadata()?.len();
+        if file_len < end {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "log file shorter than its offset + size",
+            ));
+        }
         // SAFETY: a fresh shared mapping of the whole of [0, offset + size)
-        // of the file; no existing memory is affected; the result is
-        // checked before use.
+        // of the file, which holds that much (checked above); no existing
+        // memory is affected; the result is checked before use.
         let map = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -77,8 +89,9 @@ impl VhostLog {
                 return;
             }
             // SAFETY: `offset + byte` is inside the mapping (checked
-            // above); the frontend reads and clears these bytes
-            // concurrently, so they are only touched atomically.
+            // above), which lives as long as `self`; the frontend reads and
+            // clears these bytes concurrently, so they are only touched
+            // atomically (AtomicU8 has the size and alignment of u8).
             let cell = unsafe { &*(self.map.add(self.offset + byte) as *const AtomicU8) };
             cell.fetch_or(1 << (page % 8), Ordering::SeqCst);
         }
@@ -126,10 +139,16 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_or_overflowing_log_is_refused() {
+    fn an_empty_overflowing_or_unbacked_log_is_refused() {
         let f = tempfile_in_shm();
+        f.set_len(4096).unwrap();
         let fd = OwnedFd::from(f);
         assert!(VhostLog::map(&fd, 0, 0).is_err());
         assert!(VhostLog::map(&fd, u64::MAX, 1).is_err());
+        assert!(
+            VhostLog::map(&fd, 4096, 1).is_err(),
+            "past the end of the file"
+        );
+        assert!(VhostLog::map(&fd, 4000, 96).is_ok());
     }
 }
