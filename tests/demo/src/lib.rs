@@ -517,6 +517,41 @@ pub fn check_after(src: &QemuGuest, dst: &QemuGuest, timeout: Duration) -> (bool
     (alive, check)
 }
 
+/// Sets up a source guest under freehint (booted, workload done) and a
+/// destination waiting for it, prints the `freehint migrate` command for
+/// the user to run in another terminal, and waits until the guest has
+/// moved (the source QEMU exits after the handover), then checks it on the
+/// destination. Returns (alive on the destination, data check).
+pub fn interactive(setup: &DemoSetup) -> Result<(bool, String), DemoError> {
+    let bed = Testbed::new(setup, "interactive")?;
+    let FreehintPair {
+        mut src,
+        dst,
+        src_daemon,
+        dst_daemon,
+        addr,
+    } = bed.freehint_pair(&[])?;
+    bed.settle_destination(&dst_daemon)?;
+    let freehint = setup.bin_dir.join("freehint");
+    eprintln!(
+        "freehint-demo: the source guest runs ({} MiB used); a destination QEMU waits on {addr}.\n\
+         Migrate it from another terminal:\n\n    \
+         {} migrate --control {} --to {addr}\n\n\
+         Status: {} status --control {}   (or {})\n\
+         freehint-demo: waiting for the guest to move (Ctrl-C ends the demo) ...",
+        src.used_mib().unwrap_or(0),
+        freehint.display(),
+        src_daemon.control.display(),
+        freehint.display(),
+        src_daemon.control.display(),
+        dst_daemon.control.display(),
+    );
+    while src.running() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(check_after(&src, &dst, Duration::from_secs(30)))
+}
+
 /// One whole run of `mode`: boots a source guest, lets it run its
 /// workload, migrates it to a second QEMU and checks it there.
 pub fn run_mode(setup: &DemoSetup, mode: Mode) -> Result<RunReport, DemoError> {

@@ -66,6 +66,12 @@ struct Args {
     /// Logs (consoles, daemons, QEMU) of each run go in a folder here.
     #[arg(long, default_value = "target/demo/logs")]
     log_dir: PathBuf,
+    /// Instead of the four modes: start a source guest under freehint and
+    /// a destination, print the `freehint migrate` command to run yourself
+    /// (in another terminal: it shows its progress there), and check the
+    /// guest once it has moved.
+    #[arg(long)]
+    interactive: bool,
 }
 
 fn main() {
@@ -97,6 +103,15 @@ fn run(a: Args) -> Result<()> {
         append: a.guest_append.clone(),
         disk: None,
     };
+    if a.interactive {
+        let (alive, check) = freehint_demo::interactive(&setup)?;
+        eprintln!(
+            "freehint-demo: on the destination: alive {}, data {check}",
+            if alive { "yes" } else { "NO" }
+        );
+        anyhow::ensure!(alive && check == "ok", "the guest did not arrive whole");
+        return Ok(());
+    }
     let mut rows: Vec<RunReport> = Vec::new();
     let runs: Vec<Mode> = (0..a.repeat)
         .flat_map(|_| a.modes.iter().copied())
