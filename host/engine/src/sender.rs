@@ -29,6 +29,7 @@ use crate::error::{cancellable, caught, panic_text};
 use crate::fault::hit;
 use crate::io::{expect_message, write_message, writev_all, ControlChannel, IoVecs};
 use crate::phase::{Phase, PhaseWatch, Side};
+use crate::progress::ProgressWatch;
 use crate::{region_descs, MigrateError, MigrationFailure, MigrationParams, MigrationStats};
 
 /// Sends a VM's guest RAM to a [`crate::Receiver`] with precopy and hands
@@ -45,6 +46,7 @@ pub struct PrecopySender {
     params: MigrationParams,
     phase: PhaseWatch,
     cancel: CancellationToken,
+    progress: ProgressWatch,
 }
 
 impl std::fmt::Debug for PrecopySender {
@@ -105,12 +107,19 @@ impl PrecopySender {
             params,
             phase: PhaseWatch::new(Side::Source),
             cancel: CancellationToken::new(),
+            progress: ProgressWatch::default(),
         })
     }
 
     /// The migration's phase, for whoever watches it.
     pub fn phase_watch(&self) -> PhaseWatch {
         self.phase.clone()
+    }
+
+    /// The migration's live figures (bytes sent and left, rate, estimated
+    /// downtime, hints), for whoever watches it.
+    pub fn progress_watch(&self) -> ProgressWatch {
+        self.progress.clone()
     }
 
     /// A token that cancels the migration: before the commit it fails
@@ -152,6 +161,8 @@ impl PrecopySender {
             populated_bytes: 0,
         };
         let cancel = self.cancel.clone();
+        self.progress
+            .attach(&self.phase, &self.filter, self.ram.size_bytes());
         if let Err(e) = cancellable(&cancel, self.until_ready(dest, &mut at)).await {
             return Err(self.fail_back(at, e).await);
         }
@@ -369,6 +380,8 @@ impl PrecopySender {
                 estimate_ms = estimate_ms as u64,
                 "round done"
             );
+            self.progress
+                .round_done(at.stats.bytes_on_wire, at.bandwidth_bytes_per_s);
             // Pages the guest reported free during the round go out as
             // zero runs the receiver punches out of its RAM file: many of
             // them get one more live round rather than the downtime.
@@ -428,6 +441,8 @@ impl PrecopySender {
         let counters = self.send_round(at, zero_runs).await?;
         at.stats.final_round_bytes = counters.bytes.load(Ordering::Relaxed);
         add_counters(&mut at.stats, &counters);
+        self.progress
+            .round_done(at.stats.bytes_on_wire, at.bandwidth_bytes_per_s);
         let t = self.timeout();
         for mut b in std::mem::take(&mut at.bulk) {
             match tokio::time::timeout(t, b.shutdown()).await {
@@ -604,6 +619,7 @@ impl PrecopySender {
         stats.state = state;
         stats.source_running = source_running;
         stats.destination_running = destination_running;
+        self.progress.finished(&stats);
         stats
     }
 
@@ -616,6 +632,11 @@ impl PrecopySender {
     ) -> Result<Arc<RoundCounters>, MigrateError> {
         let cursor = Arc::new(Mutex::new(Cursor::default()));
         let counters = Arc::new(RoundCounters::default());
+        let live = counters.clone();
+        self.progress
+            .round_started(at.stats.bytes_on_wire, move || {
+                live.bytes.load(Ordering::Relaxed)
+            });
         let mut zero_runs = Some(zero_runs);
         let mut tasks = JoinSet::new();
         for (i, stream) in std::mem::take(&mut at.bulk).into_iter().enumerate() {
