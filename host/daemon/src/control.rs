@@ -124,6 +124,9 @@ pub struct DaemonStatus {
     pub state: DaemonState,
     /// The running or last migration: its phase and round.
     pub migration: Option<PhaseInfo>,
+    /// The running or last outgoing migration's live figures: bytes sent
+    /// and left, rate, estimated downtime, hints (`null` before any).
+    pub progress: Option<freehint_engine::Progress>,
     /// What the operator must do, when the daemon cannot decide alone.
     pub operator_action: Option<String>,
     /// The VM's last free-page-hint cmd_id (it goes on across attempts

@@ -168,6 +168,8 @@ struct Shared {
     state: DaemonState,
     /// The running or last migration.
     migration: Option<PhaseWatch>,
+    /// The running or last outgoing migration's live figures.
+    progress: Option<freehint_engine::ProgressWatch>,
     /// Cancels the running migration.
     cancel: Option<CancellationToken>,
     last_error: Option<String>,
@@ -233,6 +235,7 @@ impl VmDaemon {
             shared: Mutex::new(Shared {
                 state: DaemonState::WaitingForQemu,
                 migration: None,
+                progress: None,
                 cancel: None,
                 last_error: None,
                 operator_action: None,

@@ -167,6 +167,7 @@ impl VmDaemon {
             role: self.role().into(),
             state: sh.state,
             migration: sh.migration.as_ref().map(PhaseWatch::get),
+            progress: sh.progress.as_ref().map(|p| p.get()),
             operator_action: sh.operator_action.clone(),
             last_cmd_id: self.last_cmd_id.load(SeqCst),
             qemu_connected: self.connected.load(SeqCst),

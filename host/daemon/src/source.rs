@@ -69,6 +69,7 @@ impl VmDaemon {
             let mut sh = lock(&self.shared);
             sh.cancel = Some(cancel.clone());
             sh.migration = None;
+            sh.progress = None;
         }
         if self.stopping.load(SeqCst) {
             cancel.cancel();
@@ -201,6 +202,7 @@ impl VmDaemon {
             PrecopySender::new(ram, filter.clone(), Box::new(log), hint_source, vmm, params)?
                 .with_cancel_token(cancel);
         lock(&self.shared).migration = Some(sender.phase_watch());
+        lock(&self.shared).progress = Some(sender.progress_watch());
         let result = self.runtime.block_on(sender.migrate(dest));
         self.last_cmd_id.store(filter.last_cmd_id().0, SeqCst);
         match result {
