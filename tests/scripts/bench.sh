@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ./tests/scripts/setup-host.sh
-cargo build --release --workspace --features freehint/failpoints
+cargo build --release --workspace --features freehint/failpoints,freehint/bench
 out=target/bench
 mkdir -p "$out"
 fh=./target/release/freehint

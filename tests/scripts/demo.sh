@@ -14,6 +14,6 @@ cd "$(dirname "$0")/../.."
 FREEHINT_QEMU=$(./tests/qemu/build-qemu.sh)
 FREEHINT_GUEST_DIR=$(./tests/guest/build-guest-image.sh)
 export FREEHINT_QEMU FREEHINT_GUEST_DIR
-cargo build --release --workspace --features freehint/failpoints
+cargo build --release --workspace --features freehint/failpoints,freehint/bench
 mkdir -p target/demo
 ./target/release/freehint-demo --out target/demo/report.json --log-dir target/demo/logs ${ARGS:-} "$@"

@@ -8,9 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ./tests/scripts/setup-host.sh
 
-# Fault points (docs/FAULTS.md) are compiled in for the tests; every cargo
+# Fault points (docs/FAULTS.md) and the benchmark runner (`freehint bench`,
+# which drives the simulated VM) are compiled in for the tests; every cargo
 # command below uses the same features so the binaries are built once.
-features=(--features freehint/failpoints)
+features=(--features freehint/failpoints,freehint/bench)
 
 echo "== format and lint"
 cargo fmt --all -- --check

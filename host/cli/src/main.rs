@@ -1,6 +1,7 @@
 //! The `freehint` command: the QEMU daemon and its requests, send/receive
 //! for any VMM process, and the benchmark suite.
 
+#[cfg(feature = "bench")]
 mod bench;
 mod process_vmm;
 mod qemu_cmds;
@@ -42,18 +43,6 @@ the migration it received. The RAM file is created if missing; it must be
 on tmpfs or hugetlbfs for the VMM to share it. The image counts as resumed
 only once the source commits; until then Ctrl-C gives up cleanly.";
 
-const BENCH_EXAMPLE: &str = "\
-Examples:
-  freehint bench sim --mem-mib 1024 --used-percent 15 --dirty-mib-per-s 64 --hints on --json
-  freehint bench sim --mem-mib 4096 --hints off --json --keep-memory /tmp/images
-  freehint bench hints --mem-mib 4096
-  freehint bench sync --mem-mib 4096
-
-`bench sim` runs a SIMULATED VM (a process that dirties memory and reports
-free pages like a guest would; not a real guest), migrates it over loopback
-TCP to a receiver in another process, and compares the two RAM images page
-by page.";
-
 #[derive(Parser, Debug)]
 #[command(
     name = "freehint",
@@ -87,8 +76,9 @@ enum Command {
     /// Receive one migration into a RAM file.
     #[command(after_help = RECEIVE_EXAMPLE)]
     Receive(ReceiveArgs),
-    /// The benchmark suite.
-    #[command(after_help = BENCH_EXAMPLE)]
+    /// The benchmark suite (builds with the cargo feature `bench` only).
+    #[cfg(feature = "bench")]
+    #[command(after_help = bench::BENCH_EXAMPLE)]
     Bench {
         #[command(subcommand)]
         which: bench::BenchCommand,
@@ -246,6 +236,7 @@ fn main() {
         Command::Cancel(a) => qemu_cmds::cancel(a),
         Command::Send(a) => send(a),
         Command::Receive(a) => receive(a),
+        #[cfg(feature = "bench")]
         Command::Bench { which } => bench::run(which),
         Command::Debug { which } => debug(which),
     };

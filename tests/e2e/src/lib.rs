@@ -1,8 +1,9 @@
 //! Helpers for the end-to-end tests: find the built binaries, run the
 //! benchmark command, start a SIMULATED VM process.
 //!
-//! The binaries must be built first (`cargo build --workspace`, which the
-//! README's test command does).
+//! The binaries must be built first (`cargo build --workspace --features
+//! freehint/failpoints,freehint/bench`, which the README's test command
+//! does).
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -30,7 +31,7 @@ pub fn bin_dir() -> PathBuf {
     for name in ["freehint", "freehint-sim-vm", "libfreehint_preload.so"] {
         assert!(
             dir.join(name).exists(),
-            "{} missing: run `cargo build --workspace` before the tests",
+            "{} missing: run `cargo build --workspace --features freehint/failpoints,freehint/bench` before the tests",
             dir.join(name).display()
         );
     }
@@ -48,6 +49,11 @@ pub fn bench_sim(args: &[&str]) -> Result<serde_json::Value, String> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
+        if stderr.contains("unrecognized subcommand 'bench'") {
+            return Err(
+                "this freehint has no `bench` command: build the workspace with --features freehint/failpoints,freehint/bench, as make test does".into(),
+            );
+        }
         return Err(format!("{}\n{}", stderr, stdout));
     }
     serde_json::from_str(stdout.lines().last().unwrap_or(""))

@@ -177,7 +177,7 @@ fn every_fault_point_leaves_the_guest_on_one_side_or_says_uncertain() {
         .unwrap();
     assert!(
         out.status.success(),
-        "{} (build the workspace with --features freehint/failpoints, as make test does)",
+        "{} (build the workspace with --features freehint/failpoints,freehint/bench, as make test does)",
         String::from_utf8_lossy(&out.stderr)
     );
     let points: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)

@@ -1,4 +1,5 @@
-//! The benchmark suite: `freehint bench sim|hints|sync`.
+//! `freehint bench sim`: a SIMULATED VM migrated over loopback TCP, checked
+//! page by page.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
@@ -8,48 +9,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
-use freehint_dirty_log::{DirtyLog, TrackedRange, UffdWpDirtyLog};
+use freehint_dirty_log::UffdWpDirtyLog;
 use freehint_engine::{
     empty_bitmap, vmm_ram_ranges, MigrationStats, Phase, PrecopySender, ReceiveStats,
 };
 use freehint_hint_filter::{HintFilter, IdentityMappedSink};
 use freehint_memory::GuestRam;
 use freehint_sim_vm::{device_state_pattern, FromSim, SimVmClient, ToSim};
-use freehint_types::{CmdId, HintSink, HintSource, RamRange};
+use freehint_types::{HintSink, HintSource};
 use serde::Serialize;
 
 use crate::{runtime, OnOff, ParamArgs};
-
-/// Which benchmark.
-#[derive(Subcommand, Debug)]
-pub enum BenchCommand {
-    /// Migrate a SIMULATED VM over loopback TCP and check every page.
-    Sim(SimArgs),
-    /// Hint application rate: how much hinted guest memory per second the
-    /// filter absorbs (in-process, no guest).
-    Hints {
-        /// Guest RAM size in MiB.
-        #[arg(long, default_value_t = 4096)]
-        mem_mib: u64,
-        /// Times to hint all of RAM.
-        #[arg(long, default_value_t = 200)]
-        passes: u32,
-    },
-    /// One dirty-log sync of a populated tmpfs mapping in this process with
-    /// few pages written (the real uffd-wp + PAGEMAP_SCAN path).
-    Sync {
-        /// RAM size in MiB.
-        #[arg(long, default_value_t = 4096)]
-        mem_mib: u64,
-        /// Pages written before each sync.
-        #[arg(long, default_value_t = 64)]
-        dirty_pages: u64,
-        /// Syncs to time.
-        #[arg(long, default_value_t = 50)]
-        syncs: u32,
-    },
-}
 
 /// Arguments of `bench sim`.
 #[derive(clap::Args, Debug)]
@@ -132,43 +102,6 @@ pub struct SimReport {
     pub error: Option<String>,
 }
 
-pub fn run(cmd: BenchCommand) -> Result<()> {
-    match cmd {
-        BenchCommand::Sim(a) => {
-            let json = a.json;
-            let r = sim(a)?;
-            if json {
-                crate::emit(serde_json::to_string(&r)?);
-            } else {
-                println!("{}", r.stats.summary());
-                println!(
-                    "{} pages compared, {} mismatched",
-                    r.pages_compared, r.mismatched_pages
-                );
-            }
-            if let Some(e) = &r.error {
-                bail!("{e}");
-            }
-            if r.device_state_intact == Some(false) {
-                bail!("the device state arrived damaged");
-            }
-            if r.mismatched_pages != 0 {
-                bail!(
-                    "{} pages differ between source and destination",
-                    r.mismatched_pages
-                );
-            }
-            Ok(())
-        }
-        BenchCommand::Hints { mem_mib, passes } => hints_rate(mem_mib, passes),
-        BenchCommand::Sync {
-            mem_mib,
-            dirty_pages,
-            syncs,
-        } => sync_time(mem_mib, dirty_pages, syncs),
-    }
-}
-
 /// Where our other binaries are: next to this one.
 fn sibling(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the freehint binary")?;
@@ -192,7 +125,7 @@ impl Drop for ChildGuard {
     }
 }
 
-fn sim(a: SimArgs) -> Result<SimReport> {
+pub fn sim(a: SimArgs) -> Result<SimReport> {
     let hints = a.hints == OnOff::On;
     let params = a.params.params(hints)?;
     let peer_timeout_s = params.peer_timeout_s;
@@ -432,110 +365,4 @@ fn compare(src: &GuestRam, dst: &GuestRam, free: &[(u64, u64)]) -> Result<(u64, 
         }
     }
     Ok((compared, bad))
-}
-
-#[derive(Serialize)]
-struct HintsRate {
-    mem_mib: u64,
-    hinted_bytes: u64,
-    elapsed_ms: f64,
-    hinted_gib_per_s: f64,
-}
-
-fn hints_rate(mem_mib: u64, passes: u32) -> Result<()> {
-    use freehint_hint_filter::{MigrationBitmap, RegionLayout};
-    let pages = (mem_mib << 20) / 4096;
-    let bm = MigrationBitmap::new(vec![RegionLayout {
-        ram_start: 0,
-        page_bytes: 4096,
-        pages,
-    }]);
-    let f = HintFilter::new(bm);
-    // Hints arrive as the Linux driver sends them: 4 MiB blocks, a
-    // virtqueue's worth (16) per call.
-    let ranges: Vec<RamRange> = (0..(mem_mib / 4))
-        .map(|b| RamRange::new(b << 22, 4 << 20))
-        .collect();
-    let mut total = 0u64;
-    let t = Instant::now();
-    for _ in 0..passes {
-        f.with_bitmap(|b| b.set_all());
-        let epoch = f
-            .sync(true, |_| Ok::<(), ()>(()))
-            .expect("no merge error")
-            .opened_epoch
-            .unwrap_or(CmdId(2));
-        for chunk in ranges.chunks(16) {
-            total += f.apply_hints(epoch, chunk).pages_cleared;
-        }
-    }
-    let secs = t.elapsed().as_secs_f64();
-    if total != pages * passes as u64 {
-        bail!(
-            "hints cleared {total} pages, expected {}",
-            pages * passes as u64
-        );
-    }
-    let r = HintsRate {
-        mem_mib,
-        hinted_bytes: total * 4096,
-        elapsed_ms: secs * 1000.0,
-        hinted_gib_per_s: (total * 4096) as f64 / secs / (1u64 << 30) as f64,
-    };
-    println!("{}", serde_json::to_string(&r)?);
-    Ok(())
-}
-
-#[derive(Serialize)]
-struct SyncTime {
-    mem_mib: u64,
-    dirty_pages: u64,
-    syncs: u32,
-    sync_mean_us: u64,
-    sync_median_us: u64,
-    sync_max_us: u64,
-}
-
-fn sync_time(mem_mib: u64, dirty_pages: u64, syncs: u32) -> Result<()> {
-    let dir = tempfile::tempdir_in("/dev/shm")?;
-    let ram = GuestRam::open_file(&dir.path().join("ram"), mem_mib << 20)?;
-    let r = &ram.regions()[0];
-    for p in 0..r.pages() {
-        // SAFETY: inside the mapping.
-        unsafe { r.page_ptr(p).expect("in range").write_volatile(1) };
-    }
-    let mut log = UffdWpDirtyLog::attach_self(vec![TrackedRange {
-        region: 0,
-        vaddr_start: r.host_ptr() as u64,
-        len_bytes: r.size_bytes(),
-        page_bytes: 4096,
-        first_page: 0,
-    }])?;
-    let mut times = Vec::new();
-    let stride = (r.pages() / dirty_pages.max(1)).max(1);
-    for i in 0..syncs as u64 {
-        for k in 0..dirty_pages {
-            let p = (k * stride + i) % r.pages();
-            // SAFETY: inside the mapping.
-            unsafe { r.page_ptr(p).expect("in range").write_volatile(2) };
-        }
-        let mut found = 0u64;
-        let t = Instant::now();
-        log.sync(&mut |run| found += run.count)?;
-        times.push(t.elapsed().as_micros() as u64);
-        if found != dirty_pages {
-            bail!("sync found {found} written pages, expected {dirty_pages}");
-        }
-    }
-    times.sort();
-    let out = SyncTime {
-        mem_mib,
-        dirty_pages,
-        syncs,
-        sync_mean_us: times.iter().sum::<u64>() / times.len().max(1) as u64,
-        sync_median_us: times[times.len() / 2],
-        sync_max_us: *times.last().unwrap_or(&0),
-    };
-    println!("{}", serde_json::to_string(&out)?);
-    Ok(())
 }
