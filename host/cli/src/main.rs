@@ -3,8 +3,10 @@
 
 #[cfg(feature = "bench")]
 mod bench;
+mod params;
 mod process_vmm;
 mod qemu_cmds;
+mod table;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,20 +14,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use freehint_dirty_log::UffdWpDirtyLog;
 use freehint_engine::{
-    empty_bitmap, vmm_ram_ranges, CancellationToken, ImageVmm, MigrationParams, PhaseWatch,
-    PrecopySender, Receiver,
+    empty_bitmap, vmm_ram_ranges, CancellationToken, ImageVmm, PhaseWatch, PrecopySender, Receiver,
 };
 use freehint_hint_filter::HintFilter;
 use freehint_memory::GuestRam;
+
+pub use params::ParamArgs;
 
 const SEND_EXAMPLE: &str = "\
 Example (any process whose guest RAM is a shared file, started with the preload library):
   LD_PRELOAD=target/release/libfreehint_preload.so my-vmm --ram /dev/shm/vm.ram &
   freehint receive --listen 127.0.0.1:7070 --ram /dev/shm/vm-dst.ram --mem-mib 1024 &
   freehint send --pid $! --ram /dev/shm/vm.ram --to 127.0.0.1:7070
+  freehint send --pid $! --ram /dev/shm/vm.ram --to 127.0.0.1:7070 --config send.toml
+
+Migration parameters: flags, then --config FILE (TOML, see `freehint config
+show --help`), then the defaults; `send` has no free-page hints.
 
 The process is stopped with SIGSTOP for the final round and resumed with
 SIGCONT if the migration fails. It is left stopped after a successful one.
@@ -83,6 +90,12 @@ enum Command {
         #[command(subcommand)]
         which: bench::BenchCommand,
     },
+    /// Show the effective migration parameters (defaults, --config FILE,
+    /// flags).
+    Config {
+        #[command(subcommand)]
+        which: params::ConfigCommand,
+    },
     /// Tools for tests: fault points.
     Debug {
         #[command(subcommand)]
@@ -104,54 +117,6 @@ enum DebugCommand {
         /// The spec, in FAILPOINTS syntax.
         spec: String,
     },
-}
-
-/// Migration parameters shared by every command that sends.
-#[derive(Args, Debug, Clone)]
-pub struct ParamArgs {
-    /// Number of TCP connections carrying page data.
-    #[arg(long, default_value_t = MigrationParams::default().bulk_channels)]
-    pub bulk_channels: u8,
-    /// Most bytes of page data per batch.
-    #[arg(long, default_value_t = MigrationParams::default().batch_bytes)]
-    pub batch_bytes: u64,
-    /// Switch over once the rest is estimated to take this long, in ms.
-    #[arg(long, default_value_t = MigrationParams::default().downtime_target_ms)]
-    pub downtime_target_ms: u64,
-    /// Switch over after this many rounds at most.
-    #[arg(long, default_value_t = MigrationParams::default().max_rounds)]
-    pub max_rounds: u32,
-    /// Do at least this many rounds before switching over.
-    #[arg(long, default_value_t = MigrationParams::default().min_rounds)]
-    pub min_rounds: u32,
-    /// Seconds either side waits for the other at any step; the
-    /// destination adopts this value, so both give up after the same time.
-    #[arg(long, default_value_t = MigrationParams::default().peer_timeout_s)]
-    pub peer_timeout_s: u64,
-    /// With hints on, wait at most this many ms for the guest's first
-    /// free-page report before sending (balloon guests). The wait ends
-    /// sooner when the report is done or its hints slow down; later hints
-    /// still apply.
-    #[arg(long, default_value_t = MigrationParams::default().hint_wait_ms)]
-    pub hint_wait_ms: u64,
-}
-
-impl ParamArgs {
-    /// The validated parameter set.
-    pub fn params(&self, hints: bool) -> Result<MigrationParams> {
-        let p = MigrationParams {
-            bulk_channels: self.bulk_channels,
-            batch_bytes: self.batch_bytes,
-            downtime_target_ms: self.downtime_target_ms,
-            max_rounds: self.max_rounds,
-            min_rounds: self.min_rounds,
-            hints,
-            peer_timeout_s: self.peer_timeout_s,
-            hint_wait_ms: self.hint_wait_ms,
-        };
-        p.validate().context("invalid migration parameters")?;
-        Ok(p)
-    }
 }
 
 /// `on` or `off`.
@@ -223,7 +188,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = parse();
     if let Err(e) = freehint_engine::fault::configure_from_env() {
         eprintln!("freehint: error: FAILPOINTS: {e}");
         std::process::exit(2);
@@ -238,12 +203,27 @@ fn main() {
         Command::Receive(a) => receive(a),
         #[cfg(feature = "bench")]
         Command::Bench { which } => bench::run(which),
+        Command::Config {
+            which: params::ConfigCommand::Show(a),
+        } => params::show(a),
         Command::Debug { which } => debug(which),
     };
     if let Err(e) = result {
         eprintln!("freehint: error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// The command line definition, with the defaults of the migration
+/// parameters in their help (completions and the man page use it too).
+pub fn cli_command() -> clap::Command {
+    params::with_param_defaults(Cli::command())
+}
+
+/// Parses the command line (exits with clap's message on a usage error).
+fn parse() -> Cli {
+    let mut matches = cli_command().get_matches();
+    Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.exit())
 }
 
 /// An error and its causes in one line, each cause once (most of our
@@ -345,7 +325,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn send(a: SendArgs) -> Result<()> {
-    let params = a.params.params(false)?;
+    let params = a.params.resolve_without_hints()?;
     let size = std::fs::metadata(&a.ram)
         .with_context(|| format!("reading {}", a.ram.display()))?
         .len();

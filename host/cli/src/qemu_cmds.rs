@@ -38,6 +38,10 @@ pub const MIGRATE_EXAMPLE: &str = "\
 Example:
   freehint migrate --control /run/fh/a.ctl --to desthost:4444
   freehint migrate --control /run/fh/a.ctl --to desthost:4444 --hints off --json
+  freehint migrate --control /run/fh/a.ctl --to desthost:4444 --config migrate.toml
+
+The migration parameters come from the flags, then --config FILE (TOML,
+the same keys: `freehint config show --help`), then the defaults.
 
 On success the destination runs the guest and the source QEMU has quit. On
 failure the source guest runs on, and the error says why in one line.
@@ -95,9 +99,10 @@ pub struct MigrateArgs {
     /// The destination daemon's --incoming address, HOST:PORT.
     #[arg(long)]
     to: String,
-    /// Ask the guest for free-page hints and skip the pages it reports.
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
-    hints: OnOff,
+    /// Ask the guest for free-page hints and skip the pages it reports
+    /// (`hints` in --config FILE).
+    #[arg(long, value_enum)]
+    hints: Option<OnOff>,
     /// Print the stats as JSON instead of a summary.
     #[arg(long)]
     json: bool,
@@ -156,7 +161,7 @@ pub fn vm(a: VmArgs) -> Result<()> {
 }
 
 pub fn migrate(a: MigrateArgs) -> Result<()> {
-    let params = a.params.params(a.hints == OnOff::On)?;
+    let params = a.params.resolve(a.hints)?.params;
     // Ctrl-C / SIGTERM cancel the daemon's migration; its answer below
     // then says how it ended.
     let control = a.control.clone();

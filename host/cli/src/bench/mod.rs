@@ -30,7 +30,7 @@ to this one (cargo build --workspace --features freehint/bench).";
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Migrate a SIMULATED VM over loopback TCP and check every page.
-    Sim(SimArgs),
+    Sim(Box<SimArgs>),
     /// Hint application rate: how much hinted guest memory per second the
     /// filter absorbs (in-process, no guest).
     Hints {
@@ -61,7 +61,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Sim(a) => {
             let json = a.json;
-            let r = sim::sim(a)?;
+            let r = sim::sim(*a)?;
             if json {
                 crate::emit(serde_json::to_string(&r)?);
             } else {

@@ -33,9 +33,9 @@ pub struct SimArgs {
     /// Rate at which the simulated guest rewrites used memory, MiB/s.
     #[arg(long, default_value_t = 16)]
     pub dirty_mib_per_s: u64,
-    /// Free-page hints on or off.
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
-    pub hints: OnOff,
+    /// Free-page hints on or off (`hints` in --config FILE).
+    #[arg(long, value_enum)]
+    pub hints: Option<OnOff>,
     /// Print one JSON object instead of a summary.
     #[arg(long)]
     pub json: bool,
@@ -126,8 +126,8 @@ impl Drop for ChildGuard {
 }
 
 pub fn sim(a: SimArgs) -> Result<SimReport> {
-    let hints = a.hints == OnOff::On;
-    let params = a.params.params(hints)?;
+    let params = a.params.resolve(a.hints)?.params;
+    let hints = params.hints;
     let peer_timeout_s = params.peer_timeout_s;
     let temp;
     let work: &Path = match &a.work_dir {
