@@ -6,6 +6,8 @@
 //! <- {"result":"migrated","stats":{"bytes_on_wire":...}}
 //! -> {"cmd":"status"}
 //! <- {"result":"status","role":"source","state":"idle",...}
+//! -> {"cmd":"progress"}
+//! <- {"result":"progress","progress":{"phase":"precopy","round":2,"bytes_sent":...}}
 //! -> {"cmd":"cancel"}
 //! <- {"result":"cancelling","phase":"precopy"}
 //! ```
@@ -33,6 +35,10 @@ pub enum ControlRequest {
     },
     /// What the daemon is doing.
     Status,
+    /// The outgoing migration's live figures only: cheap and without side
+    /// effects (Status also asks the guest for balloon stats), for
+    /// progress bars that poll several times a second.
+    Progress,
     /// Resume the guest this daemon holds paused: one received with
     /// `--no-resume`, or one left paused by an uncertain handover (the
     /// operator's decision that this side runs it). Its balloon driver is
@@ -75,6 +81,11 @@ pub enum ControlReply {
     Ok,
     /// The daemon's state.
     Status(DaemonStatus),
+    /// The running or last outgoing migration's figures (`null`: none).
+    Progress {
+        /// The figures.
+        progress: Option<freehint_engine::Progress>,
+    },
     /// The received guest runs.
     Resumed,
     /// The request failed; the message says why in one line.

@@ -73,6 +73,9 @@ impl VmDaemon {
     pub fn handle_request(&self, req: ControlRequest) -> Result<ControlReply, DaemonError> {
         match req {
             ControlRequest::Status => Ok(ControlReply::Status(self.status())),
+            ControlRequest::Progress => Ok(ControlReply::Progress {
+                progress: lock(&self.shared).progress.as_ref().map(|p| p.get()),
+            }),
             ControlRequest::Migrate { to, params } => {
                 // A destination becomes a source once the guest runs here.
                 if !self.hosts_guest.load(SeqCst) {
