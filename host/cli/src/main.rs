@@ -5,6 +5,7 @@
 mod bench;
 mod params;
 mod process_vmm;
+mod progress;
 mod qemu_cmds;
 mod table;
 
@@ -33,6 +34,10 @@ Example (any process whose guest RAM is a shared file, started with the preload 
 
 Migration parameters: flags, then --config FILE (TOML, see `freehint config
 show --help`), then the defaults; `send` has no free-page hints.
+
+On a terminal a progress bar (stderr) shows the round, bytes sent and left,
+the rate and the estimated downtime; --json-progress prints them as one
+JSON line per second instead.
 
 The process is stopped with SIGSTOP for the final round and resumed with
 SIGCONT if the migration fails. It is left stopped after a successful one.
@@ -143,6 +148,8 @@ struct SendArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
+    progress: progress::ProgressArgs,
+    #[command(flatten)]
     params: ParamArgs,
 }
 
@@ -185,7 +192,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("FREEHINT_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| progress::Stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = parse();
@@ -283,7 +290,7 @@ pub fn on_first_signal(cancel: impl FnOnce() + Send + 'static) -> Result<()> {
         .spawn(move || {
             let mut it = signals.forever();
             if it.next().is_some() {
-                eprintln!("freehint: cancelling (the guest runs on unless the destination already took over); signal again to quit at once");
+                progress::eprint_line("freehint: cancelling (the guest runs on unless the destination already took over); signal again to quit at once");
                 cancel();
             }
             if it.next().is_some() {
@@ -335,7 +342,11 @@ fn send(a: SendArgs) -> Result<()> {
     let vmm = Arc::new(process_vmm::SignalVmm::new(a.pid));
     let sender = PrecopySender::new(ram, filter, Box::new(log), None, vmm, params)?;
     cancel_on_signals(sender.cancel_token())?;
-    match runtime()?.block_on(sender.migrate(a.to)) {
+    let watch = sender.progress_watch();
+    let reporter = progress::Reporter::start(&a.progress, move || Some(watch.get()));
+    let result = runtime()?.block_on(sender.migrate(a.to));
+    reporter.stop();
+    match result {
         Ok(stats) => report(a.json, &stats, stats.summary(), None),
         Err(f) => report(a.json, &f.stats, "", Some(f.to_string())),
     }

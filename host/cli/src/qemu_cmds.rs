@@ -43,6 +43,10 @@ Example:
 The migration parameters come from the flags, then --config FILE (TOML,
 the same keys: `freehint config show --help`), then the defaults.
 
+On a terminal a progress bar (stderr) shows the phase, the round, bytes
+sent and left, the rate, the estimated downtime and the pages hinted free;
+--json-progress prints the same figures as one JSON line per second.
+
 On success the destination runs the guest and the source QEMU has quit. On
 failure the source guest runs on, and the error says why in one line.
 
@@ -107,6 +111,8 @@ pub struct MigrateArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
+    progress: crate::progress::ProgressArgs,
+    #[command(flatten)]
     params: ParamArgs,
 }
 
@@ -167,10 +173,17 @@ pub fn migrate(a: MigrateArgs) -> Result<()> {
     let control = a.control.clone();
     crate::on_first_signal(move || {
         if let Err(e) = request(&control, &ControlRequest::Cancel) {
-            eprintln!("freehint: cancelling: {e}");
+            crate::progress::eprint_line(format!("freehint: cancelling: {e}"));
         }
     })?;
-    match request(&a.control, &ControlRequest::Migrate { to: a.to, params })? {
+    // The figures come from a second connection, polled until the answer.
+    let poll_control = a.control.clone();
+    let reporter = crate::progress::Reporter::start(&a.progress, move || {
+        crate::progress::poll_daemon(&poll_control)
+    });
+    let reply = request(&a.control, &ControlRequest::Migrate { to: a.to, params });
+    reporter.stop();
+    match reply? {
         ControlReply::Migrated { stats } => crate::report(a.json, &stats, stats.summary(), None),
         ControlReply::MigrationFailed { message, stats } => {
             crate::report(a.json, &stats, "", Some(message))
