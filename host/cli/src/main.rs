@@ -7,6 +7,7 @@ mod params;
 mod process_vmm;
 mod progress;
 mod qemu_cmds;
+mod status;
 mod table;
 
 use std::net::SocketAddr;
@@ -74,8 +75,9 @@ enum Command {
     /// Ask a source daemon to migrate its QEMU guest live.
     #[command(after_help = qemu_cmds::MIGRATE_EXAMPLE)]
     Migrate(qemu_cmds::MigrateArgs),
-    /// Print a daemon's state as JSON.
-    Status(qemu_cmds::ControlArgs),
+    /// Show daemons' state: a table for people, or JSON (--json).
+    #[command(after_help = status::STATUS_EXAMPLE)]
+    Status(status::StatusArgs),
     /// Resume a guest a daemon holds paused (after --no-resume, or an
     /// uncertain handover), or a paused QEMU whose daemon is gone (--qmp).
     #[command(after_help = qemu_cmds::RESUME_EXAMPLE)]
@@ -203,7 +205,7 @@ fn main() {
     let result = match cli.command {
         Command::Vm(a) => qemu_cmds::vm(a),
         Command::Migrate(a) => qemu_cmds::migrate(a),
-        Command::Status(a) => qemu_cmds::status(a),
+        Command::Status(a) => status::status(a),
         Command::Resume(a) => qemu_cmds::resume(a),
         Command::Cancel(a) => qemu_cmds::cancel(a),
         Command::Send(a) => send(a),

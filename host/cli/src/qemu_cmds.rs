@@ -212,17 +212,6 @@ pub fn fault(control: &std::path::Path, spec: String) -> Result<()> {
     }
 }
 
-pub fn status(a: ControlArgs) -> Result<()> {
-    match request(&a.control, &ControlRequest::Status)? {
-        ControlReply::Status(s) => {
-            println!("{}", serde_json::to_string_pretty(&s)?);
-            Ok(())
-        }
-        ControlReply::Error { message } => bail!("{message}"),
-        other => bail!("unexpected answer from the daemon: {other:?}"),
-    }
-}
-
 pub fn resume(a: ResumeArgs) -> Result<()> {
     if let Some(qmp) = &a.qmp {
         let mut q = freehint_qemu::Qmp::connect(qmp)?;

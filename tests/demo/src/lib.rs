@@ -431,7 +431,7 @@ impl Testbed {
         let t = Duration::from_secs(20);
         let receiving = || {
             Command::new(self.setup.bin_dir.join("freehint"))
-                .arg("status")
+                .args(["status", "--json"])
                 .arg("--control")
                 .arg(&daemon.control)
                 .output()

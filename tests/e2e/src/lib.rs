@@ -246,7 +246,12 @@ pub fn freehint(args: &[&str]) -> (bool, String, String) {
 
 /// `freehint status` of the daemon at `control`, as JSON.
 pub fn daemon_status(control: &Path) -> serde_json::Value {
-    let (ok, out, err) = freehint(&["status", "--control", control.to_str().expect("utf-8")]);
+    let (ok, out, err) = freehint(&[
+        "status",
+        "--json",
+        "--control",
+        control.to_str().expect("utf-8"),
+    ]);
     assert!(ok, "freehint status: {err}");
     serde_json::from_str(&out).expect("status JSON")
 }
