@@ -6,6 +6,7 @@ mod bench;
 mod params;
 mod process_vmm;
 mod progress;
+mod qemu_args;
 mod qemu_cmds;
 mod status;
 mod table;
@@ -84,6 +85,11 @@ enum Command {
     Resume(qemu_cmds::ResumeArgs),
     /// Cancel the migration a source daemon runs (the guest runs on).
     Cancel(qemu_cmds::ControlArgs),
+    /// Print the QEMU options that attach a guest to freehint (shared
+    /// memory backend, the balloon device on the daemon's socket, the
+    /// preload library).
+    #[command(after_help = qemu_args::QEMU_ARGS_EXAMPLE)]
+    QemuArgs(qemu_args::QemuArgsArgs),
     /// Migrate a running process's guest RAM to a receiver.
     #[command(after_help = SEND_EXAMPLE)]
     Send(SendArgs),
@@ -208,6 +214,7 @@ fn main() {
         Command::Status(a) => status::status(a),
         Command::Resume(a) => qemu_cmds::resume(a),
         Command::Cancel(a) => qemu_cmds::cancel(a),
+        Command::QemuArgs(a) => qemu_args::qemu_args(a),
         Command::Send(a) => send(a),
         Command::Receive(a) => receive(a),
         #[cfg(feature = "bench")]

@@ -20,6 +20,8 @@ Source host:
       -chardev socket,id=fh0,path=/run/fh/a.vhost \\
       -device vhost-user-device-pci,chardev=fh0,virtio-id=5,num_vqs=5,config_size=16 \\
       -qmp unix:/run/fh/a.qmp,server=on,wait=off ...
+(`freehint qemu-args --ram /dev/shm/a.ram --mem-mib 2048 --vhost-socket
+/run/fh/a.vhost --qmp /run/fh/a.qmp` prints these QEMU options.)
 
 Destination host (same QEMU command line plus -incoming defer, its own paths):
   freehint vm --vhost-socket /run/fh/b.vhost --qmp /run/fh/b.qmp --control /run/fh/b.ctl \\

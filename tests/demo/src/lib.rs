@@ -360,19 +360,11 @@ impl Testbed {
         incoming: bool,
     ) -> Result<QemuGuest, DemoError> {
         let mut cmd = self.guest_cmd(&self.setup.patched_qemu, vm);
-        cmd.env(
-            "LD_PRELOAD",
-            self.setup.bin_dir.join("libfreehint_preload.so"),
-        )
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=fh0,path={}",
-            daemon.vhost_socket.display()
-        ))
-        .args([
-            "-device",
-            "vhost-user-device-pci,chardev=fh0,virtio-id=5,num_vqs=5,config_size=16",
-        ]);
+        freehint_device_args(
+            &mut cmd,
+            &self.setup.bin_dir.join("libfreehint_preload.so"),
+            &daemon.vhost_socket,
+        );
         if incoming {
             cmd.args(["-incoming", "defer"]);
         }
@@ -457,6 +449,21 @@ impl Testbed {
         }
         Ok(())
     }
+}
+
+/// What attaches freehint to a QEMU (besides the shared memory backend of
+/// [`guest_args`]): the preload library, and our balloon as the generic
+/// vhost-user device on the daemon's `vhost_socket`. `freehint qemu-args`
+/// prints the same options, and a test of the `freehint` package checks
+/// that it does.
+pub fn freehint_device_args(cmd: &mut Command, preload: &Path, vhost_socket: &Path) {
+    cmd.env("LD_PRELOAD", preload)
+        .arg("-chardev")
+        .arg(format!("socket,id=fh0,path={}", vhost_socket.display()))
+        .args([
+            "-device",
+            "vhost-user-device-pci,chardev=fh0,virtio-id=5,num_vqs=5,config_size=16",
+        ]);
 }
 
 /// Runs `freehint migrate --json` against the source daemon.
