@@ -3,6 +3,7 @@
 
 #[cfg(feature = "bench")]
 mod bench;
+mod generate;
 mod params;
 mod process_vmm;
 mod progress;
@@ -109,6 +110,13 @@ enum Command {
         #[command(subcommand)]
         which: params::ConfigCommand,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell).
+    #[command(after_help = generate::COMPLETIONS_EXAMPLE)]
+    Completions(generate::CompletionsArgs),
+    /// Print the man page, or write every page into a directory.
+    #[command(after_help = generate::MAN_EXAMPLE)]
+    Man(generate::ManArgs),
     /// Tools for tests: fault points.
     Debug {
         #[command(subcommand)]
@@ -222,6 +230,8 @@ fn main() {
         Command::Config {
             which: params::ConfigCommand::Show(a),
         } => params::show(a),
+        Command::Completions(a) => generate::completions(a),
+        Command::Man(a) => generate::man(a),
         Command::Debug { which } => debug(which),
     };
     if let Err(e) = result {
