@@ -544,7 +544,7 @@ pub fn interactive(setup: &DemoSetup) -> Result<(bool, String), DemoError> {
         "freehint-demo: the source guest runs ({} MiB used); a destination QEMU waits on {addr}.\n\
          Migrate it from another terminal:\n\n    \
          {} migrate --control {} --to {addr}\n\n\
-         Status: {} status --control {}   (or {})\n\
+         Both daemons: {} status --control {} --control {}\n\
          freehint-demo: waiting for the guest to move (Ctrl-C ends the demo) ...",
         src.used_mib().unwrap_or(0),
         freehint.display(),
