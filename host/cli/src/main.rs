@@ -252,18 +252,9 @@ fn parse() -> Cli {
     Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.exit())
 }
 
-/// An error and its causes in one line, each cause once (most of our
-/// errors already say their cause).
+/// An error and its causes in one line, each cause once.
 fn one_line(e: &anyhow::Error) -> String {
-    let mut line = e.to_string();
-    for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !line.contains(&c) {
-            line.push_str(": ");
-            line.push_str(&c);
-        }
-    }
-    line.replace('\n', " ")
+    freehint_types::ErrorChain(e.as_ref()).to_string()
 }
 
 fn debug(which: DebugCommand) -> Result<()> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use freehint_balloon::{BalloonBackend, BalloonConfig, BalloonError, DEFAULT_MAX_QUEUE_SIZE};
-use freehint_types::{CmdId, GpaRange, HintOutcome, HintSink};
+use freehint_types::{CmdId, ErrorChain, GpaRange, HintOutcome, HintSink};
 
 const EXAMPLE: &str = "\
 EXAMPLE
@@ -75,18 +75,6 @@ impl HintSink for LogSink {
     }
 }
 
-/// `e` and each of its causes, once each, joined with ": ".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
-
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -110,7 +98,7 @@ fn main() {
     let backend = match BalloonBackend::new(config, Arc::new(LogSink)) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("freehint-balloon: {}", chain(&e));
+            eprintln!("freehint-balloon: {}", ErrorChain(&e));
             std::process::exit(2);
         }
     };
@@ -131,7 +119,7 @@ fn main() {
     loop {
         tracing::info!(socket = %args.socket.display(), "waiting for a vhost-user frontend");
         if let Err(e) = backend.serve(&args.socket) {
-            tracing::error!("{}", chain(&e));
+            tracing::error!("{}", ErrorChain(&e));
             if matches!(e, BalloonError::Listen { .. }) {
                 std::process::exit(1);
             }
