@@ -7,6 +7,12 @@
 #   freehint.noballoon     do not load virtio_balloon (a guest without the driver)
 #   freehint.disk[=1]      load virtio_blk and ext4, mount /dev/vda read-only at
 #                          /mnt/disk and run fh-diskcheck on it (its MANIFEST)
+#   freehint.readdisk      with freehint.disk: read every file of the disk once
+#                          (into the page cache) instead of running fh-diskcheck
+#   freehint.fragment=MIB  touch MIB MiB in 4 KiB pages, then free every other
+#                          64 KiB of it (fh-fragment) before saying ready
+#   freehint.hotset=MIB    keep MIB MiB hot, rewritten at freehint.hotrate MiB/s
+#                          (default 16) for ever (fh-hotset)
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -15,6 +21,10 @@ memwork=0
 keep=0
 check=64
 disk=
+readdisk=
+fragment=0
+hotset=0
+hotrate=16
 modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_balloon"
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
@@ -24,6 +34,10 @@ for arg in $(cat /proc/cmdline); do
     freehint.noballoon) modules=${modules% virtio_balloon} ;;
     freehint.disk=0) disk= ;;
     freehint.disk|freehint.disk=*) disk=1 ;;
+    freehint.readdisk) readdisk=1 ;;
+    freehint.fragment=*) fragment=${arg#*=} ;;
+    freehint.hotset=*) hotset=${arg#*=} ;;
+    freehint.hotrate=*) hotrate=${arg#*=} ;;
   esac
 done
 for m in $modules; do
@@ -34,6 +48,9 @@ ls /sys/bus/virtio/drivers/virtio_balloon/ 2>/dev/null | grep -q virtio && echo 
 fh-checker "$check" &
 fh-heartbeat &
 if [ "$memwork" -gt 0 ]; then fh-memwork "$memwork" "$keep"; fi
+if [ "$fragment" -gt 0 ]; then fh-fragment "$fragment"; fi
+# fh-hotset says "freehint-hotset ready" once its set is written.
+if [ "$hotset" -gt 0 ]; then fh-hotset "$hotset" "$hotrate" & fi
 awk '/^MemTotal|^MemFree/ { printf "freehint-meminfo %s %s\n", $1, $2 }' /proc/meminfo
 if [ -n "$disk" ] && [ ! -e /lib/modules/disk.modules ]; then
   echo "freehint-disk FAIL no disk modules: boot the disk/ initramfs of the guest image"
@@ -54,7 +71,11 @@ elif [ -n "$disk" ]; then
   while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
   if mount -t ext4 -o ro /dev/vda /mnt/disk; then
     echo "freehint-guest: disk mounted"
-    fh-diskcheck /mnt/disk &
+    if [ -n "$readdisk" ]; then
+      cat /mnt/disk/* > /dev/null && echo "freehint-guest: disk read into the page cache"
+    else
+      fh-diskcheck /mnt/disk &
+    fi
   else
     echo "freehint-disk FAIL /dev/vda: could not mount it"
   fi

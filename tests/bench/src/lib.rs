@@ -14,3 +14,6 @@
 
 pub mod record;
 pub mod report;
+pub mod link;
+pub mod profile;
+pub mod suite;

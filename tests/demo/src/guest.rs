@@ -2,7 +2,7 @@
 //! console collected line by line.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -122,6 +122,20 @@ impl QemuGuest {
         self.numbers("freehint-disk ok ")
     }
 
+    /// The guest's MemFree in KiB at its last heartbeat
+    /// (`freehint-heartbeat N free KIB`).
+    pub fn mem_free_kib(&self) -> Option<u64> {
+        self.lines().iter().rev().find_map(|l| {
+            l.split("freehint-heartbeat ")
+                .nth(1)?
+                .split(" free ")
+                .nth(1)?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
     /// MemTotal − MemFree in MiB, from the `freehint-meminfo` lines the
     /// guest prints when its workload is done.
     pub fn used_mib(&self) -> Option<u64> {
@@ -142,11 +156,38 @@ impl Drop for QemuGuest {
     }
 }
 
+/// Where a guest's RAM lives on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RamBacking {
+    /// A file mapped shared (in /dev/shm): what freehint needs, to read
+    /// and track the RAM from its own process.
+    SharedFile(PathBuf),
+    /// QEMU's own anonymous memory (`memory-backend-ram`).
+    Anonymous,
+}
+
 /// The arguments every test guest uses: firmware paths, q35 under TCG,
 /// `mem_mib` of RAM in a shared file `ram`, the test kernel and initramfs
 /// from `guest_dir`, serial on stdio, and `append` on the kernel command
 /// line (see tests/guest/init.sh for the `freehint.*` options).
 pub fn guest_args(cmd: &mut Command, guest_dir: &Path, ram: &Path, mem_mib: u64, append: &str) {
+    guest_args_with(
+        cmd,
+        guest_dir,
+        &RamBacking::SharedFile(ram.to_path_buf()),
+        mem_mib,
+        append,
+    )
+}
+
+/// [`guest_args`] with the RAM backed as `ram` says.
+pub fn guest_args_with(
+    cmd: &mut Command,
+    guest_dir: &Path,
+    ram: &RamBacking,
+    mem_mib: u64,
+    append: &str,
+) {
     cmd.args([
         "-L",
         "/usr/share/seabios",
@@ -166,10 +207,13 @@ pub fn guest_args(cmd: &mut Command, guest_dir: &Path, ram: &Path, mem_mib: u64,
         "stdio",
     ])
     .arg("-object")
-    .arg(format!(
-        "memory-backend-file,id=mem0,size={mem_mib}M,mem-path={},share=on",
-        ram.display()
-    ))
+    .arg(match ram {
+        RamBacking::SharedFile(path) => format!(
+            "memory-backend-file,id=mem0,size={mem_mib}M,mem-path={},share=on",
+            path.display()
+        ),
+        RamBacking::Anonymous => format!("memory-backend-ram,id=mem0,size={mem_mib}M"),
+    })
     .args(["-machine", "memory-backend=mem0"])
     .arg("-kernel")
     .arg(guest_dir.join("vmlinuz"))

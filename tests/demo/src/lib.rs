@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod disk;
+pub mod events;
 pub mod guest;
 
 use std::net::TcpListener;
@@ -23,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 pub use disk::{make_disk_image, DiskAio, DiskCache, DiskConfig};
-pub use guest::{guest_args, QemuGuest};
+pub use events::{now_us, EventTiming, QmpEvents};
+pub use guest::{guest_args, guest_args_with, QemuGuest, RamBacking};
 
 /// Errors of a demo run; each displays as one line.
 #[derive(Debug, thiserror::Error)]
@@ -124,23 +126,37 @@ impl Mode {
     }
 }
 
-/// What one run measured: one object of `target/demo/report.json`.
+/// What one run measured: one object of `target/demo/report.json`. Time
+/// is measured the same way for every mode, from QMP events
+/// ([`EventTiming`]); the tool's own figures are beside it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunReport {
     /// How the guest was migrated.
     pub mode: Mode,
     /// Guest RAM size.
     pub guest_mem_mib: u64,
-    /// The guest's MemTotal − MemFree just before migration.
+    /// The guest's MemTotal − MemFree when its workload was done.
     pub guest_used_mib: u64,
-    /// Bytes sent from source to destination (freehint: every socket,
+    /// Guest RAM − MemFree (the guest's last heartbeat before the
+    /// migration): all the memory the guest holds, its kernel included.
+    pub held_mib: u64,
+    /// The tool's own count of the bytes it sent (freehint: every socket,
     /// headers included; QEMU: `ram.transferred` of query-migrate).
-    pub bytes_on_wire: u64,
-    /// From the start of the migration to the guest running on the
-    /// destination.
+    pub bytes_tool: u64,
+    /// The migrate command → the destination's `RESUME` event (postcopy:
+    /// → its `MIGRATION completed` event); 0 if an event is missing.
     pub total_time_ms: u64,
-    /// How long the guest was stopped.
+    /// The source's `STOP` event → the destination's `RESUME` event; 0 if
+    /// an event is missing.
     pub downtime_ms: u64,
+    /// The tool's own total time (freehint: first connection to the
+    /// destination's confirmation; QEMU: `total-time`).
+    pub total_time_tool_ms: u64,
+    /// The tool's own downtime (freehint: its stop to the destination's
+    /// confirmation; QEMU: `downtime`).
+    pub downtime_tool_ms: u64,
+    /// The events the times come from.
+    pub timing: EventTiming,
     /// The guest's heartbeat went on, on the destination.
     pub guest_alive_after: bool,
     /// `ok` when the guest's checker verified its data region on the
@@ -149,6 +165,20 @@ pub struct RunReport {
     /// The migration's own figures (freehint's stats or QEMU's
     /// query-migrate answer), for the curious.
     pub detail: serde_json::Value,
+}
+
+/// Two network namespaces joined by a link: the source's processes run in
+/// one, the destination's in the other, so that the migration crosses the
+/// link (see the benchmark suite, tests/bench). Unix sockets (QMP, control,
+/// vhost-user) work across namespaces.
+#[derive(Clone, Debug)]
+pub struct NetnsPair {
+    /// The source's namespace.
+    pub src_ns: String,
+    /// The destination's namespace.
+    pub dst_ns: String,
+    /// The destination's address on the link.
+    pub dst_ip: String,
 }
 
 /// Where everything a run needs is.
@@ -180,6 +210,15 @@ pub struct DemoSetup {
     /// shared storage), which the guest checks with `fh-diskcheck` (see
     /// [`disk`]); `None`: no disk.
     pub disk: Option<DiskConfig>,
+    /// Console lines the guest must also have printed before it counts as
+    /// ready (e.g. `freehint-hotset ready`).
+    pub ready_lines: Vec<String>,
+    /// How long the guest idles once ready, before the migration (free page
+    /// reporting acts after a few seconds).
+    pub idle: Duration,
+    /// Run the source's and the destination's processes in these network
+    /// namespaces (`None`: all on this host's loopback).
+    pub netns: Option<NetnsPair>,
 }
 
 /// How long a freshly started destination QEMU is left to settle before a
@@ -299,6 +338,36 @@ impl Testbed {
         self.ram.path().join(format!("{vm}.ram"))
     }
 
+    /// A command running `program` on `vm`'s side: in its network
+    /// namespace if the set-up has them (VMs named `dst…` on the
+    /// destination's side, the others on the source's).
+    pub fn command(&self, vm: &str, program: &Path) -> Command {
+        match &self.setup.netns {
+            None => Command::new(program),
+            Some(n) => {
+                let ns = if vm.starts_with("dst") { &n.dst_ns } else { &n.src_ns };
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(program);
+                cmd
+            }
+        }
+    }
+
+    /// The address the destination listens on: its address on the link, or
+    /// 127.0.0.1.
+    pub fn listen_host(&self) -> &str {
+        self.setup
+            .netns
+            .as_ref()
+            .map_or("127.0.0.1", |n| n.dst_ip.as_str())
+    }
+
+    /// The QMP events of VM `vm` (its second monitor, `VM.events.qmp`).
+    pub fn events(&self, vm: &str) -> Result<QmpEvents, DemoError> {
+        QmpEvents::connect(&self.socket(&format!("{vm}.events.qmp")))
+            .map_err(io(format!("connecting to {vm} QEMU's event monitor")))
+    }
+
     fn timeout(&self, what: &str, timeout: Duration) -> DemoError {
         DemoError::Timeout {
             what: what.into(),
@@ -316,7 +385,8 @@ impl Testbed {
             self.socket(&format!("{vm}.qmp")),
         );
         let log = self.logs.join(format!("{vm}.daemon.log"));
-        let child = Command::new(self.setup.bin_dir.join("freehint"))
+        let child = self
+            .command(vm, &self.setup.bin_dir.join("freehint"))
             .arg("vm")
             .arg("--vhost-socket")
             .arg(&vhost_socket)
@@ -346,9 +416,9 @@ impl Testbed {
         Ok(d)
     }
 
-    fn guest_cmd(&self, qemu: &Path, vm: &str) -> Command {
+    fn guest_cmd(&self, qemu: &Path, vm: &str, ram: RamBacking) -> Command {
         let s = &self.setup;
-        let mut cmd = Command::new(qemu);
+        let mut cmd = self.command(vm, qemu);
         let mut append = format!(
             "freehint.memwork={} freehint.keep={} freehint.check={} {}",
             s.work_mib, s.keep_mib, s.check_mib, s.append
@@ -359,11 +429,13 @@ impl Testbed {
             guest_dir = DiskConfig::guest_dir(&s.guest_dir);
             disk.qemu_args(&mut cmd);
         }
-        guest_args(&mut cmd, &guest_dir, &self.ram(vm), s.mem_mib, &append);
-        cmd.arg("-qmp").arg(format!(
-            "unix:{},server=on,wait=off",
-            self.socket(&format!("{vm}.qmp")).display()
-        ));
+        guest_args_with(&mut cmd, &guest_dir, &ram, s.mem_mib, &append);
+        for monitor in ["qmp", "events.qmp"] {
+            cmd.arg("-qmp").arg(format!(
+                "unix:{},server=on,wait=off",
+                self.socket(&format!("{vm}.{monitor}")).display()
+            ));
+        }
         cmd
     }
 
@@ -390,7 +462,11 @@ impl Testbed {
         daemon: &Daemon,
         incoming: bool,
     ) -> Result<QemuGuest, DemoError> {
-        let mut cmd = self.guest_cmd(&self.setup.patched_qemu, vm);
+        let mut cmd = self.guest_cmd(
+            &self.setup.patched_qemu,
+            vm,
+            RamBacking::SharedFile(self.ram(vm)),
+        );
         freehint_device_args(
             &mut cmd,
             &self.setup.bin_dir.join("libfreehint_preload.so"),
@@ -402,25 +478,37 @@ impl Testbed {
         self.spawn_guest(vm, cmd)
     }
 
-    /// Starts the reference QEMU for VM `vm` with its own virtio-balloon,
-    /// `free-page-hint` on or off; `incoming` is QEMU's `-incoming` URI.
+    /// Starts the reference QEMU for VM `vm` for QEMU's own `mode`, with
+    /// its own virtio-balloon as that mode wants it and anonymous RAM (what
+    /// its users run: a hole reads as the shared zero page, where a shared
+    /// memory file would allocate a page on every read); `incoming`: start
+    /// with `-incoming defer`.
     pub fn native_qemu(
         &self,
         vm: &str,
-        free_page_hint: bool,
-        incoming: Option<&str>,
+        mode: Mode,
+        incoming: bool,
     ) -> Result<QemuGuest, DemoError> {
-        let mut cmd = self.guest_cmd(&self.setup.reference_qemu, vm);
-        if free_page_hint {
-            cmd.args(["-object", "iothread,id=io0"]).args([
-                "-device",
-                "virtio-balloon-pci,id=balloon0,free-page-hint=on,iothread=io0",
-            ]);
-        } else {
-            cmd.args(["-device", "virtio-balloon-pci,id=balloon0"]);
+        let mut cmd = self.guest_cmd(&self.setup.reference_qemu, vm, RamBacking::Anonymous);
+        match mode {
+            Mode::QemuNativeFph | Mode::QemuMultifdFph => {
+                cmd.args(["-object", "iothread,id=io0"]).args([
+                    "-device",
+                    "virtio-balloon-pci,id=balloon0,free-page-hint=on,iothread=io0",
+                ]);
+            }
+            Mode::QemuNativeFpr => {
+                cmd.args([
+                    "-device",
+                    "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
+                ]);
+            }
+            _ => {
+                cmd.args(["-device", "virtio-balloon-pci,id=balloon0"]);
+            }
         }
-        if let Some(uri) = incoming {
-            cmd.args(["-incoming", uri]);
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
         }
         self.spawn_guest(vm, cmd)
     }
@@ -430,7 +518,7 @@ impl Testbed {
     /// destination's with `--incoming` on a free port, and `dst_extra`)
     /// and patched QEMUs.
     pub fn freehint_pair(&self, dst_extra: &[&str]) -> Result<FreehintPair, DemoError> {
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let addr = format!("{}:{}", self.listen_host(), free_port()?);
         let src_daemon = self.daemon("src", &[])?;
         let mut dst_args = vec!["--incoming", addr.as_str()];
         dst_args.extend_from_slice(dst_extra);
@@ -473,11 +561,17 @@ impl Testbed {
         if !poll(t, || g.said("freehint-guest: ready")) {
             return Err(self.timeout("the guest to boot and run its workload", t));
         }
+        for line in &self.setup.ready_lines {
+            if !poll(t, || g.said(line)) {
+                return Err(self.timeout(&format!("the guest to say {line:?}"), t));
+            }
+        }
         // A couple of heartbeats and data checks, so "went on" is clear.
         let t = Duration::from_secs(30);
         if !poll(t, || g.heartbeats().len() >= 2 && !g.checks_ok().is_empty()) {
             return Err(self.timeout("the guest's heartbeat and data check", t));
         }
+        std::thread::sleep(self.setup.idle);
         Ok(())
     }
 }
@@ -594,12 +688,22 @@ pub fn interactive(setup: &DemoSetup) -> Result<(bool, String), DemoError> {
 /// workload, migrates it to a second QEMU and checks it there.
 pub fn run_mode(setup: &DemoSetup, mode: Mode) -> Result<RunReport, DemoError> {
     let bed = Testbed::new(setup, mode.name())?;
-    match mode {
-        Mode::FreehintHints | Mode::FreehintNohints => {
-            run_freehint(&bed, mode, mode == Mode::FreehintHints)
-        }
-        _ => run_native(&bed, mode, mode == Mode::QemuNativeFph),
+    if mode.is_freehint() {
+        run_freehint(&bed, mode, mode == Mode::FreehintHints)
+    } else {
+        run_native(&bed, mode)
     }
+}
+
+/// How long the destination's `RESUME` (or postcopy's last page) may take
+/// to show once the migrating side says it is done.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Guest RAM − MemFree at the guest's last heartbeat.
+fn held_mib(bed: &Testbed, src: &QemuGuest) -> u64 {
+    bed.setup
+        .mem_mib
+        .saturating_sub(src.mem_free_kib().unwrap_or(0) / 1024)
 }
 
 fn run_freehint(bed: &Testbed, mode: Mode, hints: bool) -> Result<RunReport, DemoError> {
@@ -612,15 +716,23 @@ fn run_freehint(bed: &Testbed, mode: Mode, hints: bool) -> Result<RunReport, Dem
     } = bed.freehint_pair(&[])?;
     let used = src.used_mib().unwrap_or(0);
     bed.settle_destination(&dst_daemon)?;
+    let (src_events, dst_events) = (bed.events("src")?, bed.events("dst")?);
+    let held = held_mib(bed, &src);
+    let migrate_us = now_us();
     let stats = freehint_migrate(&bed.setup.bin_dir, &src_daemon.control, &addr, hints, &[])?;
+    let timing = EventTiming::read(&src_events, &dst_events, migrate_us, false, EVENT_TIMEOUT);
     let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
     Ok(RunReport {
         mode,
         guest_mem_mib: bed.setup.mem_mib,
         guest_used_mib: used,
-        bytes_on_wire: stats.bytes_on_wire,
-        total_time_ms: stats.total_time_ms,
-        downtime_ms: stats.downtime_ms,
+        held_mib: held,
+        bytes_tool: stats.bytes_on_wire,
+        total_time_ms: timing.total_time_ms(false).unwrap_or(0),
+        downtime_ms: timing.downtime_ms().unwrap_or(0),
+        total_time_tool_ms: stats.total_time_ms,
+        downtime_tool_ms: stats.downtime_ms,
+        timing,
         guest_alive_after: alive,
         data_check: check,
         detail: serde_json::to_value(&stats).unwrap_or_default(),
@@ -631,29 +743,57 @@ fn qmp_err(e: impl std::fmt::Display) -> DemoError {
     DemoError::Qemu(e.to_string())
 }
 
-fn run_native(bed: &Testbed, mode: Mode, fph: bool) -> Result<RunReport, DemoError> {
-    let port = free_port()?;
-    let src = bed.native_qemu("src", fph, None)?;
+/// Sets QEMU's migration capabilities and parameters for `mode` on one
+/// side: events on, no bandwidth cap (QEMU's default is 128 MiB/s), and
+/// multifd or postcopy where the mode wants them.
+fn native_setup(qmp: &mut Qmp, mode: Mode) -> Result<(), DemoError> {
+    let mut caps = vec![json!({"capability": "events", "state": true})];
+    match mode {
+        Mode::QemuMultifdFph => caps.push(json!({"capability": "multifd", "state": true})),
+        Mode::QemuPostcopy => caps.push(json!({"capability": "postcopy-ram", "state": true})),
+        _ => {}
+    }
+    qmp.execute("migrate-set-capabilities", json!({"capabilities": caps}))
+        .map_err(qmp_err)?;
+    let mut params = json!({"max-bandwidth": 100u64 << 30});
+    if mode == Mode::QemuMultifdFph {
+        params["multifd-channels"] = json!(2);
+    }
+    qmp.execute("migrate-set-parameters", params)
+        .map_err(qmp_err)?;
+    Ok(())
+}
+
+fn run_native(bed: &Testbed, mode: Mode) -> Result<RunReport, DemoError> {
+    let uri = format!("tcp:{}:{}", bed.listen_host(), free_port()?);
+    let src = bed.native_qemu("src", mode, false)?;
     bed.wait_ready(&src)?;
     let used = src.used_mib().unwrap_or(0);
-    let dst = bed.native_qemu("dst", fph, Some(&format!("tcp:127.0.0.1:{port}")))?;
+    let dst = bed.native_qemu("dst", mode, true)?;
     let mut qmp = Qmp::connect(&bed.socket("src.qmp")).map_err(qmp_err)?;
-    // QEMU at its best: no bandwidth cap (its default is 128 MiB/s).
-    qmp.execute(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 100u64 << 30}),
-    )
-    .map_err(qmp_err)?;
-    // The destination listens once QEMU has set up -incoming.
-    let dst_qmp_path = bed.socket("dst.qmp");
-    let mut dst_qmp = Qmp::connect(&dst_qmp_path).map_err(qmp_err)?;
+    let mut dst_qmp = Qmp::connect(&bed.socket("dst.qmp")).map_err(qmp_err)?;
+    native_setup(&mut qmp, mode)?;
+    native_setup(&mut dst_qmp, mode)?;
+    dst_qmp
+        .execute("migrate-incoming", json!({"uri": uri}))
+        .map_err(qmp_err)?;
     let t = Duration::from_secs(20);
-    if !poll(t, || dst_qmp.status().is_ok_and(|s| s == "inmigrate")) {
+    if !poll(t, || {
+        dst_qmp
+            .execute("query-migrate", json!({}))
+            .is_ok_and(|i| i["status"] == "setup" || i["status"] == "active")
+            || dst_qmp.status().is_ok_and(|s| s == "inmigrate")
+    }) {
         return Err(bed.timeout("the destination QEMU to wait for the migration", t));
     }
     std::thread::sleep(SETTLE);
-    qmp.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+    let (src_events, dst_events) = (bed.events("src")?, bed.events("dst")?);
+    let held = held_mib(bed, &src);
+    let migrate_us = now_us();
+    qmp.execute("migrate", json!({"uri": uri}))
         .map_err(qmp_err)?;
+    let postcopy = mode == Mode::QemuPostcopy;
+    let mut postcopy_started = false;
     let t = Instant::now();
     let info = loop {
         let info = qmp.execute("query-migrate", json!({})).map_err(qmp_err)?;
@@ -665,20 +805,30 @@ fn run_native(bed: &Testbed, mode: Mode, fph: bool) -> Result<RunReport, DemoErr
                     info["status"], info["error-desc"]
                 )))
             }
+            "active" if postcopy && !postcopy_started => {
+                qmp.execute("migrate-start-postcopy", json!({}))
+                    .map_err(qmp_err)?;
+                postcopy_started = true;
+            }
             _ if t.elapsed() > Duration::from_secs(600) => {
                 return Err(bed.timeout("QEMU's migration", Duration::from_secs(600)))
             }
             _ => std::thread::sleep(Duration::from_millis(20)),
         }
     };
+    let timing = EventTiming::read(&src_events, &dst_events, migrate_us, postcopy, EVENT_TIMEOUT);
     let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
     Ok(RunReport {
         mode,
         guest_mem_mib: bed.setup.mem_mib,
         guest_used_mib: used,
-        bytes_on_wire: info["ram"]["transferred"].as_u64().unwrap_or(0),
-        total_time_ms: info["total-time"].as_u64().unwrap_or(0),
-        downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+        held_mib: held,
+        bytes_tool: info["ram"]["transferred"].as_u64().unwrap_or(0),
+        total_time_ms: timing.total_time_ms(postcopy).unwrap_or(0),
+        downtime_ms: timing.downtime_ms().unwrap_or(0),
+        total_time_tool_ms: info["total-time"].as_u64().unwrap_or(0),
+        downtime_tool_ms: info["downtime"].as_u64().unwrap_or(0),
+        timing,
         guest_alive_after: alive,
         data_check: check,
         detail: info,

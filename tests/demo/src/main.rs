@@ -102,6 +102,9 @@ fn run(a: Args) -> Result<()> {
         boot_timeout: Duration::from_secs(600),
         append: a.guest_append.clone(),
         disk: None,
+        ready_lines: Vec::new(),
+        idle: Duration::ZERO,
+        netns: None,
     };
     if a.interactive {
         let (alive, check) = freehint_demo::interactive(&setup)?;
@@ -132,7 +135,7 @@ fn run(a: Args) -> Result<()> {
         eprintln!(
             "freehint-demo: {}: {:.0} MiB in {} ms, downtime {} ms, alive {}, data {}",
             mode.name(),
-            r.bytes_on_wire as f64 / 1048576.0,
+            r.bytes_tool as f64 / 1048576.0,
             r.total_time_ms,
             r.downtime_ms,
             r.guest_alive_after,
@@ -166,7 +169,7 @@ fn table(rows: &[RunReport]) -> String {
         s += &format!(
             "{:<17} {:>12.1} {:>9} {:>12} {:>6} {:>6}\n",
             r.mode.name(),
-            r.bytes_on_wire as f64 / 1048576.0,
+            r.bytes_tool as f64 / 1048576.0,
             r.total_time_ms,
             r.downtime_ms,
             if r.guest_alive_after { "yes" } else { "NO" },
@@ -185,7 +188,7 @@ fn table(rows: &[RunReport]) -> String {
         ))
     };
     if let (Some((fb, qb)), Some((ft, qt)), Some((fd, _))) = (
-        pair(|r| r.bytes_on_wire),
+        pair(|r| r.bytes_tool),
         pair(|r| r.total_time_ms),
         pair(|r| r.downtime_ms),
     ) {

@@ -176,6 +176,9 @@ pub fn real_guest_setup(
         boot_timeout: std::time::Duration::from_secs(300),
         append: String::new(),
         disk: None,
+        ready_lines: Vec::new(),
+        idle: std::time::Duration::ZERO,
+        netns: None,
     })
 }
 

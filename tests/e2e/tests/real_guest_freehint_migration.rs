@@ -33,9 +33,9 @@ fn with_hints_the_guest_arrives_alive_with_its_data_sending_little_more_than_it_
     assert!(r.guest_used_mib > 0 && r.guest_used_mib < 2048, "{r:?}");
     let limit = r.guest_used_mib as f64 * 1.5 * 1048576.0;
     assert!(
-        (r.bytes_on_wire as f64) <= limit,
+        (r.bytes_tool as f64) <= limit,
         "{} bytes on the wire for {} MiB used (limit 1.5x): {r:?}",
-        r.bytes_on_wire,
+        r.bytes_tool,
         r.guest_used_mib
     );
     assert!(
