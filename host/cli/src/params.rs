@@ -63,7 +63,9 @@ pub struct ParamArgs {
     /// With hints on, wait at most this many ms for the guest's first
     /// free-page report before sending (balloon guests). The wait ends
     /// sooner when the report is done or its hints slow down; later hints
-    /// still apply.
+    /// still apply. Default 0: send at once, hints apply while the first
+    /// round runs (never slower than without hints; a wait can save bytes
+    /// on a link much faster than the guest reports).
     #[arg(long, value_name = "MS")]
     pub hint_wait_ms: Option<u64>,
 }

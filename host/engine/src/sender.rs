@@ -47,6 +47,10 @@ pub struct PrecopySender {
     phase: PhaseWatch,
     cancel: CancellationToken,
     progress: ProgressWatch,
+    /// Hint rounds still pay: the guest's reports take pages off the send
+    /// list (see [`watch_hint_payoff`]). Once they do not, no more rounds
+    /// are opened for the rest of the migration.
+    hints_paying: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for PrecopySender {
@@ -108,6 +112,7 @@ impl PrecopySender {
             phase: PhaseWatch::new(Side::Source),
             cancel: CancellationToken::new(),
             progress: ProgressWatch::default(),
+            hints_paying: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
     }
 
@@ -231,7 +236,8 @@ impl PrecopySender {
             })
         };
         let report = if open_next {
-            self.filter.sync(self.hint_source.is_some(), merge)?
+            let hinting = self.hint_source.is_some() && self.hints_paying.load(Ordering::Relaxed);
+            self.filter.sync(hinting, merge)?
         } else {
             self.filter.final_sync(merge)?
         };
@@ -274,7 +280,8 @@ impl PrecopySender {
         // Open the first hint round before connecting, so the guest's
         // report is under way by the time the first pages go out.
         let first = self.sync(self.params.hints, &mut at.stats)?;
-        if let (Some(id), Some(src)) = (first.opened_epoch, &self.hint_source) {
+        let waiting = self.params.hint_wait_ms > 0;
+        if let (Some(id), Some(src), true) = (first.opened_epoch, &self.hint_source, waiting) {
             let filter = self.filter.clone();
             let page_bytes = self.ram.regions().first().map_or(4096, |r| r.page_bytes());
             // Waiting longer than sending every populated page at the floor
@@ -357,7 +364,12 @@ impl PrecopySender {
             check_control(at)?;
             let t = Instant::now();
             let zero_runs = std::mem::take(&mut at.zero_runs);
-            let counters = self.send_round(at, zero_runs).await?;
+            let watch = self.watch_hints_during_round(at.round);
+            let counters = self.send_round(at, zero_runs).await;
+            if let Some(w) = watch {
+                w.abort();
+            }
+            let counters = counters?;
             let secs = t.elapsed().as_secs_f64();
             let bytes = counters.bytes.load(Ordering::Relaxed);
             add_counters(&mut at.stats, &counters);
@@ -405,6 +417,24 @@ impl PrecopySender {
             }
         }
         Ok(())
+    }
+
+    /// While round `round` runs with a hint round open, watches whether the
+    /// guest's hints pay (see [`watch_hint_payoff`]); `None` when no hint
+    /// round is open.
+    fn watch_hints_during_round(&self, round: u32) -> Option<tokio::task::JoinHandle<()>> {
+        let src = self.hint_source.clone()?;
+        if !self.hints_paying.load(Ordering::Relaxed) || self.filter.open_epoch().is_none() {
+            return None;
+        }
+        let page_bytes = self.ram.regions().first().map_or(4096, |r| r.page_bytes());
+        Some(tokio::spawn(watch_hint_payoff(
+            self.filter.clone(),
+            src,
+            page_bytes,
+            round,
+            self.hints_paying.clone(),
+        )))
     }
 
     /// Tells the destination, stops the hint round (while the guest still
@@ -843,6 +873,55 @@ const HINT_RATE_FLOOR_BYTES_PER_S: u64 = 512 << 20;
 /// The window over which the hint rate is measured, from the first hint on.
 const HINT_RATE_WINDOW_MS: u64 = 100;
 
+/// Hinted bytes after which [`watch_hint_payoff`] judges a hint round.
+const HINT_PAYOFF_SAMPLE_BYTES: u64 = 32 << 20;
+
+/// A hint round pays while at least this share (1/N) of the memory it
+/// hints was on the send list.
+const HINT_PAYOFF_MIN_SHARE: u64 = 8;
+
+/// Watches the open hint round while a live round sends: once the guest
+/// has hinted [`HINT_PAYOFF_SAMPLE_BYTES`] more and less than
+/// 1/[`HINT_PAYOFF_MIN_SHARE`] of it was memory still to send, the report
+/// is stopped and no more hint rounds are opened (`paying` is cleared).
+///
+/// Why: a guest that hints its free memory also works for it (Linux with
+/// `init_on_alloc=1`, Debian's default, zeroes every block it takes to
+/// hint, which costs it CPU and makes the host back memory that was a
+/// hole), and hints for holes, memory never written or already sent save
+/// nothing. Hints must never cost the migration time.
+async fn watch_hint_payoff(
+    filter: Arc<HintFilter>,
+    src: Arc<dyn HintSource>,
+    page_bytes: u64,
+    round: u32,
+    paying: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let start = filter.stats();
+    loop {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = filter.stats();
+        let hinted = now.hinted_bytes - start.hinted_bytes;
+        if hinted < HINT_PAYOFF_SAMPLE_BYTES {
+            continue;
+        }
+        let saved = (now.pages_skipped_free - start.pages_skipped_free) * page_bytes;
+        if saved.saturating_mul(HINT_PAYOFF_MIN_SHARE) < hinted {
+            paying.store(false, Ordering::Relaxed);
+            tracing::info!(
+                round,
+                hinted_bytes = hinted,
+                saved_bytes = saved,
+                "free-page hints do not pay (the guest hints memory that is not to be sent): no more hint rounds"
+            );
+            if let Err(e) = src.stop_round() {
+                tracing::warn!("could not stop the hint round: {}", ErrorChain(&e));
+            }
+        }
+        return;
+    }
+}
+
 /// Waits until the guest has finished its free-page report for round `id`,
 /// its hints (once they have started) take pages off the send list slower
 /// than [`HINT_RATE_FLOOR_BYTES_PER_S`], or `max_ms` passed; returns the
@@ -896,7 +975,7 @@ async fn wait_for_report(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use freehint_types::HintSourceError;
+    use freehint_types::{HintSourceError, RamRange};
 
     /// A guest that never closes its report (or always has, with `done`).
     struct Reporting {
@@ -965,5 +1044,88 @@ mod tests {
         let progress = move || (t.elapsed().as_millis() as u64 + 1, 0);
         let waited = runtime().block_on(wait_for_report(&OPEN, CmdId(2), 10_000, progress));
         assert!(waited < 2000, "{waited}");
+    }
+
+    /// A guest whose report can be told to stop, counting the stops.
+    #[derive(Default)]
+    struct Stoppable {
+        stops: AtomicU64,
+    }
+
+    impl HintSource for Stoppable {
+        fn start_round(&self, _: CmdId) -> Result<(), HintSourceError> {
+            Ok(())
+        }
+        fn stop_round(&self) -> Result<(), HintSourceError> {
+            self.stops.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        fn finish(&self) -> Result<(), HintSourceError> {
+            Ok(())
+        }
+        fn round_reported(&self, _: CmdId) -> Option<bool> {
+            Some(false)
+        }
+    }
+
+    /// A filter over 64 MiB of 4 KiB pages whose first `to_send` pages are
+    /// to be sent, with an epoch open.
+    fn filter_with_open_epoch(to_send: u64) -> (Arc<HintFilter>, CmdId) {
+        use freehint_hint_filter::{MigrationBitmap, RegionLayout};
+        let mut bm = MigrationBitmap::new(vec![RegionLayout {
+            ram_start: 0,
+            page_bytes: 4096,
+            pages: 16384,
+        }]);
+        bm.set_run(PageRun::new(0, 0, to_send));
+        let filter = Arc::new(HintFilter::new(bm));
+        let epoch = filter
+            .sync(true, |_| Ok::<(), ()>(()))
+            .unwrap()
+            .opened_epoch
+            .unwrap();
+        (filter, epoch)
+    }
+
+    /// Runs the watch while `hint` hints the filter's memory in 4 MiB
+    /// blocks from `first_block` on; returns (still paying, stops asked).
+    fn watch_while_hinting(filter: Arc<HintFilter>, epoch: CmdId, first_block: u64) -> (bool, u64) {
+        let src = Arc::new(Stoppable::default());
+        let paying = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        runtime().block_on(async {
+            let watch = tokio::spawn(watch_hint_payoff(
+                filter.clone(),
+                src.clone(),
+                4096,
+                1,
+                paying.clone(),
+            ));
+            for block in first_block..16 {
+                filter.apply_hints(epoch, &[RamRange::new(block << 22, 4 << 20)]);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::timeout(Duration::from_secs(5), watch)
+                .await
+                .expect("the watch judges once enough is hinted")
+                .unwrap();
+        });
+        (
+            paying.load(Ordering::Relaxed),
+            src.stops.load(Ordering::Relaxed),
+        )
+    }
+
+    #[test]
+    fn hints_for_memory_not_to_be_sent_stop_the_report_and_later_rounds() {
+        // Only the first 4 MiB are to be sent; the guest hints the rest.
+        let (filter, epoch) = filter_with_open_epoch(1024);
+        assert_eq!(watch_while_hinting(filter, epoch, 1), (false, 1));
+    }
+
+    #[test]
+    fn hints_that_take_pages_off_the_send_list_go_on() {
+        // All 64 MiB are to be sent: every hint saves what it covers.
+        let (filter, epoch) = filter_with_open_epoch(16384);
+        assert_eq!(watch_while_hinting(filter, epoch, 0), (true, 0));
     }
 }

@@ -12,8 +12,8 @@
 
 #![deny(missing_docs)]
 
-pub mod record;
-pub mod report;
 pub mod link;
 pub mod profile;
+pub mod record;
+pub mod report;
 pub mod suite;

@@ -95,7 +95,16 @@ impl TestLink {
             "netns", DST_NS,
         ])?;
         for (ns, interface, ip) in [(SRC_NS, SRC_IF, SRC_IP), (DST_NS, DST_IF, DST_IP)] {
-            run(&["ip", "-n", ns, "addr", "add", &format!("{ip}/30"), "dev", interface])?;
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{ip}/30"),
+                "dev",
+                interface,
+            ])?;
             run(&["ip", "-n", ns, "link", "set", interface, "up"])?;
         }
         Ok(link)
@@ -143,7 +152,9 @@ impl TestLink {
 
     /// The source end's counters (its tx is what went to the destination).
     pub fn counters(&self) -> Result<Counters, LinkError> {
-        let out = run(&["ip", "-n", SRC_NS, "-j", "-s", "link", "show", "dev", SRC_IF])?;
+        let out = run(&[
+            "ip", "-n", SRC_NS, "-j", "-s", "link", "show", "dev", SRC_IF,
+        ])?;
         parse_counters(SRC_IF, &out)
     }
 }
@@ -158,7 +169,10 @@ impl Drop for TestLink {
 pub fn remove_leftovers() {
     for ns in [SRC_NS, DST_NS] {
         if let Ok(pids) = run(&["ip", "netns", "pids", ns]) {
-            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            for pid in pids
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
                 // SAFETY: kill() has no memory effects; these are processes
                 // in the suite's own namespace, left by an earlier run.
                 unsafe { libc::kill(pid, libc::SIGKILL) };

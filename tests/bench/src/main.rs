@@ -143,7 +143,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     if a.list {
         let available = freehint_bench::suite::host_available_mib();
         for key in matrix.runs() {
-            let skip = skip_reason(&key, available).map_or(String::new(), |r| format!(": skipped, {r}"));
+            let skip =
+                skip_reason(&key, available).map_or(String::new(), |r| format!(": skipped, {r}"));
             println!(
                 "{} {} MiB {} {} rep {}{skip}",
                 key.profile.name(),
@@ -160,9 +161,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         unsafe { libc::geteuid() } == 0,
         "the suite must run as root: it creates network namespaces and shapes their link with tc"
     );
-    let qemu = a
-        .qemu
-        .context("no patched QEMU: pass --qemu or set FREEHINT_QEMU (tests/qemu/build-qemu.sh prints it)")?;
+    let qemu = a.qemu.context(
+        "no patched QEMU: pass --qemu or set FREEHINT_QEMU (tests/qemu/build-qemu.sh prints it)",
+    )?;
     let guest_dir = a.guest_dir.context(
         "no guest image: pass --guest-dir or set FREEHINT_GUEST_DIR (tests/guest/build-guest-image.sh prints it)",
     )?;
@@ -197,13 +198,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         scratch_dir: std::path::absolute(&a.scratch_dir)?,
     };
     let command = std::env::args()
-        .map(|a| {
-            if a.contains(' ') {
-                format!("'{a}'")
-            } else {
-                a
-            }
-        })
+        .map(|a| if a.contains(' ') { format!("'{a}'") } else { a })
         .collect::<Vec<_>>()
         .join(" ");
     let report = suite.run(command)?;

@@ -7,7 +7,19 @@ use serde::{Deserialize, Serialize};
 pub use freehint_demo::Mode;
 
 /// An idle-heavy guest: what the guest did before it is migrated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Profile {
     /// Booted, idle.
@@ -47,7 +59,19 @@ impl Profile {
 }
 
 /// The link between the two namespaces: a veth pair shaped with `tc`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 pub enum Link {
     /// No shaping.
     #[serde(rename = "unlimited")]
@@ -154,11 +178,7 @@ pub struct RunRecord {
 
 impl RunRecord {
     /// A record of a run that did not produce figures.
-    pub fn unmeasured(
-        key: RunKey,
-        status: RunStatus,
-        reason: impl Into<String>,
-    ) -> RunRecord {
+    pub fn unmeasured(key: RunKey, status: RunStatus, reason: impl Into<String>) -> RunRecord {
         RunRecord {
             profile: key.profile,
             mem_mib: key.mem_mib,

@@ -96,7 +96,14 @@ pub fn machine() -> String {
         .unwrap_or_default();
     let ram_gib = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next()?.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .and_then(|m| {
+            m.lines()
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
         .map_or(0, |kib| (kib + (1 << 19)) >> 20);
     format!("{cores} cores ({cpu}), {ram_gib} GiB RAM, Linux {kernel}")
 }
@@ -202,7 +209,10 @@ fn measured(key: RunKey, r: RunReport, before: Counters, after: Counters) -> Run
     let mut record = RunRecord::unmeasured(key, RunStatus::Ok, "");
     let missing: Vec<&str> = [
         ("the source's STOP event", r.timing.src_stop_us.is_none()),
-        ("the destination's RESUME event", r.timing.dst_resume_us.is_none()),
+        (
+            "the destination's RESUME event",
+            r.timing.dst_resume_us.is_none(),
+        ),
     ]
     .into_iter()
     .filter_map(|(what, missing)| missing.then_some(what))

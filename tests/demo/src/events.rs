@@ -76,11 +76,13 @@ impl QmpEvents {
                 let ts = &v["timestamp"];
                 let timestamp_us = ts["seconds"].as_u64().unwrap_or(0) * 1_000_000
                     + ts["microseconds"].as_u64().unwrap_or(0);
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(QmpEvent {
-                    name: name.to_string(),
-                    timestamp_us,
-                    data: v.get("data").cloned().unwrap_or(Value::Null),
-                });
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(QmpEvent {
+                        name: name.to_string(),
+                        timestamp_us,
+                        data: v.get("data").cloned().unwrap_or(Value::Null),
+                    });
             }
         });
         Ok(QmpEvents { events })
@@ -88,12 +90,20 @@ impl QmpEvents {
 
     /// Every event so far.
     pub fn all(&self) -> Vec<QmpEvent> {
-        self.events.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The timestamp of the first event named `name` at or after `after_us`
     /// whose data satisfies `matches`.
-    pub fn first(&self, name: &str, after_us: u64, matches: impl Fn(&Value) -> bool) -> Option<u64> {
+    pub fn first(
+        &self,
+        name: &str,
+        after_us: u64,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Option<u64> {
         self.events
             .lock()
             .unwrap_or_else(|e| e.into_inner())

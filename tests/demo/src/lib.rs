@@ -63,7 +63,17 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
 
 /// One way of migrating the guest.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
@@ -345,7 +355,11 @@ impl Testbed {
         match &self.setup.netns {
             None => Command::new(program),
             Some(n) => {
-                let ns = if vm.starts_with("dst") { &n.dst_ns } else { &n.src_ns };
+                let ns = if vm.starts_with("dst") {
+                    &n.dst_ns
+                } else {
+                    &n.src_ns
+                };
                 let mut cmd = Command::new("ip");
                 cmd.args(["netns", "exec", ns]).arg(program);
                 cmd
@@ -816,7 +830,13 @@ fn run_native(bed: &Testbed, mode: Mode) -> Result<RunReport, DemoError> {
             _ => std::thread::sleep(Duration::from_millis(20)),
         }
     };
-    let timing = EventTiming::read(&src_events, &dst_events, migrate_us, postcopy, EVENT_TIMEOUT);
+    let timing = EventTiming::read(
+        &src_events,
+        &dst_events,
+        migrate_us,
+        postcopy,
+        EVENT_TIMEOUT,
+    );
     let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
     Ok(RunReport {
         mode,
