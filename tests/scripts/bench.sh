@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# The benchmark suite: runs every benchmark on this machine and writes
-# docs/BENCHMARKS.md from the results (each figure with its command).
-# Takes about 25 minutes; uses about 9 GiB of /dev/shm at its peak.
+# The benchmark suite (`make bench`): runs the standard matrix on this
+# machine and writes docs/BENCHMARKS.md (tables and plots in docs/bench/)
+# from the results, each figure with its command. Needs root (network
+# namespaces and tc). About 80 minutes; at its peak about 18 GiB of memory
+# (a 16 GiB guest whose kernel zeroes its free memory to hint it).
+#
+#   FREEHINT_BENCH_QUICK=1 make bench   one repetition of a smaller real-guest
+#                                       matrix (a check that everything runs;
+#                                       the commands in the report show it)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ./tests/scripts/setup-host.sh
-cargo build --release --workspace --features freehint/failpoints,freehint/bench
+cargo build --release -p freehint -p freehint-preload -p freehint-bench \
+  --features freehint/failpoints,freehint/bench
+FREEHINT_QEMU=$(./tests/qemu/build-qemu.sh)
+FREEHINT_GUEST_DIR=$(./tests/guest/build-guest-image.sh)
+export FREEHINT_QEMU FREEHINT_GUEST_DIR
 out=target/bench
+rm -rf "$out"
 mkdir -p "$out"
 fh=./target/release/freehint
+bench=./target/release/freehint-bench
 
 run() { # name, command...
   local name=$1; shift
@@ -17,17 +29,40 @@ run() { # name, command...
   "$@" > "$out/$name.json"
 }
 
+quick=${FREEHINT_BENCH_QUICK:-}
+reps=3
+[ -n "$quick" ] && reps=1
+
+# 1. Every profile, every mode, 2 GiB, on a 1 Gbit/s link.
+$bench --profiles fresh,after-job,fragmented,page-cache,busy-idle --mem-mib 2048 \
+  --modes freehint-hints,freehint-nohints,qemu-native,qemu-native-fph,qemu-native-fpr,qemu-multifd-fph,qemu-postcopy \
+  --link 1gbit --repeat $reps --json $out/suite-1-profiles.json
+# 2. How cost grows with RAM size (the 2 GiB point is in 1.).
+sizes=4096,8192,16384
+[ -n "$quick" ] && sizes=8192
+$bench --profiles fresh,after-job --mem-mib $sizes \
+  --modes freehint-hints,qemu-native,qemu-native-fph \
+  --link 1gbit --repeat $reps --json $out/suite-2-scaling.json
+# 3. Faster links.
+$bench --profiles after-job --mem-mib 2048 \
+  --modes freehint-hints,freehint-nohints,qemu-native-fph,qemu-multifd-fph \
+  --link unlimited,10gbit --repeat $reps --json $out/suite-3-links.json
+# 4. After 10 s of idling: free page reporting has discarded freed memory.
+$bench --profiles after-job --mem-mib 2048 --idle-s 10 \
+  --modes freehint-hints,qemu-native-fpr,qemu-native-fph \
+  --link 1gbit --repeat $reps --json $out/suite-4-idle.json
+
+# The simulated VM and the micro benchmarks (loopback, no guest).
 sim=(bench sim --mem-mib 4096 --used-percent 15 --dirty-mib-per-s 16 --json)
-# Three interleaved repetitions: this machine's memory makes single runs noisy.
 for i in 1 2 3; do
   for h in on off; do
     run "sim4g-hints-$h-$i" $fh "${sim[@]}" --hints "$h"
     run "sim4g-prealloc-hints-$h-$i" $fh "${sim[@]}" --hints "$h" --preallocate-destination
   done
 done
-# Transfer rate: five pairs of (plain loopback TCP, then freehint's first
-# round of an all-data guest), each pair back to back, because this
-# machine's loopback rate itself varies run to run.
+# Transfer rate: pairs of (plain loopback TCP, then freehint's first round
+# of an all-data guest), each pair back to back, because this machine's
+# loopback rate itself varies run to run.
 for n in 1 2 3 4 5; do
   iperf3 -s -1 -p 5301 >/dev/null 2>&1 &
   sleep 0.5
@@ -40,21 +75,5 @@ run transfer-1-1 $fh bench sim --mem-mib 4096 --used-percent 100 --dirty-mib-per
 run hints $fh bench hints --mem-mib 4096
 run sync $fh bench sync --mem-mib 4096
 
-# The REAL guest: the demo's four modes, three times round-robin, for the
-# demo's guest, a freshly booted idle guest, and the demo's guest with
-# Debian's init_on_alloc off.
-FREEHINT_QEMU=$(./tests/qemu/build-qemu.sh)
-FREEHINT_GUEST_DIR=$(./tests/guest/build-guest-image.sh)
-export FREEHINT_QEMU FREEHINT_GUEST_DIR
-real() { # name, demo args...
-  local name=$1; shift
-  echo "bench: $name: freehint-demo $*" >&2
-  echo "make demo ARGS=\"$*\"" > "$out/$name.cmd"
-  ./target/release/freehint-demo "$@" --out "$out/$name.json" --log-dir "$out/$name-logs" > "$out/$name.txt"
-}
-real real-demo --repeat 3
-real real-idle --work-mib 0 --keep-mib 0 --repeat 3
-real real-ioa0 --guest-append init_on_alloc=0 --repeat 3
-
-python3 tests/scripts/bench_report.py "$out" > docs/BENCHMARKS.md
-echo "bench: wrote docs/BENCHMARKS.md" >&2
+$bench report --dir "$out" --out docs/BENCHMARKS.md --plots-dir docs/bench
+echo "bench: wrote docs/BENCHMARKS.md and docs/bench/" >&2

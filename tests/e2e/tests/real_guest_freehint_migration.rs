@@ -30,6 +30,14 @@ fn with_hints_the_guest_arrives_alive_with_its_data_sending_little_more_than_it_
         "no heartbeat on the destination: {r:?}"
     );
     assert_eq!(r.data_check, "ok", "{r:?}");
+    // Timed from QMP events like every mode: the source stopped, then the
+    // destination resumed, within the migration.
+    let (stop, resume) = (
+        r.timing.src_stop_us.expect("the source's STOP event"),
+        r.timing.dst_resume_us.expect("the destination's RESUME event"),
+    );
+    assert!(r.timing.migrate_us < stop && stop <= resume, "{r:?}");
+    assert!(r.downtime_ms <= r.total_time_ms, "{r:?}");
     assert!(r.guest_used_mib > 0 && r.guest_used_mib < 2048, "{r:?}");
     let limit = r.guest_used_mib as f64 * 1.5 * 1048576.0;
     assert!(
