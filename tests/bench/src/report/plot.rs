@@ -130,7 +130,7 @@ pub(crate) fn suite_plots(
         };
         let mut bytes = Vec::new();
         let mut time = Vec::new();
-        for (mode, runs) in &groups[key] {
+        for (mode, runs) in groups.get(key).into_iter().flatten() {
             let s = load::summarize(runs);
             if let Some(x) = s.link_mib {
                 bytes.push((*mode, x));
@@ -191,7 +191,7 @@ pub(crate) fn suite_plots(
                         link,
                         idle_s,
                     };
-                    for (mode, runs) in &groups[&key] {
+                    for (mode, runs) in groups.get(&key).into_iter().flatten() {
                         let s = load::summarize(runs);
                         if let Some(t) = s.total_time_ms {
                             total.entry(*mode).or_default().push((mem_mib as f64, t));
