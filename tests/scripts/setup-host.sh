@@ -17,6 +17,8 @@ if [ "$(id -u)" = 0 ]; then
   need_cmd python3 || missing+=(python3)
   # mkfs.ext4 makes the test guest's disk images (tests/demo/src/disk.rs).
   need_cmd mkfs.ext4 || [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
+  # The font of the benchmark report's plots (freehint-bench report).
+  [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     apt-get update -qq
