@@ -72,7 +72,8 @@ elif [ -n "$disk" ]; then
   if mount -t ext4 -o ro /dev/vda /mnt/disk; then
     echo "freehint-guest: disk mounted"
     if [ -n "$readdisk" ]; then
-      cat /mnt/disk/* > /dev/null && echo "freehint-guest: disk read into the page cache"
+      for f in /mnt/disk/*; do [ -f "$f" ] && cat "$f"; done > /dev/null
+      echo "freehint-guest: disk read into the page cache"
     else
       fh-diskcheck /mnt/disk &
     fi

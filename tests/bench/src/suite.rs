@@ -141,7 +141,9 @@ impl Suite {
             runs: Vec::new(),
         };
         let keys = self.matrix.runs();
+        // Also kills what a killed earlier suite left in the namespaces.
         let mut link = TestLink::create()?;
+        remove_stale_ram_dirs(Path::new("/dev/shm"));
         let disk = if self.matrix.profiles.contains(&Profile::PageCache) {
             Some(DiskImage::make(&self.scratch_dir)?)
         } else {
@@ -269,6 +271,55 @@ fn write_json(path: &Path, report: &SuiteReport) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Removes the guest RAM folders (`freehint-demo*`) in `shm` that no
+/// process has open or mapped: what a killed run left (a testbed removes
+/// its own when dropped).
+pub fn remove_stale_ram_dirs(shm: &Path) {
+    let Ok(entries) = std::fs::read_dir(shm) else {
+        return;
+    };
+    let dirs: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("freehint-demo"))
+        })
+        .collect();
+    if dirs.is_empty() {
+        return;
+    }
+    // Every file any process has open or mapped.
+    let mut in_use = String::new();
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.filter_map(Result::ok) {
+            let path = p.path();
+            if let Ok(maps) = std::fs::read_to_string(path.join("maps")) {
+                in_use.push_str(&maps);
+            }
+            if let Ok(fds) = std::fs::read_dir(path.join("fd")) {
+                for fd in fds.filter_map(Result::ok) {
+                    if let Ok(target) = std::fs::read_link(fd.path()) {
+                        in_use.push_str(&target.to_string_lossy());
+                        in_use.push('\n');
+                    }
+                }
+            }
+        }
+    }
+    for dir in dirs {
+        if !in_use.contains(&*dir.to_string_lossy()) {
+            eprintln!(
+                "freehint-bench: removing {}, left by a killed run",
+                dir.display()
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
 }
 
 /// The `page-cache` profile's disk: an ext4 image of 1 GiB of files, the

@@ -34,7 +34,9 @@ fn with_hints_the_guest_arrives_alive_with_its_data_sending_little_more_than_it_
     // destination resumed, within the migration.
     let (stop, resume) = (
         r.timing.src_stop_us.expect("the source's STOP event"),
-        r.timing.dst_resume_us.expect("the destination's RESUME event"),
+        r.timing
+            .dst_resume_us
+            .expect("the destination's RESUME event"),
     );
     assert!(r.timing.migrate_us < stop && stop <= resume, "{r:?}");
     assert!(r.downtime_ms <= r.total_time_ms, "{r:?}");
