@@ -452,10 +452,12 @@ impl PrecopySender {
                 tracing::warn!("could not stop the hint round: {}", ErrorChain(&e));
             }
         }
-        at.stop_at = Some(Instant::now());
+        let stop_at = Instant::now();
+        at.stop_at = Some(stop_at);
         // Set first: a stop that fails half-way is still undone.
         at.vm_stopped = true;
         self.vmm.stop()?;
+        at.stats.downtime_breakdown.stop_us = stop_at.elapsed().as_micros() as u64;
         self.phase.enter(Phase::Stopped);
         Ok(())
     }
@@ -463,6 +465,7 @@ impl PrecopySender {
     /// The final sync and round, with the VM stopped; closes the bulk
     /// channels.
     async fn final_round(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
+        let started = Instant::now();
         let report = self.sync(false, &mut at.stats)?;
         let mut zero_runs = std::mem::take(&mut at.zero_runs);
         zero_runs.extend(report.discarded);
@@ -485,12 +488,16 @@ impl PrecopySender {
                 }
             }
         }
+        at.stats.downtime_breakdown.final_round_us = started.elapsed().as_micros() as u64;
         Ok(())
     }
 
     /// Takes the device state and sends it, then `Complete`.
     async fn send_device_state(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
+        let started = Instant::now();
         let state = self.vmm.device_state()?;
+        at.stats.downtime_breakdown.device_state_save_us = started.elapsed().as_micros() as u64;
+        let sending = Instant::now();
         if state.len() as u64 > MAX_DEVICE_STATE_BYTES {
             return Err(MigrateError::DeviceStateTooLarge {
                 bytes: state.len() as u64,
@@ -521,11 +528,13 @@ impl PrecopySender {
                 t,
             )
             .await?;
+        at.stats.downtime_breakdown.device_state_send_us = sending.elapsed().as_micros() as u64;
         self.phase.enter(Phase::HandingOver);
         Ok(())
     }
 
     async fn await_ready(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
+        let started = Instant::now();
         let t = self.timeout();
         let control = at.control.as_mut().expect("channels are open");
         match control
@@ -533,6 +542,7 @@ impl PrecopySender {
             .await?
         {
             Message::Ready => {
+                at.stats.downtime_breakdown.load_us = started.elapsed().as_micros() as u64;
                 self.phase.enter(Phase::Ready);
                 Ok(())
             }
@@ -550,6 +560,7 @@ impl PrecopySender {
     /// leaves the outcome uncertain.
     async fn commit(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
         self.phase.enter(Phase::Committed);
+        let started = Instant::now();
         let t = self.timeout();
         let control = at.control.as_mut().expect("channels are open");
         at.stats.bytes_on_wire += control
@@ -569,6 +580,7 @@ impl PrecopySender {
                 )))
             }
         }
+        at.stats.downtime_breakdown.resume_us = started.elapsed().as_micros() as u64;
         at.stats.downtime_ms = at.stop_at.map_or(0, |s| s.elapsed().as_millis() as u64);
         at.stats.total_time_ms = at.started.elapsed().as_millis() as u64;
         Ok(())

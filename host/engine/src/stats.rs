@@ -32,6 +32,9 @@ pub struct MigrationStats {
     pub total_time_ms: u64,
     /// From stopping the VM to the destination's confirmation.
     pub downtime_ms: u64,
+    /// Where the downtime went, step by step.
+    #[serde(default)]
+    pub downtime_breakdown: DowntimeBreakdown,
     /// Bytes the final (stopped) round sent.
     pub final_round_bytes: u64,
     /// Dirty-log syncs done.
@@ -53,6 +56,27 @@ pub struct MigrationStats {
     /// Whether the destination runs the guest at the end, as far as this
     /// side knows (`null` when the outcome is uncertain).
     pub destination_running: Option<bool>,
+}
+
+/// The downtime of a migration, step by step, in the order they happen on
+/// the source (each from the end of the one before). Their sum is the
+/// source's `downtime_ms`, to rounding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DowntimeBreakdown {
+    /// Stopping the VM (`Vmm::stop`: QEMU's `stop`, the devices quiesced).
+    pub stop_us: u64,
+    /// The final dirty-log sync and round, and closing the bulk channels.
+    pub final_round_us: u64,
+    /// Taking the VMM's device state (`Vmm::device_state`).
+    pub device_state_save_us: u64,
+    /// Sending the device state and `Complete`.
+    pub device_state_send_us: u64,
+    /// Waiting for the destination's `Ready`: it places the last pages and
+    /// loads the device state.
+    pub load_us: u64,
+    /// Sending `Commit` until the destination's `Resumed`: it resumes the
+    /// guest.
+    pub resume_us: u64,
 }
 
 impl MigrationStats {
