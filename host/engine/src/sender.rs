@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,7 +50,7 @@ pub struct PrecopySender {
     /// Hint rounds still pay: the guest's reports take pages off the send
     /// list (see [`watch_hint_payoff`]). Once they do not, no more rounds
     /// are opened for the rest of the migration.
-    hints_paying: Arc<std::sync::atomic::AtomicBool>,
+    hints_paying: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for PrecopySender {
@@ -112,7 +112,7 @@ impl PrecopySender {
             phase: PhaseWatch::new(Side::Source),
             cancel: CancellationToken::new(),
             progress: ProgressWatch::default(),
-            hints_paying: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            hints_paying: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -907,7 +907,7 @@ async fn watch_hint_payoff(
     src: Arc<dyn HintSource>,
     page_bytes: u64,
     round: u32,
-    paying: Arc<std::sync::atomic::AtomicBool>,
+    paying: Arc<AtomicBool>,
 ) {
     let start = filter.stats();
     loop {
@@ -1103,7 +1103,7 @@ mod tests {
     /// blocks from `first_block` on; returns (still paying, stops asked).
     fn watch_while_hinting(filter: Arc<HintFilter>, epoch: CmdId, first_block: u64) -> (bool, u64) {
         let src = Arc::new(Stoppable::default());
-        let paying = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let paying = Arc::new(AtomicBool::new(true));
         runtime().block_on(async {
             let watch = tokio::spawn(watch_hint_payoff(
                 filter.clone(),

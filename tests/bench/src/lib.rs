@@ -12,6 +12,7 @@
 
 #![deny(missing_docs)]
 
+pub mod host;
 pub mod link;
 pub mod profile;
 pub mod record;

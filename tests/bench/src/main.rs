@@ -145,14 +145,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         for key in matrix.runs() {
             let skip =
                 skip_reason(&key, available).map_or(String::new(), |r| format!(": skipped, {r}"));
-            println!(
-                "{} {} MiB {} {} rep {}{skip}",
-                key.profile.name(),
-                key.mem_mib,
-                key.mode.name(),
-                key.link.name(),
-                key.rep
-            );
+            println!("{}{skip}", key.label());
         }
         return Ok(());
     }

@@ -220,6 +220,33 @@ pub struct RunKey {
     pub idle_s: u64,
 }
 
+impl RunKey {
+    /// How progress lines and `--list` name the run:
+    /// `after-job 2048 MiB freehint-hints 1gbit rep 2`.
+    pub fn label(&self) -> String {
+        format!(
+            "{} {} MiB {} {} rep {}",
+            self.profile.name(),
+            self.mem_mib,
+            self.mode.name(),
+            self.link.name(),
+            self.rep
+        )
+    }
+
+    /// The run's log folder name: `after-job-2048-1gbit-freehint-hints-2`.
+    pub fn dir_name(&self) -> String {
+        format!(
+            "{}-{}-{}-{}-{}",
+            self.profile.name(),
+            self.mem_mib,
+            self.link.name(),
+            self.mode.name(),
+            self.rep
+        )
+    }
+}
+
 /// The whole JSON report of one `freehint-bench` invocation.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SuiteReport {

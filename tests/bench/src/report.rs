@@ -46,14 +46,14 @@ pub fn write_report(dir: &Path, out: &Path, plots_dir: &Path) -> anyhow::Result<
     }
 
     let mut md = String::new();
-    md.push_str(&header(&suites, &today_utc()));
+    md.push_str(&header(&suites, &crate::host::today_utc()));
     md.push_str(&goals::section(&suites));
     for suite in &suites {
         md.push_str(&tables::suite_section(suite));
         md.push_str(&plot::suite_plots(suite, plots_dir, &plots_link)?);
     }
     md.push_str("## Simulated VM and micro benchmarks\n\n");
-    md.push_str(&micro::sections(dir, &this_machine())?);
+    md.push_str(&micro::sections(dir, &crate::host::machine())?);
     for suite in &suites {
         md.push_str(&tables::every_run(suite));
     }
@@ -194,48 +194,6 @@ appendix.
     md
 }
 
-/// This machine, for the micro benchmarks: cores, CPU model, kernel.
-fn this_machine() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "?".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
-    format!("{cores} cores ({cpu}), Linux {kernel}")
-}
-
-/// Today's date (UTC), `YYYY-MM-DD`.
-fn today_utc() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard
-/// Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 /// The link from the report's folder to the plots' folder, `/`-separated
 /// (empty when they are the same folder). Both folders must exist.
 fn relative_link(from_dir: &Path, to_dir: &Path) -> anyhow::Result<String> {
@@ -274,14 +232,6 @@ pub(crate) fn plot_link(plots_link: &str, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(20_780), (2026, 11, 23));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
-    }
 
     #[test]
     fn relative_links() {

@@ -57,14 +57,7 @@ impl Matrix {
 
 /// MemAvailable of this host, MiB.
 pub fn host_available_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib / 1024)
+    crate::host::meminfo_kib("MemAvailable:").map_or(0, |kib| kib / 1024)
 }
 
 /// Why `key` cannot run on this host, if it cannot.
@@ -77,44 +70,6 @@ pub fn skip_reason(key: &RunKey, available_mib: u64) -> Option<String> {
             "needs about {need} MiB of host memory (source and destination) plus {MARGIN_MIB} MiB of margin; this host has {available_mib} MiB available"
         )
     })
-}
-
-/// A line of this machine's facts: CPU, cores, kernel, RAM.
-pub fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    let ram_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kib| (kib + (1 << 19)) >> 20);
-    format!("{cores} cores ({cpu}), {ram_gib} GiB RAM, Linux {kernel}")
-}
-
-/// The wall clock now as RFC 3339 UTC (`date -u`).
-pub fn now_rfc3339() -> String {
-    std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
 }
 
 /// A suite under way: runs the matrix and writes the JSON report after
@@ -136,8 +91,8 @@ impl Suite {
     pub fn run(&self, command: String) -> anyhow::Result<SuiteReport> {
         let mut report = SuiteReport {
             command,
-            started: now_rfc3339(),
-            machine: machine(),
+            started: crate::host::now_rfc3339(),
+            machine: crate::host::machine(),
             runs: Vec::new(),
         };
         let keys = self.matrix.runs();
@@ -151,16 +106,7 @@ impl Suite {
         };
         let mut shaped = None;
         for (i, key) in keys.iter().enumerate() {
-            let head = format!(
-                "[{}/{}] {} {} MiB {} {} rep {}",
-                i + 1,
-                keys.len(),
-                key.profile.name(),
-                key.mem_mib,
-                key.mode.name(),
-                key.link.name(),
-                key.rep
-            );
+            let head = format!("[{}/{}] {}", i + 1, keys.len(), key.label());
             let record = if let Some(reason) = skip_reason(key, host_available_mib()) {
                 RunRecord::unmeasured(*key, RunStatus::Skipped, reason)
             } else {
@@ -185,14 +131,7 @@ impl Suite {
         setup.mem_mib = key.mem_mib;
         setup.idle = Duration::from_secs(key.idle_s);
         setup.netns = Some(link.netns());
-        setup.log_dir = self.setup.log_dir.join(format!(
-            "{}-{}-{}-{}-{}",
-            key.profile.name(),
-            key.mem_mib,
-            key.link.name(),
-            key.mode.name(),
-            key.rep
-        ));
+        setup.log_dir = self.setup.log_dir.join(key.dir_name());
         let before = link.counters();
         let result = run_mode(&setup, key.mode);
         let after = link.counters();
