@@ -43,9 +43,9 @@ sizes=4096,8192,16384
 $bench --profiles fresh,after-job --mem-mib $sizes \
   --modes freehint-hints,qemu-native,qemu-native-fph \
   --link 1gbit --repeat $reps --json $out/suite-2-scaling.json
-# 3. Faster links.
+# 3. Faster links (where waiting for the guest's first report saves bytes).
 $bench --profiles after-job --mem-mib 2048 \
-  --modes freehint-hints,freehint-nohints,qemu-native-fph,qemu-multifd-fph \
+  --modes freehint-hints,freehint-hints-wait,freehint-nohints,qemu-native-fph,qemu-multifd-fph \
   --link unlimited,10gbit --repeat $reps --json $out/suite-3-links.json
 # 4. After 10 s of idling: free page reporting has discarded freed memory.
 $bench --profiles after-job --mem-mib 2048 --idle-s 10 \

@@ -67,11 +67,7 @@ impl Profile {
         // The guest kernel, its page structures, QEMU itself.
         let base = 300 + mem_mib / 64;
         let side = base + self.touched_mib();
-        let hints = matches!(
-            mode,
-            Mode::FreehintHints | Mode::QemuNativeFph | Mode::QemuMultifdFph
-        );
-        let src = if hints { mem_mib + base } else { side };
+        let src = if mode.hints() { mem_mib + base } else { side };
         src + side
     }
 }

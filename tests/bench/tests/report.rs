@@ -127,7 +127,7 @@ fn fixture_suite_goal_verdicts() {
     let md = Setup::new().with_fixture().report();
     assert_has(
         &md,
-        "| 1. freehint-hints sends ≤ 1.1× held memory | **not met** |",
+        "| 1. freehint sends ≤ 1.1× held memory | **not met** |",
     );
     assert_has(
         &md,

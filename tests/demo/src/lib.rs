@@ -79,6 +79,10 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
 pub enum Mode {
     /// freehint with free-page hints.
     FreehintHints,
+    /// freehint with free-page hints, waiting up to
+    /// [`HINT_WAIT_MS`] for the guest's first report before sending (fewer
+    /// bytes on a link faster than the guest reports).
+    FreehintHintsWait,
     /// freehint without hints.
     FreehintNohints,
     /// QEMU's own precopy migration, plain virtio-balloon.
@@ -107,8 +111,9 @@ impl Mode {
     ];
 
     /// Every mode, in report order (the benchmark suite's default).
-    pub const EVERY: [Mode; 7] = [
+    pub const EVERY: [Mode; 8] = [
         Mode::FreehintHints,
+        Mode::FreehintHintsWait,
         Mode::FreehintNohints,
         Mode::QemuNative,
         Mode::QemuNativeFph,
@@ -121,6 +126,7 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::FreehintHints => "freehint-hints",
+            Mode::FreehintHintsWait => "freehint-hints-wait",
             Mode::FreehintNohints => "freehint-nohints",
             Mode::QemuNative => "qemu-native",
             Mode::QemuNativeFph => "qemu-native-fph",
@@ -132,9 +138,28 @@ impl Mode {
 
     /// Whether freehint migrates the guest (else QEMU's own migration).
     pub fn is_freehint(self) -> bool {
-        matches!(self, Mode::FreehintHints | Mode::FreehintNohints)
+        matches!(
+            self,
+            Mode::FreehintHints | Mode::FreehintHintsWait | Mode::FreehintNohints
+        )
+    }
+
+    /// Whether the guest hints its free pages to the migrating side.
+    pub fn hints(self) -> bool {
+        matches!(
+            self,
+            Mode::FreehintHints
+                | Mode::FreehintHintsWait
+                | Mode::QemuNativeFph
+                | Mode::QemuMultifdFph
+        )
     }
 }
+
+/// `freehint migrate --hint-wait-ms` of [`Mode::FreehintHintsWait`]: long
+/// enough for any guest of the suite to finish its report (the wait ends
+/// at the report's end, or once its hints slow down).
+pub const HINT_WAIT_MS: u64 = 10_000;
 
 /// What one run measured: one object of `target/demo/report.json`. Time
 /// is measured the same way for every mode, from QMP events
@@ -703,7 +728,7 @@ pub fn interactive(setup: &DemoSetup) -> Result<(bool, String), DemoError> {
 pub fn run_mode(setup: &DemoSetup, mode: Mode) -> Result<RunReport, DemoError> {
     let bed = Testbed::new(setup, mode.name())?;
     if mode.is_freehint() {
-        run_freehint(&bed, mode, mode == Mode::FreehintHints)
+        run_freehint(&bed, mode)
     } else {
         run_native(&bed, mode)
     }
@@ -720,7 +745,7 @@ fn held_mib(bed: &Testbed, src: &QemuGuest) -> u64 {
         .saturating_sub(src.mem_free_kib().unwrap_or(0) / 1024)
 }
 
-fn run_freehint(bed: &Testbed, mode: Mode, hints: bool) -> Result<RunReport, DemoError> {
+fn run_freehint(bed: &Testbed, mode: Mode) -> Result<RunReport, DemoError> {
     let FreehintPair {
         src,
         dst,
@@ -733,7 +758,18 @@ fn run_freehint(bed: &Testbed, mode: Mode, hints: bool) -> Result<RunReport, Dem
     let (src_events, dst_events) = (bed.events("src")?, bed.events("dst")?);
     let held = held_mib(bed, &src);
     let migrate_us = now_us();
-    let stats = freehint_migrate(&bed.setup.bin_dir, &src_daemon.control, &addr, hints, &[])?;
+    let wait = HINT_WAIT_MS.to_string();
+    let extra: &[&str] = match mode {
+        Mode::FreehintHintsWait => &["--hint-wait-ms", &wait],
+        _ => &[],
+    };
+    let stats = freehint_migrate(
+        &bed.setup.bin_dir,
+        &src_daemon.control,
+        &addr,
+        mode.hints(),
+        extra,
+    )?;
     let timing = EventTiming::read(&src_events, &dst_events, migrate_us, false, EVENT_TIMEOUT);
     let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
     Ok(RunReport {

@@ -59,6 +59,7 @@ fn ensure_font() -> anyhow::Result<()> {
 fn mode_color(mode: Mode) -> RGBColor {
     match mode {
         Mode::FreehintHints => RGBColor(0, 158, 115),
+        Mode::FreehintHintsWait => RGBColor(0, 90, 60),
         Mode::FreehintNohints => RGBColor(86, 180, 233),
         Mode::QemuNative => RGBColor(213, 94, 0),
         Mode::QemuNativeFph => RGBColor(230, 159, 0),
