@@ -2,8 +2,9 @@
 # The benchmark suite (`make bench`): runs the standard matrix on this
 # machine and writes docs/BENCHMARKS.md (tables and plots in docs/bench/)
 # from the results, each figure with its command. Needs root (network
-# namespaces and tc). About 80 minutes; at its peak about 18 GiB of memory
-# (a 16 GiB guest whose kernel zeroes its free memory to hint it).
+# namespaces and tc). About an hour (58 minutes on 2026-11-23); at its peak
+# about 18 GiB of memory (a 16 GiB guest whose kernel zeroes its free memory
+# to hint it).
 #
 #   FREEHINT_BENCH_QUICK=1 make bench   one repetition of a smaller real-guest
 #                                       matrix (a check that everything runs;
