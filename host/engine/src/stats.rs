@@ -26,6 +26,12 @@ pub struct MigrationStats {
     /// Time spent waiting for the guest's first free-page report before
     /// round 1 (part of `total_time_ms`).
     pub hint_wait_ms: u64,
+    /// Time waited after the last live round, before stopping the VM, for
+    /// the bulk sockets to deliver the bytes they still held (part of
+    /// `total_time_ms`, never of the downtime: what is still in flight when
+    /// the VM stops would otherwise cross the link during the downtime).
+    #[serde(default)]
+    pub drain_wait_ms: u64,
     /// Precopy rounds, the final stopped one included.
     pub rounds: u32,
     /// From the first connection to the destination's confirmation.
