@@ -18,11 +18,11 @@
 
 #![deny(missing_docs)]
 
-pub mod sys;
+use freehint_linux_sys as sys;
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 pub use freehint_types::PageRun;
@@ -285,14 +285,7 @@ impl UffdWpDirtyLog {
 
     /// Tracks `ranges` of this process with a userfaultfd created here.
     pub fn attach_self(ranges: Vec<TrackedRange>) -> Result<Self, DirtyLogError> {
-        // SAFETY: the userfaultfd syscall takes flags and returns a new fd.
-        let fd =
-            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-        if fd < 0 {
-            return Err(os("userfaultfd")(io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a new descriptor that we own.
-        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let uffd = sys::userfaultfd().map_err(os("userfaultfd"))?;
         let pagemap = File::open("/proc/self/pagemap").map_err(os("opening /proc/self/pagemap"))?;
         Self::start(uffd, pagemap, ranges)
     }
@@ -330,7 +323,13 @@ impl UffdWpDirtyLog {
             });
         }
         for r in &ranges {
-            sys::uffdio_register_wp(&uffd, r.vaddr_start, r.len_bytes).map_err(os(format!(
+            sys::uffdio_register(
+                &uffd,
+                r.vaddr_start,
+                r.len_bytes,
+                sys::UFFDIO_REGISTER_MODE_WP,
+            )
+            .map_err(os(format!(
                 "UFFDIO_REGISTER {:#x}+{:#x}",
                 r.vaddr_start, r.len_bytes
             )))?;

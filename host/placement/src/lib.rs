@@ -24,11 +24,11 @@
 //! that process's.
 #![deny(missing_docs)]
 
-mod sys;
-
 use std::io;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
+
+use freehint_linux_sys as sys;
 
 /// What can go wrong while placing pages.
 #[derive(Debug, thiserror::Error)]
@@ -176,12 +176,16 @@ impl MissingPlacer {
                 page_bytes,
             });
         }
-        sys::uffdio_register_missing(&self.uffd, start, len_bytes).map_err(|source| {
-            PlacementError::Register {
-                start,
-                len_bytes,
-                source,
-            }
+        sys::uffdio_register(
+            &self.uffd,
+            start,
+            len_bytes,
+            sys::UFFDIO_REGISTER_MODE_MISSING,
+        )
+        .map_err(|source| PlacementError::Register {
+            start,
+            len_bytes,
+            source,
         })?;
         self.ranges.push(Range {
             start,
@@ -195,7 +199,7 @@ impl MissingPlacer {
     pub fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, PlacementError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(m) = sys::read_msg(&self.uffd).map_err(PlacementError::Read)? {
+            if let Some(m) = sys::read_uffd_msg(&self.uffd).map_err(PlacementError::Read)? {
                 if m.event != sys::UFFD_EVENT_PAGEFAULT {
                     continue;
                 }
@@ -220,7 +224,7 @@ impl MissingPlacer {
         let len = content.len() as u64;
         self.check(address, len)?;
         self.retrying(address, len, || {
-            sys::uffdio_copy(&self.uffd, address, content.as_ptr(), len)
+            sys::uffdio_copy(&self.uffd, address, content)
         })
     }
 

@@ -5,54 +5,35 @@
 //! (tests/scripts/setup-host.sh reserves them); without them the test says
 //! so and passes only when FREEHINT_REQUIRE_HUGETLBFS is unset.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use freehint_placement::{MissingPlacer, Placed, PlacementError};
+
+mod common;
+use common::{map_shared, memfd};
 
 const HUGE: u64 = 2 << 20;
 const HUGE_PAGES: u64 = 2;
 
 #[test]
 fn a_fault_in_a_huge_page_is_resolved_by_placing_the_whole_huge_page() {
-    // SAFETY: the name is a NUL-terminated literal.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"fh-placement-huge".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
-        )
-    };
-    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is new and ours alone.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: plain syscall on our fd.
-    assert_eq!(
-        unsafe { libc::ftruncate(fd.as_raw_fd(), (HUGE_PAGES * HUGE) as i64) },
-        0
+    let fd = memfd(
+        c"fh-placement-huge",
+        libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+        HUGE_PAGES * HUGE,
     );
-    // SAFETY: a new shared mapping of the whole file; the kernel picks the
-    // address.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            (HUGE_PAGES * HUGE) as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
+    let base = match map_shared(&fd, HUGE_PAGES * HUGE) {
+        Ok(base) => base,
+        Err(e) => {
+            assert!(
+                std::env::var_os("FREEHINT_REQUIRE_HUGETLBFS").is_none(),
+                "no 2 MiB huge pages to map: {e}"
+            );
+            eprintln!("skipped: no 2 MiB huge pages to map: {e}");
+            return;
+        }
     };
-    if p == libc::MAP_FAILED {
-        let e = std::io::Error::last_os_error();
-        assert!(
-            std::env::var_os("FREEHINT_REQUIRE_HUGETLBFS").is_none(),
-            "no 2 MiB huge pages to map: {e}"
-        );
-        eprintln!("skipped: no 2 MiB huge pages to map: {e}");
-        return;
-    }
-    let base = p as u64;
     let mut placer = MissingPlacer::in_this_process().expect("a userfaultfd (run as root)");
     placer.register(base, HUGE_PAGES * HUGE, HUGE).unwrap();
 
@@ -84,7 +65,4 @@ fn a_fault_in_a_huge_page_is_resolved_by_placing_the_whole_huge_page() {
         placer.place(base + HUGE, &content).unwrap(),
         Placed::AlreadyPresent
     );
-    drop(placer);
-    // SAFETY: the mapping made above, no longer used.
-    unsafe { libc::munmap(p, (HUGE_PAGES * HUGE) as usize) };
 }

@@ -3,11 +3,14 @@
 //! exactly the placed content, and a page written through another mapping
 //! of the same file (as the precopy rounds write) never faults.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use freehint_placement::{Fault, MissingPlacer, Placed, PlacementError};
+
+mod common;
+use common::{map_shared, memfd};
 
 const PAGE: u64 = 4096;
 const PAGES: u64 = 64;
@@ -19,34 +22,9 @@ struct Shmem {
     alias: u64,
 }
 
-fn map(fd: &OwnedFd) -> u64 {
-    // SAFETY: a new shared mapping of PAGES pages of `fd`, which is that
-    // long; the kernel picks the address; unmapped by the process' end.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            (PAGES * PAGE) as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
-    p as u64
-}
-
 fn shmem() -> Shmem {
-    // SAFETY: the name is a NUL-terminated literal.
-    let fd = unsafe { libc::memfd_create(c"fh-placement-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is new and ours alone.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: plain syscall on our fd.
-    assert_eq!(
-        unsafe { libc::ftruncate(fd.as_raw_fd(), (PAGES * PAGE) as i64) },
-        0
-    );
+    let fd = memfd(c"fh-placement-test", 0, PAGES * PAGE);
+    let map = |fd| map_shared(fd, PAGES * PAGE).expect("mapping the memfd");
     let (guest, alias) = (map(&fd), map(&fd));
     Shmem {
         _fd: fd,

@@ -1,8 +1,12 @@
-//! Raw kernel interfaces: userfaultfd ioctls, `PAGEMAP_SCAN`, pidfd.
+//! Raw kernel interfaces the host crates share: userfaultfd ioctls and
+//! messages (write-protect mode for dirty tracking, missing mode for
+//! postcopy placement), `PAGEMAP_SCAN`, pidfd.
 //!
 //! The `libc` crate does not carry `PAGEMAP_SCAN` or the userfaultfd
-//! write-protect structures, so they are declared here from the kernel's
-//! UAPI headers (`linux/userfaultfd.h`, `linux/fs.h`).
+//! structures, so they are declared here from the kernel's UAPI headers
+//! (`linux/userfaultfd.h`, `linux/fs.h`).
+
+#![deny(missing_docs)]
 
 use std::fs::File;
 use std::io;
@@ -16,13 +20,26 @@ pub const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 /// Resolve write-protect faults in the kernel (no fault messages).
 pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// MISSING faults on hugetlbfs mappings.
+pub const UFFD_FEATURE_MISSING_HUGETLBFS: u64 = 1 << 4;
+/// MISSING faults on shmem (memfd, /dev/shm) mappings.
+pub const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+/// `UFFDIO_REGISTER_MODE_MISSING`: faults on pages not present.
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// `UFFDIO_REGISTER_MODE_WP`: write-protect faults.
+pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `uffd_msg.event` of a page fault.
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// `uffd_msg.arg.pagefault.flags`: the access was a write.
+pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 
 const UFFDIO_API: u64 = 0xC018_AA3F;
 const UFFDIO_REGISTER: u64 = 0xC020_AA00;
 const UFFDIO_UNREGISTER: u64 = 0x8010_AA01;
 const UFFDIO_WRITEPROTECT: u64 = 0xC018_AA06;
+const UFFDIO_COPY: u64 = 0xC028_AA03;
+const UFFDIO_ZEROPAGE: u64 = 0xC020_AA04;
 
 /// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)`.
 const PAGEMAP_SCAN: u64 = 0xC060_6610;
@@ -59,6 +76,42 @@ struct UffdioRegister {
 struct UffdioWriteprotect {
     range: UffdioRange,
     mode: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// `struct uffd_msg` (32 bytes), read as its page-fault member (the other
+/// events' members overlay the same bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UffdMsg {
+    /// `UFFD_EVENT_*`.
+    pub event: u8,
+    reserved1: u8,
+    reserved2: u16,
+    reserved3: u32,
+    /// `UFFD_PAGEFAULT_FLAG_*`.
+    pub flags: u64,
+    /// The faulting address.
+    pub address: u64,
+    ptid: u32,
+    pad: u32,
 }
 
 /// `struct page_region`: one run of pages in the same categories.
@@ -112,11 +165,11 @@ pub fn uffdio_api(uffd: &OwnedFd, features: u64) -> io::Result<u64> {
     Ok(a.features)
 }
 
-/// `UFFDIO_REGISTER` in write-protect mode.
-pub fn uffdio_register_wp(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
+/// `UFFDIO_REGISTER` in `mode` (`UFFDIO_REGISTER_MODE_*`).
+pub fn uffdio_register(uffd: &OwnedFd, start: u64, len: u64, mode: u64) -> io::Result<()> {
     let mut r = UffdioRegister {
         range: UffdioRange { start, len },
-        mode: UFFDIO_REGISTER_MODE_WP,
+        mode,
         ioctls: 0,
     };
     ioctl(uffd, UFFDIO_REGISTER, &mut r).map(|_| ())
@@ -135,6 +188,86 @@ pub fn uffdio_writeprotect(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<(
         mode: UFFDIO_WRITEPROTECT_MODE_WP,
     };
     ioctl(uffd, UFFDIO_WRITEPROTECT, &mut w).map(|_| ())
+}
+
+/// A new userfaultfd in this process (non-blocking, close-on-exec).
+pub fn userfaultfd() -> io::Result<OwnedFd> {
+    // SAFETY: the userfaultfd syscall takes one flags argument and returns
+    // a new fd or -1; it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by the kernel and is owned by nobody
+    // else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `UFFDIO_COPY` of `len` bytes at `src` (this process) to `dst` (the
+/// registered mm), waking the faulting threads.
+pub fn uffdio_copy(uffd: &OwnedFd, dst: u64, src: &[u8]) -> io::Result<()> {
+    let mut c = UffdioCopy {
+        dst,
+        src: src.as_ptr() as u64,
+        len: src.len() as u64,
+        mode: 0,
+        copy: 0,
+    };
+    ioctl(uffd, UFFDIO_COPY, &mut c).map(|_| ())
+}
+
+/// `UFFDIO_ZEROPAGE` of `[start, start + len)`, waking the faulting threads.
+pub fn uffdio_zeropage(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
+    let mut z = UffdioZeropage {
+        range: UffdioRange { start, len },
+        mode: 0,
+        zeropage: 0,
+    };
+    ioctl(uffd, UFFDIO_ZEROPAGE, &mut z).map(|_| ())
+}
+
+/// One userfaultfd message, if one is waiting (the fd is non-blocking).
+pub fn read_uffd_msg(uffd: &OwnedFd) -> io::Result<Option<UffdMsg>> {
+    let mut m = UffdMsg::default();
+    let n = std::mem::size_of::<UffdMsg>();
+    // SAFETY: reads at most `n` bytes into `m`, a live local of exactly `n`
+    // bytes with no invalid bit patterns.
+    let rc = unsafe {
+        libc::read(
+            uffd.as_raw_fd(),
+            &mut m as *mut UffdMsg as *mut libc::c_void,
+            n,
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock => Ok(None),
+            _ => Err(e),
+        };
+    }
+    if rc as usize != n {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("userfaultfd message of {rc} bytes, expected {n}"),
+        ));
+    }
+    Ok(Some(m))
+}
+
+/// Waits up to `timeout_ms` for `fd` to be readable; whether it is.
+pub fn poll_readable(fd: &impl AsRawFd, timeout_ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, a live local, for the call's duration.
+    let rc = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc > 0 && p.revents & libc::POLLIN != 0)
 }
 
 /// One `PAGEMAP_SCAN` that reports written pages in `start..end` into `buf`
@@ -197,5 +330,13 @@ mod tests {
         assert_eq!(std::mem::size_of::<UffdioApi>(), 24);
         assert_eq!(std::mem::size_of::<UffdioRegister>(), 32);
         assert_eq!(std::mem::size_of::<UffdioWriteprotect>(), 24);
+        assert_eq!(std::mem::size_of::<UffdioRange>(), 16);
+        assert_eq!(std::mem::size_of::<UffdioCopy>(), 40);
+        assert_eq!(std::mem::size_of::<UffdioZeropage>(), 32);
+        assert_eq!(std::mem::size_of::<UffdMsg>(), 32);
+        // The sizes the ioctl numbers encode.
+        assert_eq!((UFFDIO_COPY >> 16) & 0x3fff, 40);
+        assert_eq!((UFFDIO_ZEROPAGE >> 16) & 0x3fff, 32);
+        assert_eq!((UFFDIO_REGISTER >> 16) & 0x3fff, 32);
     }
 }
