@@ -200,6 +200,12 @@ struct ReceiveArgs {
     /// Write the device state received here (it is otherwise discarded).
     #[arg(long)]
     device_state_file: Option<PathBuf>,
+    /// The destination VM is an incoming SIMULATED VM (tests/sim-vm,
+    /// `--incoming`) that connects to this Unix socket: with it, the
+    /// receiver can take postcopy migrations (`freehint bench sim`).
+    #[cfg(feature = "bench")]
+    #[arg(long, value_name = "SOCKET")]
+    sim_vm_control: Option<PathBuf>,
 }
 
 fn main() {
@@ -318,12 +324,16 @@ pub fn cancel_on_signals(token: CancellationToken) -> Result<()> {
 
 /// Writes `{"phase", "destination_running", "pid"}` to `path` at every
 /// change of `watch`, atomically.
-fn write_state_file(watch: &PhaseWatch, path: PathBuf, vmm: Arc<ImageVmm>) {
+fn write_state_file(
+    watch: &PhaseWatch,
+    path: PathBuf,
+    running: impl Fn() -> bool + Send + Sync + 'static,
+) {
     watch.on_change(move |info| {
         let body = serde_json::json!({
             "phase": info.phase,
             "round": info.round,
-            "destination_running": vmm.running(),
+            "destination_running": running(),
             "pid": std::process::id(),
         });
         let tmp = path.with_extension("tmp");
@@ -385,18 +395,71 @@ pub fn report(
     }
 }
 
+/// The VM a `freehint receive` hands the guest to.
+enum ReceivingVm {
+    /// A bare RAM image.
+    Image(Arc<ImageVmm>),
+    /// An incoming simulated VM.
+    #[cfg(feature = "bench")]
+    Sim(Arc<freehint_sim_vm::SimVmClient>),
+}
+
+impl ReceivingVm {
+    fn open(a: &ReceiveArgs) -> Result<Self> {
+        #[cfg(feature = "bench")]
+        if let Some(path) = &a.sim_vm_control {
+            let _ = std::fs::remove_file(path);
+            let listener = std::os::unix::net::UnixListener::bind(path)
+                .with_context(|| format!("binding {}", path.display()))?;
+            let stream = bench::accept_within(&listener, Duration::from_secs(60))
+                .context("waiting for the incoming simulated VM")?;
+            let (client, _ready) =
+                freehint_sim_vm::SimVmClient::new(stream, Arc::new(std::sync::Mutex::new(None)))?;
+            return Ok(ReceivingVm::Sim(client));
+        }
+        let _ = a;
+        Ok(ReceivingVm::Image(Arc::new(ImageVmm::default())))
+    }
+
+    fn vmm(&self) -> Arc<dyn freehint_types::DestinationVmm> {
+        match self {
+            ReceivingVm::Image(v) => v.clone(),
+            #[cfg(feature = "bench")]
+            ReceivingVm::Sim(v) => v.clone(),
+        }
+    }
+
+    fn running_fn(&self) -> Box<dyn Fn() -> bool + Send + Sync> {
+        match self {
+            ReceivingVm::Image(v) => {
+                let v = v.clone();
+                Box::new(move || v.running())
+            }
+            #[cfg(feature = "bench")]
+            ReceivingVm::Sim(v) => {
+                let v = v.clone();
+                Box::new(move || v.running())
+            }
+        }
+    }
+
+    fn device_state(&self) -> Option<Vec<u8>> {
+        match self {
+            ReceivingVm::Image(v) => v.device_state(),
+            #[cfg(feature = "bench")]
+            ReceivingVm::Sim(v) => v.loaded_device_state(),
+        }
+    }
+}
+
 fn receive(a: ReceiveArgs) -> Result<()> {
     let ram = Arc::new(GuestRam::open_file(&a.ram, a.mem_mib << 20)?);
-    let vmm = Arc::new(ImageVmm::default());
-    let mut receiver = Receiver::new(
-        ram,
-        vmm.clone(),
-        a.accept_timeout_s.map(Duration::from_secs),
-    )
-    .preallocate(a.preallocate);
+    let vm = ReceivingVm::open(&a)?;
+    let mut receiver = Receiver::new(ram, vm.vmm(), a.accept_timeout_s.map(Duration::from_secs))
+        .preallocate(a.preallocate);
     receiver.prepare()?;
     if let Some(path) = a.state_file.clone() {
-        write_state_file(&receiver.phase_watch(), path, vmm.clone());
+        write_state_file(&receiver.phase_watch(), path, vm.running_fn());
     }
     cancel_on_signals(receiver.cancel_token())?;
     let rt = runtime()?;
@@ -409,7 +472,7 @@ fn receive(a: ReceiveArgs) -> Result<()> {
         std::io::stdout().flush()?;
         Ok::<_, anyhow::Error>(receiver.receive(&listener).await)
     })?;
-    if let (Some(path), Some(state)) = (&a.device_state_file, vmm.device_state()) {
+    if let (Some(path), Some(state)) = (&a.device_state_file, vm.device_state()) {
         std::fs::write(path, state).with_context(|| format!("writing {}", path.display()))?;
     }
     match result {

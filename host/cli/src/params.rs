@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
-use freehint_engine::MigrationParams;
+use freehint_engine::{MigrationMode, MigrationParams};
 use toml::Spanned;
 
 use crate::OnOff;
@@ -68,6 +68,34 @@ pub struct ParamArgs {
     /// on a link much faster than the guest reports).
     #[arg(long, value_name = "MS")]
     pub hint_wait_ms: Option<u64>,
+    /// precopy: rounds, then a short stop with everything sent. postcopy:
+    /// the guest resumes on the destination at once and its RAM follows
+    /// (pages it touches first). hybrid: precopy, switching to postcopy if
+    /// the rounds stop converging. Postcopy and hybrid need a destination
+    /// that can run the guest while its RAM arrives.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub mode: Option<ModeArg>,
+}
+
+/// `--mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Precopy only.
+    Precopy,
+    /// Postcopy at once.
+    Postcopy,
+    /// Precopy, then postcopy if it does not converge.
+    Hybrid,
+}
+
+impl From<ModeArg> for MigrationMode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Precopy => MigrationMode::Precopy,
+            ModeArg::Postcopy => MigrationMode::Postcopy,
+            ModeArg::Hybrid => MigrationMode::Hybrid,
+        }
+    }
 }
 
 /// Where a parameter's value came from.
@@ -203,6 +231,10 @@ impl ParamArgs {
         flag!(min_rounds);
         flag!(peer_timeout_s);
         flag!(hint_wait_ms);
+        if let Some(m) = self.mode {
+            p.mode = m.into();
+            set("mode", Source::Flag("--mode".into()));
+        }
         if let Some(h) = hints {
             p.hints = h == OnOff::On;
             set("hints", Source::Flag("--hints".into()));
@@ -277,6 +309,7 @@ fn unit(key: &str) -> Option<&'static str> {
         k if k.ends_with("_rounds") => "rounds",
         k if k.ends_with("_channels") => "connections",
         "hints" => "on/off",
+        "mode" => "precopy/postcopy/hybrid",
         _ => return None,
     })
 }
@@ -463,6 +496,8 @@ mod tests {
             "5",
             "--hint-wait-ms",
             "10",
+            "--mode",
+            "hybrid",
         ])
         .unwrap();
         let p = t.p.resolve(None).unwrap().params;
@@ -477,6 +512,7 @@ mod tests {
                 hints: true,
                 peer_timeout_s: 5,
                 hint_wait_ms: 10,
+                mode: MigrationMode::Hybrid,
             }
         );
     }

@@ -84,6 +84,14 @@ pub enum MigrateError {
     /// A test made the migration fail at this fault point.
     #[error("fault injected at {0}")]
     FaultInjected(&'static str),
+    /// Postcopy page placement through the destination VMM's userfaultfd
+    /// failed.
+    #[error("postcopy placement")]
+    Placement(#[from] freehint_placement::PlacementError),
+    /// The destination cannot take a postcopy migration, or postcopy broke
+    /// one of its rules.
+    #[error("postcopy: {0}")]
+    Postcopy(String),
     /// The VMM's device state does not fit in a migration.
     #[error(
         "the VMM's device state is {bytes} bytes, more than the {max_bytes} a migration carries"

@@ -161,6 +161,19 @@ pub const POINTS: &[FaultPoint] = &[
         true,
         "VM resumed, before Resumed is sent",
     ),
+    // Postcopy (`--mode postcopy`; precopy never passes them).
+    point(
+        "dst.postcopy-started",
+        Side::Destination,
+        false,
+        "postcopy: RAM registered for faults, before the device state is loaded",
+    ),
+    point(
+        "src.postcopy-streaming",
+        Side::Source,
+        false,
+        "postcopy: a bulk channel, after its first batch of pending pages",
+    ),
 ];
 
 /// Whether this build has fault points.

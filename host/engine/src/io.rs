@@ -157,12 +157,14 @@ pub(crate) async fn write_message<W: AsyncWrite + Unpin>(
 /// `iovec`s for one `writev`: the batch head (in a buffer of ours) and runs
 /// of guest pages (raw pointers into the mapping, never Rust references:
 /// the guest may write them while the kernel copies them).
+#[derive(Default)]
 pub(crate) struct IoVecs(pub(crate) Vec<libc::iovec>);
 
-// SAFETY: the pointers refer to memory that outlives every future holding
-// an `IoVecs`: the sender's batch-head buffer and the guest RAM mapping
-// (kept alive by the `Arc<GuestRam>` of the job that built them). No thread
-// gets a reference through them; only the kernel reads them in `writev`.
+// SAFETY: the pointers are filled and read within one
+// `BatchWriter::write` call, which borrows the batch-head buffer and the
+// `GuestRam` whose mapping they point into for its whole duration (between
+// calls they are stale and never read). No thread gets a reference through
+// them; only the kernel reads them in `writev`.
 unsafe impl Send for IoVecs {}
 
 /// Most iovecs one `writev` takes.

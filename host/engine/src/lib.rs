@@ -31,6 +31,7 @@ pub mod fault;
 mod io;
 mod params;
 mod phase;
+mod postcopy;
 mod progress;
 mod receiver;
 mod sender;
@@ -38,7 +39,7 @@ mod stats;
 mod vmm;
 
 pub use error::{MigrateError, MigrationFailure};
-pub use params::{MigrationParams, ParamsError};
+pub use params::{MigrationMode, MigrationParams, ParamsError};
 pub use phase::{Phase, PhaseInfo, PhaseWatch, Side};
 pub use progress::{Progress, ProgressWatch};
 pub use receiver::{ReceiveFailure, ReceiveStats, Receiver};

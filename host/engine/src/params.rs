@@ -10,6 +10,40 @@ pub struct ParamsError {
     pub reason: String,
 }
 
+/// How the guest's RAM moves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationMode {
+    /// Rounds with the guest running, then a final round with it stopped:
+    /// the destination resumes with all of its RAM.
+    #[default]
+    Precopy,
+    /// The guest resumes on the destination at once (after the device
+    /// state); its RAM follows: pages it faults on first, the rest
+    /// streamed.
+    Postcopy,
+    /// Precopy rounds while they converge; if the downtime estimate stops
+    /// shrinking (or the round limit is reached), a switch to postcopy
+    /// instead of a long stop.
+    Hybrid,
+}
+
+impl MigrationMode {
+    /// The name used on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationMode::Precopy => "precopy",
+            MigrationMode::Postcopy => "postcopy",
+            MigrationMode::Hybrid => "hybrid",
+        }
+    }
+
+    /// Whether the migration may switch to postcopy.
+    pub fn may_postcopy(self) -> bool {
+        self != MigrationMode::Precopy
+    }
+}
+
 /// Every knob of a migration, validated as a whole by [`Self::validate`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -44,6 +78,10 @@ pub struct MigrationParams {
     /// never cost time; on a link much faster than the guest reports, a
     /// wait saves bytes.
     pub hint_wait_ms: u64,
+    /// Precopy, postcopy, or precopy that switches to postcopy when it
+    /// stops converging (hybrid). Postcopy needs a destination VMM that can
+    /// run the guest while its RAM arrives.
+    pub mode: MigrationMode,
 }
 
 impl Default for MigrationParams {
@@ -57,6 +95,7 @@ impl Default for MigrationParams {
             hints: true,
             peer_timeout_s: 30,
             hint_wait_ms: 0,
+            mode: MigrationMode::Precopy,
         }
     }
 }

@@ -11,6 +11,9 @@
 //!  Committed    Commit sent: never        Committed    Commit received: resuming
 //!               resumes on its own (only
 //!               if the destination refuses)
+//!  Postcopy     destination runs it; the  Postcopy     runs the guest; pages it
+//!               source serves the pages                lacks are requested and
+//!               it still lacks                         streamed
 //!  Completed    destination runs it       Completed    runs the guest (or holds it
 //!                                                      paused for `freehint resume`)
 //!  Failed       source runs the guest     Failed       never ran the guest
@@ -46,6 +49,10 @@ pub enum Phase {
     /// its own copy only if the destination refuses explicitly (it gave up
     /// before acting on the commit, and never resumes its copy).
     Committed,
+    /// Postcopy: the destination runs the guest while the pages it still
+    /// lacks arrive. The source never resumes its copy and never exits on
+    /// its own: it holds the only copy of those pages.
+    Postcopy,
     /// The destination took the guest over.
     Completed,
     /// Given up before any commit: the source runs the guest (unless its
@@ -67,6 +74,7 @@ impl Phase {
             Phase::HandingOver => "handing-over",
             Phase::Ready => "ready",
             Phase::Committed => "committed",
+            Phase::Postcopy => "postcopy",
             Phase::Completed => "completed",
             Phase::Failed => "failed",
             Phase::Uncertain => "uncertain",
@@ -85,6 +93,10 @@ impl Phase {
             (Setup, Precopy) | (Precopy, Stopped) | (Stopped, HandingOver) => true,
             (Precopy, HandingOver) => true, // a destination that missed Stopping
             (HandingOver, Ready) | (Ready, Committed) | (Committed, Completed) => true,
+            (Committed, Postcopy) | (Postcopy, Completed) => true,
+            // A postcopy that breaks leaves the guest on the destination,
+            // waiting on pages that only the source holds.
+            (Postcopy, Uncertain) => true,
             // Before the commit, giving up is always possible; so is losing
             // a source that had stopped its guest.
             (Setup | Precopy | Stopped | HandingOver | Ready, Failed) => true,

@@ -7,8 +7,8 @@
 //! after the source said it stops its VM — leaves it [`Phase::Uncertain`]:
 //! the guest may be paused on both sides and the operator decides.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use freehint_memory::GuestRam;
@@ -28,6 +28,8 @@ use crate::io::{
     RawPages,
 };
 use crate::phase::{Phase, PhaseWatch, Side};
+use crate::postcopy::destination::{send_requests, PostcopyDestination};
+use crate::postcopy::PendingPages;
 use crate::{region_descs, MigrateError};
 
 /// What the receiver measured, and how the migration ended for it.
@@ -59,6 +61,37 @@ pub struct ReceiveStats {
     /// the operator's word (an uncertain handover in which it refused
     /// nothing).
     pub guest_held_paused: bool,
+    /// Whether the guest was resumed here before all its RAM had arrived.
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Pages still to come when the guest resumed here (postcopy).
+    #[serde(default)]
+    pub postcopy_pending_pages: u64,
+    /// Faults answered by the source (page requests).
+    #[serde(default)]
+    pub faults_remote: u64,
+    /// Faults on pages free or zero at the switch, resolved here with no
+    /// round trip.
+    #[serde(default)]
+    pub faults_local: u64,
+    /// Pages that arrived on the urgent channel, in answer to a request.
+    #[serde(default)]
+    pub pages_requested: u64,
+    /// Pages that arrived on the bulk channels during postcopy.
+    #[serde(default)]
+    pub pages_streamed: u64,
+    /// Median time from a remote fault to its wake-up, µs.
+    #[serde(default)]
+    pub fault_latency_us_p50: u64,
+    /// 99th percentile of the same, µs.
+    #[serde(default)]
+    pub fault_latency_us_p99: u64,
+    /// Longest of the same, µs.
+    #[serde(default)]
+    pub fault_latency_us_max: u64,
+    /// From resuming the guest to the last page placed.
+    #[serde(default)]
+    pub postcopy_ms: u64,
 }
 
 /// An incoming migration that did not complete, and where it left the
@@ -164,6 +197,12 @@ struct BulkCtx {
     /// Milliseconds since the start at which the source last sent anything.
     last_progress_ms: Arc<AtomicU64>,
     started: Instant,
+    /// The last round each channel completed.
+    rounds_done: Arc<Vec<AtomicU32>>,
+    /// Set once the source switched to postcopy and every channel has
+    /// completed its last round: pages are then placed through the VMM's
+    /// userfaultfd, never written through our mapping.
+    postcopy: Arc<OnceLock<Arc<PostcopyDestination>>>,
 }
 
 impl BulkCtx {
@@ -184,6 +223,19 @@ struct Incoming {
     /// `resume` was called on the VM (it may run even if it failed).
     resume_attempted: bool,
     resumed: bool,
+    bulk_tasks: JoinSet<Result<u32, MigrateError>>,
+    ctx: Option<BulkCtx>,
+    urgent: Option<TcpStream>,
+    /// Pages still to come, once the source said it switches to postcopy.
+    pending: Option<Arc<PendingPages>>,
+    postcopy: Option<Postcopy>,
+}
+
+/// A postcopy under way on the destination.
+struct Postcopy {
+    dest: Arc<PostcopyDestination>,
+    tasks: JoinSet<Result<(), MigrateError>>,
+    resumed_at: Option<Instant>,
 }
 
 impl Receiver {
@@ -264,6 +316,11 @@ impl Receiver {
             source_stopping: false,
             resume_attempted: false,
             resumed: false,
+            bulk_tasks: JoinSet::new(),
+            ctx: None,
+            urgent: None,
+            pending: None,
+            postcopy: None,
         };
         let cancel = self.cancel.clone();
         if let Err(e) = cancellable(&cancel, self.until_commit(listener, &mut inc)).await {
@@ -277,6 +334,29 @@ impl Receiver {
                 self.phase.enter(Phase::Completed);
                 inc.stats.state = Phase::Completed;
                 Ok(inc.stats)
+            }
+            Err(e)
+                if inc.resumed
+                    && inc
+                        .postcopy
+                        .as_ref()
+                        .is_some_and(|pc| pc.dest.remaining() > 0) =>
+            {
+                // The guest runs here but lacks pages only the source has:
+                // its vCPUs wait on their faults (the registration stays,
+                // so no fault is ever filled with zeros), and the source
+                // keeps its copy.
+                tracing::error!(
+                    "postcopy broke with {} pages still to come: {}; the guest waits on its faults here, the source holds the missing pages",
+                    inc.postcopy.as_ref().map_or(0, |pc| pc.dest.remaining()),
+                    ErrorChain(&e)
+                );
+                self.phase.enter(Phase::Uncertain);
+                inc.stats.state = Phase::Uncertain;
+                Err(ReceiveFailure {
+                    error: e,
+                    stats: inc.stats,
+                })
             }
             Err(e) if inc.resumed => {
                 // The guest runs here: the migration is done, whatever
@@ -324,9 +404,10 @@ impl Receiver {
         inc.started = Instant::now();
         inc.timeout = Duration::from_secs(hello.peer_timeout_s.into());
         inc.control = Some(ControlChannel::new(control));
-        let bulk = self
+        let (bulk, urgent) = self
             .accept_bulk(listener, &hello, &local, inc.timeout)
             .await?;
+        inc.urgent = urgent;
         self.phase.enter(Phase::Precopy);
         hit("dst.accepted")?;
         let ctx = BulkCtx {
@@ -339,6 +420,8 @@ impl Receiver {
             pages_zero: Arc::new(AtomicU64::new(0)),
             last_progress_ms: Arc::new(AtomicU64::new(0)),
             started: inc.started,
+            rounds_done: Arc::new((0..bulk.len()).map(|_| AtomicU32::new(0)).collect()),
+            postcopy: Arc::new(OnceLock::new()),
         };
         let mut tasks = JoinSet::new();
         for (i, s) in bulk.into_iter().enumerate() {
@@ -349,10 +432,15 @@ impl Receiver {
             ));
         }
         let result = self.receive_pages(inc, &mut tasks, &ctx).await;
+        inc.bulk_tasks = tasks;
+        inc.ctx = Some(ctx.clone());
         inc.stats.bytes_received = ctx.bytes.load(Ordering::Relaxed);
         inc.stats.pages_placed = ctx.pages_placed.load(Ordering::Relaxed);
         inc.stats.pages_zero = ctx.pages_zero.load(Ordering::Relaxed);
         let device_state = result?;
+        if inc.pending.is_some() {
+            self.start_postcopy(inc, &ctx)?;
+        }
         hit("dst.before-load")?;
         self.vmm.load_device_state(&device_state, inc.timeout)?;
         inc.stats.device_state_bytes = device_state.len() as u64;
@@ -411,6 +499,39 @@ impl Receiver {
                         Some(Message::Complete { rounds, device_state_bytes, last_cmd_id }) => {
                             break (rounds, device_state_bytes, last_cmd_id)
                         }
+                        Some(Message::PostcopyPending(runs)) => {
+                            let pending = inc.pending.get_or_insert_with(|| {
+                                let pages: Vec<u64> =
+                                    self.ram.regions().iter().map(|r| r.pages()).collect();
+                                Arc::new(PendingPages::new(&pages))
+                            });
+                            if !inc.source_stopping || inc.stats.postcopy {
+                                return Err(MigrateError::Unexpected(
+                                    "pending pages outside the switch to postcopy".into()));
+                            }
+                            for run in runs {
+                                if !pending.insert(run) {
+                                    return Err(MigrateError::Unexpected(format!(
+                                        "pending run {run} lies outside guest RAM")));
+                                }
+                            }
+                        }
+                        Some(Message::PostcopySwitch { pending_pages }) => {
+                            if inc.urgent.is_none() {
+                                return Err(MigrateError::Unexpected(
+                                    "the source switched to postcopy without an urgent channel".into()));
+                            }
+                            let have = inc.pending.as_ref().map_or(0, |p| p.remaining());
+                            if have != pending_pages || inc.stats.postcopy {
+                                return Err(MigrateError::Unexpected(format!(
+                                    "the source announced {pending_pages} pending pages and listed {have}")));
+                            }
+                            let pages: Vec<u64> =
+                                self.ram.regions().iter().map(|r| r.pages()).collect();
+                            inc.pending.get_or_insert_with(|| Arc::new(PendingPages::new(&pages)));
+                            inc.stats.postcopy = true;
+                            inc.stats.postcopy_pending_pages = pending_pages;
+                        }
                         Some(Message::Error(e)) => return Err(MigrateError::Peer(e)),
                         Some(other) => return Err(MigrateError::Unexpected(format!(
                             "control channel: unexpected {:?}", other.kind()))),
@@ -447,14 +568,41 @@ impl Receiver {
                 device_state.len()
             )));
         }
-        while let Some(done) = tokio::time::timeout(timeout, tasks.join_next())
-            .await
-            .map_err(|_| MigrateError::Timeout {
-                what: "bulk channels to finish".into(),
-                seconds: timeout.as_secs(),
-            })?
-        {
-            last_rounds.push(flatten(done)?);
+        if inc.stats.postcopy {
+            // The bulk channels stay open for postcopy: wait until each has
+            // placed the last round (the switch round).
+            let deadline = Instant::now() + timeout;
+            while ctx
+                .rounds_done
+                .iter()
+                .any(|r| r.load(Ordering::Acquire) < rounds)
+            {
+                if let Some(done) = tasks.try_join_next() {
+                    last_rounds.push(flatten(done)?);
+                    return Err(MigrateError::Unexpected(
+                        "a bulk channel closed at the switch to postcopy".into(),
+                    ));
+                }
+                if Instant::now() > deadline {
+                    return Err(MigrateError::Timeout {
+                        what: "bulk channels to finish the switch round".into(),
+                        seconds: timeout.as_secs(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            last_rounds.extend(ctx.rounds_done.iter().map(|r| r.load(Ordering::Acquire)));
+        }
+        if !inc.stats.postcopy {
+            while let Some(done) = tokio::time::timeout(timeout, tasks.join_next())
+                .await
+                .map_err(|_| MigrateError::Timeout {
+                    what: "bulk channels to finish".into(),
+                    seconds: timeout.as_secs(),
+                })?
+            {
+                last_rounds.push(flatten(done)?);
+            }
         }
         if last_rounds.iter().any(|&r| r != rounds) {
             return Err(MigrateError::Unexpected(format!(
@@ -472,14 +620,140 @@ impl Receiver {
         inc.resume_attempted = true;
         self.vmm.resume()?;
         inc.resumed = true;
-        // The guest runs here: that is the outcome, whatever happens to the
-        // confirmation.
-        self.phase.enter(Phase::Completed);
+        if let Some(pc) = inc.postcopy.as_mut() {
+            // The guest runs here, and pages are still to come.
+            pc.resumed_at = Some(Instant::now());
+            self.phase.enter(Phase::Postcopy);
+        } else {
+            // The guest runs here: that is the outcome, whatever happens to
+            // the confirmation.
+            self.phase.enter(Phase::Completed);
+        }
         hit("dst.after-resume")?;
         let control = inc.control.as_mut().expect("accepted above");
         control
             .send(&Message::Resumed, "control channel", inc.timeout)
             .await?;
+        if inc.postcopy.is_some() {
+            self.finish_postcopy(inc).await?;
+        }
+        Ok(())
+    }
+
+    /// At the switch to postcopy, before the device state loads (which may
+    /// touch guest RAM): discards our copies of the pages still to come,
+    /// registers the VMM's RAM for missing faults, and starts the fault
+    /// thread and the urgent channel.
+    fn start_postcopy(&self, inc: &mut Incoming, ctx: &BulkCtx) -> Result<(), MigrateError> {
+        let pending = inc.pending.clone().expect("checked by the caller");
+        let pid = self.vmm.postcopy_pid().ok_or_else(|| {
+            MigrateError::Postcopy(
+                "the destination VMM cannot run a guest before all its RAM has arrived".into(),
+            )
+        })?;
+        // Older copies of pages still to come must go: the guest must
+        // fault on them. Nothing maps them yet but our mapping.
+        for run in pending.runs() {
+            discard_written(ctx, run)?;
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let dest = Arc::new(PostcopyDestination::attach(pid, &self.ram, pending, tx)?);
+        dest.spawn_fault_thread()
+            .map_err(|e| MigrateError::Postcopy(format!("starting the fault thread: {e}")))?;
+        let urgent = inc.urgent.take().expect("checked at the switch");
+        let (timeout, ctx2, dest2) = (inc.timeout, ctx.clone(), dest.clone());
+        let mut tasks = JoinSet::new();
+        tasks.spawn(crate::postcopy::on_own_thread(
+            "postcopy-urgent",
+            urgent,
+            move |s| async move {
+                let (rd, wr) = s.into_split();
+                tokio::select! {
+                    r = send_requests(wr, rx, timeout) => r,
+                    r = receive_urgent(BufReader::with_capacity(256 << 10, rd), ctx2, dest2) => r,
+                }
+            },
+        )?);
+        if ctx.postcopy.set(dest.clone()).is_err() {
+            return Err(MigrateError::Postcopy("postcopy started twice".into()));
+        }
+        hit("dst.postcopy-started")?;
+        inc.postcopy = Some(Postcopy {
+            dest,
+            tasks,
+            resumed_at: None,
+        });
+        Ok(())
+    }
+
+    /// After the resume in postcopy: places pages until every pending one
+    /// is, answers the source's `PostcopyComplete` with ours.
+    async fn finish_postcopy(&self, inc: &mut Incoming) -> Result<(), MigrateError> {
+        let timeout = inc.timeout;
+        let pc = inc.postcopy.as_mut().expect("checked by the caller");
+        let control = inc.control.as_mut().expect("accepted above");
+        let mut source_done = false;
+        let mut watchdog = tokio::time::interval(Duration::from_millis(2));
+        let ctx = inc.ctx.clone().expect("set before the switch");
+        loop {
+            if source_done && pc.dest.remaining() == 0 {
+                break;
+            }
+            if let Some(e) = pc.dest.fault_error() {
+                return Err(MigrateError::Postcopy(e));
+            }
+            tokio::select! {
+                msg = control.next() => match msg.transpose()? {
+                    Some(Message::PostcopyComplete(_)) => source_done = true,
+                    Some(Message::Error(e)) => return Err(MigrateError::Peer(e)),
+                    Some(other) => return Err(MigrateError::Unexpected(format!(
+                        "control channel in postcopy: unexpected {:?}", other.kind()))),
+                    None => return Err(MigrateError::Disconnected(
+                        "the source closed the control channel during postcopy".into())),
+                },
+                Some(done) = pc.tasks.join_next(), if !pc.tasks.is_empty() => {
+                    match done {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err(e),
+                        Err(j) => return Err(MigrateError::Panic(j.to_string())),
+                    }
+                }
+                Some(done) = inc.bulk_tasks.join_next(), if !inc.bulk_tasks.is_empty() => {
+                    flatten(done)?;
+                }
+                _ = watchdog.tick() => {
+                    let idle_ms = (ctx.started.elapsed().as_millis() as u64)
+                        .saturating_sub(ctx.last_progress_ms.load(Ordering::Relaxed));
+                    if idle_ms > timeout.as_millis() as u64 && pc.dest.remaining() > 0 {
+                        return Err(MigrateError::Timeout {
+                            what: "the source during postcopy (it sent nothing on any channel)".into(),
+                            seconds: timeout.as_secs(),
+                        });
+                    }
+                }
+            }
+        }
+        pc.dest.finish();
+        let report = pc.dest.report();
+        let (requested, streamed) = pc.dest.pages_requested_and_streamed();
+        let st = &mut inc.stats;
+        st.faults_remote = report.faults_remote;
+        st.faults_local = report.faults_local;
+        st.pages_requested = requested;
+        st.pages_streamed = streamed;
+        st.fault_latency_us_p50 = report.fault_latency_us_p50;
+        st.fault_latency_us_p99 = report.fault_latency_us_p99;
+        st.fault_latency_us_max = report.fault_latency_us_max;
+        st.postcopy_ms = pc.resumed_at.map_or(0, |t| t.elapsed().as_millis() as u64);
+        st.bytes_received = ctx.bytes.load(Ordering::Relaxed);
+        control
+            .send(
+                &Message::PostcopyComplete(report),
+                "control channel",
+                timeout,
+            )
+            .await?;
+        pc.tasks.abort_all();
         Ok(())
     }
 
@@ -584,6 +858,20 @@ impl Receiver {
                     .await,
                 ));
             }
+            if hello.postcopy {
+                let why = if self.preallocate {
+                    Some("the destination preallocates its RAM (--preallocate), so no page could fault: use --mode precopy, or receive without preallocation")
+                } else if self.vmm.postcopy_pid().is_none() {
+                    Some("this destination cannot run the guest before all its RAM has arrived (no VMM process whose faults it can serve): use --mode precopy")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(MigrateError::Postcopy(
+                        reject(&mut s, format!("postcopy refused: {why}")).await,
+                    ));
+                }
+            }
             if hello.bulk_channels == 0 {
                 return Err(MigrateError::Unexpected(
                     reject(&mut s, "source announced zero bulk channels".into()).await,
@@ -604,11 +892,12 @@ impl Receiver {
         hello: &Hello,
         local: &[freehint_wire::RegionDesc],
         timeout: Duration,
-    ) -> Result<Vec<TcpStream>, MigrateError> {
+    ) -> Result<(Vec<TcpStream>, Option<TcpStream>), MigrateError> {
         let n = hello.bulk_channels as usize;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut bulk: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
-        while bulk.iter().any(|b| b.is_none()) {
+        let mut urgent: Option<TcpStream> = None;
+        while bulk.iter().any(|b| b.is_none()) || (hello.postcopy && urgent.is_none()) {
             let (mut s, peer) = tokio::time::timeout_at(deadline, listener.accept())
                 .await
                 .map_err(|_| MigrateError::Timeout {
@@ -647,6 +936,11 @@ impl Receiver {
                     write_message(&mut s, &Message::HelloAck, &ctx, timeout).await?;
                     bulk[i as usize] = Some(s);
                 }
+                ChannelRole::Urgent if hello.postcopy && urgent.is_none() => {
+                    crate::tune_socket(&s, timeout).map_err(MigrateError::io("socket option"))?;
+                    write_message(&mut s, &Message::HelloAck, &ctx, timeout).await?;
+                    urgent = Some(s);
+                }
                 role => {
                     return Err(MigrateError::Unexpected(
                         reject(
@@ -660,7 +954,7 @@ impl Receiver {
                 }
             }
         }
-        Ok(bulk.into_iter().flatten().collect())
+        Ok((bulk.into_iter().flatten().collect(), urgent))
     }
 }
 
@@ -730,6 +1024,13 @@ async fn receive_bulk(
                 // Checked to exist by the decoder.
                 let region = &ctx.ram.regions()[region_idx];
                 let page_bytes = region.page_bytes() as usize;
+                if let Some(pc) = ctx.postcopy.get() {
+                    data.resize(head.data_pages() as usize * page_bytes, 0);
+                    read_exact(&mut r, &mut data, &name).await?;
+                    pc.place_batch(region_idx, head.entries(), &data, page_bytes as u64, false)?;
+                    ctx.progress();
+                    continue;
+                }
                 if !ctx.direct {
                     data.resize(head.data_pages() as usize * page_bytes, 0);
                     read_exact(&mut r, &mut data, &name).await?;
@@ -783,10 +1084,49 @@ async fn receive_bulk(
                 // has placed round r: a page resent in r+1 on another
                 // channel must not be overwritten by its older copy.
                 ctx.barrier.wait().await;
+                ctx.rounds_done[index].store(round, Ordering::Release);
             }
             Frame::Message(other) => {
                 return Err(MigrateError::Unexpected(format!(
                     "{name}: unexpected {} frame on a bulk channel",
+                    other.kind().name()
+                )))
+            }
+        }
+    }
+}
+
+/// Places the pages the source sends on the urgent channel in answer to
+/// page requests, until it closes the channel.
+async fn receive_urgent(
+    mut r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    ctx: BulkCtx,
+    dest: Arc<PostcopyDestination>,
+) -> Result<(), MigrateError> {
+    let name = "urgent channel";
+    let mut frame_buf = Vec::new();
+    let mut data: Vec<u8> = Vec::new();
+    let ram = ctx.ram.clone();
+    let region_pages =
+        move |idx: usize| ram.regions().get(idx).map(|r| (r.page_bytes(), r.pages()));
+    loop {
+        let Some((frame, frame_bytes)) =
+            read_frame(&mut r, name, Some(&region_pages), &mut frame_buf).await?
+        else {
+            return Ok(());
+        };
+        ctx.progress();
+        ctx.bytes.fetch_add(frame_bytes, Ordering::Relaxed);
+        match frame {
+            Frame::PageBatch(head) => {
+                let page_bytes = ctx.ram.regions()[head.region()].page_bytes();
+                data.resize((head.data_pages() * page_bytes) as usize, 0);
+                read_exact(&mut r, &mut data, name).await?;
+                dest.place_batch(head.region(), head.entries(), &data, page_bytes, true)?;
+            }
+            Frame::Message(other) => {
+                return Err(MigrateError::Unexpected(format!(
+                    "{name}: unexpected {} frame",
                     other.kind().name()
                 )))
             }

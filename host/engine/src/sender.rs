@@ -29,8 +29,12 @@ use crate::error::{cancellable, caught, panic_text};
 use crate::fault::hit;
 use crate::io::{expect_message, write_message, writev_all, ControlChannel, IoVecs};
 use crate::phase::{Phase, PhaseWatch, Side};
+use crate::postcopy::source::{PostcopySource, SourceCounters, StreamHint};
+use crate::postcopy::PendingPages;
 use crate::progress::ProgressWatch;
-use crate::{region_descs, MigrateError, MigrationFailure, MigrationParams, MigrationStats};
+use crate::{
+    region_descs, MigrateError, MigrationFailure, MigrationMode, MigrationParams, MigrationStats,
+};
 
 /// Sends a VM's guest RAM to a [`crate::Receiver`] with precopy and hands
 /// the VM over.
@@ -51,6 +55,8 @@ pub struct PrecopySender {
     /// list (see [`watch_hint_payoff`]). Once they do not, no more rounds
     /// are opened for the rest of the migration.
     hints_paying: Arc<AtomicBool>,
+    /// The operator asked for the switch to postcopy now.
+    postcopy_now: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for PrecopySender {
@@ -85,6 +91,16 @@ struct Attempt {
     bandwidth_bytes_per_s: f64,
     /// Bytes of populated guest memory when the migration began.
     populated_bytes: u64,
+    /// The urgent channel (postcopy), until the switch.
+    urgent: Option<TcpStream>,
+    /// After the switch to postcopy: what the postcopy tasks share, and
+    /// the task answering page requests (aborted if the attempt is
+    /// dropped).
+    postcopy: Option<(PostcopySource, JoinSet<Result<(), MigrateError>>)>,
+    /// Hybrid: the lowest downtime estimate so far, and the rounds since
+    /// it last fell by a tenth.
+    best_estimate_ms: f64,
+    stalled_rounds: u32,
 }
 
 impl PrecopySender {
@@ -113,7 +129,15 @@ impl PrecopySender {
             cancel: CancellationToken::new(),
             progress: ProgressWatch::default(),
             hints_paying: Arc::new(AtomicBool::new(true)),
+            postcopy_now: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// A flag that, once set, makes a hybrid or postcopy migration switch
+    /// to postcopy at the end of the current round (the operator's
+    /// `--postcopy-now`). A precopy migration ignores it.
+    pub fn postcopy_now_flag(&self) -> Arc<AtomicBool> {
+        self.postcopy_now.clone()
     }
 
     /// The migration's phase, for whoever watches it.
@@ -164,6 +188,10 @@ impl PrecopySender {
             round: 0,
             bandwidth_bytes_per_s: 0.0,
             populated_bytes: 0,
+            urgent: None,
+            postcopy: None,
+            best_estimate_ms: f64::INFINITY,
+            stalled_rounds: 0,
         };
         let cancel = self.cancel.clone();
         self.progress
@@ -178,6 +206,12 @@ impl PrecopySender {
             Err(e @ MigrateError::Peer(_)) => return Err(self.fail_back(at, e).await),
             Err(e) => return Err(self.uncertain(at, e)),
             Ok(()) => {}
+        }
+        if at.postcopy.is_some() {
+            self.phase.enter(Phase::Postcopy);
+            if let Err(e) = caught(self.run_postcopy(&mut at)).await {
+                return Err(self.uncertain(at, e));
+            }
         }
         self.phase.enter(Phase::Completed);
         let after = std::panic::catch_unwind(AssertUnwindSafe(|| hit("src.after-resumed")))
@@ -207,12 +241,19 @@ impl PrecopySender {
         self.open_channels(dest, at).await?;
         self.phase.enter(Phase::Precopy);
         hit("src.connected")?;
-        self.live_rounds(at).await?;
+        let postcopy = match self.params.mode {
+            MigrationMode::Postcopy => true,
+            MigrationMode::Precopy | MigrationMode::Hybrid => self.live_rounds(at).await?,
+        };
         self.check_device_state_size()?;
         hit("src.before-stop")?;
         self.stop_vm(at).await?;
         hit("src.after-stop")?;
-        self.final_round(at).await?;
+        if postcopy {
+            self.switch_round(at).await?;
+        } else {
+            self.final_round(at).await?;
+        }
         hit("src.after-final-round")?;
         self.send_device_state(at).await?;
         hit("src.after-complete")?;
@@ -280,15 +321,20 @@ impl PrecopySender {
         // Open the first hint round before connecting, so the guest's
         // report is under way by the time the first pages go out.
         let first = self.sync(self.params.hints, &mut at.stats)?;
-        let waiting = self.params.hint_wait_ms > 0;
+        // Pure postcopy has no precopy round for hints to land in: every
+        // page the guest has not reported free by the switch is sent.
+        let hint_wait_ms = if self.params.mode == MigrationMode::Postcopy {
+            self.params.hint_wait_ms.max(POSTCOPY_HINT_WAIT_MS)
+        } else {
+            self.params.hint_wait_ms
+        };
+        let waiting = hint_wait_ms > 0;
         if let (Some(id), Some(src), true) = (first.opened_epoch, &self.hint_source, waiting) {
             let filter = self.filter.clone();
             let page_bytes = self.ram.regions().first().map_or(4096, |r| r.page_bytes());
             // Waiting longer than sending every populated page at the floor
             // rate would take never pays (an idle guest's RAM is mostly holes).
-            let max_ms = self
-                .params
-                .hint_wait_ms
+            let max_ms = hint_wait_ms
                 .min(at.populated_bytes.saturating_mul(1000) / HINT_RATE_FLOOR_BYTES_PER_S);
             at.stats.hint_wait_ms = wait_for_report(src.as_ref(), id, max_ms, || {
                 let h = filter.stats();
@@ -344,19 +390,25 @@ impl PrecopySender {
             bulk_channels: self.params.bulk_channels,
             peer_timeout_s: self.params.peer_timeout_s as u32,
             regions: region_descs(&self.ram),
+            postcopy: self.params.mode.may_postcopy(),
         };
         let control = self.connect(dest, hello(ChannelRole::Control)).await?;
         for i in 0..self.params.bulk_channels {
             at.bulk
                 .push(self.connect(dest, hello(ChannelRole::Bulk(i))).await?);
         }
+        if self.params.mode.may_postcopy() {
+            at.urgent = Some(self.connect(dest, hello(ChannelRole::Urgent)).await?);
+        }
         at.control = Some(ControlChannel::new(control));
         Ok(())
     }
 
     /// Live rounds until the rest fits in the downtime target (or the
-    /// round limit is reached).
-    async fn live_rounds(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
+    /// round limit is reached); `true` when a hybrid migration should
+    /// switch to postcopy instead (the estimate stopped shrinking, the
+    /// round limit, or the operator's word).
+    async fn live_rounds(&mut self, at: &mut Attempt) -> Result<bool, MigrateError> {
         loop {
             at.round += 1;
             self.phase.set_round(at.round);
@@ -403,14 +455,35 @@ impl PrecopySender {
             let converged = estimate_ms <= self.params.downtime_target_ms as f64
                 && at.zero_runs.len() <= MAX_ZERO_RUNS_AT_SWITCHOVER
                 && at.round >= self.params.min_rounds;
-            if converged || at.round + 1 >= self.params.max_rounds {
+            let mut to_postcopy = false;
+            if self.params.mode == MigrationMode::Hybrid && !converged {
+                if estimate_ms < at.best_estimate_ms * 0.9 {
+                    at.best_estimate_ms = estimate_ms;
+                    at.stalled_rounds = 0;
+                } else {
+                    at.stalled_rounds += 1;
+                }
+                to_postcopy = self.postcopy_now.load(Ordering::Relaxed)
+                    || at.round + 1 >= self.params.max_rounds
+                    || (at.round >= self.params.min_rounds
+                        && at.stalled_rounds >= HYBRID_STALLED_ROUNDS);
+                if to_postcopy {
+                    tracing::info!(
+                        round = at.round,
+                        estimate_ms = estimate_ms as u64,
+                        best_estimate_ms = at.best_estimate_ms as u64,
+                        "precopy does not converge: switching to postcopy"
+                    );
+                }
+            }
+            if converged || to_postcopy || at.round + 1 >= self.params.max_rounds {
                 // What the sockets still hold would otherwise cross the
                 // link during the downtime (up to 16 MiB a channel: 130 ms
                 // at 1 Gbit/s). The guest runs meanwhile; what it writes
                 // goes in the final round.
                 at.stats.drain_wait_ms =
                     drain_bulk(&at.bulk, at.bandwidth_bytes_per_s, self.timeout()).await;
-                return Ok(());
+                return Ok(to_postcopy);
             }
         }
     }
@@ -498,6 +571,162 @@ impl PrecopySender {
             }
         }
         at.stats.downtime_breakdown.final_round_us = started.elapsed().as_micros() as u64;
+        Ok(())
+    }
+
+    /// The switch to postcopy, with the VM stopped: the final sync, the
+    /// zero runs it leaves (one round, which keeps the bulk channels open),
+    /// then the list of pages still to send, and the urgent channel starts
+    /// answering requests.
+    async fn switch_round(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
+        let started = Instant::now();
+        let report = self.sync(false, &mut at.stats)?;
+        let mut zero_runs = std::mem::take(&mut at.zero_runs);
+        zero_runs.extend(report.discarded);
+        // Every page still to send leaves the bitmap: from here on it is
+        // sent once, on whichever channel takes it first.
+        let runs = self.filter.with_bitmap(|bm| {
+            let mut cursor = Cursor::default();
+            let mut runs = Vec::new();
+            while bm.take_set(&mut cursor, u64::MAX, &mut runs) > 0 {}
+            runs
+        });
+        let pages: Vec<u64> = self.ram.regions().iter().map(|r| r.pages()).collect();
+        let pending = Arc::new(PendingPages::new(&pages));
+        for run in &runs {
+            pending.insert(*run);
+        }
+        at.round += 1;
+        self.phase.set_round(at.round);
+        let counters = self.send_round(at, zero_runs).await?;
+        add_counters(&mut at.stats, &counters);
+        let t = self.timeout();
+        let control = at.control.as_mut().expect("channels are open");
+        for chunk in runs.chunks(freehint_wire::MAX_RUNS_PER_MESSAGE) {
+            at.stats.bytes_on_wire += control
+                .send(
+                    &Message::PostcopyPending(chunk.to_vec()),
+                    "sending the pending pages",
+                    t,
+                )
+                .await?;
+        }
+        at.stats.bytes_on_wire += control
+            .send(
+                &Message::PostcopySwitch {
+                    pending_pages: pending.remaining(),
+                },
+                "switching to postcopy",
+                t,
+            )
+            .await?;
+        at.stats.postcopy = true;
+        at.stats.postcopy_pending_pages = pending.remaining();
+        tracing::info!(
+            pending_pages = pending.remaining(),
+            runs = runs.len(),
+            "switching to postcopy"
+        );
+        let src = PostcopySource {
+            ram: self.ram.clone(),
+            pending,
+            hint: Arc::new(StreamHint::default()),
+            counters: Arc::new(SourceCounters::default()),
+            timeout: t,
+        };
+        let urgent = at
+            .urgent
+            .take()
+            .ok_or_else(|| MigrateError::Postcopy("no urgent channel was opened".into()))?;
+        let mut tasks = JoinSet::new();
+        let server = src.clone();
+        tasks.spawn(crate::postcopy::on_own_thread(
+            "postcopy-urgent",
+            urgent,
+            move |s| server.serve_requests(s),
+        )?);
+        at.postcopy = Some((src, tasks));
+        at.stats.downtime_breakdown.final_round_us = started.elapsed().as_micros() as u64;
+        Ok(())
+    }
+
+    /// After the commit, with the guest running on the destination: streams
+    /// every pending page while requests are answered first, then waits for
+    /// the destination to confirm it has placed them all. The source VM
+    /// stays paused throughout: it holds the only copy of those pages.
+    async fn run_postcopy(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
+        let started = Instant::now();
+        let (src, mut tasks) = at.postcopy.take().expect("checked by the caller");
+        let bulk = std::mem::take(&mut at.bulk);
+        let stream = src.clone().stream_pending(bulk, self.params.batch_bytes);
+        tokio::pin!(stream);
+        let mut bulk = tokio::select! {
+            r = &mut stream => r?,
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => return Err(match done {
+                Ok(Ok(())) => MigrateError::Disconnected(
+                    "the destination closed the urgent channel during postcopy".into()),
+                Ok(Err(e)) => e,
+                Err(j) => MigrateError::Panic(j.to_string()),
+            }),
+        };
+        let t = self.timeout();
+        for b in &mut bulk {
+            match tokio::time::timeout(t, b.shutdown()).await {
+                Ok(r) => r.map_err(MigrateError::io("closing a bulk channel"))?,
+                Err(_) => {
+                    return Err(MigrateError::Timeout {
+                        what: "closing a bulk channel".into(),
+                        seconds: t.as_secs(),
+                    })
+                }
+            }
+        }
+        let c = &src.counters;
+        let sent = freehint_wire::PostcopyReport {
+            pages_placed: c.pages_requested.load(Ordering::Relaxed)
+                + c.pages_streamed.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        let control = at.control.as_mut().expect("channels are open");
+        at.stats.bytes_on_wire += control
+            .send(&Message::PostcopyComplete(sent), "ending postcopy", t)
+            .await?;
+        let report = loop {
+            tokio::select! {
+                m = control.expect(t, "the destination to place the last pages") => match m? {
+                    Message::PostcopyComplete(r) => break r,
+                    Message::Error(e) => return Err(MigrateError::Peer(e)),
+                    other => return Err(MigrateError::Unexpected(format!(
+                        "expected the destination's PostcopyComplete, got {:?}", other.kind()))),
+                },
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => match done {
+                    // The destination may close the urgent channel once it
+                    // has every page.
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(j) => return Err(MigrateError::Panic(j.to_string())),
+                },
+            }
+        };
+        tasks.abort_all();
+        let st = &mut at.stats;
+        st.bytes_on_wire += c.bytes.load(Ordering::Relaxed);
+        st.pages_requested = c.pages_requested.load(Ordering::Relaxed);
+        st.pages_streamed = c.pages_streamed.load(Ordering::Relaxed);
+        st.pages_sent += st.pages_requested + st.pages_streamed;
+        st.faults_remote = report.faults_remote;
+        st.faults_local = report.faults_local;
+        st.fault_latency_us_p50 = report.fault_latency_us_p50;
+        st.fault_latency_us_p99 = report.fault_latency_us_p99;
+        st.fault_latency_us_max = report.fault_latency_us_max;
+        st.postcopy_ms = started.elapsed().as_millis() as u64;
+        st.total_time_ms = at.started.elapsed().as_millis() as u64;
+        if report.pages_placed != st.postcopy_pending_pages {
+            return Err(MigrateError::Postcopy(format!(
+                "the destination placed {} of {} pending pages",
+                report.pages_placed, st.postcopy_pending_pages
+            )));
+        }
         Ok(())
     }
 
@@ -762,7 +991,7 @@ fn check_control(at: &mut Attempt) -> Result<(), MigrateError> {
 
 /// Bytes a TCP socket holds that its peer has not acknowledged yet, sent
 /// or not (`SIOCOUTQ`).
-fn unacknowledged_bytes(s: &TcpStream) -> std::io::Result<u64> {
+pub(crate) fn unacknowledged_bytes(s: &TcpStream) -> std::io::Result<u64> {
     use std::os::fd::AsRawFd;
     let mut n: libc::c_int = 0;
     // SAFETY: SIOCOUTQ (TIOCOUTQ) on a TCP socket writes one c_int through
@@ -830,12 +1059,8 @@ impl ChannelJob {
                 .fetch_add(z.count, Ordering::Relaxed);
         }
         let mut claimed: Vec<PageRun> = Vec::new();
-        let mut head_buf: Vec<u8> = Vec::new();
         // Reused batch after batch: no allocation per batch.
-        let mut head = PageBatchHead::default();
-        let mut iovs = IoVecs(Vec::new());
-        // (address, length) of runs of data pages in the mapping.
-        let mut spans: Vec<(usize, usize)> = Vec::new();
+        let mut writer = BatchWriter::default();
         let mut batches = 0u64;
         loop {
             claimed.clear();
@@ -846,66 +1071,17 @@ impl ChannelJob {
             let Some(region_idx) = claimed.first().map(|run| run.region) else {
                 break;
             };
-            let region = &self.ram.regions()[region_idx];
-            let page_bytes = region.page_bytes() as usize;
-            head.reset(region_idx);
-            // Map each run for reading with one call (no fault per page),
-            // check every page for zero in place, and send the others
-            // straight from the mapping: the kernel copies them into the
-            // socket, with no copy of ours in between. Guest memory is read
-            // only through volatile loads and raw pointers: the guest may
-            // write it meanwhile; what we send may then be torn or stale,
-            // and the dirty log has the page for the next round.
-            spans.clear();
-            for run in &claimed {
-                region.populate_read(run.first_page, run.count)?;
-                for page in run.first_page..run.first_page + run.count {
-                    let pages = region.volatile_pages(page, 1)?;
-                    if is_zero_volatile(&pages) {
-                        head.push_zero(page);
-                        continue;
-                    }
-                    head.push_data(page);
-                    let addr = pages.ptr_guard().as_ptr() as usize;
-                    match spans.last_mut() {
-                        Some((start, len)) if *start + *len == addr => *len += page_bytes,
-                        _ => spans.push((addr, page_bytes)),
-                    }
-                }
-            }
-            let filled: usize = spans.iter().map(|s| s.1).sum();
-            head_buf.clear();
-            head.encode(page_bytes as u64, &mut head_buf);
-            iovs.0.clear();
-            iovs.0.push(libc::iovec {
-                iov_base: head_buf.as_mut_ptr().cast(),
-                iov_len: head_buf.len(),
-            });
-            for &(addr, len) in &spans {
-                iovs.0.push(libc::iovec {
-                    iov_base: addr as *mut libc::c_void,
-                    iov_len: len,
-                });
-            }
-            match tokio::time::timeout(self.timeout, writev_all(&stream, &mut iovs)).await {
-                Ok(r) => r.map_err(MigrateError::io(ctx))?,
-                Err(_) => {
-                    return Err(MigrateError::Timeout {
-                        what: format!("{ctx}: the destination to take page data"),
-                        seconds: self.timeout.as_secs(),
-                    })
-                }
-            }
-            let data_pages = (filled / page_bytes) as u64;
-            self.counters
-                .bytes
-                .fetch_add((head_buf.len() + filled) as u64, Ordering::Relaxed);
+            let sent = writer
+                .write(&stream, &self.ram, region_idx, &claimed, self.timeout, ctx)
+                .await?;
+            debug_assert_eq!(sent.pages, n);
+            self.counters.bytes.fetch_add(sent.bytes, Ordering::Relaxed);
             self.counters
                 .pages_sent
-                .fetch_add(data_pages, Ordering::Relaxed);
+                .fetch_add(sent.data_pages, Ordering::Relaxed);
             self.counters
                 .pages_zero
-                .fetch_add(n - data_pages, Ordering::Relaxed);
+                .fetch_add(sent.pages - sent.data_pages, Ordering::Relaxed);
             batches += 1;
             if batches == 1 {
                 hit("src.mid-round")?;
@@ -922,6 +1098,105 @@ impl ChannelJob {
         Ok(stream)
     }
 }
+
+/// What one page batch carried.
+pub(crate) struct BatchSent {
+    /// Bytes on the wire, head included.
+    pub(crate) bytes: u64,
+    /// Pages in the batch (data and zero).
+    pub(crate) pages: u64,
+    /// Pages sent with their data.
+    pub(crate) data_pages: u64,
+}
+
+/// Writes page batches, reusing its buffers from one batch to the next.
+#[derive(Default)]
+pub(crate) struct BatchWriter {
+    head: PageBatchHead,
+    head_buf: Vec<u8>,
+    iovs: IoVecs,
+    /// (address, length) of runs of data pages in the mapping.
+    spans: Vec<(usize, usize)>,
+}
+
+impl BatchWriter {
+    /// Sends `runs` (all of region `region_idx`) as one batch on `stream`:
+    /// zero pages as zero entries, the others straight from the mapping.
+    pub(crate) async fn write(
+        &mut self,
+        stream: &TcpStream,
+        ram: &GuestRam,
+        region_idx: usize,
+        runs: &[PageRun],
+        timeout: Duration,
+        ctx: &str,
+    ) -> Result<BatchSent, MigrateError> {
+        let region = &ram.regions()[region_idx];
+        let page_bytes = region.page_bytes() as usize;
+        self.head.reset(region_idx);
+        // Map each run for reading with one call (no fault per page),
+        // check every page for zero in place, and send the others
+        // straight from the mapping: the kernel copies them into the
+        // socket, with no copy of ours in between. Guest memory is read
+        // only through volatile loads and raw pointers: the guest may
+        // write it meanwhile; what we send may then be torn or stale,
+        // and the dirty log has the page for the next round.
+        self.spans.clear();
+        for run in runs {
+            region.populate_read(run.first_page, run.count)?;
+            for page in run.first_page..run.first_page + run.count {
+                let pages = region.volatile_pages(page, 1)?;
+                if is_zero_volatile(&pages) {
+                    self.head.push_zero(page);
+                    continue;
+                }
+                self.head.push_data(page);
+                let addr = pages.ptr_guard().as_ptr() as usize;
+                match self.spans.last_mut() {
+                    Some((start, len)) if *start + *len == addr => *len += page_bytes,
+                    _ => self.spans.push((addr, page_bytes)),
+                }
+            }
+        }
+        let filled: usize = self.spans.iter().map(|s| s.1).sum();
+        self.head_buf.clear();
+        self.head.encode(page_bytes as u64, &mut self.head_buf);
+        self.iovs.0.clear();
+        self.iovs.0.push(libc::iovec {
+            iov_base: self.head_buf.as_mut_ptr().cast(),
+            iov_len: self.head_buf.len(),
+        });
+        for &(addr, len) in &self.spans {
+            self.iovs.0.push(libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: len,
+            });
+        }
+        match tokio::time::timeout(timeout, writev_all(stream, &mut self.iovs)).await {
+            Ok(r) => r.map_err(MigrateError::io(ctx))?,
+            Err(_) => {
+                return Err(MigrateError::Timeout {
+                    what: format!("{ctx}: the destination to take page data"),
+                    seconds: timeout.as_secs(),
+                })
+            }
+        }
+        Ok(BatchSent {
+            bytes: (self.head_buf.len() + filled) as u64,
+            pages: self.head.pages(),
+            data_pages: (filled / page_bytes) as u64,
+        })
+    }
+}
+
+/// Pure postcopy waits at least this long for the guest's free-page report
+/// before the switch (while the guest still runs on the source; the wait
+/// ends sooner once hints slow down, see [`wait_for_report`]).
+const POSTCOPY_HINT_WAIT_MS: u64 = 5_000;
+
+/// Hybrid: rounds in a row whose downtime estimate did not fall by a tenth
+/// below the best so far, after which precopy counts as not converging.
+const HYBRID_STALLED_ROUNDS: u32 = 2;
 
 /// Most zero runs (pages discarded by free page reporting since the last
 /// sync) left for the stopped round; with more, one more live round goes

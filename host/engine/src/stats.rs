@@ -55,6 +55,38 @@ pub struct MigrationStats {
     pub guest_ram_bytes: u64,
     /// Bytes of VMM device state handed over.
     pub device_state_bytes: u64,
+    /// Whether the migration switched to postcopy.
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Pages still to send at the switch to postcopy.
+    #[serde(default)]
+    pub postcopy_pending_pages: u64,
+    /// Pages sent in answer to the destination's requests (postcopy).
+    #[serde(default)]
+    pub pages_requested: u64,
+    /// Pages the background stream sent (postcopy).
+    #[serde(default)]
+    pub pages_streamed: u64,
+    /// Faults the destination sent to us (postcopy; its count).
+    #[serde(default)]
+    pub faults_remote: u64,
+    /// Faults the destination resolved itself, on pages free or zero at
+    /// the switch (postcopy; its count).
+    #[serde(default)]
+    pub faults_local: u64,
+    /// Median time on the destination from a remote fault to its wake-up,
+    /// µs.
+    #[serde(default)]
+    pub fault_latency_us_p50: u64,
+    /// 99th percentile of the same, µs.
+    #[serde(default)]
+    pub fault_latency_us_p99: u64,
+    /// Longest of the same, µs.
+    #[serde(default)]
+    pub fault_latency_us_max: u64,
+    /// From the destination's resume to its last page placed (postcopy).
+    #[serde(default)]
+    pub postcopy_ms: u64,
     /// How the migration ended: `completed`, `failed` or `uncertain`.
     pub state: Phase,
     /// Whether the source VM runs the guest at the end.

@@ -287,6 +287,18 @@ impl MissingPlacer {
     }
 }
 
+impl MissingPlacer {
+    /// Unregisters every range now: faults waiting in them are woken and
+    /// go on as ordinary faults (a page not placed reads as zeros), and no
+    /// later access faults here. Drop does the same.
+    pub fn unregister_all(&self) {
+        for r in &self.ranges {
+            // Best effort: a mapping already gone has nothing to unregister.
+            let _ = sys::uffdio_unregister(&self.uffd, r.start, r.len_bytes);
+        }
+    }
+}
+
 impl Drop for MissingPlacer {
     fn drop(&mut self) {
         for r in &self.ranges {

@@ -82,6 +82,14 @@ pub trait DestinationVmm: Send + Sync {
     /// Loads device state received from the source, within `timeout`
     /// (the migration's peer timeout, which both sides share).
     fn load_device_state(&self, state: &[u8], timeout: Duration) -> Result<(), VmmError>;
-    /// Starts the guest: all RAM has been placed.
+    /// Starts the guest: all RAM has been placed, or (postcopy) the RAM
+    /// still to come is registered for missing faults.
     fn resume(&self) -> Result<(), VmmError>;
+    /// The process whose address space maps guest RAM and holds a
+    /// userfaultfd the receiver may take (the preload library's), for
+    /// postcopy: the guest then runs before all its RAM has arrived.
+    /// `None` (the default): this VMM cannot run a guest with RAM missing.
+    fn postcopy_pid(&self) -> Option<i32> {
+        None
+    }
 }

@@ -36,6 +36,12 @@ pub enum Kind {
     Commit = 12,
     /// [`Message::Stopping`].
     Stopping = 13,
+    /// [`Message::PostcopyPending`].
+    PostcopyPending = 14,
+    /// [`Message::PostcopySwitch`].
+    PostcopySwitch = 15,
+    /// [`Message::PostcopyComplete`].
+    PostcopyComplete = 16,
 }
 
 impl Kind {
@@ -55,6 +61,9 @@ impl Kind {
             Kind::Resumed => "resumed",
             Kind::Error => "error",
             Kind::PageRequest => "page request",
+            Kind::PostcopyPending => "postcopy pending",
+            Kind::PostcopySwitch => "postcopy switch",
+            Kind::PostcopyComplete => "postcopy complete",
         }
     }
 
@@ -73,6 +82,9 @@ impl Kind {
             11 => Kind::Ready,
             12 => Kind::Commit,
             13 => Kind::Stopping,
+            14 => Kind::PostcopyPending,
+            15 => Kind::PostcopySwitch,
+            16 => Kind::PostcopyComplete,
             other => return Err(WireError::UnknownKind(other)),
         })
     }

@@ -32,12 +32,12 @@ mod message;
 pub use batch::{BatchEntry, PageBatchHead, BATCH_PREFIX_BYTES, MAX_ENTRY_PAGES};
 pub use frame::{Frame, FrameHeader, Kind};
 pub use freehint_types::PageRun;
-pub use message::{ChannelRole, Hello, Message, RegionDesc};
+pub use message::{ChannelRole, Hello, Message, PostcopyReport, RegionDesc, MAX_RUNS_PER_MESSAGE};
 
 /// `"FHNT"`.
 pub const MAGIC: u32 = 0x544e_4846;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Size of [`FrameHeader`] on the wire.
 pub const HEADER_BYTES: usize = 16;
 /// Largest payload accepted for any frame but a page batch.

@@ -42,6 +42,28 @@ pub struct Hello {
     pub peer_timeout_s: u32,
     /// The guest RAM layout.
     pub regions: Vec<RegionDesc>,
+    /// The source may switch to postcopy: it opens an urgent channel after
+    /// the bulk ones, and the destination must be able to run the guest
+    /// before all its RAM has arrived.
+    pub postcopy: bool,
+}
+
+/// What the destination reports when postcopy has placed the last page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PostcopyReport {
+    /// Pages placed during postcopy (requested or streamed).
+    pub pages_placed: u64,
+    /// Faults answered by the source (page requests).
+    pub faults_remote: u64,
+    /// Faults resolved on the destination (pages free or zero at the
+    /// switch), with no round trip.
+    pub faults_local: u64,
+    /// Median time from a remote fault to its wake-up, µs.
+    pub fault_latency_us_p50: u64,
+    /// 99th percentile of the same, µs.
+    pub fault_latency_us_p99: u64,
+    /// Longest of the same, µs.
+    pub fault_latency_us_max: u64,
 }
 
 /// Every message except page data.
@@ -103,15 +125,33 @@ pub enum Message {
     Resumed,
     /// The peer gives up, with a reason.
     Error(String),
-    /// Postcopy: the destination needs this page now (reserved: a precopy
-    /// source answers it with an error).
+    /// Postcopy (urgent channel): the destination needs this page now.
+    /// Pages are in the region's page unit: on hugetlbfs a whole huge page.
     PageRequest {
         /// Region index.
         region: u32,
         /// Page index.
         page: u64,
     },
+    /// Postcopy, before the device state: pages that are still to come
+    /// (at most [`MAX_RUNS_PER_MESSAGE`] runs a message). The destination
+    /// discards any older copy of them; any page it lacks that is not
+    /// listed will never come (free or zero at the switch).
+    PostcopyPending(Vec<PageRun>),
+    /// Postcopy: the list of pending pages is over; the guest will run on
+    /// the destination before they have all arrived.
+    PostcopySwitch {
+        /// Pages in the list.
+        pending_pages: u64,
+    },
+    /// Postcopy is over. From the source: every pending page has been sent
+    /// (`pages_sent`). From the destination, in answer: every pending page
+    /// is placed, with its figures.
+    PostcopyComplete(PostcopyReport),
 }
+
+/// Most page runs in one [`Message::PostcopyPending`] (24 bytes each).
+pub const MAX_RUNS_PER_MESSAGE: usize = 1 << 16;
 
 struct Reader<'a> {
     b: &'a [u8],
@@ -167,6 +207,9 @@ impl Message {
             Message::Resumed => Kind::Resumed,
             Message::Error(_) => Kind::Error,
             Message::PageRequest { .. } => Kind::PageRequest,
+            Message::PostcopyPending(_) => Kind::PostcopyPending,
+            Message::PostcopySwitch { .. } => Kind::PostcopySwitch,
+            Message::PostcopyComplete(_) => Kind::PostcopyComplete,
         }
     }
 
@@ -181,7 +224,7 @@ impl Message {
                     ChannelRole::Bulk(i) => (1, i),
                     ChannelRole::Urgent => (2, 0),
                 };
-                p.extend_from_slice(&[role, idx, h.bulk_channels, 0]);
+                p.extend_from_slice(&[role, idx, h.bulk_channels, h.postcopy as u8]);
                 p.extend_from_slice(&h.peer_timeout_s.to_le_bytes());
                 p.extend_from_slice(&(h.regions.len() as u32).to_le_bytes());
                 p.extend_from_slice(&0u32.to_le_bytes());
@@ -222,6 +265,31 @@ impl Message {
                 p.extend_from_slice(&0u32.to_le_bytes());
                 p.extend_from_slice(&page.to_le_bytes());
             }
+            Message::PostcopyPending(runs) => {
+                p.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+                p.extend_from_slice(&0u32.to_le_bytes());
+                for run in runs {
+                    p.extend_from_slice(&region_u32(run.region).to_le_bytes());
+                    p.extend_from_slice(&0u32.to_le_bytes());
+                    p.extend_from_slice(&run.first_page.to_le_bytes());
+                    p.extend_from_slice(&run.count.to_le_bytes());
+                }
+            }
+            Message::PostcopySwitch { pending_pages } => {
+                p.extend_from_slice(&pending_pages.to_le_bytes());
+            }
+            Message::PostcopyComplete(r) => {
+                for v in [
+                    r.pages_placed,
+                    r.faults_remote,
+                    r.faults_local,
+                    r.fault_latency_us_p50,
+                    r.fault_latency_us_p99,
+                    r.fault_latency_us_max,
+                ] {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
+            }
         }
         out.extend_from_slice(
             &FrameHeader {
@@ -247,7 +315,10 @@ impl Message {
                 let role = r.u8()?;
                 let idx = r.u8()?;
                 let bulk_channels = r.u8()?;
-                let _pad = r.u8()?;
+                let flags = r.u8()?;
+                if flags > 1 {
+                    return Err(malformed(what, format!("unknown flags {flags:#x}")));
+                }
                 let peer_timeout_s = r.u32()?;
                 if !PEER_TIMEOUT_S_RANGE.contains(&peer_timeout_s) {
                     return Err(malformed(
@@ -292,6 +363,7 @@ impl Message {
                     bulk_channels,
                     peer_timeout_s,
                     regions,
+                    postcopy: flags & 1 != 0,
                 })
             }
             Kind::HelloAck => Message::HelloAck,
@@ -343,6 +415,41 @@ impl Message {
                     page: r.u64()?,
                 }
             }
+            Kind::PostcopyPending => {
+                let n = r.u32()? as usize;
+                let _pad = r.u32()?;
+                if n > MAX_RUNS_PER_MESSAGE {
+                    return Err(malformed(
+                        what,
+                        format!("{n} runs (at most {MAX_RUNS_PER_MESSAGE})"),
+                    ));
+                }
+                if r.b.len() != n * 24 {
+                    return Err(malformed(what, format!("{n} runs in {} bytes", r.b.len())));
+                }
+                let mut runs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let region = r.u32()? as usize;
+                    let _pad = r.u32()?;
+                    let run = PageRun::new(region, r.u64()?, r.u64()?);
+                    if run.count == 0 || run.end_page().is_none() {
+                        return Err(malformed(what, format!("empty or wrapping run {run}")));
+                    }
+                    runs.push(run);
+                }
+                Message::PostcopyPending(runs)
+            }
+            Kind::PostcopySwitch => Message::PostcopySwitch {
+                pending_pages: r.u64()?,
+            },
+            Kind::PostcopyComplete => Message::PostcopyComplete(PostcopyReport {
+                pages_placed: r.u64()?,
+                faults_remote: r.u64()?,
+                faults_local: r.u64()?,
+                fault_latency_us_p50: r.u64()?,
+                fault_latency_us_p99: r.u64()?,
+                fault_latency_us_max: r.u64()?,
+            }),
         };
         r.finish()?;
         Ok(msg)
@@ -382,6 +489,7 @@ mod tests {
                 size_bytes: 1 << 30,
                 page_bytes: 4096,
             }],
+            postcopy: true,
         }));
         roundtrip(Message::HelloAck);
         roundtrip(Message::Zero(PageRun::new(1, 5, 9)));
@@ -400,6 +508,40 @@ mod tests {
             region: 0,
             page: 77,
         });
+        roundtrip(Message::PostcopyPending(vec![
+            PageRun::new(0, 5, 9),
+            PageRun::new(1, 1 << 40, 1),
+        ]));
+        roundtrip(Message::PostcopyPending(Vec::new()));
+        roundtrip(Message::PostcopySwitch { pending_pages: 12 });
+        roundtrip(Message::PostcopyComplete(PostcopyReport {
+            pages_placed: 1,
+            faults_remote: 2,
+            faults_local: 3,
+            fault_latency_us_p50: 4,
+            fault_latency_us_p99: 5,
+            fault_latency_us_max: 6,
+        }));
+    }
+
+    #[test]
+    fn pending_lists_are_bounded_and_checked() {
+        let mut b = Vec::new();
+        Message::PostcopyPending(vec![PageRun::new(0, 1, 2)]).encode(&mut b);
+        // A count that does not match the runs present.
+        let mut p = b[16..].to_vec();
+        p[0] = 2;
+        let e = Message::decode(Kind::PostcopyPending, &p).unwrap_err();
+        assert!(e.to_string().contains("2 runs in 24 bytes"), "{e}");
+        // Too many runs for one message.
+        let mut p = b[16..].to_vec();
+        p[..4].copy_from_slice(&((MAX_RUNS_PER_MESSAGE as u32) + 1).to_le_bytes());
+        let e = Message::decode(Kind::PostcopyPending, &p).unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
+        // An empty run.
+        let mut b = Vec::new();
+        Message::PostcopyPending(vec![PageRun::new(0, 1, 0)]).encode(&mut b);
+        assert!(Message::decode(Kind::PostcopyPending, &b[16..]).is_err());
     }
 
     #[test]
@@ -465,6 +607,7 @@ mod tests {
                     size_bytes: 1 << 20,
                     page_bytes: 4096,
                 }],
+                postcopy: false,
             })
             .encode(&mut b);
             Message::decode(Kind::Hello, &b[16..])
@@ -487,7 +630,7 @@ mod tests {
     proptest! {
         /// No byte sequence makes the decoders panic.
         #[test]
-        fn decoders_never_panic(kind in 1u16..16, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn decoders_never_panic(kind in 1u16..18, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             if let Ok(k) = Kind::from_u16(kind) {
                 let header = FrameHeader { kind: k, payload_bytes: payload.len() as u64 };
                 let _ = Frame::decode(&header, &payload, |_| Some((4096, 16)));

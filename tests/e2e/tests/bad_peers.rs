@@ -57,6 +57,7 @@ fn hello_with(role: ChannelRole, regions: Vec<RegionDesc>, peer_timeout_s: u32) 
         bulk_channels: 1,
         peer_timeout_s,
         regions,
+        postcopy: false,
     })
     .encode(&mut b);
     b
@@ -521,6 +522,7 @@ fn scripted_source(
                     bulk_channels: 1,
                     peer_timeout_s: 5,
                     regions: layout(),
+                    postcopy: false,
                 })
                 .encode(&mut h);
                 s.write_all(&h).await.unwrap();

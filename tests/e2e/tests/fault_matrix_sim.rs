@@ -59,6 +59,11 @@ fn run(case: &Case, work: &Path) -> Outcome {
         .args(["--used-percent", "30", "--dirty-mib-per-s", "8"])
         .args(["--min-rounds", "2", "--peer-timeout-s", "3"])
         .args(["--device-state-mib", "1", "--hint-wait-ms", "100"])
+        .args(if case.point.contains("postcopy") {
+            &["--mode", "postcopy"][..]
+        } else {
+            &[][..]
+        })
         .arg("--work-dir")
         .arg(work)
         .env("FAILPOINTS", format!("{}={}", case.point, case.action))
@@ -137,7 +142,7 @@ fn check(case: &Case, o: &Outcome, work: &Path) -> Result<(), String> {
     // the destination refuses for good and the source resumes.
     let before_commit = !matches!(
         case.point.as_str(),
-        "src.after-commit" | "src.after-resumed" | "dst.after-resume"
+        "src.after-commit" | "src.after-resumed" | "dst.after-resume" | "src.postcopy-streaming"
     );
     let source_alone = o.source_running && !o.destination_running;
     if before_commit && case.action != "return(kill)" && !source_alone {

@@ -28,7 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use freehint_types::{
-    CmdId, GpaRange, HintCommand, HintSink, HintSource, HintSourceError, Vmm, VmmError, VmmOp,
+    CmdId, DestinationVmm, GpaRange, HintCommand, HintSink, HintSource, HintSourceError, Vmm,
+    VmmError, VmmOp,
 };
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +57,15 @@ pub enum ToSim {
     Resume,
     /// List the free pages (meaningful while paused).
     FreePages,
+    /// The simulated device state (meaningful while paused): the
+    /// generation counter and the free pages.
+    SaveState,
+    /// An incoming VM (`--incoming`) takes over this state; it runs once
+    /// resumed.
+    LoadState {
+        /// The state the source saved.
+        state: SimState,
+    },
     /// Exit.
     Quit,
 }
@@ -87,11 +97,62 @@ pub enum FromSim {
         /// The runs.
         runs: Vec<(u64, u64)>,
     },
+    /// The simulated device state.
+    State {
+        /// The state.
+        state: SimState,
+    },
     /// A command failed.
     Error {
         /// Why.
         message: String,
     },
+}
+
+/// What a simulated VM hands over besides its RAM: which pages it uses and
+/// where its generation counter stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimState {
+    /// The generation counter (every write takes the next one).
+    pub generation: u64,
+    /// Free pages, as half-open (start_page, end_page) runs.
+    pub free_runs: Vec<(u64, u64)>,
+}
+
+/// What an incoming simulated VM checked after it resumed, written to its
+/// `--report-file` when it ends.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationReport {
+    /// Used pages it read and checked against the pattern.
+    pub pages_checked: u64,
+    /// Of those, pages whose content was not a whole pattern page.
+    pub pattern_errors: u64,
+    /// Pages it wrote (their content differs from the source's by design),
+    /// as half-open runs.
+    pub written_runs: Vec<(u64, u64)>,
+}
+
+/// Whether `words` (one page's 64-bit words, read from guest memory) are
+/// the pattern of page `page` at some generation.
+pub fn is_pattern_page(page: u64, words: &[u64]) -> bool {
+    const A: u64 = 0x9E37_79B9_7F4A_7C15;
+    const B: u64 = 0xC2B2_AE3D_27D4_EB4F;
+    let Some(&w0) = words.first() else {
+        return false;
+    };
+    // w0 = (page*A ^ gen*B) | 1: gen*B is w0 ^ page*A, up to its low bit.
+    let mut inv = B; // Newton's iteration for B's inverse modulo 2^64.
+    for _ in 0..6 {
+        inv = inv.wrapping_mul(2u64.wrapping_sub(B.wrapping_mul(inv)));
+    }
+    let y = w0 ^ page.wrapping_mul(A);
+    [y, y ^ 1].into_iter().any(|gb| {
+        let generation = gb.wrapping_mul(inv);
+        words
+            .iter()
+            .enumerate()
+            .all(|(i, &w)| w == pattern_word(page, generation, i as u64))
+    })
 }
 
 /// The engine's side of the simulated VM's control socket.
@@ -105,6 +166,10 @@ pub struct SimVmClient {
     /// Whether the VM runs, as the last acknowledged command left it.
     running: std::sync::atomic::AtomicBool,
     timeout: Duration,
+    /// The simulator's pid.
+    pid: std::sync::atomic::AtomicI32,
+    /// The device state an incoming VM loaded (its pattern part).
+    loaded_state: Mutex<Option<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for SimVmClient {
@@ -169,8 +234,13 @@ impl SimVmClient {
             device_state_bytes: Default::default(),
             running: std::sync::atomic::AtomicBool::new(true),
             timeout: Duration::from_secs(120),
+            pid: std::sync::atomic::AtomicI32::new(0),
+            loaded_state: Mutex::new(None),
         });
         let ready = client.wait_reply()?;
+        if let FromSim::Ready { pid, .. } = ready {
+            client.pid.store(pid, std::sync::atomic::Ordering::SeqCst);
+        }
         Ok((client, ready))
     }
 
@@ -224,6 +294,15 @@ impl SimVmClient {
         self.running.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// The device state an incoming VM loaded: the pattern that followed
+    /// the [`SimState`] (see [`device_state_pattern`]).
+    pub fn loaded_device_state(&self) -> Option<Vec<u8>> {
+        self.loaded_state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The free pages recorded when the VM was stopped for switchover.
     pub fn free_at_stop(&self) -> Option<Vec<(u64, u64)>> {
         self.free_at_stop
@@ -254,17 +333,37 @@ impl Vmm for SimVmClient {
         Ok(())
     }
 
+    /// One JSON line of [`SimState`], then the pattern of
+    /// [`Self::set_device_state_bytes`] bytes.
     fn device_state(&self) -> Result<Vec<u8>, VmmError> {
-        Ok(device_state_pattern(
+        let state = match self
+            .request(&ToSim::SaveState)
+            .map_err(|e| VmmError::new(VmmOp::SaveDeviceState, e))?
+        {
+            FromSim::State { state } => state,
+            other => {
+                return Err(VmmError::new(
+                    VmmOp::SaveDeviceState,
+                    SimError(format!("save state answered with {other:?}")),
+                ))
+            }
+        };
+        let mut out = serde_json::to_vec(&state)
+            .map_err(|e| VmmError::new(VmmOp::SaveDeviceState, SimError(e.to_string())))?;
+        out.push(b'\n');
+        out.extend(device_state_pattern(
             self.device_state_bytes
                 .load(std::sync::atomic::Ordering::SeqCst),
-        ))
+        ));
+        Ok(out)
     }
 
     fn device_state_estimate_bytes(&self) -> Result<Option<u64>, VmmError> {
+        // The pattern, and the state line: a few bytes a free run.
         Ok(Some(
             self.device_state_bytes
-                .load(std::sync::atomic::Ordering::SeqCst) as u64,
+                .load(std::sync::atomic::Ordering::SeqCst) as u64
+                + (16 << 20),
         ))
     }
 
@@ -272,6 +371,40 @@ impl Vmm for SimVmClient {
         // The simulated source stays paused (its RAM file is the source
         // image the bench compares); the bench ends it.
         Ok(())
+    }
+}
+
+/// Splits a simulated device state into its [`SimState`] and its pattern.
+pub fn split_device_state(state: &[u8]) -> Result<(SimState, &[u8]), SimError> {
+    let nl = state
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| SimError("device state has no state line".into()))?;
+    let sim: SimState = serde_json::from_slice(&state[..nl])
+        .map_err(|e| SimError(format!("device state line: {e}")))?;
+    Ok((sim, &state[nl + 1..]))
+}
+
+/// An incoming simulated VM (`--incoming`) as the receiver's destination.
+impl DestinationVmm for SimVmClient {
+    fn load_device_state(&self, state: &[u8], _timeout: Duration) -> Result<(), VmmError> {
+        let (sim, pattern) =
+            split_device_state(state).map_err(|e| VmmError::new(VmmOp::LoadDeviceState, e))?;
+        self.ack(ToSim::LoadState { state: sim })
+            .map_err(|e| VmmError::new(VmmOp::LoadDeviceState, e))?;
+        *self.loaded_state.lock().unwrap_or_else(|e| e.into_inner()) = Some(pattern.to_vec());
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), VmmError> {
+        Vmm::resume(self)
+    }
+
+    fn postcopy_pid(&self) -> Option<i32> {
+        match self.pid.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            pid => Some(pid),
+        }
     }
 }
 

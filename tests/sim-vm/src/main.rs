@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use freehint_memory::GuestRam;
-use freehint_sim_vm::{pattern_word, FromSim, ToSim, HINT_BLOCK_PAGES, PAGE_BYTES};
+use freehint_sim_vm::{
+    is_pattern_page, pattern_word, DestinationReport, FromSim, SimState, ToSim, HINT_BLOCK_PAGES,
+    PAGE_BYTES,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -59,6 +62,16 @@ struct Args {
     /// time the VM pauses: the pages a comparison skips.
     #[arg(long)]
     free_pages_file: Option<PathBuf>,
+    /// An incoming VM (the destination of a postcopy migration): leave
+    /// memory as it is, wait paused for the state (`load_state`), and once
+    /// resumed read and check used pages (faulting them in) and write some,
+    /// at --dirty-mib-per-s.
+    #[arg(long)]
+    incoming: bool,
+    /// With --incoming: when the controller goes away, write what was
+    /// checked here (JSON).
+    #[arg(long)]
+    report_file: Option<PathBuf>,
 }
 
 /// Writes `contents` to `path` atomically (a reader never sees half).
@@ -89,6 +102,10 @@ struct Sim {
     adversarial: bool,
     dirty_pages_per_s: u64,
     hint_steals: AtomicU64,
+    /// Pages an incoming VM wrote after it resumed.
+    written: Vec<AtomicBool>,
+    pages_checked: AtomicU64,
+    pattern_errors: AtomicU64,
 }
 
 impl Sim {
@@ -185,16 +202,78 @@ impl Sim {
     }
 
     fn free_runs(&self) -> Vec<(u64, u64)> {
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for p in 0..self.pages {
-            if self.state[p as usize].load(Ordering::Relaxed) == FREE {
-                match runs.last_mut() {
-                    Some(r) if r.1 == p => r.1 = p + 1,
-                    _ => runs.push((p, p + 1)),
-                }
+        runs_of(self.pages, |p| {
+            self.state[p as usize].load(Ordering::Relaxed) == FREE
+        })
+    }
+
+    /// Reads page `page` (faulting it in if it is missing) and checks it
+    /// is a whole pattern page.
+    fn check(&self, page: u64) -> bool {
+        let ptr = self.ram.regions()[0].page_ptr(page).expect("page in range") as *const u64;
+        let mut words = [0u64; (PAGE_BYTES / 8) as usize];
+        for (i, w) in words.iter_mut().enumerate() {
+            // SAFETY: the page lies inside the shared mapping and is u64
+            // aligned (mappings are page aligned).
+            *w = unsafe { ptr.add(i).read_volatile() };
+        }
+        is_pattern_page(page, &words)
+    }
+}
+
+/// Half-open runs of the pages in `0..pages` for which `f` holds.
+fn runs_of(pages: u64, f: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for p in 0..pages {
+        if f(p) {
+            match runs.last_mut() {
+                Some(r) if r.1 == p => r.1 = p + 1,
+                _ => runs.push((p, p + 1)),
             }
         }
-        runs
+    }
+    runs
+}
+
+/// An incoming VM's workload once resumed: touches random pages at the
+/// configured rate; a used page is read and checked (a fault brings it in),
+/// then rewritten half of the time; a free page is now and then allocated.
+fn incoming_workload(sim: Arc<Sim>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let start = Instant::now();
+    let mut done: u64 = 0;
+    while !sim.quit.load(Ordering::SeqCst) {
+        let due = (start.elapsed().as_secs_f64() * sim.dirty_pages_per_s as f64) as u64;
+        if done >= due {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let batch = (due - done).min(64);
+        let ok = sim.write_gated(|| {
+            for _ in 0..batch {
+                let p = rng.gen_range(0..sim.pages);
+                if sim.state[p as usize].load(Ordering::Relaxed) == USED {
+                    sim.pages_checked.fetch_add(1, Ordering::Relaxed);
+                    if !sim.check(p) {
+                        sim.pattern_errors.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("freehint-sim-vm: page {p} is not a pattern page");
+                    }
+                    if rng.gen_bool(0.5) {
+                        sim.written[p as usize].store(true, Ordering::Relaxed);
+                        sim.write_page(p);
+                    }
+                } else if rng.gen_ratio(1, 16) {
+                    sim.written[p as usize].store(true, Ordering::Relaxed);
+                    sim.allocate(p, &mut rng);
+                }
+            }
+        });
+        if ok {
+            done += batch;
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+            done = due;
+        }
     }
 }
 
@@ -334,8 +413,15 @@ fn run(args: Args) -> Result<(), String> {
     let bytes = args.mem_mib << 20;
     let ram = GuestRam::open_file(&args.ram, bytes).map_err(|e| e.to_string())?;
     let pages = bytes / PAGE_BYTES;
-    let control = UnixStream::connect(&args.control)
-        .map_err(|e| format!("connecting to {}: {e}", args.control.display()))?;
+    // The controller may bind its socket a moment after starting us.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let control = loop {
+        match UnixStream::connect(&args.control) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(format!("connecting to {}: {e}", args.control.display())),
+        }
+    };
     let sim = Arc::new(Sim {
         ram,
         pages,
@@ -351,7 +437,13 @@ fn run(args: Args) -> Result<(), String> {
         adversarial: args.adversarial,
         dirty_pages_per_s: (args.dirty_mib_per_s << 20) / PAGE_BYTES,
         hint_steals: AtomicU64::new(0),
+        written: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+        pages_checked: AtomicU64::new(0),
+        pattern_errors: AtomicU64::new(0),
     });
+    if args.incoming {
+        return run_incoming(sim, control, &args);
+    }
 
     // Used memory: whole 4 MiB blocks chosen at random, the remainder in
     // one partly used block, like a buddy allocator keeps free memory in
@@ -449,6 +541,15 @@ fn run(args: Args) -> Result<(), String> {
             ToSim::FreePages => FromSim::FreePages {
                 runs: sim.free_runs(),
             },
+            ToSim::SaveState => FromSim::State {
+                state: SimState {
+                    generation: sim.generation.load(Ordering::SeqCst),
+                    free_runs: sim.free_runs(),
+                },
+            },
+            ToSim::LoadState { .. } => FromSim::Error {
+                message: "only an incoming VM (--incoming) loads a state".into(),
+            },
             ToSim::Quit => {
                 sim.send(&FromSim::Ack);
                 break;
@@ -459,6 +560,79 @@ fn run(args: Args) -> Result<(), String> {
     sim.quit.store(true, Ordering::SeqCst);
     for t in threads {
         let _ = t.join();
+    }
+    Ok(())
+}
+
+/// An incoming VM: paused until its state is loaded and it is resumed, then
+/// [`incoming_workload`]; writes its report when the controller goes away.
+fn run_incoming(sim: Arc<Sim>, control: UnixStream, args: &Args) -> Result<(), String> {
+    sim.paused.store(true, Ordering::SeqCst);
+    sim.record_running(false);
+    sim.send(&FromSim::Ready {
+        pid: std::process::id() as i32,
+        pages: sim.pages,
+        used_pages: 0,
+    });
+    let mut worker = None;
+    for line in BufReader::new(control).lines() {
+        let Ok(line) = line else { break };
+        let reply = match serde_json::from_str::<ToSim>(&line) {
+            Err(e) => FromSim::Error {
+                message: format!("bad command {line:?}: {e}"),
+            },
+            Ok(ToSim::LoadState { state }) => {
+                sim.generation.store(state.generation, Ordering::SeqCst);
+                for s in &sim.state {
+                    s.store(USED, Ordering::Relaxed);
+                }
+                for &(a, b) in &state.free_runs {
+                    for p in a..b.min(sim.pages) {
+                        sim.state[p as usize].store(FREE, Ordering::Relaxed);
+                    }
+                }
+                FromSim::Ack
+            }
+            Ok(ToSim::Resume) => {
+                sim.paused.store(false, Ordering::SeqCst);
+                sim.record_running(true);
+                if worker.is_none() {
+                    let s = sim.clone();
+                    let seed = args.seed + 3;
+                    worker = Some(std::thread::spawn(move || incoming_workload(s, seed)));
+                }
+                FromSim::Ack
+            }
+            Ok(ToSim::Pause) => {
+                sim.paused.store(true, Ordering::SeqCst);
+                drop(sim.gate.write().unwrap_or_else(|e| e.into_inner()));
+                sim.record_running(false);
+                FromSim::Ack
+            }
+            Ok(ToSim::Quit) => {
+                sim.send(&FromSim::Ack);
+                break;
+            }
+            Ok(other) => FromSim::Error {
+                message: format!("an incoming VM does not take {other:?}"),
+            },
+        };
+        sim.send(&reply);
+    }
+    sim.quit.store(true, Ordering::SeqCst);
+    if let Some(w) = worker {
+        let _ = w.join();
+    }
+    if let Some(path) = &args.report_file {
+        let report = DestinationReport {
+            pages_checked: sim.pages_checked.load(Ordering::Relaxed),
+            pattern_errors: sim.pattern_errors.load(Ordering::Relaxed),
+            written_runs: runs_of(sim.pages, |p| {
+                sim.written[p as usize].load(Ordering::Relaxed)
+            }),
+        };
+        let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+        write_atomically(path, &text);
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ mod sim;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 
+pub use sim::accept_within;
 use sim::SimArgs;
 
 /// Examples for `freehint bench --help`.
@@ -17,13 +18,16 @@ pub const BENCH_EXAMPLE: &str = "\
 Examples:
   freehint bench sim --mem-mib 1024 --used-percent 15 --dirty-mib-per-s 64 --hints on --json
   freehint bench sim --mem-mib 4096 --hints off --json --keep-memory /tmp/images
+  freehint bench sim --mem-mib 2048 --used-percent 20 --dirty-mib-per-s 64 --mode postcopy --json
   freehint bench hints --mem-mib 4096
   freehint bench sync --mem-mib 4096
 
 `bench sim` runs a SIMULATED VM (a process that dirties memory and reports
 free pages like a guest would; not a real guest), migrates it over loopback
 TCP to a receiver in another process, and compares the two RAM images page
-by page. It needs the freehint-sim-vm binary and the preload library next
+by page. With --mode postcopy or hybrid, an incoming simulated VM runs on
+the destination RAM and checks the pages it reads while they arrive. It
+needs the freehint-sim-vm binary and the preload library next
 to this one (cargo build --workspace --features freehint/bench).";
 
 /// Which benchmark.

@@ -15,7 +15,9 @@ use freehint_engine::{
 };
 use freehint_hint_filter::{HintFilter, IdentityMappedSink};
 use freehint_memory::GuestRam;
-use freehint_sim_vm::{device_state_pattern, FromSim, SimVmClient, ToSim};
+use freehint_sim_vm::{
+    device_state_pattern, split_device_state, DestinationReport, FromSim, SimVmClient, ToSim,
+};
 use freehint_types::{HintSink, HintSource};
 use serde::Serialize;
 
@@ -86,6 +88,9 @@ pub struct SimReport {
     pub dirty_mib_per_s: u64,
     /// Hints on?
     pub hints: bool,
+    /// `precopy`, `postcopy` or `hybrid` (what was asked; `postcopy` in
+    /// the stats says whether the switch happened).
+    pub migration_mode: &'static str,
     /// The sender's stats.
     #[serde(flatten)]
     pub stats: MigrationStats,
@@ -93,6 +98,14 @@ pub struct SimReport {
     pub pages_compared: u64,
     /// Pages that differ between source and destination.
     pub mismatched_pages: u64,
+    /// Postcopy and hybrid: used pages the incoming simulated VM read and
+    /// checked on the destination while its RAM arrived.
+    pub destination_pages_checked: Option<u64>,
+    /// Of those, pages that were not a whole pattern page (must be 0).
+    pub destination_pattern_errors: Option<u64>,
+    /// Pages the incoming simulated VM wrote (not compared: they differ by
+    /// design; each used one was checked before it was written).
+    pub destination_written_pages: Option<u64>,
     /// Whether the device state arrived intact (`null` if none was sent or
     /// the destination did not load it).
     pub device_state_intact: Option<bool>,
@@ -128,6 +141,7 @@ impl Drop for ChildGuard {
 pub fn sim(a: SimArgs) -> Result<SimReport> {
     let params = a.params.resolve(a.hints)?.params;
     let hints = params.hints;
+    let mode = params.mode;
     let peer_timeout_s = params.peer_timeout_s;
     let temp;
     let work: &Path = match &a.work_dir {
@@ -185,11 +199,48 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
     let device_state_bytes = (a.device_state_mib << 20) as usize;
     client.set_device_state_bytes(device_state_bytes);
 
+    // Postcopy: the guest runs on the destination while its RAM arrives,
+    // so a simulated VM must be there to run it.
+    let postcopy = params.mode.may_postcopy();
+    let dst_control = work.join("destination-vm.sock");
+    let dst_report = work.join("destination-vm.report.json");
+    let _ = std::fs::remove_file(&dst_report);
+    let mut dst_sim = if postcopy {
+        if a.preallocate_destination {
+            bail!("--preallocate-destination and --mode {}: a preallocated destination never faults; use one or the other", params.mode.name());
+        }
+        let mut c = Command::new(sibling("freehint-sim-vm")?);
+        c.env("LD_PRELOAD", sibling("libfreehint_preload.so")?)
+            .arg("--incoming")
+            .arg("--ram")
+            .arg(&dst_path)
+            .arg("--mem-mib")
+            .arg(a.mem_mib.to_string())
+            .arg("--dirty-mib-per-s")
+            .arg(a.dirty_mib_per_s.to_string())
+            .arg("--control")
+            .arg(&dst_control)
+            .arg("--seed")
+            .arg(a.seed.to_string())
+            .arg("--state-file")
+            .arg(work.join("destination-vm.state.json"))
+            .arg("--report-file")
+            .arg(&dst_report)
+            .stdin(Stdio::null());
+        Some(ChildGuard(
+            c.spawn().context("starting the incoming simulated VM")?,
+        ))
+    } else {
+        None
+    };
     let mut recv_cmd = Command::new(std::env::current_exe()?);
     if a.preallocate_destination {
         recv_cmd.arg("receive").arg("--preallocate");
     } else {
         recv_cmd.arg("receive");
+    }
+    if postcopy {
+        recv_cmd.arg("--sim-vm-control").arg(&dst_control);
     }
     let mut recv_child = ChildGuard(
         recv_cmd
@@ -265,17 +316,50 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
     let receiver: Option<ReceiveStats> =
         serde_json::from_str(rest.trim().lines().last().unwrap_or("")).ok();
 
+    // The incoming simulated VM ends once the receiver has (its control
+    // socket closes), and writes what it checked.
+    let mut dst_checked: Option<DestinationReport> = None;
+    if let Some(mut child) = dst_sim.take() {
+        // After a broken postcopy it waits on its faults for pages that
+        // will never come: that is its job, not a hang to wait out.
+        let wait = if stats.state == Phase::Completed {
+            30
+        } else {
+            2
+        };
+        let deadline = Instant::now() + Duration::from_secs(wait);
+        while child.0.try_wait()?.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(child);
+        dst_checked = std::fs::read(&dst_report)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+    }
     let (mut pages_compared, mut mismatched_pages) = (0, 0);
     let mut device_state_intact = None;
     if stats.state == Phase::Completed {
-        let free = client
+        let mut skip = client
             .free_at_stop()
             .context("the simulated VM was never stopped")?;
+        if postcopy {
+            // The incoming VM ran on the destination (after a switch to
+            // postcopy, or after a hybrid migration that converged).
+            let report = dst_checked
+                .as_ref()
+                .context("the incoming simulated VM wrote no report")?;
+            skip.extend(report.written_runs.iter().copied());
+            skip.sort_unstable();
+        }
         let dst = GuestRam::open_file(&dst_path, a.mem_mib << 20)?;
-        (pages_compared, mismatched_pages) = compare(&ram, &dst, &free)?;
+        (pages_compared, mismatched_pages) = compare(&ram, &dst, &skip)?;
         if device_state_bytes > 0 {
             let got = std::fs::read(work.join("destination.device-state")).unwrap_or_default();
-            device_state_intact = Some(got == device_state_pattern(device_state_bytes));
+            let pattern = match split_device_state(&got) {
+                Ok((_, p)) => p.to_vec(),
+                Err(_) => got,
+            };
+            device_state_intact = Some(pattern == device_state_pattern(device_state_bytes));
         }
     }
     let _ = client.request(&ToSim::Quit);
@@ -295,9 +379,15 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
         used_percent: a.used_percent,
         dirty_mib_per_s: a.dirty_mib_per_s,
         hints,
+        migration_mode: mode.name(),
         stats,
         pages_compared,
         mismatched_pages,
+        destination_pages_checked: dst_checked.as_ref().map(|r| r.pages_checked),
+        destination_pattern_errors: dst_checked.as_ref().map(|r| r.pattern_errors),
+        destination_written_pages: dst_checked
+            .as_ref()
+            .map(|r| r.written_runs.iter().map(|(a, b)| b - a).sum()),
         device_state_intact,
         receiver,
         error,
@@ -308,6 +398,30 @@ fn copy_image(from: &Path, to: &Path) -> Result<()> {
     std::fs::copy(from, to)
         .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     Ok(())
+}
+
+/// Waits at most `timeout` for one connection on `listener`.
+pub fn accept_within(
+    listener: &UnixListener,
+    timeout: Duration,
+) -> Result<std::os::unix::net::UnixStream> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    bail!("nothing connected within {} s", timeout.as_secs());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Waits for the simulated VM to connect, noticing if it dies first.

@@ -1,0 +1,409 @@
+//! The destination's side of postcopy: the destination VMM's RAM is
+//! registered for MISSING faults through its own userfaultfd (the preload
+//! library's); a fault on a page still to come becomes a request on the
+//! urgent channel, a fault on a page that will never come (free or zero at
+//! the switch) is resolved here at once, and every page is placed
+//! atomically with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`, never written through
+//! a mapping the guest can see.
+//!
+//! Why MISSING and not MINOR faults (`UFFDIO_CONTINUE`): MINOR faults fire
+//! on pages already in the page cache, so the page content would have to be
+//! written into the RAM file first (through a second mapping) and then
+//! mapped: two steps and a window in which a half-written page is in the
+//! file. `UFFDIO_COPY` allocates, fills and maps a page in one step, works
+//! the same on shmem and hugetlbfs, and needs no second mapping; pages
+//! received before the switch are simply present and never fault.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use freehint_dirty_log::{find_userfaultfd, TrackedRange};
+use freehint_memory::GuestRam;
+use freehint_placement::{MissingPlacer, Placed};
+use freehint_wire::{BatchEntry, Message, PostcopyReport};
+
+use super::{Latencies, PendingPages};
+use crate::{vmm_ram_ranges, MigrateError};
+
+/// What the destination counts in postcopy.
+#[derive(Debug, Default)]
+struct Counters {
+    faults_remote: AtomicU64,
+    faults_local: AtomicU64,
+    pages_placed: AtomicU64,
+    pages_requested: AtomicU64,
+    pages_streamed: AtomicU64,
+}
+
+/// The destination VMM's RAM during postcopy.
+pub(crate) struct PostcopyDestination {
+    /// Dropped (unregistering the RAM) only once every pending page is
+    /// placed: unregistering earlier would let a waiting fault go on and
+    /// read a zero page where the source holds data.
+    placer: std::mem::ManuallyDrop<MissingPlacer>,
+    ranges: Vec<TrackedRange>,
+    /// Pages still to come.
+    pending: Arc<PendingPages>,
+    /// Pages requested (faulted on) so far.
+    requested: PendingPages,
+    fault_at: Mutex<HashMap<(usize, u64), Instant>>,
+    latencies: Latencies,
+    counters: Counters,
+    /// One huge page of zeros, for zero huge pages (`UFFDIO_ZEROPAGE` does
+    /// not work on hugetlbfs).
+    zero_huge_page: Vec<u8>,
+    /// Taken (closing the channel, which ends the urgent channel's work)
+    /// once postcopy is over.
+    requests: Mutex<Option<tokio::sync::mpsc::UnboundedSender<(usize, u64)>>>,
+    stop: AtomicBool,
+    /// Why the fault thread stopped early, if it did.
+    fault_error: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for PostcopyDestination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostcopyDestination")
+            .field("pending", &self.pending.remaining())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostcopyDestination {
+    /// Takes the userfaultfd of VMM process `pid` and registers its
+    /// mappings of `ram` for missing faults. Requests for pages go to
+    /// `requests`.
+    pub(crate) fn attach(
+        pid: i32,
+        ram: &GuestRam,
+        pending: Arc<PendingPages>,
+        requests: tokio::sync::mpsc::UnboundedSender<(usize, u64)>,
+    ) -> Result<Self, MigrateError> {
+        let fd = find_userfaultfd(pid)?;
+        let pidfd = freehint_linux_sys::pidfd_open(pid).map_err(|e| {
+            MigrateError::Postcopy(format!("pidfd_open of the destination VMM {pid}: {e}"))
+        })?;
+        let uffd = freehint_linux_sys::pidfd_getfd(&pidfd, fd).map_err(|e| {
+            MigrateError::Postcopy(format!(
+                "taking the userfaultfd of the destination VMM {pid}: {e}"
+            ))
+        })?;
+        let mut placer = MissingPlacer::new(uffd)?;
+        let ranges = vmm_ram_ranges(pid, ram)?;
+        for r in &ranges {
+            placer.register(r.vaddr_start, r.len_bytes, r.page_bytes)?;
+        }
+        let huge = ranges
+            .iter()
+            .map(|r| r.page_bytes)
+            .filter(|&b| b > 4096)
+            .max()
+            .unwrap_or(0);
+        let pages: Vec<u64> = ram.regions().iter().map(|r| r.pages()).collect();
+        Ok(Self {
+            placer: std::mem::ManuallyDrop::new(placer),
+            ranges,
+            pending,
+            requested: PendingPages::new(&pages),
+            fault_at: Mutex::new(HashMap::new()),
+            latencies: Latencies::default(),
+            counters: Counters::default(),
+            zero_huge_page: vec![0; huge as usize],
+            requests: Mutex::new(Some(requests)),
+            stop: AtomicBool::new(false),
+            fault_error: Mutex::new(None),
+        })
+    }
+
+    /// Pages still to come.
+    pub(crate) fn remaining(&self) -> u64 {
+        self.pending.remaining()
+    }
+
+    /// The VMM's address of `page` of `region`, and that range's page size.
+    fn address(&self, region: usize, page: u64) -> Option<(u64, u64)> {
+        self.ranges.iter().find_map(|r| {
+            let pages = r.len_bytes / r.page_bytes;
+            (r.region == region && page >= r.first_page && page < r.first_page + pages).then(|| {
+                (
+                    r.vaddr_start + (page - r.first_page) * r.page_bytes,
+                    r.page_bytes,
+                )
+            })
+        })
+    }
+
+    /// Region and page of a faulting VMM address.
+    fn page_at(&self, address: u64) -> Option<(usize, u64)> {
+        self.ranges.iter().find_map(|r| {
+            (address >= r.vaddr_start && address < r.vaddr_start + r.len_bytes).then(|| {
+                (
+                    r.region,
+                    r.first_page + (address - r.vaddr_start) / r.page_bytes,
+                )
+            })
+        })
+    }
+
+    /// Places one batch (its `data` holds the data pages in order).
+    /// `requested`: it came on the urgent channel.
+    pub(crate) fn place_batch(
+        &self,
+        region: usize,
+        entries: &[BatchEntry],
+        data: &[u8],
+        page_bytes: u64,
+        requested: bool,
+    ) -> Result<(), MigrateError> {
+        let mut at = 0usize;
+        for entry in entries {
+            match *entry {
+                BatchEntry::Data { first_page, count } => {
+                    let len = (count * page_bytes) as usize;
+                    let content = data.get(at..at + len).ok_or_else(|| {
+                        MigrateError::Unexpected("page batch shorter than its head".into())
+                    })?;
+                    at += len;
+                    self.place_run(region, first_page, count, Some(content), page_bytes)?;
+                }
+                BatchEntry::Zero { first_page, count } => {
+                    self.place_run(region, first_page, count, None, page_bytes)?;
+                }
+            }
+            let n = entry.pages();
+            if requested {
+                self.counters
+                    .pages_requested
+                    .fetch_add(n, Ordering::Relaxed);
+            } else {
+                self.counters.pages_streamed.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Places `count` pages from `first_page`: `content`, or zeros.
+    fn place_run(
+        &self,
+        region: usize,
+        first_page: u64,
+        count: u64,
+        content: Option<&[u8]>,
+        page_bytes: u64,
+    ) -> Result<(), MigrateError> {
+        for i in 0..count {
+            let page = first_page + i;
+            if !self.pending.contains(region, page) {
+                return Err(MigrateError::Postcopy(format!(
+                    "the source sent page {page} of region {region}, which is not pending (sent twice, or never listed)"
+                )));
+            }
+            let (address, _) = self.address(region, page).ok_or_else(|| {
+                MigrateError::Postcopy(format!(
+                    "page {page} of region {region} is not mapped by the destination VMM"
+                ))
+            })?;
+            let placed = match content {
+                Some(c) => {
+                    let off = (i * page_bytes) as usize;
+                    self.placer
+                        .place(address, &c[off..off + page_bytes as usize])?
+                }
+                None => self.place_zero(address, page_bytes)?,
+            };
+            if placed == Placed::AlreadyPresent {
+                return Err(MigrateError::Postcopy(format!(
+                    "page {page} of region {region} was present before it arrived"
+                )));
+            }
+            self.done(region, page);
+        }
+        Ok(())
+    }
+
+    fn place_zero(&self, address: u64, page_bytes: u64) -> Result<Placed, MigrateError> {
+        Ok(if page_bytes > 4096 {
+            self.placer
+                .place(address, &self.zero_huge_page[..page_bytes as usize])?
+        } else {
+            self.placer.place_zero(address, page_bytes)?
+        })
+    }
+
+    /// A pending page is placed: account for it, and for the fault that
+    /// waited on it.
+    fn done(&self, region: usize, page: u64) {
+        if self.pending.take(region, page) {
+            self.counters.pages_placed.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.requested.contains(region, page) {
+            let t = self
+                .fault_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(region, page));
+            if let Some(t) = t {
+                self.latencies.record(t.elapsed().as_micros() as u64);
+            }
+        }
+    }
+
+    /// Handles one fault of the guest.
+    fn on_fault(&self, address: u64, at: Instant) -> Result<(), MigrateError> {
+        let Some((region, page)) = self.page_at(address) else {
+            return Err(MigrateError::Postcopy(format!(
+                "fault at {address:#x}, outside guest RAM"
+            )));
+        };
+        if self.pending.contains(region, page) {
+            // Still to come: ask for it, once.
+            let mut fault_at = self.fault_at.lock().unwrap_or_else(|e| e.into_inner());
+            if self.requested.mark(region, page) {
+                fault_at.insert((region, page), at);
+                drop(fault_at);
+                self.counters.faults_remote.fetch_add(1, Ordering::Relaxed);
+                // The channel is closed only when postcopy is over.
+                if let Some(tx) = &*self.requests.lock().unwrap_or_else(|e| e.into_inner()) {
+                    let _ = tx.send((region, page));
+                }
+            }
+            return Ok(());
+        }
+        // Never coming (free or zero at the switch), or placed meanwhile
+        // (then the placement woke the guest and this finds it present).
+        let (address, page_bytes) = self.address(region, page).ok_or_else(|| {
+            MigrateError::Postcopy(format!("page {page} of region {region} is not mapped"))
+        })?;
+        if self.place_zero(address, page_bytes)? == Placed::Now {
+            self.counters.faults_local.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Reads the guest's faults until [`Self::stop`]; on an error, records
+    /// it (see [`Self::fault_error`]) and stops.
+    pub(crate) fn spawn_fault_thread(self: &Arc<Self>) -> std::io::Result<()> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("postcopy-faults".into())
+            .spawn(move || {
+                while !me.stop.load(Ordering::Acquire) {
+                    let r = me
+                        .placer
+                        .next_fault(Duration::from_millis(50))
+                        .map_err(MigrateError::from)
+                        .and_then(|f| match f {
+                            Some(f) => me.on_fault(f.address, Instant::now()),
+                            None => Ok(()),
+                        });
+                    if let Err(e) = r {
+                        tracing::error!(
+                            "postcopy fault handling: {}",
+                            freehint_types::ErrorChain(&e)
+                        );
+                        *me.fault_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(freehint_types::ErrorChain(&e).to_string());
+                        return;
+                    }
+                }
+            })
+            .map(|_| ())
+    }
+
+    /// Why the fault thread stopped early, if it did.
+    pub(crate) fn fault_error(&self) -> Option<String> {
+        self.fault_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Ends postcopy once every page is placed: unregisters the RAM (a
+    /// fault waiting on a page that never comes, free at the switch and
+    /// not yet resolved, goes on as an ordinary fault: a zero page), stops
+    /// the fault thread and closes the request channel. Does nothing while
+    /// pages are still to come: the guest must wait for them, not read
+    /// zeros.
+    pub(crate) fn finish(&self) {
+        if self.pending.remaining() > 0 {
+            return;
+        }
+        self.placer.unregister_all();
+        self.stop.store(true, Ordering::Release);
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    /// The figures so far.
+    pub(crate) fn report(&self) -> PostcopyReport {
+        let (p50, p99, max) = self.latencies.summary();
+        PostcopyReport {
+            pages_placed: self.counters.pages_placed.load(Ordering::Relaxed),
+            faults_remote: self.counters.faults_remote.load(Ordering::Relaxed),
+            faults_local: self.counters.faults_local.load(Ordering::Relaxed),
+            fault_latency_us_p50: p50,
+            fault_latency_us_p99: p99,
+            fault_latency_us_max: max,
+        }
+    }
+
+    /// Pages that arrived on the urgent channel and on the bulk ones.
+    pub(crate) fn pages_requested_and_streamed(&self) -> (u64, u64) {
+        (
+            self.counters.pages_requested.load(Ordering::Relaxed),
+            self.counters.pages_streamed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for PostcopyDestination {
+    fn drop(&mut self) {
+        if self.pending.remaining() == 0 {
+            // SAFETY: dropped once, here, and never used again.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.placer) };
+        } else {
+            tracing::error!(
+                pages = self.pending.remaining(),
+                "postcopy ends with pages missing: the guest RAM stays registered, so the guest waits on their faults rather than read zeros"
+            );
+        }
+    }
+}
+
+/// Writes the page requests that `requests` carries to the urgent channel,
+/// those that queued up together in one write.
+pub(crate) async fn send_requests(
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<(usize, u64)>,
+    timeout: Duration,
+) -> Result<(), MigrateError> {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = Vec::new();
+    while let Some((region, page)) = requests.recv().await {
+        buf.clear();
+        let mut push = |(region, page): (usize, u64)| {
+            Message::PageRequest {
+                region: region as u32,
+                page,
+            }
+            .encode(&mut buf)
+        };
+        push((region, page));
+        while let Ok(more) = requests.try_recv() {
+            push(more);
+        }
+        match tokio::time::timeout(timeout, w.write_all(&buf)).await {
+            Ok(r) => r.map_err(MigrateError::io("urgent channel: sending page requests"))?,
+            Err(_) => {
+                return Err(MigrateError::Timeout {
+                    what: "the source to take page requests".into(),
+                    seconds: timeout.as_secs(),
+                })
+            }
+        }
+    }
+    Ok(())
+}

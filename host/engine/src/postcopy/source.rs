@@ -1,0 +1,267 @@
+//! The source's side of postcopy: page requests answered first, on their
+//! own connection; the other pending pages streamed on the bulk channels
+//! from near the last request on.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use freehint_memory::GuestRam;
+use freehint_types::PageRun;
+use freehint_wire::{Frame, Message, HEADER_BYTES};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+use super::PendingPages;
+use crate::error::panic_text;
+use crate::fault::hit;
+use crate::io::read_frame;
+use crate::sender::BatchWriter;
+use crate::MigrateError;
+
+/// Where the background stream goes next: the page after the last one
+/// requested (0 = no request since the stream last looked).
+#[derive(Debug, Default)]
+pub(crate) struct StreamHint(AtomicU64);
+
+impl StreamHint {
+    fn set(&self, region: usize, page: u64) {
+        let v = ((region as u64) << 48 | (page & ((1 << 48) - 1))) + 1;
+        self.0.store(v, Ordering::Release);
+    }
+
+    fn take(&self) -> Option<(usize, u64)> {
+        match self.0.swap(0, Ordering::AcqRel) {
+            0 => None,
+            v => Some((((v - 1) >> 48) as usize, (v - 1) & ((1 << 48) - 1))),
+        }
+    }
+}
+
+/// What the source's postcopy tasks count.
+#[derive(Debug, Default)]
+pub(crate) struct SourceCounters {
+    pub(crate) bytes: AtomicU64,
+    /// Pages sent in answer to a request.
+    pub(crate) pages_requested: AtomicU64,
+    /// Pages the background stream sent.
+    pub(crate) pages_streamed: AtomicU64,
+    /// Requests for pages already on their way (or never pending).
+    pub(crate) requests_already_sent: AtomicU64,
+}
+
+/// Everything the postcopy tasks of the source share.
+#[derive(Clone)]
+pub(crate) struct PostcopySource {
+    pub(crate) ram: Arc<GuestRam>,
+    pub(crate) pending: Arc<PendingPages>,
+    pub(crate) hint: Arc<StreamHint>,
+    pub(crate) counters: Arc<SourceCounters>,
+    pub(crate) timeout: Duration,
+}
+
+/// Most bytes a bulk channel holds queued in postcopy: a page the stream
+/// has taken waits at most this long behind others (about 1 ms at 2 GB/s).
+const POSTCOPY_QUEUE_BYTES: u64 = 2 << 20;
+
+/// A whole `PageRequest` frame on the wire.
+const REQUEST_FRAME_BYTES: usize = HEADER_BYTES + 16;
+
+impl PostcopySource {
+    /// Answers page requests on the urgent channel until the destination
+    /// closes it. Requests that arrive together are answered together;
+    /// a page already sent (or on its way on a bulk channel) is not sent
+    /// again.
+    pub(crate) async fn serve_requests(self, mut stream: TcpStream) -> Result<(), MigrateError> {
+        let name = "urgent channel";
+        let (rd, wr) = stream.split();
+        let mut rd = BufReader::with_capacity(64 << 10, rd);
+        let mut writer = BatchWriter::default();
+        let mut frame_buf = Vec::new();
+        let mut wanted: Vec<(usize, u64)> = Vec::new();
+        loop {
+            wanted.clear();
+            // One request (waiting for it), then every one already here.
+            loop {
+                let Some((frame, _)) = read_frame(&mut rd, name, None, &mut frame_buf).await?
+                else {
+                    return Ok(());
+                };
+                match frame {
+                    Frame::Message(Message::PageRequest { region, page }) => {
+                        wanted.push((region as usize, page))
+                    }
+                    Frame::Message(other) => {
+                        return Err(MigrateError::Unexpected(format!(
+                            "{name}: unexpected {} frame",
+                            other.kind().name()
+                        )))
+                    }
+                    Frame::PageBatch(_) => unreachable!("refused by read_frame"),
+                }
+                let buffered = rd.buffer().len();
+                if buffered < REQUEST_FRAME_BYTES {
+                    break;
+                }
+                // Make sure the next frame is whole in the buffer, so that
+                // reading it never waits.
+                if rd.fill_buf().await.map_err(MigrateError::io(name))?.len() < REQUEST_FRAME_BYTES
+                {
+                    break;
+                }
+            }
+            // Group by region, in page order: one batch per region.
+            wanted.sort_unstable();
+            let mut runs: Vec<PageRun> = Vec::new();
+            for &(region, page) in &wanted {
+                if region >= self.pending.regions() || page >= self.pending.region_pages(region) {
+                    return Err(MigrateError::Unexpected(format!(
+                        "{name}: request for page {page} of region {region}, outside guest RAM"
+                    )));
+                }
+                if !self.pending.take(region, page) {
+                    self.counters
+                        .requests_already_sent
+                        .fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some(r) if r.region == region && r.first_page + r.count == page => r.count += 1,
+                    _ => runs.push(PageRun::page(region, page)),
+                }
+            }
+            if let Some(&(region, page)) = wanted.last() {
+                self.hint.set(region, page + 1);
+            }
+            let mut start = 0;
+            while start < runs.len() {
+                let region = runs[start].region;
+                let end = runs[start..]
+                    .iter()
+                    .position(|r| r.region != region)
+                    .map_or(runs.len(), |i| start + i);
+                let sent = writer
+                    .write(
+                        wr.as_ref(),
+                        &self.ram,
+                        region,
+                        &runs[start..end],
+                        self.timeout,
+                        name,
+                    )
+                    .await?;
+                self.counters.bytes.fetch_add(sent.bytes, Ordering::Relaxed);
+                self.counters
+                    .pages_requested
+                    .fetch_add(sent.pages, Ordering::Relaxed);
+                start = end;
+            }
+        }
+    }
+
+    /// Streams every pending page over `bulk` (one task a channel), from
+    /// the last requested page on whenever a request came; returns the
+    /// channels once nothing is pending.
+    pub(crate) async fn stream_pending(
+        self,
+        bulk: Vec<TcpStream>,
+        batch_bytes: u64,
+    ) -> Result<Vec<TcpStream>, MigrateError> {
+        let cursor = Arc::new(Mutex::new((0usize, 0u64)));
+        let mut tasks = JoinSet::new();
+        for (i, stream) in bulk.into_iter().enumerate() {
+            let me = self.clone();
+            let cursor = cursor.clone();
+            tasks.spawn(async move {
+                let r = me.stream_one(&stream, &cursor, batch_bytes, i).await;
+                (i, r.map(|()| stream))
+            });
+        }
+        let mut out: Vec<Option<TcpStream>> = Vec::new();
+        let mut first_err = None;
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok((i, Ok(s))) => {
+                    if out.len() <= i {
+                        out.resize_with(i + 1, || None);
+                    }
+                    out[i] = Some(s);
+                }
+                Ok((_, Err(e))) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(j) if j.is_panic() => {
+                    first_err.get_or_insert(MigrateError::Panic(panic_text(&*j.into_panic())));
+                }
+                Err(j) => {
+                    first_err.get_or_insert(MigrateError::Unexpected(format!(
+                        "postcopy stream task failed: {j}"
+                    )));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out.into_iter().flatten().collect()),
+        }
+    }
+
+    async fn stream_one(
+        &self,
+        stream: &TcpStream,
+        cursor: &Mutex<(usize, u64)>,
+        batch_bytes: u64,
+        index: usize,
+    ) -> Result<(), MigrateError> {
+        let name = format!("bulk channel {index} (postcopy)");
+        let mut writer = BatchWriter::default();
+        let mut runs: Vec<PageRun> = Vec::new();
+        let regions = self.pending.regions();
+        let mut batches = 0u64;
+        while self.pending.remaining() > 0 {
+            // Take pages only once the socket has room: a page taken sits in
+            // the queue until sent, and a request for it waits behind the
+            // queue (the request is not answered twice).
+            while crate::sender::unacknowledged_bytes(stream).unwrap_or(0) > POSTCOPY_QUEUE_BYTES {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            runs.clear();
+            let (region, taken) = {
+                let mut c = cursor.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(h) = self.hint.take() {
+                    *c = h;
+                }
+                let (region, from) = *c;
+                if region >= regions {
+                    *c = (0, 0);
+                    continue;
+                }
+                let page_bytes = self.ram.regions()[region].page_bytes();
+                let max_pages = (batch_bytes / page_bytes).max(1);
+                let (taken, stop) = self.pending.take_from(region, from, max_pages, &mut runs);
+                *c = if stop >= self.pending.region_pages(region) {
+                    ((region + 1) % regions, 0)
+                } else {
+                    (region, stop)
+                };
+                (region, taken)
+            };
+            if taken == 0 {
+                continue;
+            }
+            let sent = writer
+                .write(stream, &self.ram, region, &runs, self.timeout, &name)
+                .await?;
+            self.counters.bytes.fetch_add(sent.bytes, Ordering::Relaxed);
+            self.counters
+                .pages_streamed
+                .fetch_add(sent.pages, Ordering::Relaxed);
+            batches += 1;
+            if batches == 1 {
+                hit("src.postcopy-streaming")?;
+            }
+        }
+        Ok(())
+    }
+}
