@@ -415,7 +415,7 @@ impl ReceivingVm {
                 .context("waiting for the incoming simulated VM")?;
             let (client, _ready) =
                 freehint_sim_vm::SimVmClient::new(stream, Arc::new(std::sync::Mutex::new(None)))?;
-            return Ok(ReceivingVm::Sim(client));
+            return Ok(ReceivingVm::Sim(client.incoming()));
         }
         let _ = a;
         Ok(ReceivingVm::Image(Arc::new(ImageVmm::default())))

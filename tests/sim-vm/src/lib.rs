@@ -294,6 +294,14 @@ impl SimVmClient {
         self.running.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Says the VM behind this client is an incoming one: paused until
+    /// resumed.
+    pub fn incoming(self: Arc<Self>) -> Arc<Self> {
+        self.running
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self
+    }
+
     /// The device state an incoming VM loaded: the pattern that followed
     /// the [`SimState`] (see [`device_state_pattern`]).
     pub fn loaded_device_state(&self) -> Option<Vec<u8>> {

@@ -620,8 +620,12 @@ fn run_incoming(sim: Arc<Sim>, control: UnixStream, args: &Args) -> Result<(), S
         sim.send(&reply);
     }
     sim.quit.store(true, Ordering::SeqCst);
-    if let Some(w) = worker {
-        let _ = w.join();
+    // After a broken postcopy the worker may wait on a fault for a page
+    // that never comes (that is the point: it must not read zeros). Give
+    // it a moment, then report and exit without it.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while worker.as_ref().is_some_and(|w| !w.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
     if let Some(path) = &args.report_file {
         let report = DestinationReport {
@@ -633,6 +637,10 @@ fn run_incoming(sim: Arc<Sim>, control: UnixStream, args: &Args) -> Result<(), S
         };
         let text = serde_json::to_string(&report).map_err(|e| e.to_string())?;
         write_atomically(path, &text);
+    }
+    if worker.is_some_and(|w| !w.is_finished()) {
+        eprintln!("freehint-sim-vm: the incoming VM still waits on a fault; exiting");
+        std::process::exit(0);
     }
     Ok(())
 }

@@ -226,7 +226,8 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
             .arg(work.join("destination-vm.state.json"))
             .arg("--report-file")
             .arg(&dst_report)
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
         Some(ChildGuard(
             c.spawn().context("starting the incoming simulated VM")?,
         ))
