@@ -44,7 +44,7 @@ pub use phase::{Phase, PhaseInfo, PhaseWatch, Side};
 pub use progress::{Progress, ProgressWatch};
 pub use receiver::{ReceiveFailure, ReceiveStats, Receiver};
 pub use sender::PrecopySender;
-pub use stats::{DowntimeBreakdown, MigrationStats};
+pub use stats::{DowntimeBreakdown, MigrationStats, PostcopyStats};
 pub use tokio_util::sync::CancellationToken;
 pub use vmm::ImageVmm;
 

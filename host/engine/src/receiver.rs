@@ -30,7 +30,7 @@ use crate::io::{
 use crate::phase::{Phase, PhaseWatch, Side};
 use crate::postcopy::destination::{send_requests, PostcopyDestination};
 use crate::postcopy::PendingPages;
-use crate::{region_descs, MigrateError};
+use crate::{region_descs, MigrateError, PostcopyStats};
 
 /// What the receiver measured, and how the migration ended for it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -61,37 +61,9 @@ pub struct ReceiveStats {
     /// the operator's word (an uncertain handover in which it refused
     /// nothing).
     pub guest_held_paused: bool,
-    /// Whether the guest was resumed here before all its RAM had arrived.
-    #[serde(default)]
-    pub postcopy: bool,
-    /// Pages still to come when the guest resumed here (postcopy).
-    #[serde(default)]
-    pub postcopy_pending_pages: u64,
-    /// Faults answered by the source (page requests).
-    #[serde(default)]
-    pub faults_remote: u64,
-    /// Faults on pages free or zero at the switch, resolved here with no
-    /// round trip.
-    #[serde(default)]
-    pub faults_local: u64,
-    /// Pages that arrived on the urgent channel, in answer to a request.
-    #[serde(default)]
-    pub pages_requested: u64,
-    /// Pages that arrived on the bulk channels during postcopy.
-    #[serde(default)]
-    pub pages_streamed: u64,
-    /// Median time from a remote fault to its wake-up, µs.
-    #[serde(default)]
-    pub fault_latency_us_p50: u64,
-    /// 99th percentile of the same, µs.
-    #[serde(default)]
-    pub fault_latency_us_p99: u64,
-    /// Longest of the same, µs.
-    #[serde(default)]
-    pub fault_latency_us_max: u64,
-    /// From resuming the guest to the last page placed.
-    #[serde(default)]
-    pub postcopy_ms: u64,
+    /// Postcopy's figures, if the source switched to it.
+    #[serde(flatten)]
+    pub postcopy: PostcopyStats,
 }
 
 /// An incoming migration that did not complete, and where it left the
@@ -505,7 +477,7 @@ impl Receiver {
                                     self.ram.regions().iter().map(|r| r.pages()).collect();
                                 Arc::new(PendingPages::new(&pages))
                             });
-                            if !inc.source_stopping || inc.stats.postcopy {
+                            if !inc.source_stopping || inc.stats.postcopy.switched {
                                 return Err(MigrateError::Unexpected(
                                     "pending pages outside the switch to postcopy".into()));
                             }
@@ -522,15 +494,15 @@ impl Receiver {
                                     "the source switched to postcopy without an urgent channel".into()));
                             }
                             let have = inc.pending.as_ref().map_or(0, |p| p.remaining());
-                            if have != pending_pages || inc.stats.postcopy {
+                            if have != pending_pages || inc.stats.postcopy.switched {
                                 return Err(MigrateError::Unexpected(format!(
                                     "the source announced {pending_pages} pending pages and listed {have}")));
                             }
                             let pages: Vec<u64> =
                                 self.ram.regions().iter().map(|r| r.pages()).collect();
                             inc.pending.get_or_insert_with(|| Arc::new(PendingPages::new(&pages)));
-                            inc.stats.postcopy = true;
-                            inc.stats.postcopy_pending_pages = pending_pages;
+                            inc.stats.postcopy.switched = true;
+                            inc.stats.postcopy.postcopy_pending_pages = pending_pages;
                         }
                         Some(Message::Error(e)) => return Err(MigrateError::Peer(e)),
                         Some(other) => return Err(MigrateError::Unexpected(format!(
@@ -568,7 +540,7 @@ impl Receiver {
                 device_state.len()
             )));
         }
-        if inc.stats.postcopy {
+        if inc.stats.postcopy.switched {
             // The bulk channels stay open for postcopy: wait until each has
             // placed the last round (the switch round).
             let deadline = Instant::now() + timeout;
@@ -593,7 +565,7 @@ impl Receiver {
             }
             last_rounds.extend(ctx.rounds_done.iter().map(|r| r.load(Ordering::Acquire)));
         }
-        if !inc.stats.postcopy {
+        if !inc.stats.postcopy.switched {
             while let Some(done) = tokio::time::timeout(timeout, tasks.join_next())
                 .await
                 .map_err(|_| MigrateError::Timeout {
@@ -737,14 +709,10 @@ impl Receiver {
         let report = pc.dest.report();
         let (requested, streamed) = pc.dest.pages_requested_and_streamed();
         let st = &mut inc.stats;
-        st.faults_remote = report.faults_remote;
-        st.faults_local = report.faults_local;
-        st.pages_requested = requested;
-        st.pages_streamed = streamed;
-        st.fault_latency_us_p50 = report.fault_latency_us_p50;
-        st.fault_latency_us_p99 = report.fault_latency_us_p99;
-        st.fault_latency_us_max = report.fault_latency_us_max;
-        st.postcopy_ms = pc.resumed_at.map_or(0, |t| t.elapsed().as_millis() as u64);
+        st.postcopy.take_faults(&report);
+        st.postcopy.pages_requested = requested;
+        st.postcopy.pages_streamed = streamed;
+        st.postcopy.postcopy_ms = pc.resumed_at.map_or(0, |t| t.elapsed().as_millis() as u64);
         st.bytes_received = ctx.bytes.load(Ordering::Relaxed);
         control
             .send(

@@ -544,32 +544,28 @@ impl PrecopySender {
         Ok(())
     }
 
-    /// The final sync and round, with the VM stopped; closes the bulk
-    /// channels.
-    async fn final_round(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
-        let started = Instant::now();
+    /// The last sync, with the VM stopped, opening the last round; the
+    /// zero runs that round sends.
+    fn stopped_sync(&mut self, at: &mut Attempt) -> Result<Vec<PageRun>, MigrateError> {
         let report = self.sync(false, &mut at.stats)?;
         let mut zero_runs = std::mem::take(&mut at.zero_runs);
         zero_runs.extend(report.discarded);
         at.round += 1;
         self.phase.set_round(at.round);
+        Ok(zero_runs)
+    }
+
+    /// The final sync and round, with the VM stopped; closes the bulk
+    /// channels.
+    async fn final_round(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
+        let started = Instant::now();
+        let zero_runs = self.stopped_sync(at)?;
         let counters = self.send_round(at, zero_runs).await?;
         at.stats.final_round_bytes = counters.bytes.load(Ordering::Relaxed);
         add_counters(&mut at.stats, &counters);
         self.progress
             .round_done(at.stats.bytes_on_wire, at.bandwidth_bytes_per_s);
-        let t = self.timeout();
-        for mut b in std::mem::take(&mut at.bulk) {
-            match tokio::time::timeout(t, b.shutdown()).await {
-                Ok(r) => r.map_err(MigrateError::io("closing a bulk channel"))?,
-                Err(_) => {
-                    return Err(MigrateError::Timeout {
-                        what: "closing a bulk channel".into(),
-                        seconds: t.as_secs(),
-                    })
-                }
-            }
-        }
+        close_bulk(std::mem::take(&mut at.bulk), self.timeout()).await?;
         at.stats.downtime_breakdown.final_round_us = started.elapsed().as_micros() as u64;
         Ok(())
     }
@@ -580,9 +576,7 @@ impl PrecopySender {
     /// answering requests.
     async fn switch_round(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
         let started = Instant::now();
-        let report = self.sync(false, &mut at.stats)?;
-        let mut zero_runs = std::mem::take(&mut at.zero_runs);
-        zero_runs.extend(report.discarded);
+        let zero_runs = self.stopped_sync(at)?;
         // Every page still to send leaves the bitmap: from here on it is
         // sent once, on whichever channel takes it first.
         let runs = self.filter.with_bitmap(|bm| {
@@ -596,8 +590,6 @@ impl PrecopySender {
         for run in &runs {
             pending.insert(*run);
         }
-        at.round += 1;
-        self.phase.set_round(at.round);
         let counters = self.send_round(at, zero_runs).await?;
         add_counters(&mut at.stats, &counters);
         let t = self.timeout();
@@ -620,8 +612,8 @@ impl PrecopySender {
                 t,
             )
             .await?;
-        at.stats.postcopy = true;
-        at.stats.postcopy_pending_pages = pending.remaining();
+        at.stats.postcopy.switched = true;
+        at.stats.postcopy.postcopy_pending_pages = pending.remaining();
         tracing::info!(
             pending_pages = pending.remaining(),
             runs = runs.len(),
@@ -660,7 +652,7 @@ impl PrecopySender {
         let bulk = std::mem::take(&mut at.bulk);
         let stream = src.clone().stream_pending(bulk, self.params.batch_bytes);
         tokio::pin!(stream);
-        let mut bulk = tokio::select! {
+        let bulk = tokio::select! {
             r = &mut stream => r?,
             Some(done) = tasks.join_next(), if !tasks.is_empty() => return Err(match done {
                 Ok(Ok(())) => MigrateError::Disconnected(
@@ -670,17 +662,7 @@ impl PrecopySender {
             }),
         };
         let t = self.timeout();
-        for b in &mut bulk {
-            match tokio::time::timeout(t, b.shutdown()).await {
-                Ok(r) => r.map_err(MigrateError::io("closing a bulk channel"))?,
-                Err(_) => {
-                    return Err(MigrateError::Timeout {
-                        what: "closing a bulk channel".into(),
-                        seconds: t.as_secs(),
-                    })
-                }
-            }
-        }
+        close_bulk(bulk, t).await?;
         let c = &src.counters;
         let sent = freehint_wire::PostcopyReport {
             pages_placed: c.pages_requested.load(Ordering::Relaxed)
@@ -711,20 +693,17 @@ impl PrecopySender {
         tasks.abort_all();
         let st = &mut at.stats;
         st.bytes_on_wire += c.bytes.load(Ordering::Relaxed);
-        st.pages_requested = c.pages_requested.load(Ordering::Relaxed);
-        st.pages_streamed = c.pages_streamed.load(Ordering::Relaxed);
-        st.pages_sent += st.pages_requested + st.pages_streamed;
-        st.faults_remote = report.faults_remote;
-        st.faults_local = report.faults_local;
-        st.fault_latency_us_p50 = report.fault_latency_us_p50;
-        st.fault_latency_us_p99 = report.fault_latency_us_p99;
-        st.fault_latency_us_max = report.fault_latency_us_max;
-        st.postcopy_ms = started.elapsed().as_millis() as u64;
+        let pc = &mut st.postcopy;
+        pc.pages_requested = c.pages_requested.load(Ordering::Relaxed);
+        pc.pages_streamed = c.pages_streamed.load(Ordering::Relaxed);
+        pc.take_faults(&report);
+        pc.postcopy_ms = started.elapsed().as_millis() as u64;
+        st.pages_sent += pc.pages_requested + pc.pages_streamed;
         st.total_time_ms = at.started.elapsed().as_millis() as u64;
-        if report.pages_placed != st.postcopy_pending_pages {
+        if report.pages_placed != st.postcopy.postcopy_pending_pages {
             return Err(MigrateError::Postcopy(format!(
                 "the destination placed {} of {} pending pages",
-                report.pages_placed, st.postcopy_pending_pages
+                report.pages_placed, st.postcopy.postcopy_pending_pages
             )));
         }
         Ok(())
@@ -937,35 +916,59 @@ impl PrecopySender {
             };
             tasks.spawn(async move { (i, job.run(stream).await) });
         }
-        let mut streams: Vec<Option<TcpStream>> = Vec::new();
-        let mut first_err = None;
-        while let Some(done) = tasks.join_next().await {
-            match done {
-                Ok((i, Ok(s))) => {
-                    if streams.len() <= i {
-                        streams.resize_with(i + 1, || None);
-                    }
-                    streams[i] = Some(s);
-                }
-                Ok((_, Err(e))) => {
-                    first_err.get_or_insert(e);
-                }
-                Err(join) if join.is_panic() => {
-                    first_err.get_or_insert(MigrateError::Panic(panic_text(&*join.into_panic())));
-                }
-                Err(join) => {
-                    first_err.get_or_insert(MigrateError::Unexpected(format!(
-                        "bulk channel task failed: {join}"
-                    )));
-                }
-            }
-        }
-        if let Some(e) = first_err {
-            return Err(e);
-        }
-        at.bulk = streams.into_iter().flatten().collect();
+        at.bulk = join_channels(tasks).await?;
         Ok(counters)
     }
+}
+
+/// Waits for every channel task (each ends with its index and its stream
+/// back); the streams in index order, or the first error.
+pub(crate) async fn join_channels(
+    mut tasks: JoinSet<(usize, Result<TcpStream, MigrateError>)>,
+) -> Result<Vec<TcpStream>, MigrateError> {
+    let mut streams: Vec<Option<TcpStream>> = Vec::new();
+    let mut first_err = None;
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((i, Ok(s))) => {
+                if streams.len() <= i {
+                    streams.resize_with(i + 1, || None);
+                }
+                streams[i] = Some(s);
+            }
+            Ok((_, Err(e))) => {
+                first_err.get_or_insert(e);
+            }
+            Err(join) if join.is_panic() => {
+                first_err.get_or_insert(MigrateError::Panic(panic_text(&*join.into_panic())));
+            }
+            Err(join) => {
+                first_err.get_or_insert(MigrateError::Unexpected(format!(
+                    "bulk channel task failed: {join}"
+                )));
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(streams.into_iter().flatten().collect()),
+    }
+}
+
+/// Closes the bulk channels (the receiver reads their end), each within `t`.
+async fn close_bulk(bulk: Vec<TcpStream>, t: Duration) -> Result<(), MigrateError> {
+    for mut b in bulk {
+        match tokio::time::timeout(t, b.shutdown()).await {
+            Ok(r) => r.map_err(MigrateError::io("closing a bulk channel"))?,
+            Err(_) => {
+                return Err(MigrateError::Timeout {
+                    what: "closing a bulk channel".into(),
+                    seconds: t.as_secs(),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 fn add_counters(stats: &mut MigrationStats, c: &RoundCounters) {

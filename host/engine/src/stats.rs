@@ -55,38 +55,10 @@ pub struct MigrationStats {
     pub guest_ram_bytes: u64,
     /// Bytes of VMM device state handed over.
     pub device_state_bytes: u64,
-    /// Whether the migration switched to postcopy.
-    #[serde(default)]
-    pub postcopy: bool,
-    /// Pages still to send at the switch to postcopy.
-    #[serde(default)]
-    pub postcopy_pending_pages: u64,
-    /// Pages sent in answer to the destination's requests (postcopy).
-    #[serde(default)]
-    pub pages_requested: u64,
-    /// Pages the background stream sent (postcopy).
-    #[serde(default)]
-    pub pages_streamed: u64,
-    /// Faults the destination sent to us (postcopy; its count).
-    #[serde(default)]
-    pub faults_remote: u64,
-    /// Faults the destination resolved itself, on pages free or zero at
-    /// the switch (postcopy; its count).
-    #[serde(default)]
-    pub faults_local: u64,
-    /// Median time on the destination from a remote fault to its wake-up,
-    /// µs.
-    #[serde(default)]
-    pub fault_latency_us_p50: u64,
-    /// 99th percentile of the same, µs.
-    #[serde(default)]
-    pub fault_latency_us_p99: u64,
-    /// Longest of the same, µs.
-    #[serde(default)]
-    pub fault_latency_us_max: u64,
-    /// From the destination's resume to its last page placed (postcopy).
-    #[serde(default)]
-    pub postcopy_ms: u64,
+    /// Postcopy's figures (all zero and `postcopy: false` if the
+    /// migration never switched).
+    #[serde(flatten)]
+    pub postcopy: PostcopyStats,
     /// How the migration ended: `completed`, `failed` or `uncertain`.
     pub state: Phase,
     /// Whether the source VM runs the guest at the end.
@@ -94,6 +66,50 @@ pub struct MigrationStats {
     /// Whether the destination runs the guest at the end, as far as this
     /// side knows (`null` when the outcome is uncertain).
     pub destination_running: Option<bool>,
+}
+
+/// What postcopy measured, the same on either side (the source gets the
+/// destination's fault figures in its `PostcopyComplete`). Flattened into
+/// [`MigrationStats`] and [`crate::ReceiveStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PostcopyStats {
+    /// Whether the migration switched to postcopy (the guest resumed on the
+    /// destination before all its RAM had arrived).
+    #[serde(rename = "postcopy")]
+    pub switched: bool,
+    /// Pages still to come at the switch.
+    pub postcopy_pending_pages: u64,
+    /// Pages sent on the urgent channel, in answer to a request.
+    pub pages_requested: u64,
+    /// Pages sent on the bulk channels during postcopy.
+    pub pages_streamed: u64,
+    /// Faults answered by the source (page requests).
+    pub faults_remote: u64,
+    /// Faults on pages free or zero at the switch, resolved on the
+    /// destination with no round trip.
+    pub faults_local: u64,
+    /// Median time on the destination from a remote fault to its wake-up,
+    /// µs.
+    pub fault_latency_us_p50: u64,
+    /// 99th percentile of the same, µs.
+    pub fault_latency_us_p99: u64,
+    /// Longest of the same, µs.
+    pub fault_latency_us_max: u64,
+    /// From the destination's resume to its last page placed (on the
+    /// source: to the destination's confirmation).
+    pub postcopy_ms: u64,
+}
+
+impl PostcopyStats {
+    /// Takes the destination's fault figures.
+    pub(crate) fn take_faults(&mut self, r: &freehint_wire::PostcopyReport) {
+        self.faults_remote = r.faults_remote;
+        self.faults_local = r.faults_local;
+        self.fault_latency_us_p50 = r.fault_latency_us_p50;
+        self.fault_latency_us_p99 = r.fault_latency_us_p99;
+        self.fault_latency_us_max = r.fault_latency_us_max;
+    }
 }
 
 /// The downtime of a migration, step by step, in the order they happen on

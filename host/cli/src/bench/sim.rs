@@ -406,23 +406,8 @@ pub fn accept_within(
     listener: &UnixListener,
     timeout: Duration,
 ) -> Result<std::os::unix::net::UnixStream> {
-    listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false)?;
-                return Ok(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    bail!("nothing connected within {} s", timeout.as_secs());
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    accept_polling(listener, timeout, || Ok(()))?
+        .with_context(|| format!("nothing connected within {} s", timeout.as_secs()))
 }
 
 /// Waits for the simulated VM to connect, noticing if it dies first.
@@ -430,20 +415,34 @@ fn accept_from(
     listener: &UnixListener,
     child: &mut Child,
 ) -> Result<std::os::unix::net::UnixStream> {
+    accept_polling(listener, Duration::from_secs(600), || {
+        if let Some(status) = child.try_wait()? {
+            bail!("the simulated VM exited before connecting ({status})");
+        }
+        Ok(())
+    })?
+    .context("the simulated VM did not connect within 600 s")
+}
+
+/// Polls `listener` for one connection until `timeout` (`None` then),
+/// asking `still_waiting` between polls whether to go on.
+fn accept_polling(
+    listener: &UnixListener,
+    timeout: Duration,
+    mut still_waiting: impl FnMut() -> Result<()>,
+) -> Result<Option<std::os::unix::net::UnixStream>> {
     listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + timeout;
     loop {
         match listener.accept() {
             Ok((s, _)) => {
                 s.set_nonblocking(false)?;
-                return Ok(s);
+                return Ok(Some(s));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if let Some(status) = child.try_wait()? {
-                    bail!("the simulated VM exited before connecting ({status})");
-                }
+                still_waiting()?;
                 if Instant::now() > deadline {
-                    bail!("the simulated VM did not connect within 600 s");
+                    return Ok(None);
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }

@@ -14,10 +14,9 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::PendingPages;
-use crate::error::panic_text;
 use crate::fault::hit;
 use crate::io::read_frame;
-use crate::sender::BatchWriter;
+use crate::sender::{join_channels, BatchWriter};
 use crate::MigrateError;
 
 /// Where the background stream goes next: the page after the last one
@@ -178,33 +177,7 @@ impl PostcopySource {
                 (i, r.map(|()| stream))
             });
         }
-        let mut out: Vec<Option<TcpStream>> = Vec::new();
-        let mut first_err = None;
-        while let Some(done) = tasks.join_next().await {
-            match done {
-                Ok((i, Ok(s))) => {
-                    if out.len() <= i {
-                        out.resize_with(i + 1, || None);
-                    }
-                    out[i] = Some(s);
-                }
-                Ok((_, Err(e))) => {
-                    first_err.get_or_insert(e);
-                }
-                Err(j) if j.is_panic() => {
-                    first_err.get_or_insert(MigrateError::Panic(panic_text(&*j.into_panic())));
-                }
-                Err(j) => {
-                    first_err.get_or_insert(MigrateError::Unexpected(format!(
-                        "postcopy stream task failed: {j}"
-                    )));
-                }
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(out.into_iter().flatten().collect()),
-        }
+        join_channels(tasks).await
     }
 
     async fn stream_one(
