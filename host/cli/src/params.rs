@@ -71,8 +71,9 @@ pub struct ParamArgs {
     /// precopy: rounds, then a short stop with everything sent. postcopy:
     /// the guest resumes on the destination at once and its RAM follows
     /// (pages it touches first). hybrid: precopy, switching to postcopy if
-    /// the rounds stop converging. Postcopy and hybrid need a destination
-    /// that can run the guest while its RAM arrives.
+    /// the rounds stop converging (the default; with a destination that
+    /// cannot run the guest while its RAM arrives, it stays precopy).
+    /// `freehint bench sim` defaults to precopy.
     #[arg(long, value_enum, value_name = "MODE")]
     pub mode: Option<ModeArg>,
 }

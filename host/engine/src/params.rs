@@ -16,7 +16,6 @@ pub struct ParamsError {
 pub enum MigrationMode {
     /// Rounds with the guest running, then a final round with it stopped:
     /// the destination resumes with all of its RAM.
-    #[default]
     Precopy,
     /// The guest resumes on the destination at once (after the device
     /// state); its RAM follows: pages it faults on first, the rest
@@ -24,7 +23,9 @@ pub enum MigrationMode {
     Postcopy,
     /// Precopy rounds while they converge; if the downtime estimate stops
     /// shrinking (or the round limit is reached), a switch to postcopy
-    /// instead of a long stop.
+    /// instead of a long stop. The default: to a destination that cannot
+    /// serve postcopy it is precopy.
+    #[default]
     Hybrid,
 }
 
@@ -95,7 +96,7 @@ impl Default for MigrationParams {
             hints: true,
             peer_timeout_s: 30,
             hint_wait_ms: 0,
-            mode: MigrationMode::Precopy,
+            mode: MigrationMode::default(),
         }
     }
 }

@@ -789,7 +789,7 @@ impl Receiver {
             };
             let (mut s, peer) = accepted.map_err(MigrateError::io("accepting a connection"))?;
             let ctx = format!("hello from {peer}");
-            let hello = match expect_message(&mut s, &ctx, timeout).await {
+            let mut hello = match expect_message(&mut s, &ctx, timeout).await {
                 Ok(Message::Hello(h)) => h,
                 Ok(other) => {
                     reject(
@@ -834,10 +834,18 @@ impl Receiver {
                 } else {
                     None
                 };
-                if let Some(why) = why {
-                    return Err(MigrateError::Postcopy(
-                        reject(&mut s, format!("postcopy refused: {why}")).await,
-                    ));
+                match why {
+                    Some(why) if hello.postcopy_required => {
+                        return Err(MigrateError::Postcopy(
+                            reject(&mut s, format!("postcopy refused: {why}")).await,
+                        ));
+                    }
+                    Some(why) => {
+                        // Hybrid: the migration goes on, in precopy only.
+                        tracing::warn!("postcopy not offered to the source: {why}");
+                        hello.postcopy = false;
+                    }
+                    None => {}
                 }
             }
             if hello.bulk_channels == 0 {
@@ -847,7 +855,10 @@ impl Receiver {
             }
             let t = Duration::from_secs(hello.peer_timeout_s.into());
             crate::tune_socket(&s, t).map_err(MigrateError::io("socket option"))?;
-            write_message(&mut s, &Message::HelloAck, &ctx, t).await?;
+            let ack = Message::HelloAck {
+                postcopy: hello.postcopy,
+            };
+            write_message(&mut s, &ack, &ctx, t).await?;
             return Ok((s, hello));
         }
     }
@@ -901,12 +912,18 @@ impl Receiver {
             match h.role {
                 ChannelRole::Bulk(i) if (i as usize) < n && bulk[i as usize].is_none() => {
                     crate::tune_socket(&s, timeout).map_err(MigrateError::io("socket option"))?;
-                    write_message(&mut s, &Message::HelloAck, &ctx, timeout).await?;
+                    let ack = Message::HelloAck {
+                        postcopy: hello.postcopy,
+                    };
+                    write_message(&mut s, &ack, &ctx, timeout).await?;
                     bulk[i as usize] = Some(s);
                 }
                 ChannelRole::Urgent if hello.postcopy && urgent.is_none() => {
                     crate::tune_socket(&s, timeout).map_err(MigrateError::io("socket option"))?;
-                    write_message(&mut s, &Message::HelloAck, &ctx, timeout).await?;
+                    let ack = Message::HelloAck {
+                        postcopy: hello.postcopy,
+                    };
+                    write_message(&mut s, &ack, &ctx, timeout).await?;
                     urgent = Some(s);
                 }
                 role => {

@@ -101,6 +101,9 @@ struct Attempt {
     /// it last fell by a tenth.
     best_estimate_ms: f64,
     stalled_rounds: u32,
+    /// The mode this attempt runs in: the operator's, except that a hybrid
+    /// migration to a destination that cannot serve postcopy is precopy.
+    mode: MigrationMode,
 }
 
 impl PrecopySender {
@@ -192,6 +195,7 @@ impl PrecopySender {
             postcopy: None,
             best_estimate_ms: f64::INFINITY,
             stalled_rounds: 0,
+            mode: self.params.mode,
         };
         let cancel = self.cancel.clone();
         self.progress
@@ -241,7 +245,7 @@ impl PrecopySender {
         self.open_channels(dest, at).await?;
         self.phase.enter(Phase::Precopy);
         hit("src.connected")?;
-        let postcopy = match self.params.mode {
+        let postcopy = match at.mode {
             MigrationMode::Postcopy => true,
             MigrationMode::Precopy | MigrationMode::Hybrid => self.live_rounds(at).await?,
         };
@@ -357,7 +361,13 @@ impl PrecopySender {
         Ok(())
     }
 
-    async fn connect(&self, dest: SocketAddr, hello: Hello) -> Result<TcpStream, MigrateError> {
+    /// Opens one connection; with the destination's answer whether the
+    /// migration may switch to postcopy.
+    async fn connect(
+        &self,
+        dest: SocketAddr,
+        hello: Hello,
+    ) -> Result<(TcpStream, bool), MigrateError> {
         let what = format!("connecting to {dest} ({:?} channel)", hello.role);
         let mut s = tokio::time::timeout(self.timeout(), TcpStream::connect(dest))
             .await
@@ -369,7 +379,7 @@ impl PrecopySender {
         crate::tune_socket(&s, self.timeout()).map_err(MigrateError::io(what.clone()))?;
         write_message(&mut s, &Message::Hello(hello), &what, self.timeout()).await?;
         match expect_message(&mut s, &format!("{what}: hello answer"), self.timeout()).await? {
-            Message::HelloAck => Ok(s),
+            Message::HelloAck { postcopy } => Ok((s, postcopy)),
             Message::Error(e) => Err(MigrateError::Peer(e)),
             other => Err(MigrateError::Unexpected(format!(
                 "{what}: expected hello ack, got {:?}",
@@ -391,14 +401,26 @@ impl PrecopySender {
             peer_timeout_s: self.params.peer_timeout_s as u32,
             regions: region_descs(&self.ram),
             postcopy: self.params.mode.may_postcopy(),
+            postcopy_required: self.params.mode == MigrationMode::Postcopy,
         };
-        let control = self.connect(dest, hello(ChannelRole::Control)).await?;
+        let (control, postcopy) = self.connect(dest, hello(ChannelRole::Control)).await?;
+        if self.params.mode.may_postcopy() && !postcopy {
+            if self.params.mode == MigrationMode::Postcopy {
+                return Err(MigrateError::Postcopy(
+                    "the destination accepted the migration without postcopy".into(),
+                ));
+            }
+            tracing::warn!(
+                "the destination cannot serve postcopy (its log says why): this hybrid migration stays precopy"
+            );
+            at.mode = MigrationMode::Precopy;
+        }
         for i in 0..self.params.bulk_channels {
             at.bulk
-                .push(self.connect(dest, hello(ChannelRole::Bulk(i))).await?);
+                .push(self.connect(dest, hello(ChannelRole::Bulk(i))).await?.0);
         }
-        if self.params.mode.may_postcopy() {
-            at.urgent = Some(self.connect(dest, hello(ChannelRole::Urgent)).await?);
+        if at.mode.may_postcopy() {
+            at.urgent = Some(self.connect(dest, hello(ChannelRole::Urgent)).await?.0);
         }
         at.control = Some(ControlChannel::new(control));
         Ok(())
@@ -456,7 +478,7 @@ impl PrecopySender {
                 && at.zero_runs.len() <= MAX_ZERO_RUNS_AT_SWITCHOVER
                 && at.round >= self.params.min_rounds;
             let mut to_postcopy = false;
-            if self.params.mode == MigrationMode::Hybrid && !converged {
+            if at.mode == MigrationMode::Hybrid && !converged {
                 if estimate_ms < at.best_estimate_ms * 0.9 {
                     at.best_estimate_ms = estimate_ms;
                     at.stalled_rounds = 0;

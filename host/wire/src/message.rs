@@ -46,6 +46,11 @@ pub struct Hello {
     /// the bulk ones, and the destination must be able to run the guest
     /// before all its RAM has arrived.
     pub postcopy: bool,
+    /// Postcopy or nothing (the operator's `--mode postcopy`): a
+    /// destination that cannot serve postcopy refuses the migration. Without
+    /// it (hybrid), such a destination answers [`Message::HelloAck`] with
+    /// `postcopy: false` and the migration stays precopy.
+    pub postcopy_required: bool,
 }
 
 /// What the destination reports when postcopy has placed the last page.
@@ -87,7 +92,11 @@ pub enum Message {
     /// Opens a connection.
     Hello(Hello),
     /// The receiver accepts the connection.
-    HelloAck,
+    HelloAck {
+        /// The migration may switch to postcopy: the source asked and the
+        /// destination can serve it.
+        postcopy: bool,
+    },
     /// Zero pages (zero content, never populated, or discarded by free
     /// page reporting), sent without data.
     Zero(PageRun),
@@ -196,7 +205,7 @@ impl Message {
     pub fn kind(&self) -> Kind {
         match self {
             Message::Hello(_) => Kind::Hello,
-            Message::HelloAck => Kind::HelloAck,
+            Message::HelloAck { .. } => Kind::HelloAck,
             Message::Zero(_) => Kind::ZeroRun,
             Message::RoundEnd { .. } => Kind::RoundEnd,
             Message::Stopping => Kind::Stopping,
@@ -224,7 +233,8 @@ impl Message {
                     ChannelRole::Bulk(i) => (1, i),
                     ChannelRole::Urgent => (2, 0),
                 };
-                p.extend_from_slice(&[role, idx, h.bulk_channels, h.postcopy as u8]);
+                let flags = h.postcopy as u8 | (h.postcopy_required as u8) << 1;
+                p.extend_from_slice(&[role, idx, h.bulk_channels, flags]);
                 p.extend_from_slice(&h.peer_timeout_s.to_le_bytes());
                 p.extend_from_slice(&(h.regions.len() as u32).to_le_bytes());
                 p.extend_from_slice(&0u32.to_le_bytes());
@@ -234,11 +244,11 @@ impl Message {
                     p.extend_from_slice(&r.page_bytes.to_le_bytes());
                 }
             }
-            Message::HelloAck
-            | Message::Resumed
-            | Message::Ready
-            | Message::Commit
-            | Message::Stopping => {}
+            Message::HelloAck { postcopy } => {
+                // A flags byte, then 7 reserved bytes (8-byte alignment).
+                p.extend_from_slice(&[*postcopy as u8, 0, 0, 0, 0, 0, 0, 0]);
+            }
+            Message::Resumed | Message::Ready | Message::Commit | Message::Stopping => {}
             Message::Zero(z) => {
                 p.extend_from_slice(&region_u32(z.region).to_le_bytes());
                 p.extend_from_slice(&0u32.to_le_bytes());
@@ -316,7 +326,8 @@ impl Message {
                 let idx = r.u8()?;
                 let bulk_channels = r.u8()?;
                 let flags = r.u8()?;
-                if flags > 1 {
+                // Bit 0: postcopy; bit 1: postcopy required (only with it).
+                if flags > 3 || flags == 2 {
                     return Err(malformed(what, format!("unknown flags {flags:#x}")));
                 }
                 let peer_timeout_s = r.u32()?;
@@ -364,9 +375,18 @@ impl Message {
                     peer_timeout_s,
                     regions,
                     postcopy: flags & 1 != 0,
+                    postcopy_required: flags & 2 != 0,
                 })
             }
-            Kind::HelloAck => Message::HelloAck,
+            Kind::HelloAck => {
+                let postcopy = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    f => return Err(malformed(what, format!("unknown flags {f:#x}"))),
+                };
+                r.take(7)?;
+                Message::HelloAck { postcopy }
+            }
             Kind::Resumed => Message::Resumed,
             Kind::Ready => Message::Ready,
             Kind::Commit => Message::Commit,
@@ -490,8 +510,10 @@ mod tests {
                 page_bytes: 4096,
             }],
             postcopy: true,
+            postcopy_required: true,
         }));
-        roundtrip(Message::HelloAck);
+        roundtrip(Message::HelloAck { postcopy: true });
+        roundtrip(Message::HelloAck { postcopy: false });
         roundtrip(Message::Zero(PageRun::new(1, 5, 9)));
         roundtrip(Message::RoundEnd { round: 3 });
         roundtrip(Message::DeviceStateChunk(vec![1, 2, 3, 4, 5, 6, 7, 8]));
@@ -608,6 +630,7 @@ mod tests {
                     page_bytes: 4096,
                 }],
                 postcopy: false,
+                postcopy_required: false,
             })
             .encode(&mut b);
             Message::decode(Kind::Hello, &b[16..])

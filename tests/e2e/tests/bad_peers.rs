@@ -9,8 +9,8 @@ use std::time::Duration;
 use freehint_dirty_log::UffdWpDirtyLog;
 use freehint_e2e::SimVm;
 use freehint_engine::{
-    empty_bitmap, vmm_ram_ranges, MigrateError, MigrationParams, Phase, PrecopySender,
-    ReceiveFailure, Receiver,
+    empty_bitmap, vmm_ram_ranges, MigrateError, MigrationMode, MigrationParams, Phase,
+    PrecopySender, ReceiveFailure, Receiver,
 };
 use freehint_hint_filter::{HintFilter, IdentityMappedSink};
 use freehint_memory::GuestRam;
@@ -37,6 +37,9 @@ impl DestinationVmm for CountingVmm {
 
 const MEM: u64 = 16 << 20;
 
+/// A `HelloAck` frame: header and its flags word.
+const ACK_BYTES: usize = 24;
+
 fn layout() -> Vec<RegionDesc> {
     vec![RegionDesc {
         ram_start: 0,
@@ -58,6 +61,7 @@ fn hello_with(role: ChannelRole, regions: Vec<RegionDesc>, peer_timeout_s: u32) 
         peer_timeout_s,
         regions,
         postcopy: false,
+        postcopy_required: false,
     })
     .encode(&mut b);
     b
@@ -105,7 +109,7 @@ async fn connect_both(addr: std::net::SocketAddr) -> (TcpStream, TcpStream) {
     c.write_all(&hello(ChannelRole::Control, layout()))
         .await
         .unwrap();
-    let mut ack = [0u8; 16];
+    let mut ack = [0u8; ACK_BYTES];
     c.read_exact(&mut ack).await.unwrap();
     let mut b = TcpStream::connect(addr).await.unwrap();
     b.write_all(&hello(ChannelRole::Bulk(0), layout()))
@@ -249,6 +253,10 @@ async fn source_disconnects_mid_round() {
 // ---- a misbehaving destination, with a real (simulated) source VM ----
 
 fn sender_for(sim: &SimVm) -> PrecopySender {
+    sender_in_mode(sim, MigrationMode::default())
+}
+
+fn sender_in_mode(sim: &SimVm, mode: MigrationMode) -> PrecopySender {
     let ram = Arc::new(GuestRam::open_file(&sim.ram_path, 64 << 20).unwrap());
     let ranges = vmm_ram_ranges(sim.pid, &ram).unwrap();
     let log = UffdWpDirtyLog::attach_process(sim.pid, ranges).unwrap();
@@ -257,6 +265,7 @@ fn sender_for(sim: &SimVm) -> PrecopySender {
     let params = MigrationParams {
         peer_timeout_s: 5,
         bulk_channels: 1,
+        mode,
         ..Default::default()
     };
     PrecopySender::new(
@@ -285,6 +294,47 @@ fn assert_failed_back(stats: &freehint_engine::MigrationStats) {
     assert_eq!(stats.state, Phase::Failed, "{stats:?}");
     assert!(stats.source_running, "{stats:?}");
     assert_eq!(stats.destination_running, Some(false), "{stats:?}");
+}
+
+/// A destination that cannot run the guest before its RAM has arrived
+/// (here: no VMM process at all) answers a hybrid migration without
+/// postcopy, and it completes as precopy; `--mode postcopy` it refuses,
+/// saying why, and the source runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_without_postcopy_keeps_hybrid_precopy_and_refuses_postcopy() {
+    for mode in [MigrationMode::Hybrid, MigrationMode::Postcopy] {
+        let sim = SimVm::start(64, 64);
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let ram = Arc::new(GuestRam::open_file(&dir.path().join("dst.ram"), 64 << 20).unwrap());
+        let vmm = Arc::new(CountingVmm::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let receiver = Receiver::new(ram, vmm.clone(), Some(Duration::from_secs(5)));
+        let (sent, received) = tokio::join!(
+            sender_in_mode(&sim, mode).migrate(addr),
+            receiver.receive(&listener)
+        );
+        match mode {
+            MigrationMode::Hybrid => {
+                let stats = sent.unwrap();
+                assert!(!stats.postcopy.switched, "{stats:?}");
+                assert!(!received.unwrap().postcopy.switched);
+                assert_eq!(vmm.resumed.load(Ordering::SeqCst), 1);
+            }
+            _ => {
+                let e = sent.unwrap_err();
+                let text = ErrorChain(&e).to_string();
+                assert!(
+                    text.contains("postcopy refused") && text.contains("cannot run the guest"),
+                    "{text}"
+                );
+                assert_failed_back(&e.stats);
+                assert_running(&sim);
+                assert!(received.is_err());
+                assert_eq!(vmm.resumed.load(Ordering::SeqCst), 0);
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,7 +404,7 @@ async fn fake_destination(l: TcpListener, at_end: AtEnd) {
     let n = c.read(&mut buf).await.unwrap();
     assert!(n > 0);
     let mut ack = Vec::new();
-    Message::HelloAck.encode(&mut ack);
+    Message::HelloAck { postcopy: false }.encode(&mut ack);
     c.write_all(&ack).await.unwrap();
     let (mut b, _) = l.accept().await.unwrap();
     let _ = b.read(&mut buf).await.unwrap();
@@ -511,7 +561,7 @@ fn scripted_source(
             c.write_all(&hello(ChannelRole::Control, layout()))
                 .await
                 .unwrap();
-            let mut ack = [0u8; 16];
+            let mut ack = [0u8; ACK_BYTES];
             c.read_exact(&mut ack).await.unwrap();
             if stray {
                 let mut s = TcpStream::connect(addr).await.unwrap();
@@ -523,6 +573,7 @@ fn scripted_source(
                     peer_timeout_s: 5,
                     regions: layout(),
                     postcopy: false,
+                    postcopy_required: false,
                 })
                 .encode(&mut h);
                 s.write_all(&h).await.unwrap();
@@ -641,7 +692,7 @@ async fn a_silent_source_is_given_up_after_its_own_timeout() {
             c.write_all(&hello_with(ChannelRole::Control, layout(), 1))
                 .await
                 .unwrap();
-            let mut ack = [0u8; 16];
+            let mut ack = [0u8; ACK_BYTES];
             c.read_exact(&mut ack).await.unwrap();
             let mut b = TcpStream::connect(addr).await.unwrap();
             b.write_all(&hello_with(ChannelRole::Bulk(0), layout(), 1))

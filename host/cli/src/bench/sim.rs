@@ -139,7 +139,13 @@ impl Drop for ChildGuard {
 }
 
 pub fn sim(a: SimArgs) -> Result<SimReport> {
-    let params = a.params.resolve(a.hints)?.params;
+    let resolved = a.params.resolve(a.hints)?;
+    let mut params = resolved.params.clone();
+    // The benchmark's baseline is precopy into an image: postcopy and
+    // hybrid (which need a destination VM) only when asked for.
+    if *resolved.source("mode") == crate::params::Source::Default {
+        params.mode = freehint_engine::MigrationMode::Precopy;
+    }
     let hints = params.hints;
     let mode = params.mode;
     let peer_timeout_s = params.peer_timeout_s;
