@@ -403,18 +403,41 @@ impl Drop for UffdWpDirtyLog {
     }
 }
 
-/// The fd number of the userfaultfd open in process `pid`.
+/// The fd number of the userfaultfd that dirty tracking uses in process
+/// `pid`: the lowest-numbered one, the first the preload library created.
 pub fn find_userfaultfd(pid: i32) -> Result<i32, DirtyLogError> {
+    userfaultfds(pid)?
+        .first()
+        .copied()
+        .ok_or(DirtyLogError::NoUserfaultfd { pid })
+}
+
+/// The fd number of the userfaultfd that postcopy's placement uses in
+/// process `pid`: the highest-numbered one, the second the preload library
+/// created (or the only one, with an older preload library).
+///
+/// Two, because the kernel takes `UFFDIO_API` once per userfaultfd and the
+/// two uses need different features: a VMM that received its guest by
+/// postcopy (MISSING faults) can later be the source of a migration (WP
+/// async dirty tracking) only on a second, untouched fd.
+pub fn find_placement_userfaultfd(pid: i32) -> Result<i32, DirtyLogError> {
+    userfaultfds(pid)?
+        .last()
+        .copied()
+        .ok_or(DirtyLogError::NoUserfaultfd { pid })
+}
+
+/// Every userfaultfd open in process `pid`, by fd number.
+fn userfaultfds(pid: i32) -> Result<Vec<i32>, DirtyLogError> {
     let dir = format!("/proc/{pid}/fd");
     let entries = std::fs::read_dir(&dir).map_err(os(format!("reading {dir}")))?;
-    for e in entries.flatten() {
-        if let Ok(target) = std::fs::read_link(e.path()) {
-            if target.as_os_str() == "anon_inode:[userfaultfd]" {
-                if let Some(n) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
-                    return Ok(n);
-                }
-            }
-        }
-    }
-    Err(DirtyLogError::NoUserfaultfd { pid })
+    let mut fds: Vec<i32> = entries
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:[userfaultfd]")
+        })
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect();
+    fds.sort_unstable();
+    Ok(fds)
 }

@@ -27,6 +27,14 @@
 //!
 //! Waiting here never depends on the frontend: the worker's work needs only
 //! guest memory, the RAM file and the sink.
+//!
+//! A ring can also be **held** ([`RingGate::hold`]), by the host rather
+//! than the frontend: the destination of a postcopy migration holds every
+//! ring until the last page has arrived, because a read through this
+//! process's mapping of a page still to come would allocate a zero page in
+//! the RAM file and the page's content would be lost. A held ring behaves
+//! like a stopped one, except that a kick that finds it held is remembered
+//! ([`RingGate::release`] says so) and given again when it is released.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
@@ -35,6 +43,9 @@ use std::sync::{RwLock, RwLockReadGuard};
 #[derive(Debug, Default)]
 pub(crate) struct RingGate {
     stopped: AtomicBool,
+    held: AtomicBool,
+    /// A kick found the ring held.
+    deferred: AtomicBool,
     busy: RwLock<()>,
 }
 
@@ -44,15 +55,34 @@ impl RingGate {
     /// dropped.
     pub(crate) fn enter(&self) -> Option<RwLockReadGuard<'_, ()>> {
         let guard = self.busy.read().unwrap_or_else(|p| p.into_inner());
-        // Read under the lock: once `stop` has had the lock exclusively,
-        // every later reader sees the flag set.
+        // Read under the lock: once `stop` or `hold` has had the lock
+        // exclusively, every later reader sees the flag set.
+        if self.held.load(Ordering::SeqCst) {
+            self.deferred.store(true, Ordering::SeqCst);
+            return None;
+        }
         (!self.stopped.load(Ordering::SeqCst)).then_some(guard)
     }
 
-    /// Whether the ring is stopped. Checked before each pop by the holder
-    /// of an [`RingGate::enter`] guard, which must then pop nothing more.
+    /// Whether the ring is stopped or held. Checked before each pop by the
+    /// holder of an [`RingGate::enter`] guard, which must then pop nothing
+    /// more.
     pub(crate) fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::SeqCst)
+        self.stopped.load(Ordering::SeqCst) || self.held.load(Ordering::SeqCst)
+    }
+
+    /// Holds the ring and waits until nobody works on it, as
+    /// [`RingGate::stop`] does; independent of stop and start.
+    pub(crate) fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
+        drop(self.busy.write().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Ends a hold; returns whether a kick found the ring held (the caller
+    /// kicks it again).
+    pub(crate) fn release(&self) -> bool {
+        self.held.store(false, Ordering::SeqCst);
+        self.deferred.swap(false, Ordering::SeqCst)
     }
 
     /// Stops the ring and waits until nobody works on it: every chain popped
@@ -95,6 +125,27 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(10)).unwrap();
         });
         assert!(gate.enter().is_none(), "stopped ring entered");
+        assert!(gate.start());
+        assert!(gate.enter().is_some());
+    }
+
+    #[test]
+    fn a_held_ring_remembers_its_kicks_and_outlasts_a_start() {
+        let gate = RingGate::default();
+        assert!(!gate.release(), "no kick while nothing was held");
+        gate.hold();
+        assert!(gate.is_stopped());
+        assert!(!gate.start(), "held is not stopped");
+        assert!(gate.enter().is_none(), "held ring entered");
+        assert!(gate.enter().is_none());
+        assert!(gate.release(), "the kick was forgotten");
+        assert!(!gate.release(), "the kick is given once");
+        assert!(gate.enter().is_some());
+        // Held and stopped: released, it stays stopped until started.
+        gate.hold();
+        gate.stop();
+        assert!(!gate.release());
+        assert!(gate.enter().is_none());
         assert!(gate.start());
         assert!(gate.enter().is_some());
     }

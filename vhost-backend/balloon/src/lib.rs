@@ -511,6 +511,53 @@ impl BalloonHandle {
             .collect()
     }
 
+    /// Stops the device's every access to guest memory until
+    /// [`BalloonHandle::resume_memory_access`], and waits for work in
+    /// flight to finish. Kicks meanwhile are remembered and given when
+    /// access resumes; stats requests return `false`.
+    ///
+    /// For the destination of a postcopy migration: pages still to come are
+    /// holes in the RAM file, and a read through this process's mapping
+    /// would fill one with zeros that the guest would then see in place of
+    /// its data.
+    pub fn pause_memory_access(&self) {
+        for g in &self.inner.gates {
+            g.hold();
+        }
+    }
+
+    /// Ends [`BalloonHandle::pause_memory_access`]: kicks every ring a kick
+    /// found paused, so that chains the guest queued meanwhile are served.
+    pub fn resume_memory_access(&self) {
+        let vrings = lock(&self.inner.vrings).clone();
+        for (index, g) in self.inner.gates.iter().enumerate() {
+            if !g.release() {
+                continue;
+            }
+            let Some(vring) = vrings.get(index) else {
+                continue;
+            };
+            let kick = vring.get_ref().get_kick().as_ref().map(|k| k.try_clone());
+            match kick {
+                Some(Ok(consumer)) => {
+                    use std::io::Write;
+                    use std::os::fd::{FromRawFd, IntoRawFd};
+                    // SAFETY: `into_raw_fd` hands over a valid fd (a
+                    // duplicate of the ring's kick eventfd) that nothing
+                    // else owns; the File closes it when dropped.
+                    let file = unsafe { std::fs::File::from_raw_fd(consumer.into_raw_fd()) };
+                    if let Err(e) = (&file).write_all(&1u64.to_ne_bytes()) {
+                        tracing::warn!("balloon: cannot kick vring {index} after the pause: {e}");
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("balloon: cannot duplicate the kick fd of vring {index}: {e}")
+                }
+                None => {}
+            }
+        }
+    }
+
     /// Publishes a new `free_page_hint_cmd_id` to the guest.
     pub fn set_cmd_id(&self, cmd: CmdId) -> Result<(), BalloonError> {
         self.inner.set_cmd_id(cmd)

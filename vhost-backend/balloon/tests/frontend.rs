@@ -1363,6 +1363,46 @@ fn chains_queued_while_a_ring_is_stopped_wait_for_its_restart() {
 }
 
 #[test]
+fn nothing_touches_guest_memory_while_paused_and_queued_chains_run_after() {
+    // A postcopy destination: paused before the device even starts.
+    let mut h = Harness::connect(5);
+    h.handle.pause_memory_access();
+    h.start_device(ALL_BALLOON);
+    let (sq, fp) = (2, 3);
+    let mem = h.mem.clone();
+    let b = stats_bytes(&[(4, 42)]);
+    let gpa = h.small(&b);
+    h.vq(sq).add(&mem, &[(gpa, b.len() as u32, false)]);
+    h.vq(sq).kick();
+    h.send_cmd_id(fp, 9);
+    h.send_hint(fp, 0, HINT_BLOCK as u32);
+    h.send_cmd_id(fp, 0);
+    h.vq(fp).kick();
+    std::thread::sleep(Duration::from_millis(200));
+    h.vq(sq).assert_no_more_used(&mem);
+    h.vq(fp).assert_no_more_used(&mem);
+    assert!(h.sink.hints().is_empty());
+    assert_eq!(
+        h.handle.status().guest_stats.updates,
+        0,
+        "stats read while paused"
+    );
+    assert!(!h.handle.request_stats().unwrap());
+
+    // The last page arrived: the chains queued meanwhile are served
+    // without the guest kicking again.
+    h.handle.resume_memory_access();
+    h.vq(fp).wait_used(&mem, 3);
+    assert_eq!(
+        h.sink.hints(),
+        vec![(CmdId(9), GpaRange::new(0, HINT_BLOCK))]
+    );
+    h.wait_for("stats", |h| h.status().guest_stats.updates == 1);
+    assert!(h.handle.request_stats().unwrap());
+    h.vq(sq).wait_used(&mem, 1);
+}
+
+#[test]
 fn config_changes_are_held_while_the_frontend_has_the_device_stopped() {
     // QEMU 10.0 crashes on a config change between stopping the device
     // (GET_VRING_BASE) and starting it again: the backend holds it.

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use freehint_dirty_log::{find_userfaultfd, TrackedRange};
+use freehint_dirty_log::{find_placement_userfaultfd, TrackedRange};
 use freehint_memory::GuestRam;
 use freehint_placement::{MissingPlacer, Placed};
 use freehint_wire::{BatchEntry, Message, PostcopyReport};
@@ -80,7 +80,7 @@ impl PostcopyDestination {
         pending: Arc<PendingPages>,
         requests: tokio::sync::mpsc::UnboundedSender<(usize, u64)>,
     ) -> Result<Self, MigrateError> {
-        let fd = find_userfaultfd(pid)?;
+        let fd = find_placement_userfaultfd(pid)?;
         let pidfd = freehint_linux_sys::pidfd_open(pid).map_err(|e| {
             MigrateError::Postcopy(format!("pidfd_open of the destination VMM {pid}: {e}"))
         })?;
