@@ -103,8 +103,14 @@ pub struct MigrateArgs {
     #[arg(long)]
     control: PathBuf,
     /// The destination daemon's --incoming address, HOST:PORT.
-    #[arg(long)]
-    to: String,
+    #[arg(long, required_unless_present = "postcopy_now")]
+    to: Option<String>,
+    /// Do not start a migration: tell the one already running on this
+    /// daemon (in `--mode hybrid`) to switch to postcopy at the end of its
+    /// current round. The `freehint migrate` that started it reports how it
+    /// ended.
+    #[arg(long, conflicts_with_all = ["to", "json"])]
+    postcopy_now: bool,
     /// Ask the guest for free-page hints and skip the pages it reports
     /// (`hints` in --config FILE).
     #[arg(long, value_enum)]
@@ -169,6 +175,16 @@ pub fn vm(a: VmArgs) -> Result<()> {
 }
 
 pub fn migrate(a: MigrateArgs) -> Result<()> {
+    let Some(to) = a.to else {
+        return match request(&a.control, &ControlRequest::PostcopyNow)? {
+            ControlReply::Ok => {
+                println!("the migration switches to postcopy at the end of its current round");
+                Ok(())
+            }
+            ControlReply::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer from the daemon: {other:?}"),
+        };
+    };
     let params = a.params.resolve(a.hints)?.params;
     // Ctrl-C / SIGTERM cancel the daemon's migration; its answer below
     // then says how it ended.
@@ -183,7 +199,7 @@ pub fn migrate(a: MigrateArgs) -> Result<()> {
     let reporter = crate::progress::Reporter::start(&a.progress, move || {
         crate::progress::poll_daemon(&poll_control)
     });
-    let reply = request(&a.control, &ControlRequest::Migrate { to: a.to, params });
+    let reply = request(&a.control, &ControlRequest::Migrate { to, params });
     reporter.stop();
     match reply? {
         ControlReply::Migrated { stats } => crate::report(a.json, &stats, stats.summary(), None),

@@ -47,6 +47,9 @@ pub enum ControlRequest {
     /// Cancel the running migration. Before the commit it fails back (the
     /// source guest runs on, untouched); after it, it is too late.
     Cancel,
+    /// Switch the running hybrid migration to postcopy at the end of its
+    /// current precopy round (the operator's `--postcopy-now`).
+    PostcopyNow,
     /// Configure fault points (`NAME=ACTION;…`, the `FAILPOINTS` syntax);
     /// only in builds with the `failpoints` feature, for tests.
     Fault {

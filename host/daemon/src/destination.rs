@@ -55,6 +55,7 @@ impl VmDaemon {
         }
         let backend = qmp.shared_ram_backend()?;
         let ram = Arc::new(GuestRam::open_file(&backend.path, backend.size_bytes)?);
+        let postcopy_pid = postcopy_pid(&qmp);
         let qemu = Arc::new(QemuDestination::new(
             qmp,
             self.cfg.state_dir.join("destination.state"),
@@ -63,6 +64,7 @@ impl VmDaemon {
             qemu: qemu.clone(),
             balloon: self.handle.clone(),
             resume: self.cfg.resume,
+            postcopy_pid,
         });
         let cancel = CancellationToken::new();
         let mut receiver = Receiver::new(ram, vmm, None)
@@ -78,6 +80,12 @@ impl VmDaemon {
             cancel.cancel();
         }
         receiver.prepare()?;
+        // Until the last page has arrived (postcopy), the balloon backend
+        // must not read guest RAM through its own mapping: a page still to
+        // come would read as zeros and stay zeros. The device starts only
+        // when the guest resumes, so holding it for the whole receive costs
+        // nothing in precopy.
+        self.handle.pause_memory_access();
         let std_listener = listener
             .try_clone()
             .map_err(io("cloning the incoming listener"))?;
@@ -93,6 +101,13 @@ impl VmDaemon {
             Ok(s) => s.clone(),
             Err(f) => f.stats.clone(),
         };
+        if result.is_ok() || !stats.postcopy.switched {
+            self.handle.resume_memory_access();
+        } else {
+            // Pages are missing for good unless the source sends them: the
+            // guest waits on its faults, and so does the balloon.
+            tracing::warn!("postcopy broke: the balloon device stays paused with the guest");
+        }
         if let Some(id) = stats.last_cmd_id {
             // The VM's counter goes on from the source's.
             self.last_cmd_id.fetch_max(id, SeqCst);
@@ -154,6 +169,23 @@ impl VmDaemon {
                 }
                 Ok(if again { Again::Yes } else { Again::No })
             }
+        }
+    }
+}
+
+/// The destination QEMU's pid if postcopy can place pages in its RAM: it
+/// holds a userfaultfd (started with the preload library). Otherwise the
+/// receiver refuses postcopy with the reason.
+fn postcopy_pid(qmp: &freehint_qemu::Qmp) -> Option<i32> {
+    let pid = qmp
+        .peer_pid()
+        .map_err(|e| tracing::warn!("postcopy not offered: the destination QEMU's pid: {e}"))
+        .ok()?;
+    match freehint_dirty_log::find_placement_userfaultfd(pid) {
+        Ok(_) => Some(pid),
+        Err(e) => {
+            tracing::info!("postcopy not offered: {e} (start QEMU with the preload library, see `freehint qemu-args`)");
+            None
         }
     }
 }

@@ -172,6 +172,8 @@ struct Shared {
     progress: Option<freehint_engine::ProgressWatch>,
     /// Cancels the running migration.
     cancel: Option<CancellationToken>,
+    /// Switches the running hybrid migration to postcopy.
+    postcopy_now: Option<Arc<std::sync::atomic::AtomicBool>>,
     last_error: Option<String>,
     operator_action: Option<String>,
     received: Option<ReceiveStats>,
@@ -237,6 +239,7 @@ impl VmDaemon {
                 migration: None,
                 progress: None,
                 cancel: None,
+                postcopy_now: None,
                 last_error: None,
                 operator_action: None,
                 received: None,

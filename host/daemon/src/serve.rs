@@ -101,7 +101,7 @@ impl VmDaemon {
                     .migration
                     .as_ref()
                     .map_or(Phase::Setup, |w| w.get().phase);
-                if matches!(phase, Phase::Committed | Phase::Completed) {
+                if matches!(phase, Phase::Committed | Phase::Postcopy | Phase::Completed) {
                     return Err(DaemonError::BadRequest(format!(
                         "too late to cancel: the migration is {phase} (the destination takes the guest over)"
                     )));
@@ -113,6 +113,25 @@ impl VmDaemon {
                 }
                 token.cancel();
                 Ok(ControlReply::Cancelling { phase })
+            }
+            ControlRequest::PostcopyNow => {
+                let sh = lock(&self.shared);
+                let Some(flag) = &sh.postcopy_now else {
+                    return Err(DaemonError::BadRequest(
+                        "no hybrid migration is running (postcopy-now switches one started with --mode hybrid)".into(),
+                    ));
+                };
+                let phase = sh
+                    .migration
+                    .as_ref()
+                    .map_or(Phase::Setup, |w| w.get().phase);
+                if !matches!(phase, Phase::Setup | Phase::Precopy) {
+                    return Err(DaemonError::BadRequest(format!(
+                        "too late to switch to postcopy: the migration is {phase}"
+                    )));
+                }
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(ControlReply::Ok)
             }
             ControlRequest::Fault { spec } => {
                 freehint_engine::fault::configure(&spec).map_err(DaemonError::BadRequest)?;

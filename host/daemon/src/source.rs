@@ -198,12 +198,18 @@ impl VmDaemon {
             first_cmd_id = filter.last_cmd_id().0 + 1,
             "migrating"
         );
+        let hybrid = params.mode == freehint_engine::MigrationMode::Hybrid;
         let sender =
             PrecopySender::new(ram, filter.clone(), Box::new(log), hint_source, vmm, params)?
                 .with_cancel_token(cancel);
-        lock(&self.shared).migration = Some(sender.phase_watch());
-        lock(&self.shared).progress = Some(sender.progress_watch());
+        {
+            let mut sh = lock(&self.shared);
+            sh.migration = Some(sender.phase_watch());
+            sh.progress = Some(sender.progress_watch());
+            sh.postcopy_now = (hybrid).then(|| sender.postcopy_now_flag());
+        }
         let result = self.runtime.block_on(sender.migrate(dest));
+        lock(&self.shared).postcopy_now = None;
         self.last_cmd_id.store(filter.last_cmd_id().0, SeqCst);
         match result {
             Ok(stats) => Ok(stats),

@@ -120,6 +120,8 @@ pub struct DestinationVm {
     pub balloon: BalloonHandle,
     /// Resume after the commit (otherwise wait for `freehint resume`).
     pub resume: bool,
+    /// The QEMU process whose userfaultfd postcopy uses, if it has one.
+    pub postcopy_pid: Option<i32>,
 }
 
 impl DestinationVmm for DestinationVm {
@@ -139,6 +141,10 @@ impl DestinationVmm for DestinationVm {
             tracing::info!("guest received; left paused (--no-resume)");
             Ok(())
         }
+    }
+
+    fn postcopy_pid(&self) -> Option<i32> {
+        self.postcopy_pid
     }
 }
 

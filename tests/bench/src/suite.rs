@@ -165,7 +165,13 @@ fn measured(key: RunKey, r: RunReport, before: Counters, after: Counters) -> Run
     record.bytes_link = Some(after.tx_bytes.saturating_sub(before.tx_bytes));
     record.bytes_link_reverse = Some(after.rx_bytes.saturating_sub(before.rx_bytes));
     record.bytes_tool = Some(r.bytes_tool);
-    record.total_time_ms = r.timing.total_time_ms(key.mode == Mode::QemuPostcopy);
+    // freehint's own runs know whether they ended in postcopy (the run's
+    // report then ends at the last page placed, see `run_freehint`).
+    record.total_time_ms = if key.mode.is_freehint() {
+        some_ms(r.total_time_ms)
+    } else {
+        r.timing.total_time_ms(key.mode == Mode::QemuPostcopy)
+    };
     record.downtime_ms = r.timing.downtime_ms();
     record.total_time_tool_ms = some_ms(r.total_time_tool_ms);
     record.downtime_tool_ms = Some(r.downtime_tool_ms);

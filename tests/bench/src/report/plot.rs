@@ -61,6 +61,8 @@ fn mode_color(mode: Mode) -> RGBColor {
         Mode::FreehintHints => RGBColor(0, 158, 115),
         Mode::FreehintHintsWait => RGBColor(0, 90, 60),
         Mode::FreehintNohints => RGBColor(86, 180, 233),
+        Mode::FreehintPostcopy => RGBColor(240, 228, 66),
+        Mode::FreehintHybrid => RGBColor(0, 0, 0),
         Mode::QemuNative => RGBColor(213, 94, 0),
         Mode::QemuNativeFph => RGBColor(230, 159, 0),
         Mode::QemuNativeFpr => RGBColor(204, 121, 167),

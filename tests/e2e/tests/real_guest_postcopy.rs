@@ -1,0 +1,224 @@
+//! A REAL guest migrated by freehint in postcopy: the destination QEMU
+//! resumes before its RAM has arrived, the destination daemon serves its
+//! faults through QEMU's own userfaultfd (the preload library's), and the
+//! remaining pages stream behind. Two `freehint vm` daemons, two patched
+//! QEMUs, the guest's stock virtio_balloon driver, loopback TCP.
+//!
+//! Needs `FREEHINT_QEMU`, `FREEHINT_GUEST_DIR` and the reference QEMU;
+//! `make test` provides them (see real_guest_balloon.rs for the skip rule).
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use freehint_demo::{check_after, freehint_migrate, run_mode, FreehintPair, Mode, Testbed};
+use freehint_e2e::{one_real_guest_test_at_a_time, real_guest_setup as setup};
+
+/// Compares two RAM files page by page; the first differing page index.
+fn first_difference(a: &Path, b: &Path) -> Option<u64> {
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).unwrap(),
+        std::fs::File::open(b).unwrap(),
+    );
+    let (mut pa, mut pb) = (vec![0u8; 4096], vec![0u8; 4096]);
+    for page in 0.. {
+        let na = fa.read(&mut pa).unwrap();
+        let nb = fb.read(&mut pb).unwrap();
+        if na == 0 && nb == 0 {
+            return None;
+        }
+        if na != nb || pa[..na] != pb[..nb] {
+            return Some(page);
+        }
+    }
+    None
+}
+
+/// Postcopy with hints: the guest runs on the destination while its pages
+/// arrive, and its data is intact there.
+#[test]
+fn in_postcopy_the_guest_runs_on_the_destination_with_its_data_while_pages_arrive() {
+    let Some(mut s) = setup("postcopy-hints", 1024, 600) else {
+        return;
+    };
+    let _alone = one_real_guest_test_at_a_time();
+    s.keep_mib = 128;
+    s.check_mib = 16;
+    let r = run_mode(&s, Mode::FreehintPostcopy).unwrap();
+    eprintln!("{}", serde_json::to_string(&r).unwrap());
+    assert!(
+        r.guest_alive_after,
+        "no heartbeat on the destination: {r:?}"
+    );
+    assert_eq!(r.data_check, "ok", "{r:?}");
+    let d = &r.detail;
+    assert_eq!(d["postcopy"], true, "did not switch to postcopy: {r:?}");
+    let pending = d["postcopy_pending_pages"].as_u64().unwrap();
+    assert!(pending > 0, "{r:?}");
+    assert_eq!(
+        d["pages_requested"].as_u64().unwrap() + d["pages_streamed"].as_u64().unwrap(),
+        pending,
+        "every pending page crosses once: {r:?}"
+    );
+    // QEMU loads its device state (reading virtqueue indices in guest RAM)
+    // and the guest runs before its pages are all there: some faults.
+    assert!(
+        d["faults_remote"].as_u64().unwrap() + d["faults_local"].as_u64().unwrap() > 0,
+        "{r:?}"
+    );
+    let (stop, resume) = (
+        r.timing.src_stop_us.expect("the source's STOP event"),
+        r.timing
+            .dst_resume_us
+            .expect("the destination's RESUME event"),
+    );
+    assert!(r.timing.migrate_us < stop && stop <= resume, "{r:?}");
+    assert!(r.downtime_ms <= r.total_time_ms, "{r:?}");
+    let limit = r.guest_used_mib as f64 * 1.5 * 1048576.0;
+    assert!(
+        (r.bytes_tool as f64) <= limit,
+        "{} bytes on the wire for {} MiB used (limit 1.5x): {r:?}",
+        r.bytes_tool,
+        r.guest_used_mib
+    );
+}
+
+/// Postcopy without hints on a destination that stays paused: once the
+/// migration returns, every page has been placed and the destination's RAM
+/// equals the source's page by page; then the guest resumes and runs.
+#[test]
+fn in_postcopy_without_hints_destination_ram_equals_the_source_page_by_page() {
+    let Some(s) = setup("postcopy-nohints", 512, 200) else {
+        return;
+    };
+    let _alone = one_real_guest_test_at_a_time();
+    let bed = Testbed::new(&s, "postcopy-nohints").unwrap();
+    let FreehintPair {
+        mut src,
+        dst,
+        src_daemon,
+        dst_daemon,
+        addr,
+    } = bed.freehint_pair(&["--no-resume"]).unwrap();
+    bed.settle_destination(&dst_daemon).unwrap();
+    let stats = freehint_migrate(
+        &s.bin_dir,
+        &src_daemon.control,
+        &addr,
+        false,
+        &["--mode", "postcopy"],
+    )
+    .unwrap();
+    assert!(stats.postcopy.switched, "{stats:?}");
+    assert_eq!(stats.pages_skipped_free, 0);
+    assert_eq!(
+        stats.postcopy.pages_requested + stats.postcopy.pages_streamed,
+        stats.postcopy.postcopy_pending_pages,
+        "{stats:?}"
+    );
+    assert!(
+        src.wait_exit(Duration::from_secs(10)),
+        "the source QEMU did not quit after postcopy"
+    );
+    assert_eq!(
+        first_difference(&bed.ram("src"), &bed.ram("dst")),
+        None,
+        "guest RAM differs between source and destination"
+    );
+    let out = std::process::Command::new(s.bin_dir.join("freehint"))
+        .arg("resume")
+        .arg("--control")
+        .arg(&dst_daemon.control)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
+    assert!(alive, "no heartbeat on the destination after resume");
+    assert_eq!(check, "ok");
+    eprintln!(
+        "postcopy, hints off: {} pending pages ({} requested, {} streamed), {} bytes, {} ms, downtime {} ms",
+        stats.postcopy.postcopy_pending_pages,
+        stats.postcopy.pages_requested,
+        stats.postcopy.pages_streamed,
+        stats.bytes_on_wire,
+        stats.total_time_ms,
+        stats.downtime_ms
+    );
+}
+
+/// `freehint migrate --postcopy-now` switches a running hybrid migration
+/// to postcopy: without it, this one would run precopy rounds up to its
+/// round limit (1000).
+#[test]
+fn postcopy_now_switches_a_running_hybrid_migration() {
+    let Some(s) = setup("postcopy-now", 512, 200) else {
+        return;
+    };
+    let _alone = one_real_guest_test_at_a_time();
+    let bed = Testbed::new(&s, "postcopy-now").unwrap();
+    let FreehintPair {
+        src,
+        dst,
+        src_daemon,
+        dst_daemon,
+        addr,
+    } = bed.freehint_pair(&[]).unwrap();
+    bed.settle_destination(&dst_daemon).unwrap();
+    let freehint = s.bin_dir.join("freehint");
+    let postcopy_now = || {
+        std::process::Command::new(&freehint)
+            .args(["migrate", "--postcopy-now", "--control"])
+            .arg(&src_daemon.control)
+            .output()
+            .unwrap()
+    };
+    // Nothing is running yet: refused, clearly.
+    let out = postcopy_now();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no hybrid migration is running"), "{err}");
+    let migrating = {
+        let (bin_dir, control, addr) =
+            (s.bin_dir.clone(), src_daemon.control.clone(), addr.clone());
+        std::thread::spawn(move || {
+            freehint_migrate(
+                &bin_dir,
+                &control,
+                &addr,
+                true,
+                &[
+                    "--mode",
+                    "hybrid",
+                    "--min-rounds",
+                    "1000",
+                    "--max-rounds",
+                    "1000",
+                ],
+            )
+        })
+    };
+    // The operator's word, as soon as the migration runs (before, the
+    // daemon says none is running).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = postcopy_now();
+        if out.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no hybrid migration is running"), "{err}");
+        assert!(std::time::Instant::now() < deadline, "{err}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stats = migrating.join().unwrap().unwrap();
+    assert!(stats.postcopy.switched, "{stats:?}");
+    assert!(stats.rounds < 999, "{stats:?}");
+    eprintln!("postcopy-now: switched after {} rounds", stats.rounds);
+    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
+    assert!(alive, "no heartbeat on the destination");
+    assert_eq!(check, "ok");
+}
