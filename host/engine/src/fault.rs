@@ -172,7 +172,19 @@ pub const POINTS: &[FaultPoint] = &[
         "src.postcopy-streaming",
         Side::Source,
         false,
-        "postcopy: a bulk channel, after its first batch of pending pages",
+        "postcopy, first session: a bulk channel, after its first batch of pending pages",
+    ),
+    point(
+        "src.postcopy-link-cut",
+        Side::Source,
+        false,
+        "postcopy, first session: a bulk channel after its second batch; `return` cuts every connection, as a broken link does",
+    ),
+    point(
+        "src.postcopy-reconnect",
+        Side::Source,
+        false,
+        "postcopy: each attempt to reconnect after a broken link; `return` fails the attempt, as a link still down does",
     ),
 ];
 

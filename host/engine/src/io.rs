@@ -294,6 +294,11 @@ pub(crate) struct ControlChannel {
 }
 
 impl ControlChannel {
+    /// The connection's socket, to duplicate (see `postcopy::Links`).
+    pub(crate) fn socket(&self) -> &TcpStream {
+        self.tx.as_ref()
+    }
+
     /// Starts reading `stream`.
     pub(crate) fn new(stream: TcpStream) -> Self {
         let (mut rx_half, tx) = stream.into_split();

@@ -41,6 +41,7 @@ mod vmm;
 pub use error::{MigrateError, MigrationFailure};
 pub use params::{MigrationMode, MigrationParams, ParamsError};
 pub use phase::{Phase, PhaseInfo, PhaseWatch, Side};
+pub use postcopy::PostcopyResume;
 pub use progress::{Progress, ProgressWatch};
 pub use receiver::{ReceiveFailure, ReceiveStats, Receiver};
 pub use sender::PrecopySender;

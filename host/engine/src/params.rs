@@ -83,6 +83,11 @@ pub struct MigrationParams {
     /// stops converging (hybrid). Postcopy needs a destination VMM that can
     /// run the guest while its RAM arrives.
     pub mode: MigrationMode,
+    /// After the link breaks in postcopy, how long the source tries to
+    /// reconnect (with backoff) before it waits for the operator's
+    /// `freehint migrate --resume`. It never gives the guest up on its own:
+    /// it holds the pages the destination still lacks.
+    pub postcopy_recovery_s: u64,
 }
 
 impl Default for MigrationParams {
@@ -97,6 +102,7 @@ impl Default for MigrationParams {
             peer_timeout_s: 30,
             hint_wait_ms: 0,
             mode: MigrationMode::default(),
+            postcopy_recovery_s: 60,
         }
     }
 }
@@ -138,6 +144,9 @@ impl MigrationParams {
         }
         if self.hint_wait_ms > 60_000 {
             return err("hint_wait_ms", "must be at most 60000");
+        }
+        if !(1..=86_400).contains(&self.postcopy_recovery_s) {
+            return err("postcopy_recovery_s", "must be 1..=86400");
         }
         if !u32::try_from(self.peer_timeout_s)
             .is_ok_and(|t| freehint_wire::PEER_TIMEOUT_S_RANGE.contains(&t))

@@ -14,6 +14,9 @@
 //!  Postcopy     destination runs it; the  Postcopy     runs the guest; pages it
 //!               source serves the pages                lacks are requested and
 //!               it still lacks                         streamed
+//!  PostcopyPaused the link broke in postcopy: PostcopyPaused the guest waits
+//!               reconnecting (then waiting             on its faults; waiting
+//!               for `migrate --resume`)                for the source to come back
 //!  Completed    destination runs it       Completed    runs the guest (or holds it
 //!                                                      paused for `freehint resume`)
 //!  Failed       source runs the guest     Failed       never ran the guest
@@ -53,6 +56,10 @@ pub enum Phase {
     /// lacks arrive. The source never resumes its copy and never exits on
     /// its own: it holds the only copy of those pages.
     Postcopy,
+    /// Postcopy with the link broken: the destination's guest waits on its
+    /// faults, the source reconnects (with backoff, then on the operator's
+    /// `freehint migrate --resume`) and the pages still lacking follow.
+    PostcopyPaused,
     /// The destination took the guest over.
     Completed,
     /// Given up before any commit: the source runs the guest (unless its
@@ -75,6 +82,7 @@ impl Phase {
             Phase::Ready => "ready",
             Phase::Committed => "committed",
             Phase::Postcopy => "postcopy",
+            Phase::PostcopyPaused => "postcopy-paused",
             Phase::Completed => "completed",
             Phase::Failed => "failed",
             Phase::Uncertain => "uncertain",
@@ -96,7 +104,8 @@ impl Phase {
             (Committed, Postcopy) | (Postcopy, Completed) => true,
             // A postcopy that breaks leaves the guest on the destination,
             // waiting on pages that only the source holds.
-            (Postcopy, Uncertain) => true,
+            (Postcopy | PostcopyPaused, Uncertain) => true,
+            (Postcopy, PostcopyPaused) | (PostcopyPaused, Postcopy) => true,
             // Before the commit, giving up is always possible; so is losing
             // a source that had stopped its guest.
             (Setup | Precopy | Stopped | HandingOver | Ready, Failed) => true,

@@ -29,7 +29,7 @@ use crate::io::{
 };
 use crate::phase::{Phase, PhaseWatch, Side};
 use crate::postcopy::destination::{send_requests, PostcopyDestination};
-use crate::postcopy::PendingPages;
+use crate::postcopy::{Links, PendingPages};
 use crate::{region_descs, MigrateError, PostcopyStats};
 
 /// What the receiver measured, and how the migration ended for it.
@@ -201,6 +201,11 @@ struct Incoming {
     /// Pages still to come, once the source said it switches to postcopy.
     pending: Option<Arc<PendingPages>>,
     postcopy: Option<Postcopy>,
+    /// The session id every connection of this migration carries.
+    session_id: u64,
+    /// Duplicates of the sockets (postcopy), to cut them all when one
+    /// breaks.
+    links: Links,
 }
 
 /// A postcopy under way on the destination.
@@ -293,12 +298,14 @@ impl Receiver {
             urgent: None,
             pending: None,
             postcopy: None,
+            session_id: 0,
+            links: Links::default(),
         };
         let cancel = self.cancel.clone();
         if let Err(e) = cancellable(&cancel, self.until_commit(listener, &mut inc)).await {
             return Err(self.give_up(inc, e).await);
         }
-        let after = caught(self.take_over(&mut inc)).await;
+        let after = caught(self.take_over(&mut inc, listener)).await;
         inc.stats.total_time_ms = inc.started.elapsed().as_millis() as u64;
         inc.stats.destination_running = inc.resumed;
         match after {
@@ -374,11 +381,20 @@ impl Receiver {
         // announces, all with the same session id.
         let (control, hello) = self.accept_control(listener, &local).await?;
         inc.started = Instant::now();
+        inc.session_id = hello.session_id;
+        if hello.postcopy {
+            inc.links.add(&control);
+        }
         inc.timeout = Duration::from_secs(hello.peer_timeout_s.into());
         inc.control = Some(ControlChannel::new(control));
         let (bulk, urgent) = self
             .accept_bulk(listener, &hello, &local, inc.timeout)
             .await?;
+        if hello.postcopy {
+            for s in bulk.iter().chain(urgent.iter()) {
+                inc.links.add(s);
+            }
+        }
         inc.urgent = urgent;
         self.phase.enter(Phase::Precopy);
         hit("dst.accepted")?;
@@ -586,7 +602,11 @@ impl Receiver {
 
     /// After the commit: resumes the guest (from then on the migration is
     /// completed here), then confirms.
-    async fn take_over(&self, inc: &mut Incoming) -> Result<(), MigrateError> {
+    async fn take_over(
+        &self,
+        inc: &mut Incoming,
+        listener: &TcpListener,
+    ) -> Result<(), MigrateError> {
         self.phase.enter(Phase::Committed);
         hit("dst.after-commit")?;
         inc.resume_attempted = true;
@@ -607,7 +627,7 @@ impl Receiver {
             .send(&Message::Resumed, "control channel", inc.timeout)
             .await?;
         if inc.postcopy.is_some() {
-            self.finish_postcopy(inc).await?;
+            self.finish_postcopy(inc, listener).await?;
         }
         Ok(())
     }
@@ -633,19 +653,8 @@ impl Receiver {
         dest.spawn_fault_thread()
             .map_err(|e| MigrateError::Postcopy(format!("starting the fault thread: {e}")))?;
         let urgent = inc.urgent.take().expect("checked at the switch");
-        let (timeout, ctx2, dest2) = (inc.timeout, ctx.clone(), dest.clone());
         let mut tasks = JoinSet::new();
-        tasks.spawn(crate::postcopy::on_own_thread(
-            "postcopy-urgent",
-            urgent,
-            move |s| async move {
-                let (rd, wr) = s.into_split();
-                tokio::select! {
-                    r = send_requests(wr, rx, timeout) => r,
-                    r = receive_urgent(BufReader::with_capacity(256 << 10, rd), ctx2, dest2) => r,
-                }
-            },
-        )?);
+        spawn_urgent(&mut tasks, urgent, rx, inc.timeout, ctx, &dest)?;
         if ctx.postcopy.set(dest.clone()).is_err() {
             return Err(MigrateError::Postcopy("postcopy started twice".into()));
         }
@@ -659,8 +668,57 @@ impl Receiver {
     }
 
     /// After the resume in postcopy: places pages until every pending one
-    /// is, answers the source's `PostcopyComplete` with ours.
-    async fn finish_postcopy(&self, inc: &mut Incoming) -> Result<(), MigrateError> {
+    /// is, answers the source's `PostcopyComplete` with ours. A broken link
+    /// does not end it (see [`Self::await_source_again`]).
+    async fn finish_postcopy(
+        &self,
+        inc: &mut Incoming,
+        listener: &TcpListener,
+    ) -> Result<(), MigrateError> {
+        loop {
+            match self.postcopy_session(inc).await {
+                Ok(()) => break,
+                // A broken link, or a source that spoke out of turn: a new
+                // session may still bring the pages the guest waits for.
+                Err(e)
+                    if e.is_link_loss()
+                        || matches!(
+                            e,
+                            MigrateError::Protocol { .. } | MigrateError::Unexpected(_)
+                        ) =>
+                {
+                    self.await_source_again(inc, listener, e).await?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let timeout = inc.timeout;
+        let pc = inc.postcopy.as_mut().expect("checked by the caller");
+        let control = inc.control.as_mut().expect("accepted above");
+        let ctx = inc.ctx.clone().expect("set before the switch");
+        pc.dest.finish();
+        let report = pc.dest.report();
+        let (requested, streamed) = pc.dest.pages_requested_and_streamed();
+        let st = &mut inc.stats;
+        st.postcopy.take_faults(&report);
+        st.postcopy.pages_requested = requested;
+        st.postcopy.pages_streamed = streamed;
+        st.postcopy.postcopy_ms = pc.resumed_at.map_or(0, |t| t.elapsed().as_millis() as u64);
+        st.bytes_received = ctx.bytes.load(Ordering::Relaxed);
+        control
+            .send(
+                &Message::PostcopyComplete(report),
+                "control channel",
+                timeout,
+            )
+            .await?;
+        pc.tasks.abort_all();
+        Ok(())
+    }
+
+    /// One postcopy session: until the source has said `PostcopyComplete`
+    /// and every pending page is placed.
+    async fn postcopy_session(&self, inc: &mut Incoming) -> Result<(), MigrateError> {
         let timeout = inc.timeout;
         let pc = inc.postcopy.as_mut().expect("checked by the caller");
         let control = inc.control.as_mut().expect("accepted above");
@@ -669,7 +727,7 @@ impl Receiver {
         let ctx = inc.ctx.clone().expect("set before the switch");
         loop {
             if source_done && pc.dest.remaining() == 0 {
-                break;
+                return Ok(());
             }
             if let Some(e) = pc.dest.fault_error() {
                 return Err(MigrateError::Postcopy(e));
@@ -705,23 +763,123 @@ impl Receiver {
                 }
             }
         }
-        pc.dest.finish();
-        let report = pc.dest.report();
-        let (requested, streamed) = pc.dest.pages_requested_and_streamed();
-        let st = &mut inc.stats;
-        st.postcopy.take_faults(&report);
-        st.postcopy.pages_requested = requested;
-        st.postcopy.pages_streamed = streamed;
-        st.postcopy.postcopy_ms = pc.resumed_at.map_or(0, |t| t.elapsed().as_millis() as u64);
-        st.bytes_received = ctx.bytes.load(Ordering::Relaxed);
-        control
-            .send(
-                &Message::PostcopyComplete(report),
-                "control channel",
-                timeout,
-            )
-            .await?;
-        pc.tasks.abort_all();
+    }
+
+    /// The link broke during postcopy: cuts every old connection, waits for
+    /// the old session's tasks to end (so that no page of it is placed
+    /// after this side has said which pages it lacks), then for the source
+    /// to reconnect, for as long as it takes (the guest here cannot go on
+    /// without the pages the source holds; only a cancel, the daemon being
+    /// stopped, ends the wait), tells it the pages still lacking and starts
+    /// the new session's tasks.
+    async fn await_source_again(
+        &self,
+        inc: &mut Incoming,
+        listener: &TcpListener,
+        why: MigrateError,
+    ) -> Result<(), MigrateError> {
+        self.phase.enter(Phase::PostcopyPaused);
+        inc.stats.postcopy.postcopy_reconnects += 1;
+        inc.links.cut();
+        let timeout = inc.timeout;
+        let pc = inc.postcopy.as_mut().expect("checked by the caller");
+        let bulk_tasks = &mut inc.bulk_tasks;
+        let old = async {
+            while pc.tasks.join_next().await.is_some() {}
+            while bulk_tasks.join_next().await.is_some() {}
+        };
+        if tokio::time::timeout(Duration::from_secs(30), old)
+            .await
+            .is_err()
+        {
+            return Err(MigrateError::Postcopy(
+                "the old connections' tasks did not end after the link broke".into(),
+            ));
+        }
+        tracing::error!(
+            pages_lacking = pc.dest.remaining(),
+            "postcopy: the link to the source broke ({}); the guest waits here on its faults for pages only the source holds. Waiting for the source to reconnect: restore the link (the source retries, then waits for `freehint migrate --resume`); never resume it on the source",
+            ErrorChain(&why)
+        );
+        let local = region_descs(&self.ram);
+        let (control, hello, bulk, urgent) = loop {
+            let accepted = tokio::select! {
+                _ = self.cancel.cancelled() => return Err(MigrateError::Cancelled),
+                r = accept_resume(listener, inc.session_id, &local, timeout) => r,
+            };
+            let (control, hello) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("postcopy: a reconnect failed: {}", ErrorChain(&e));
+                    continue;
+                }
+            };
+            let mut control = ControlChannel::new(control);
+            let lacking = pc.dest.lacking();
+            let pages: u64 = lacking.iter().map(|r| r.count).sum();
+            let mut told = Ok(());
+            for chunk in lacking.chunks(freehint_wire::MAX_RUNS_PER_MESSAGE) {
+                told = control
+                    .send(
+                        &Message::PostcopyPending(chunk.to_vec()),
+                        "the pages still lacking",
+                        timeout,
+                    )
+                    .await
+                    .map(|_| ());
+                if told.is_err() {
+                    break;
+                }
+            }
+            if told.is_ok() {
+                told = control
+                    .send(
+                        &Message::PostcopySwitch {
+                            pending_pages: pages,
+                        },
+                        "the pages still lacking",
+                        timeout,
+                    )
+                    .await
+                    .map(|_| ());
+            }
+            if let Err(e) = told {
+                tracing::warn!("postcopy: a reconnect failed: {}", ErrorChain(&e));
+                continue;
+            }
+            match self.accept_bulk(listener, &hello, &local, timeout).await {
+                Ok((bulk, Some(urgent))) => break (control, hello, bulk, urgent),
+                Ok((_, None)) => unreachable!("a resumed postcopy has an urgent channel"),
+                Err(e) => tracing::warn!("postcopy: a reconnect failed: {}", ErrorChain(&e)),
+            }
+        };
+        let ctx = inc.ctx.clone().expect("set before the switch");
+        let mut links = Links::default();
+        links.add(control.socket());
+        for s in bulk.iter().chain(std::iter::once(&urgent)) {
+            links.add(s);
+        }
+        inc.links = links;
+        for (i, s) in bulk
+            .into_iter()
+            .take(hello.bulk_channels as usize)
+            .enumerate()
+        {
+            inc.bulk_tasks.spawn(receive_bulk(
+                i,
+                BufReader::with_capacity(256 << 10, s),
+                ctx.clone(),
+            ));
+        }
+        let rx = pc.dest.restart_requests();
+        spawn_urgent(&mut pc.tasks, urgent, rx, timeout, &ctx, &pc.dest)?;
+        inc.control = Some(control);
+        ctx.progress();
+        self.phase.enter(Phase::Postcopy);
+        tracing::info!(
+            pages_lacking = pc.dest.remaining(),
+            "postcopy: the source is back"
+        );
         Ok(())
     }
 
@@ -825,6 +983,14 @@ impl Receiver {
                     )
                     .await,
                 ));
+            }
+            if hello.resume {
+                reject(
+                    &mut s,
+                    format!("{ctx}: no postcopy to resume here (this destination waits for a new migration)"),
+                )
+                .await;
+                continue;
             }
             if hello.postcopy {
                 let why = if self.preallocate {
@@ -940,6 +1106,71 @@ impl Receiver {
             }
         }
         Ok((bulk.into_iter().flatten().collect(), urgent))
+    }
+}
+
+/// Runs the urgent channel of a postcopy session on its own thread: page
+/// requests (`requests`) out, the pages that answer them in.
+fn spawn_urgent(
+    tasks: &mut JoinSet<Result<(), MigrateError>>,
+    urgent: TcpStream,
+    requests: tokio::sync::mpsc::UnboundedReceiver<(usize, u64)>,
+    timeout: Duration,
+    ctx: &BulkCtx,
+    dest: &Arc<PostcopyDestination>,
+) -> Result<(), MigrateError> {
+    let (ctx, dest) = (ctx.clone(), dest.clone());
+    tasks.spawn(crate::postcopy::on_own_thread(
+        "postcopy-urgent",
+        urgent,
+        move |s| async move {
+            let (rd, wr) = s.into_split();
+            tokio::select! {
+                r = send_requests(wr, requests, timeout) => r,
+                r = receive_urgent(BufReader::with_capacity(256 << 10, rd), ctx, dest) => r,
+            }
+        },
+    )?);
+    Ok(())
+}
+
+/// Waits for the source of session `session_id` to reconnect its postcopy:
+/// its control channel, with a `resume` hello. Anything else is turned
+/// away, and the wait goes on.
+async fn accept_resume(
+    listener: &TcpListener,
+    session_id: u64,
+    local: &[freehint_wire::RegionDesc],
+    timeout: Duration,
+) -> Result<(TcpStream, Hello), MigrateError> {
+    loop {
+        let (mut s, peer) = listener
+            .accept()
+            .await
+            .map_err(MigrateError::io("accepting a connection"))?;
+        let ctx = format!("hello from {peer}");
+        let hello = match expect_message(&mut s, &ctx, timeout).await {
+            Ok(Message::Hello(h)) => h,
+            Ok(_) | Err(_) => {
+                tracing::warn!("{ctx}: not a hello; turned away");
+                continue;
+            }
+        };
+        if !hello.resume || hello.session_id != session_id || hello.role != ChannelRole::Control {
+            reject(
+                &mut s,
+                format!("{ctx}: this destination waits for the source of its postcopy (session {session_id}) to reconnect; nothing else"),
+            )
+            .await;
+            continue;
+        }
+        if hello.regions != local {
+            reject(&mut s, format!("{ctx}: another guest RAM layout")).await;
+            continue;
+        }
+        crate::tune_socket(&s, timeout).map_err(MigrateError::io("socket option"))?;
+        write_message(&mut s, &Message::HelloAck { postcopy: true }, &ctx, timeout).await?;
+        return Ok((s, hello));
     }
 }
 

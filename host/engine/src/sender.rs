@@ -30,7 +30,7 @@ use crate::fault::hit;
 use crate::io::{expect_message, write_message, writev_all, ControlChannel, IoVecs};
 use crate::phase::{Phase, PhaseWatch, Side};
 use crate::postcopy::source::{PostcopySource, SourceCounters, StreamHint};
-use crate::postcopy::PendingPages;
+use crate::postcopy::{Links, PendingPages, PostcopyResume};
 use crate::progress::ProgressWatch;
 use crate::{
     region_descs, MigrateError, MigrationFailure, MigrationMode, MigrationParams, MigrationStats,
@@ -57,6 +57,8 @@ pub struct PrecopySender {
     hints_paying: Arc<AtomicBool>,
     /// The operator asked for the switch to postcopy now.
     postcopy_now: Arc<AtomicBool>,
+    /// The operator's word to reconnect a broken postcopy.
+    postcopy_resume: PostcopyResume,
 }
 
 impl std::fmt::Debug for PrecopySender {
@@ -75,6 +77,10 @@ struct RoundCounters {
     pages_sent: AtomicU64,
     pages_zero: AtomicU64,
 }
+
+/// A resumed postcopy's pages still lacking, bulk channels and urgent
+/// channel.
+type PostcopyChannels = (Arc<PendingPages>, Vec<TcpStream>, TcpStream);
 
 /// Everything one migration attempt holds between its phases.
 struct Attempt {
@@ -104,6 +110,13 @@ struct Attempt {
     /// The mode this attempt runs in: the operator's, except that a hybrid
     /// migration to a destination that cannot serve postcopy is precopy.
     mode: MigrationMode,
+    /// The destination (the operator may name another to resume a
+    /// postcopy), and the session id every connection carries.
+    dest: SocketAddr,
+    session_id: u64,
+    /// Duplicates of the postcopy session's sockets, to cut them all when
+    /// one breaks.
+    links: Links,
 }
 
 impl PrecopySender {
@@ -133,7 +146,16 @@ impl PrecopySender {
             progress: ProgressWatch::default(),
             hints_paying: Arc::new(AtomicBool::new(true)),
             postcopy_now: Arc::new(AtomicBool::new(false)),
+            postcopy_resume: PostcopyResume::default(),
         })
+    }
+
+    /// The operator's `freehint migrate --resume`: once the link of a
+    /// postcopy has broken, reconnects now (to another address, if given)
+    /// rather than after the backoff, or after the source has given up
+    /// reconnecting on its own.
+    pub fn postcopy_resume_handle(&self) -> PostcopyResume {
+        self.postcopy_resume.clone()
     }
 
     /// A flag that, once set, makes a hybrid or postcopy migration switch
@@ -196,6 +218,9 @@ impl PrecopySender {
             best_estimate_ms: f64::INFINITY,
             stalled_rounds: 0,
             mode: self.params.mode,
+            dest,
+            session_id: 0,
+            links: Links::default(),
         };
         let cancel = self.cancel.clone();
         self.progress
@@ -394,6 +419,7 @@ impl PrecopySender {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
             ^ ((std::process::id() as u64) << 32);
+        at.session_id = session_id;
         let hello = |role| Hello {
             session_id,
             role,
@@ -402,6 +428,7 @@ impl PrecopySender {
             regions: region_descs(&self.ram),
             postcopy: self.params.mode.may_postcopy(),
             postcopy_required: self.params.mode == MigrationMode::Postcopy,
+            resume: false,
         };
         let (control, postcopy) = self.connect(dest, hello(ChannelRole::Control)).await?;
         if self.params.mode.may_postcopy() && !postcopy {
@@ -647,11 +674,20 @@ impl PrecopySender {
             hint: Arc::new(StreamHint::default()),
             counters: Arc::new(SourceCounters::default()),
             timeout: t,
+            session: 0,
         };
         let urgent = at
             .urgent
             .take()
             .ok_or_else(|| MigrateError::Postcopy("no urgent channel was opened".into()))?;
+        at.links = Links::default();
+        at.links.add(&urgent);
+        for b in &at.bulk {
+            at.links.add(b);
+        }
+        if let Some(c) = &at.control {
+            at.links.add(c.socket());
+        }
         let mut tasks = JoinSet::new();
         let server = src.clone();
         tasks.spawn(crate::postcopy::on_own_thread(
@@ -667,11 +703,77 @@ impl PrecopySender {
     /// After the commit, with the guest running on the destination: streams
     /// every pending page while requests are answered first, then waits for
     /// the destination to confirm it has placed them all. The source VM
-    /// stays paused throughout: it holds the only copy of those pages.
+    /// stays paused throughout: it holds the only copy of those pages. A
+    /// broken link does not end it: the source reconnects and goes on with
+    /// the pages the destination still lacks (see [`Self::reconnect`]).
     async fn run_postcopy(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
         let started = Instant::now();
-        let (src, mut tasks) = at.postcopy.take().expect("checked by the caller");
-        let bulk = std::mem::take(&mut at.bulk);
+        let (mut src, mut tasks) = at.postcopy.take().expect("checked by the caller");
+        let mut bulk = std::mem::take(&mut at.bulk);
+        let report = loop {
+            match self.postcopy_session(at, &src, &mut tasks, bulk).await {
+                Ok(report) => break report,
+                // Only the destination's explicit refusal, or the operator,
+                // ends a postcopy here: after anything else (a broken link
+                // most often) a new session may still bring the guest its
+                // pages, and this side holds the only copy of them.
+                Err(e) if !matches!(e, MigrateError::Peer(_) | MigrateError::Cancelled) => {
+                    // Every task of the old session ends on its cut socket;
+                    // the destination sees the cut too.
+                    at.links.cut();
+                    tasks.abort_all();
+                    self.phase.enter(Phase::PostcopyPaused);
+                    at.stats.postcopy.postcopy_reconnects += 1;
+                    tracing::warn!(
+                        "postcopy: the link broke ({}); the guest waits on the destination for pages only this side holds: reconnecting",
+                        ErrorChain(&e)
+                    );
+                    let (pending, new_bulk, urgent) = self.reconnect(at).await?;
+                    src.pending = pending;
+                    src.session += 1;
+                    tasks = JoinSet::new();
+                    let server = src.clone();
+                    tasks.spawn(crate::postcopy::on_own_thread(
+                        "postcopy-urgent",
+                        urgent,
+                        move |s| server.serve_requests(s),
+                    )?);
+                    bulk = new_bulk;
+                    self.phase.enter(Phase::Postcopy);
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let c = src.counters.clone();
+        tasks.abort_all();
+        let st = &mut at.stats;
+        st.bytes_on_wire += c.bytes.load(Ordering::Relaxed);
+        let pc = &mut st.postcopy;
+        pc.pages_requested = c.pages_requested.load(Ordering::Relaxed);
+        pc.pages_streamed = c.pages_streamed.load(Ordering::Relaxed);
+        pc.take_faults(&report);
+        pc.postcopy_ms = started.elapsed().as_millis() as u64;
+        st.pages_sent += pc.pages_requested + pc.pages_streamed;
+        st.total_time_ms = at.started.elapsed().as_millis() as u64;
+        if report.pages_placed != st.postcopy.postcopy_pending_pages {
+            return Err(MigrateError::Postcopy(format!(
+                "the destination placed {} of {} pending pages",
+                report.pages_placed, st.postcopy.postcopy_pending_pages
+            )));
+        }
+        Ok(())
+    }
+
+    /// One postcopy session: streams the pending pages (requests are served
+    /// by `tasks` meanwhile), ends the bulk channels, says
+    /// `PostcopyComplete` and returns the destination's.
+    async fn postcopy_session(
+        &self,
+        at: &mut Attempt,
+        src: &PostcopySource,
+        tasks: &mut JoinSet<Result<(), MigrateError>>,
+        bulk: Vec<TcpStream>,
+    ) -> Result<freehint_wire::PostcopyReport, MigrateError> {
         let stream = src.clone().stream_pending(bulk, self.params.batch_bytes);
         tokio::pin!(stream);
         let bulk = tokio::select! {
@@ -695,10 +797,10 @@ impl PrecopySender {
         at.stats.bytes_on_wire += control
             .send(&Message::PostcopyComplete(sent), "ending postcopy", t)
             .await?;
-        let report = loop {
+        loop {
             tokio::select! {
                 m = control.expect(t, "the destination to place the last pages") => match m? {
-                    Message::PostcopyComplete(r) => break r,
+                    Message::PostcopyComplete(r) => return Ok(r),
                     Message::Error(e) => return Err(MigrateError::Peer(e)),
                     other => return Err(MigrateError::Unexpected(format!(
                         "expected the destination's PostcopyComplete, got {:?}", other.kind()))),
@@ -711,24 +813,140 @@ impl PrecopySender {
                     Err(j) => return Err(MigrateError::Panic(j.to_string())),
                 },
             }
-        };
-        tasks.abort_all();
-        let st = &mut at.stats;
-        st.bytes_on_wire += c.bytes.load(Ordering::Relaxed);
-        let pc = &mut st.postcopy;
-        pc.pages_requested = c.pages_requested.load(Ordering::Relaxed);
-        pc.pages_streamed = c.pages_streamed.load(Ordering::Relaxed);
-        pc.take_faults(&report);
-        pc.postcopy_ms = started.elapsed().as_millis() as u64;
-        st.pages_sent += pc.pages_requested + pc.pages_streamed;
-        st.total_time_ms = at.started.elapsed().as_millis() as u64;
-        if report.pages_placed != st.postcopy.postcopy_pending_pages {
-            return Err(MigrateError::Postcopy(format!(
-                "the destination placed {} of {} pending pages",
-                report.pages_placed, st.postcopy.postcopy_pending_pages
-            )));
         }
-        Ok(())
+    }
+
+    /// After the link of a postcopy broke: reconnects with backoff for
+    /// `postcopy_recovery_s`, then waits for the operator's `freehint
+    /// migrate --resume` and tries again, for as long as it takes (the
+    /// source never gives the guest up on its own; only a cancel, the
+    /// daemon being stopped, ends the wait). Returns the pages the
+    /// destination still lacks and the new bulk and urgent channels; the
+    /// new control channel is in `at`.
+    async fn reconnect(&self, at: &mut Attempt) -> Result<PostcopyChannels, MigrateError> {
+        let window = Duration::from_secs(self.params.postcopy_recovery_s);
+        let mut deadline = Instant::now() + window;
+        let mut delay = Duration::from_millis(100);
+        let operator = self.postcopy_resume.clone();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let tried = match hit("src.postcopy-reconnect") {
+                Ok(()) => self.resume_session(at).await,
+                Err(e) => Err(e),
+            };
+            match tried {
+                Ok(channels) => {
+                    tracing::info!(
+                        attempt,
+                        dest = %at.dest,
+                        pages_lacking = channels.0.remaining(),
+                        "postcopy: reconnected"
+                    );
+                    return Ok(channels);
+                }
+                // The destination answered and refused: it holds no
+                // postcopy of this session to resume.
+                Err(e @ MigrateError::Peer(_)) => return Err(e),
+                Err(e) => tracing::warn!(
+                    attempt,
+                    "postcopy: reconnecting to {}: {}",
+                    at.dest,
+                    ErrorChain(&e)
+                ),
+            }
+            let wait = if Instant::now() >= deadline {
+                tracing::error!(
+                    "postcopy: no link to {} for {} s; the guest waits on the destination for pages only this side holds. Once the link is back, run `freehint migrate --resume` (with --to ADDRESS if the destination moved); never resume it on this side",
+                    at.dest,
+                    window.as_secs()
+                );
+                deadline = Instant::now() + window;
+                delay = Duration::from_millis(100);
+                None
+            } else {
+                let d = delay;
+                delay = (delay * 2).min(Duration::from_secs(2));
+                Some(d)
+            };
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Err(MigrateError::Cancelled),
+                to = operator.wait() => if let Some(to) = to {
+                    at.dest = to;
+                },
+                _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {}
+            }
+        }
+    }
+
+    /// One attempt to resume a postcopy: a control channel (the destination
+    /// answers with the pages it still lacks), then the bulk and urgent
+    /// channels.
+    async fn resume_session(&self, at: &mut Attempt) -> Result<PostcopyChannels, MigrateError> {
+        let t = self.timeout();
+        let (session_id, dest) = (at.session_id, at.dest);
+        let hello = |role| Hello {
+            session_id,
+            role,
+            bulk_channels: self.params.bulk_channels,
+            peer_timeout_s: self.params.peer_timeout_s as u32,
+            regions: region_descs(&self.ram),
+            postcopy: true,
+            postcopy_required: true,
+            resume: true,
+        };
+        let (control, _) = self.connect(dest, hello(ChannelRole::Control)).await?;
+        let mut control = ControlChannel::new(control);
+        let pages: Vec<u64> = self.ram.regions().iter().map(|r| r.pages()).collect();
+        let pending = Arc::new(PendingPages::new(&pages));
+        loop {
+            match control
+                .expect(t, "the pages the destination still lacks")
+                .await?
+            {
+                Message::PostcopyPending(runs) => {
+                    for r in runs {
+                        if !pending.insert(r) {
+                            return Err(MigrateError::Unexpected(format!(
+                                "the destination lacks {r:?}, outside guest RAM"
+                            )));
+                        }
+                    }
+                }
+                Message::PostcopySwitch { pending_pages }
+                    if pending_pages == pending.remaining() =>
+                {
+                    break
+                }
+                Message::PostcopySwitch { pending_pages } => {
+                    return Err(MigrateError::Unexpected(format!(
+                        "the destination counts {pending_pages} pages lacking, but lists {}",
+                        pending.remaining()
+                    )))
+                }
+                Message::Error(e) => return Err(MigrateError::Peer(e)),
+                other => {
+                    return Err(MigrateError::Unexpected(format!(
+                        "expected the pages the destination lacks, got {:?}",
+                        other.kind()
+                    )))
+                }
+            }
+        }
+        let mut bulk = Vec::new();
+        for i in 0..self.params.bulk_channels {
+            bulk.push(self.connect(dest, hello(ChannelRole::Bulk(i))).await?.0);
+        }
+        let urgent = self.connect(dest, hello(ChannelRole::Urgent)).await?.0;
+        let mut links = Links::default();
+        links.add(control.socket());
+        for b in &bulk {
+            links.add(b);
+        }
+        links.add(&urgent);
+        at.links = links;
+        at.control = Some(control);
+        Ok((pending, bulk, urgent))
     }
 
     /// Takes the device state and sends it, then `Complete`.

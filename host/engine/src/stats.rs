@@ -99,6 +99,8 @@ pub struct PostcopyStats {
     /// From the destination's resume to its last page placed (on the
     /// source: to the destination's confirmation).
     pub postcopy_ms: u64,
+    /// Times the link broke during postcopy and the two sides reconnected.
+    pub postcopy_reconnects: u32,
 }
 
 impl PostcopyStats {

@@ -51,6 +51,11 @@ pub struct Hello {
     /// it (hybrid), such a destination answers [`Message::HelloAck`] with
     /// `postcopy: false` and the migration stays precopy.
     pub postcopy_required: bool,
+    /// Reconnects a postcopy whose link broke (same `session_id`): on the
+    /// control channel the destination answers with the pages it still
+    /// lacks (`PostcopyPending`…, `PostcopySwitch`), and the source streams
+    /// those.
+    pub resume: bool,
 }
 
 /// What the destination reports when postcopy has placed the last page.
@@ -233,7 +238,8 @@ impl Message {
                     ChannelRole::Bulk(i) => (1, i),
                     ChannelRole::Urgent => (2, 0),
                 };
-                let flags = h.postcopy as u8 | (h.postcopy_required as u8) << 1;
+                let flags =
+                    h.postcopy as u8 | (h.postcopy_required as u8) << 1 | (h.resume as u8) << 2;
                 p.extend_from_slice(&[role, idx, h.bulk_channels, flags]);
                 p.extend_from_slice(&h.peer_timeout_s.to_le_bytes());
                 p.extend_from_slice(&(h.regions.len() as u32).to_le_bytes());
@@ -326,8 +332,9 @@ impl Message {
                 let idx = r.u8()?;
                 let bulk_channels = r.u8()?;
                 let flags = r.u8()?;
-                // Bit 0: postcopy; bit 1: postcopy required (only with it).
-                if flags > 3 || flags == 2 {
+                // Bit 0: postcopy; bit 1: postcopy required and bit 2:
+                // resuming a postcopy (each only with bit 0).
+                if flags > 7 || (flags > 1 && flags & 1 == 0) {
                     return Err(malformed(what, format!("unknown flags {flags:#x}")));
                 }
                 let peer_timeout_s = r.u32()?;
@@ -376,6 +383,7 @@ impl Message {
                     regions,
                     postcopy: flags & 1 != 0,
                     postcopy_required: flags & 2 != 0,
+                    resume: flags & 4 != 0,
                 })
             }
             Kind::HelloAck => {
@@ -511,6 +519,7 @@ mod tests {
             }],
             postcopy: true,
             postcopy_required: true,
+            resume: true,
         }));
         roundtrip(Message::HelloAck { postcopy: true });
         roundtrip(Message::HelloAck { postcopy: false });
@@ -631,6 +640,7 @@ mod tests {
                 }],
                 postcopy: false,
                 postcopy_required: false,
+                resume: false,
             })
             .encode(&mut b);
             Message::decode(Kind::Hello, &b[16..])

@@ -62,6 +62,7 @@ fn hello_with(role: ChannelRole, regions: Vec<RegionDesc>, peer_timeout_s: u32) 
         regions,
         postcopy: false,
         postcopy_required: false,
+        resume: false,
     })
     .encode(&mut b);
     b
@@ -574,6 +575,7 @@ fn scripted_source(
                     regions: layout(),
                     postcopy: false,
                     postcopy_required: false,
+                    resume: false,
                 })
                 .encode(&mut h);
                 s.write_all(&h).await.unwrap();

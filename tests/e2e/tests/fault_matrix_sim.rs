@@ -16,6 +16,7 @@
 //! * where the destination took over, its RAM equals the source's page by
 //!   page (outside the pages free at switchover).
 
+use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,9 +53,26 @@ fn process_alive(pid: u64) -> bool {
         .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X'))
 }
 
+/// The `FAILPOINTS` of a case. The reconnect point is passed only after a
+/// broken link, so its cases cut the link first; and a reconnect that
+/// always fails would wait for the operator forever, so `return` fails
+/// three attempts (the link is back after about a second).
+fn failpoints(case: &Case) -> String {
+    if case.point == "src.postcopy-reconnect" {
+        let action = if case.action == "return" {
+            "3*return"
+        } else {
+            case.action
+        };
+        format!("src.postcopy-link-cut=1*return;{}={action}", case.point)
+    } else {
+        format!("{}={}", case.point, case.action)
+    }
+}
+
 fn run(case: &Case, work: &Path) -> Outcome {
     let _ = std::fs::remove_dir_all(work);
-    let out = Command::new(bin_dir().join("freehint"))
+    let mut out = Command::new(bin_dir().join("freehint"))
         .args(["bench", "sim", "--json", "--mem-mib", &MEM_MIB.to_string()])
         .args(["--used-percent", "30", "--dirty-mib-per-s", "8"])
         .args(["--min-rounds", "2", "--peer-timeout-s", "3"])
@@ -66,29 +84,45 @@ fn run(case: &Case, work: &Path) -> Outcome {
         })
         .arg("--work-dir")
         .arg(work)
-        .env("FAILPOINTS", format!("{}={}", case.point, case.action))
+        .env("FAILPOINTS", failpoints(case))
         .env("FREEHINT_LOG", "warn")
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("running freehint bench sim");
+    // Read both pipes meanwhile: the receiver inherits them, and one that
+    // waits for its source for as long as it takes (postcopy) keeps them
+    // open until it is killed below.
+    let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout_reader = drain(Box::new(out.stdout.take().expect("piped")));
+    let stderr_reader = drain(Box::new(out.stderr.take().expect("piped")));
+    out.wait().expect("waiting for freehint bench sim");
     // The receiver outlives a killed source; it gives up within its peer
     // timeout (3 s), unless the source died before it connected at all:
     // then it has nothing to wait for. Wait for it, and for the simulated
     // VM.
     let t = Instant::now();
     for f in ["destination.state.json", "source.state.json"] {
-        let Some(v) = read_json(&work.join(f)) else {
+        let Some(pid) = read_json(&work.join(f)).and_then(|v| v["pid"].as_u64()) else {
             continue;
         };
-        let Some(pid) = v["pid"].as_u64() else {
-            continue;
-        };
-        if v["phase"] == "setup" {
-            // SAFETY: kill() has no memory effects; the pid is the
-            // receiver this test's command started.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
         while process_alive(pid) && t.elapsed() < Duration::from_secs(30) {
+            // A receiver still waiting for a source that never connected,
+            // or for a source whose postcopy link broke (it waits for as
+            // long as it takes): the source is gone, so nothing comes.
+            let phase = read_json(&work.join(f)).map(|v| v["phase"].clone());
+            if phase.is_some_and(|p| p == "setup" || p == "postcopy-paused") {
+                // SAFETY: kill() has no memory effects; the pid is the
+                // receiver this test's command started.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(
@@ -98,7 +132,8 @@ fn run(case: &Case, work: &Path) -> Outcome {
     }
     let src = read_json(&work.join("source.state.json")).expect("the simulated VM's state");
     let dst = read_json(&work.join("destination.state.json"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = stdout_reader.join().expect("reading stdout");
+    let stderr = stderr_reader.join().expect("reading stderr");
     Outcome {
         source_running: src["running"].as_bool().expect("running"),
         destination_phase: dst
@@ -113,7 +148,7 @@ fn run(case: &Case, work: &Path) -> Outcome {
             .lines()
             .last()
             .and_then(|l| serde_json::from_str(l).ok()),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stderr,
     }
 }
 
@@ -129,7 +164,8 @@ fn check(case: &Case, o: &Outcome, work: &Path) -> Result<(), String> {
     if !o.source_running && !o.destination_running {
         // Both paused: a surviving side must say so and name the action.
         let source_says = o.report.as_ref().is_some_and(|r| r["state"] == "uncertain");
-        let destination_says = o.destination_phase == "uncertain";
+        let destination_says =
+            o.destination_phase == "uncertain" || o.destination_phase == "postcopy-paused";
         if !(source_says || destination_says) {
             return fail("the guest runs nowhere and no side says the outcome is uncertain");
         }
@@ -142,7 +178,12 @@ fn check(case: &Case, o: &Outcome, work: &Path) -> Result<(), String> {
     // the destination refuses for good and the source resumes.
     let before_commit = !matches!(
         case.point.as_str(),
-        "src.after-commit" | "src.after-resumed" | "dst.after-resume" | "src.postcopy-streaming"
+        "src.after-commit"
+            | "src.after-resumed"
+            | "dst.after-resume"
+            | "src.postcopy-streaming"
+            | "src.postcopy-link-cut"
+            | "src.postcopy-reconnect"
     );
     let source_alone = o.source_running && !o.destination_running;
     if before_commit && case.action != "return(kill)" && !source_alone {
@@ -159,7 +200,20 @@ fn check(case: &Case, o: &Outcome, work: &Path) -> Result<(), String> {
             }
         }
     }
-    if o.destination_phase == "completed" {
+    if o.destination_phase == "completed" && case.point.contains("postcopy") {
+        // The destination VM ran and wrote pages while the rest arrived:
+        // the run's own comparison skips those (each was checked against
+        // the source's pattern before it was written).
+        let Some(r) = &o.report else {
+            return fail("postcopy completed but the source printed no report");
+        };
+        if r["mismatched_pages"] != 0
+            || r["pages_compared"].as_u64().unwrap_or(0) == 0
+            || r["destination_pattern_errors"] != 0
+        {
+            return fail("the destination took over with pages differing");
+        }
+    } else if o.destination_phase == "completed" {
         let (compared, mismatched) = compare_ram_images(
             &work.join("source.ram"),
             &work.join("destination.ram"),

@@ -99,3 +99,124 @@ fn hybrid_that_converges_stays_precopy() {
     assert_eq!(v["postcopy"], false, "{v}");
     assert_eq!(v["mismatched_pages"], 0, "{v}");
 }
+
+/// Every page arrived (some maybe twice: pages on their way when the link
+/// broke are sent again), every page matches, the destination's own checks
+/// passed, and the two sides reconnected at least once.
+fn check_recovered(v: &serde_json::Value) {
+    assert_eq!(v["state"], "completed", "{v}");
+    assert_eq!(v["postcopy"], true, "{v}");
+    assert_eq!(v["mismatched_pages"], 0, "{v}");
+    assert!(v["pages_compared"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["destination_pattern_errors"], 0, "{v}");
+    assert!(v["postcopy_reconnects"].as_u64().unwrap() >= 1, "{v}");
+    assert!(
+        v["receiver"]["postcopy_reconnects"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    let pending = v["postcopy_pending_pages"].as_u64().unwrap();
+    assert!(
+        v["pages_requested"].as_u64().unwrap() + v["pages_streamed"].as_u64().unwrap() >= pending,
+        "{v}"
+    );
+    assert!(
+        v["source_running"] == false && v["destination_running"] == true,
+        "the guest must run on exactly one side: {v}"
+    );
+}
+
+/// The link is cut in the middle of postcopy (fault point: every
+/// connection shut down) and stays down for about two seconds (the first
+/// four reconnects fail); the source reconnects, the destination says which
+/// pages it still lacks, and the migration completes with every page.
+#[test]
+fn a_link_cut_mid_postcopy_is_reconnected_and_every_page_arrives() {
+    for hints in ["on", "off"] {
+        let mut args = TWO_GIB.to_vec();
+        args.extend(["--mode", "postcopy", "--hints", hints]);
+        let out = std::process::Command::new(freehint_e2e::bin_dir().join("freehint"))
+            .args(["bench", "sim", "--json"])
+            .args(&args)
+            .env(
+                "FAILPOINTS",
+                "src.postcopy-link-cut=1*return;src.postcopy-reconnect=4*return",
+            )
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}\n{stdout}");
+        assert!(stderr.contains("the link is cut"), "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        check_recovered(&v);
+    }
+}
+
+/// The same with the connections killed from outside (`ss -K`, as a
+/// middlebox or a NIC reset would) while the pages stream.
+#[test]
+fn connections_killed_from_outside_mid_postcopy_are_reconnected() {
+    let work = tempfile::tempdir_in("/dev/shm").unwrap();
+    let mut args = TWO_GIB.to_vec();
+    args.extend(["--mode", "postcopy", "--hints", "off"]);
+    let child = std::process::Command::new(freehint_e2e::bin_dir().join("freehint"))
+        .args(["bench", "sim", "--json"])
+        .args(&args)
+        .arg("--work-dir")
+        .arg(work.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for postcopy on the destination, then kill every connection to
+    // its port.
+    let state = work.path().join("destination.state.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let pid = loop {
+        assert!(std::time::Instant::now() < deadline, "no postcopy started");
+        if let Some(v) = std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        {
+            if v["phase"] == "postcopy" {
+                break v["pid"].as_u64().unwrap();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let port = listening_port(pid).expect("the receiver's port");
+    let filter = format!("( sport = :{port} or dport = :{port} )");
+    let ss = std::process::Command::new("ss")
+        .args(["-K", "-t", "state", "established"])
+        .arg(&filter)
+        .output()
+        .unwrap();
+    assert!(
+        ss.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ss.stderr)
+    );
+    let killed = String::from_utf8_lossy(&ss.stdout).lines().count();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{stdout}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    eprintln!("ss -K killed {killed} sockets; {v}");
+    assert!(killed > 1, "ss -K found no connection to kill");
+    check_recovered(&v);
+}
+
+/// The TCP port process `pid` listens on (`ss -tlnp`).
+fn listening_port(pid: u64) -> Option<u16> {
+    let out = std::process::Command::new("ss")
+        .args(["-t", "-l", "-n", "-p"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains(&format!("pid={pid},")))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+}

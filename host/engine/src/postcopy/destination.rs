@@ -337,6 +337,29 @@ impl PostcopyDestination {
             .take();
     }
 
+    /// The pages still to come, as runs.
+    pub(crate) fn lacking(&self) -> Vec<freehint_types::PageRun> {
+        self.pending.runs()
+    }
+
+    /// A new request channel, for a new session after a broken link: the
+    /// old one went with its connection. Every page requested and not yet
+    /// placed is requested again on it.
+    pub(crate) fn restart_requests(&self) -> tokio::sync::mpsc::UnboundedReceiver<(usize, u64)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        // Swapped first: a fault from now on asks on the new channel, and
+        // one that asked before is in `requested` for the loop below.
+        *self.requests.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
+        for run in self.requested.runs() {
+            for page in run.first_page..run.first_page + run.count {
+                if self.pending.contains(run.region, page) {
+                    let _ = tx.send((run.region, page));
+                }
+            }
+        }
+        rx
+    }
+
     /// The figures so far.
     pub(crate) fn report(&self) -> PostcopyReport {
         let (p50, p99, max) = self.latencies.summary();

@@ -17,6 +17,7 @@ pub(crate) mod source;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use freehint_types::PageRun;
 
@@ -64,6 +65,62 @@ where
             ))
         })
     })
+}
+
+/// The operator's word to a source whose postcopy link broke: reconnect
+/// now, to the same destination or to `to` (`freehint migrate --resume`).
+/// Cheap to clone; every clone speaks to the same migration.
+#[derive(Clone, Debug, Default)]
+pub struct PostcopyResume(Arc<ResumeInner>);
+
+#[derive(Debug, Default)]
+struct ResumeInner {
+    notify: tokio::sync::Notify,
+    to: std::sync::Mutex<Option<std::net::SocketAddr>>,
+}
+
+impl PostcopyResume {
+    /// Asks the source to reconnect now (to `to`, if given). A word given
+    /// while the link is up is kept for the next break.
+    pub fn resume(&self, to: Option<std::net::SocketAddr>) {
+        if to.is_some() {
+            *self.0.to.lock().unwrap_or_else(|e| e.into_inner()) = to;
+        }
+        self.0.notify.notify_one();
+    }
+
+    /// Waits for the operator's word; the new destination, if one was named.
+    pub(crate) async fn wait(&self) -> Option<std::net::SocketAddr> {
+        self.0.notify.notified().await;
+        self.0.to.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// Duplicates of the sockets of one postcopy session, to cut them all at
+/// once when one breaks: every task on the old connections then ends (on
+/// both sides: the peer reads an end of stream) before a new session
+/// starts, so no page of the old session is placed after the destination
+/// has said which pages it still lacks.
+#[derive(Debug, Default)]
+pub(crate) struct Links(Vec<std::net::TcpStream>);
+
+impl Links {
+    /// Adds a duplicate of `s`'s socket (none if the fd cannot be
+    /// duplicated: that connection is then cut only by its peer).
+    pub(crate) fn add(&mut self, s: &tokio::net::TcpStream) {
+        use std::os::fd::AsFd;
+        match s.as_fd().try_clone_to_owned() {
+            Ok(fd) => self.0.push(std::net::TcpStream::from(fd)),
+            Err(e) => tracing::warn!("postcopy: cannot duplicate a socket to cut it later: {e}"),
+        }
+    }
+
+    /// Shuts every connection down, both ways.
+    pub(crate) fn cut(&mut self) {
+        for s in self.0.drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 /// A set of pages per region, as atomic bits: the pages still to come (or

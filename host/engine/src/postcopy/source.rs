@@ -58,6 +58,8 @@ pub(crate) struct PostcopySource {
     pub(crate) hint: Arc<StreamHint>,
     pub(crate) counters: Arc<SourceCounters>,
     pub(crate) timeout: Duration,
+    /// Sessions so far: 0 until the link first breaks and is reconnected.
+    pub(crate) session: u32,
 }
 
 /// Most bytes a bulk channel holds queued in postcopy: a page the stream
@@ -231,8 +233,13 @@ impl PostcopySource {
                 .pages_streamed
                 .fetch_add(sent.pages, Ordering::Relaxed);
             batches += 1;
-            if batches == 1 {
+            if batches == 1 && self.session == 0 {
                 hit("src.postcopy-streaming")?;
+            }
+            if batches == 2 && self.session == 0 && hit("src.postcopy-link-cut").is_err() {
+                return Err(MigrateError::Disconnected(
+                    "fault point src.postcopy-link-cut: the link is cut".into(),
+                ));
             }
         }
         Ok(())
