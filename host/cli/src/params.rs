@@ -76,6 +76,11 @@ pub struct ParamArgs {
     /// `freehint bench sim` defaults to precopy.
     #[arg(long, value_enum, value_name = "MODE")]
     pub mode: Option<ModeArg>,
+    /// After the link breaks in postcopy, reconnect for this many seconds
+    /// (with backoff), then wait for `freehint migrate --resume`. The source
+    /// never gives the guest up on its own in postcopy.
+    #[arg(long, value_name = "S")]
+    pub postcopy_recovery_s: Option<u64>,
 }
 
 /// `--mode`.
@@ -232,6 +237,7 @@ impl ParamArgs {
         flag!(min_rounds);
         flag!(peer_timeout_s);
         flag!(hint_wait_ms);
+        flag!(postcopy_recovery_s);
         if let Some(m) = self.mode {
             p.mode = m.into();
             set("mode", Source::Flag("--mode".into()));
@@ -498,7 +504,9 @@ mod tests {
             "--hint-wait-ms",
             "10",
             "--mode",
-            "hybrid",
+            "postcopy",
+            "--postcopy-recovery-s",
+            "7",
         ])
         .unwrap();
         let p = t.p.resolve(None).unwrap().params;
@@ -513,7 +521,8 @@ mod tests {
                 hints: true,
                 peer_timeout_s: 5,
                 hint_wait_ms: 10,
-                mode: MigrationMode::Hybrid,
+                mode: MigrationMode::Postcopy,
+                postcopy_recovery_s: 7,
             }
         );
     }

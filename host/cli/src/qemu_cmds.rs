@@ -41,6 +41,18 @@ Example:
   freehint migrate --control /run/fh/a.ctl --to desthost:4444
   freehint migrate --control /run/fh/a.ctl --to desthost:4444 --hints off --json
   freehint migrate --control /run/fh/a.ctl --to desthost:4444 --config migrate.toml
+  freehint migrate --control /run/fh/a.ctl --to desthost:4444 --mode postcopy
+  freehint migrate --control /run/fh/a.ctl --postcopy-now   # from another terminal
+  freehint migrate --control /run/fh/a.ctl --resume         # after a broken link
+
+Modes: hybrid (the default) runs precopy rounds and switches to postcopy
+when they stop converging or on --postcopy-now; postcopy moves the guest at
+once and its pages follow, those it touches first; precopy never runs the
+guest on the destination before all of its RAM is there. Postcopy needs a
+destination QEMU started with the preload library (hybrid without one stays
+precopy). If the link breaks in postcopy, the source reconnects for
+--postcopy-recovery-s, then waits for --resume: the guest runs on the
+destination and waits there for its pages; never resume it on the source.
 
 The migration parameters come from the flags, then --config FILE (TOML,
 the same keys: `freehint config show --help`), then the defaults.
@@ -102,15 +114,21 @@ pub struct MigrateArgs {
     /// The source daemon's control socket.
     #[arg(long)]
     control: PathBuf,
-    /// The destination daemon's --incoming address, HOST:PORT.
-    #[arg(long, required_unless_present = "postcopy_now")]
+    /// The destination daemon's --incoming address, HOST:PORT (with
+    /// --resume: a new address of the destination, if it moved).
+    #[arg(long, required_unless_present_any = ["postcopy_now", "resume"])]
     to: Option<String>,
     /// Do not start a migration: tell the one already running on this
     /// daemon (in `--mode hybrid`) to switch to postcopy at the end of its
     /// current round. The `freehint migrate` that started it reports how it
     /// ended.
-    #[arg(long, conflicts_with_all = ["to", "json"])]
+    #[arg(long, conflicts_with_all = ["to", "json", "resume"])]
     postcopy_now: bool,
+    /// Do not start a migration: tell the postcopy running on this daemon,
+    /// whose link broke, to reconnect now (to --to, if given). It retries
+    /// on its own for --postcopy-recovery-s first, then waits for this.
+    #[arg(long, conflicts_with = "json")]
+    resume: bool,
     /// Ask the guest for free-page hints and skip the pages it reports
     /// (`hints` in --config FILE).
     #[arg(long, value_enum)]
@@ -175,6 +193,16 @@ pub fn vm(a: VmArgs) -> Result<()> {
 }
 
 pub fn migrate(a: MigrateArgs) -> Result<()> {
+    if a.resume {
+        return match request(&a.control, &ControlRequest::PostcopyResume { to: a.to })? {
+            ControlReply::Ok => {
+                println!("the postcopy reconnects now; `freehint status` shows its phase");
+                Ok(())
+            }
+            ControlReply::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer from the daemon: {other:?}"),
+        };
+    }
     let Some(to) = a.to else {
         return match request(&a.control, &ControlRequest::PostcopyNow)? {
             ControlReply::Ok => {

@@ -95,7 +95,12 @@ fn guest(s: &DaemonStatus) -> &'static str {
             Some(Phase::Completed) => "moved-away",
             Some(_) => "paused",
         },
-        Receiving => "not-here",
+        Receiving => match phase {
+            // The guest runs here while its last pages arrive.
+            Some(Phase::Postcopy) => "running",
+            Some(Phase::PostcopyPaused) => "waiting-for-pages",
+            _ => "not-here",
+        },
         Migrated => "moved-away",
         ReceivedPaused | Uncertain => "paused",
         // A source runs the guest on after a failed attempt; a destination

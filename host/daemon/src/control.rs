@@ -50,6 +50,13 @@ pub enum ControlRequest {
     /// Switch the running hybrid migration to postcopy at the end of its
     /// current precopy round (the operator's `--postcopy-now`).
     PostcopyNow,
+    /// Reconnect the running postcopy whose link broke, now (to `to`, a
+    /// new `HOST:PORT` of the destination, if given).
+    PostcopyResume {
+        /// The destination's new address.
+        #[serde(default)]
+        to: Option<String>,
+    },
     /// Configure fault points (`NAME=ACTION;…`, the `FAILPOINTS` syntax);
     /// only in builds with the `failpoints` feature, for tests.
     Fault {

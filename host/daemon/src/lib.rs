@@ -174,6 +174,8 @@ struct Shared {
     cancel: Option<CancellationToken>,
     /// Switches the running hybrid migration to postcopy.
     postcopy_now: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Reconnects the running postcopy after a broken link.
+    postcopy_resume: Option<freehint_engine::PostcopyResume>,
     last_error: Option<String>,
     operator_action: Option<String>,
     received: Option<ReceiveStats>,
@@ -240,6 +242,7 @@ impl VmDaemon {
                 progress: None,
                 cancel: None,
                 postcopy_now: None,
+                postcopy_resume: None,
                 last_error: None,
                 operator_action: None,
                 received: None,

@@ -101,7 +101,10 @@ impl VmDaemon {
                     .migration
                     .as_ref()
                     .map_or(Phase::Setup, |w| w.get().phase);
-                if matches!(phase, Phase::Committed | Phase::Postcopy | Phase::Completed) {
+                if matches!(
+                    phase,
+                    Phase::Committed | Phase::Postcopy | Phase::PostcopyPaused | Phase::Completed
+                ) {
                     return Err(DaemonError::BadRequest(format!(
                         "too late to cancel: the migration is {phase} (the destination takes the guest over)"
                     )));
@@ -131,6 +134,29 @@ impl VmDaemon {
                     )));
                 }
                 flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(ControlReply::Ok)
+            }
+            ControlRequest::PostcopyResume { to } => {
+                let sh = lock(&self.shared);
+                let Some(handle) = &sh.postcopy_resume else {
+                    return Err(DaemonError::BadRequest(
+                        "no migration is running here".into(),
+                    ));
+                };
+                let phase = sh
+                    .migration
+                    .as_ref()
+                    .map_or(Phase::Setup, |w| w.get().phase);
+                if phase != Phase::PostcopyPaused {
+                    return Err(DaemonError::BadRequest(format!(
+                        "nothing to resume: the migration is {phase}, not a postcopy whose link broke"
+                    )));
+                }
+                let to = match to {
+                    None => None,
+                    Some(t) => Some(resolve(&t)?),
+                };
+                handle.resume(to);
                 Ok(ControlReply::Ok)
             }
             ControlRequest::Fault { spec } => {

@@ -207,9 +207,14 @@ impl VmDaemon {
             sh.migration = Some(sender.phase_watch());
             sh.progress = Some(sender.progress_watch());
             sh.postcopy_now = (hybrid).then(|| sender.postcopy_now_flag());
+            sh.postcopy_resume = Some(sender.postcopy_resume_handle());
         }
         let result = self.runtime.block_on(sender.migrate(dest));
-        lock(&self.shared).postcopy_now = None;
+        {
+            let mut sh = lock(&self.shared);
+            sh.postcopy_now = None;
+            sh.postcopy_resume = None;
+        }
         self.last_cmd_id.store(filter.last_cmd_id().0, SeqCst);
         match result {
             Ok(stats) => Ok(stats),

@@ -34,23 +34,29 @@ fn first_difference(a: &Path, b: &Path) -> Option<u64> {
     None
 }
 
-/// Postcopy with hints: the guest runs on the destination while its pages
-/// arrive, and its data is intact there.
+/// Postcopy and hybrid with hints, beside precopy with hints on the same
+/// guest: in postcopy the guest runs on the destination while its pages
+/// arrive; in both it arrives alive with its data, sending no more than
+/// precopy does.
 #[test]
-fn in_postcopy_the_guest_runs_on_the_destination_with_its_data_while_pages_arrive() {
+fn postcopy_and_hybrid_with_hints_arrive_alive_sending_no_more_than_precopy() {
     let Some(mut s) = setup("postcopy-hints", 1024, 600) else {
         return;
     };
     let _alone = one_real_guest_test_at_a_time();
     s.keep_mib = 128;
     s.check_mib = 16;
+    let precopy = run_mode(&s, Mode::FreehintHints).unwrap();
     let r = run_mode(&s, Mode::FreehintPostcopy).unwrap();
-    eprintln!("{}", serde_json::to_string(&r).unwrap());
-    assert!(
-        r.guest_alive_after,
-        "no heartbeat on the destination: {r:?}"
-    );
-    assert_eq!(r.data_check, "ok", "{r:?}");
+    let hybrid = run_mode(&s, Mode::FreehintHybrid).unwrap();
+    for run in [&precopy, &r, &hybrid] {
+        eprintln!("{}", serde_json::to_string(run).unwrap());
+        assert!(
+            run.guest_alive_after,
+            "no heartbeat on the destination: {run:?}"
+        );
+        assert_eq!(run.data_check, "ok", "{run:?}");
+    }
     let d = &r.detail;
     assert_eq!(d["postcopy"], true, "did not switch to postcopy: {r:?}");
     let pending = d["postcopy_pending_pages"].as_u64().unwrap();
@@ -74,12 +80,22 @@ fn in_postcopy_the_guest_runs_on_the_destination_with_its_data_while_pages_arriv
     );
     assert!(r.timing.migrate_us < stop && stop <= resume, "{r:?}");
     assert!(r.downtime_ms <= r.total_time_ms, "{r:?}");
-    let limit = r.guest_used_mib as f64 * 1.5 * 1048576.0;
+    // Postcopy waits for the guest's report before the switch, so it sends
+    // no free page; precopy sends what it reaches before the hints come.
     assert!(
-        (r.bytes_tool as f64) <= limit,
-        "{} bytes on the wire for {} MiB used (limit 1.5x): {r:?}",
+        r.bytes_tool <= precopy.bytes_tool,
+        "postcopy sent {} bytes, precopy {}",
         r.bytes_tool,
-        r.guest_used_mib
+        precopy.bytes_tool
+    );
+    // An idle guest converges: hybrid runs as precopy. The two runs differ
+    // only by what the guest wrote meanwhile and when its hints came: 5%.
+    assert_eq!(hybrid.detail["postcopy"], false, "{hybrid:?}");
+    assert!(
+        hybrid.bytes_tool as f64 <= precopy.bytes_tool as f64 * 1.05,
+        "hybrid sent {} bytes, precopy {}",
+        hybrid.bytes_tool,
+        precopy.bytes_tool
     );
 }
 
@@ -221,4 +237,80 @@ fn postcopy_now_switches_a_running_hybrid_migration() {
     let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
     assert!(alive, "no heartbeat on the destination");
     assert_eq!(check, "ok");
+}
+
+/// The link breaks in the middle of postcopy (fault point in the source
+/// daemon: every connection shut down) and stays down for about two
+/// seconds (the first four reconnects fail): the two daemons reconnect,
+/// the destination says which pages it still lacks, and the migration
+/// completes with the destination's RAM equal to the source's page by page;
+/// the guest then runs on the destination only.
+#[test]
+fn a_link_cut_in_postcopy_is_reconnected_and_the_ram_arrives_whole() {
+    let Some(s) = setup("postcopy-cut", 512, 200) else {
+        return;
+    };
+    let _alone = one_real_guest_test_at_a_time();
+    let bed = Testbed::new(&s, "postcopy-cut").unwrap();
+    let FreehintPair {
+        mut src,
+        dst,
+        src_daemon,
+        dst_daemon,
+        addr,
+    } = bed.freehint_pair(&["--no-resume"]).unwrap();
+    bed.settle_destination(&dst_daemon).unwrap();
+    let freehint = s.bin_dir.join("freehint");
+    let fault = std::process::Command::new(&freehint)
+        .args(["debug", "fault", "--control"])
+        .arg(&src_daemon.control)
+        .arg("src.postcopy-link-cut=1*return;src.postcopy-reconnect=4*return")
+        .output()
+        .unwrap();
+    assert!(
+        fault.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fault.stderr)
+    );
+    let stats = freehint_migrate(
+        &s.bin_dir,
+        &src_daemon.control,
+        &addr,
+        false,
+        &["--mode", "postcopy"],
+    )
+    .unwrap();
+    assert!(stats.postcopy.switched, "{stats:?}");
+    assert!(stats.postcopy.postcopy_reconnects >= 1, "{stats:?}");
+    assert!(
+        src.wait_exit(Duration::from_secs(10)),
+        "the source QEMU did not quit after postcopy"
+    );
+    assert_eq!(
+        first_difference(&bed.ram("src"), &bed.ram("dst")),
+        None,
+        "guest RAM differs between source and destination"
+    );
+    let out = std::process::Command::new(&freehint)
+        .arg("resume")
+        .arg("--control")
+        .arg(&dst_daemon.control)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
+    assert!(alive, "no heartbeat on the destination after resume");
+    assert_eq!(check, "ok");
+    eprintln!(
+        "postcopy with a cut link: {} reconnects, {} pending pages ({} requested, {} streamed), {} ms",
+        stats.postcopy.postcopy_reconnects,
+        stats.postcopy.postcopy_pending_pages,
+        stats.postcopy.pages_requested,
+        stats.postcopy.pages_streamed,
+        stats.total_time_ms
+    );
 }
