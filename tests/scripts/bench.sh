@@ -2,7 +2,7 @@
 # The benchmark suite (`make bench`): runs the standard matrix on this
 # machine and writes docs/BENCHMARKS.md (tables and plots in docs/bench/)
 # from the results, each figure with its command. Needs root (network
-# namespaces and tc). About an hour (58 minutes on 2026-11-23); at its peak
+# namespaces and tc). About 70 minutes (58 before the postcopy suite); at its peak
 # about 18 GiB of memory (a 16 GiB guest whose kernel zeroes its free memory
 # to hint it).
 #
@@ -53,12 +53,26 @@ $bench --profiles after-job --mem-mib 2048 --idle-s 10 \
   --modes freehint-hints,qemu-native-fpr,qemu-native-fph \
   --link 1gbit --repeat $reps --json $out/suite-4-idle.json
 
+# 5. Postcopy and hybrid beside precopy with hints and QEMU's own postcopy.
+$bench --profiles after-job,busy-idle --mem-mib 2048 \
+  --modes freehint-hints,freehint-postcopy,freehint-hybrid,qemu-postcopy \
+  --link 1gbit --repeat $reps --json $out/suite-5-postcopy.json
+
 # The simulated VM and the micro benchmarks (loopback, no guest).
 sim=(bench sim --mem-mib 4096 --used-percent 15 --dirty-mib-per-s 16 --json)
 for i in 1 2 3; do
   for h in on off; do
     run "sim4g-hints-$h-$i" $fh "${sim[@]}" --hints "$h"
     run "sim4g-prealloc-hints-$h-$i" $fh "${sim[@]}" --hints "$h" --preallocate-destination
+  done
+done
+# Postcopy and hybrid on the simulated VM: fault latency with the bulk
+# stream running.
+pc=(bench sim --mem-mib 2048 --used-percent 20 --dirty-mib-per-s 64 --json)
+for i in 1 2 3; do
+  for h in on off; do
+    run "sim2g-postcopy-hints-$h-$i" $fh "${pc[@]}" --mode postcopy --hints "$h"
+    run "sim2g-hybrid-hints-$h-$i" $fh "${pc[@]}" --mode hybrid --min-rounds 3 --max-rounds 3 --hints "$h"
   done
 done
 # Transfer rate: pairs of (plain loopback TCP, then freehint's first round

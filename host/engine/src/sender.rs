@@ -365,7 +365,10 @@ impl PrecopySender {
             // rate would take never pays (an idle guest's RAM is mostly holes).
             let max_ms = hint_wait_ms
                 .min(at.populated_bytes.saturating_mul(1000) / HINT_RATE_FLOOR_BYTES_PER_S);
-            at.stats.hint_wait_ms = wait_for_report(src.as_ref(), id, max_ms, || {
+            // Postcopy has no later round for hints: a guest that cannot
+            // say when its report ends is waited for too, while it hints.
+            let unknown_end = self.params.mode == MigrationMode::Postcopy;
+            at.stats.hint_wait_ms = wait_for_report(src.as_ref(), id, max_ms, unknown_end, || {
                 let h = filter.stats();
                 (h.hinted_bytes, h.pages_skipped_free * page_bytes)
             })
@@ -1458,6 +1461,10 @@ const HINT_RATE_FLOOR_BYTES_PER_S: u64 = 512 << 20;
 /// The window over which the hint rate is measured, from the first hint on.
 const HINT_RATE_WINDOW_MS: u64 = 100;
 
+/// How long a postcopy waits for the first hint of a guest that cannot say
+/// when its report ends (it may have nothing to report).
+const FIRST_HINT_WAIT_MS: u64 = 1_000;
+
 /// Hinted bytes after which [`watch_hint_payoff`] judges a hint round.
 const HINT_PAYOFF_SAMPLE_BYTES: u64 = 32 << 20;
 
@@ -1511,11 +1518,14 @@ async fn watch_hint_payoff(
 /// its hints (once they have started) take pages off the send list slower
 /// than [`HINT_RATE_FLOOR_BYTES_PER_S`], or `max_ms` passed; returns the
 /// time waited. `progress` reads (bytes hinted, bytes hints took off the
-/// send list) so far.
+/// send list) so far. A source that cannot tell when its report ends is not
+/// waited for, unless `unknown_end`: then it is waited for as long as its
+/// hints pay, and for at most [`FIRST_HINT_WAIT_MS`] for the first one.
 async fn wait_for_report(
     src: &dyn HintSource,
     id: CmdId,
     max_ms: u64,
+    unknown_end: bool,
     progress: impl Fn() -> (u64, u64),
 ) -> u64 {
     let t = Instant::now();
@@ -1525,11 +1535,17 @@ async fn wait_for_report(
     let mut current: Option<(Instant, u64)> = None;
     while t.elapsed() < Duration::from_millis(max_ms) {
         match src.round_reported(id) {
-            None | Some(true) => break,
-            Some(false) => {
+            Some(true) => break,
+            None if !unknown_end => break,
+            None | Some(false) => {
                 let (hinted, saved) = progress();
                 match current {
                     None if hinted > 0 => current = Some((Instant::now(), saved)),
+                    None if src.round_reported(id).is_none()
+                        && t.elapsed() >= Duration::from_millis(FIRST_HINT_WAIT_MS) =>
+                    {
+                        break
+                    }
                     Some((start, at_start)) if start.elapsed() >= window => {
                         if saved - at_start < floor {
                             tracing::info!(
@@ -1597,6 +1613,7 @@ mod tests {
             &Reporting { done: true },
             CmdId(2),
             5000,
+            false,
             || (0, 0),
         ));
         assert!(waited < 100, "{waited}");
@@ -1606,7 +1623,7 @@ mod tests {
     fn without_any_hint_the_wait_lasts_until_its_cap() {
         // No hint yet is not "hints slowed down": the guest may be slow to
         // start.
-        let waited = runtime().block_on(wait_for_report(&OPEN, CmdId(2), 300, || (0, 0)));
+        let waited = runtime().block_on(wait_for_report(&OPEN, CmdId(2), 300, false, || (0, 0)));
         assert!((300..2000).contains(&waited), "{waited}");
     }
 
@@ -1618,7 +1635,7 @@ mod tests {
             let ms = (t.elapsed().as_millis() as u64).min(400);
             (ms << 20, ms << 20)
         };
-        let waited = runtime().block_on(wait_for_report(&OPEN, CmdId(2), 10_000, progress));
+        let waited = runtime().block_on(wait_for_report(&OPEN, CmdId(2), 10_000, false, progress));
         assert!((400..2000).contains(&waited), "{waited}");
     }
 
@@ -1627,8 +1644,53 @@ mod tests {
         // Hints arrive (for holes) but take nothing off the send list.
         let t = Instant::now();
         let progress = move || (t.elapsed().as_millis() as u64 + 1, 0);
-        let waited = runtime().block_on(wait_for_report(&OPEN, CmdId(2), 10_000, progress));
+        let waited = runtime().block_on(wait_for_report(&OPEN, CmdId(2), 10_000, false, progress));
         assert!(waited < 2000, "{waited}");
+    }
+
+    /// A guest that cannot say when its report ends (the simulated VM).
+    struct Unknowing;
+
+    impl HintSource for Unknowing {
+        fn start_round(&self, _: CmdId) -> Result<(), HintSourceError> {
+            Ok(())
+        }
+        fn stop_round(&self) -> Result<(), HintSourceError> {
+            Ok(())
+        }
+        fn finish(&self) -> Result<(), HintSourceError> {
+            Ok(())
+        }
+        fn round_reported(&self, _: CmdId) -> Option<bool> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_report_of_unknown_end_is_waited_for_only_in_postcopy_while_it_pays() {
+        let rt = runtime();
+        // Precopy: not at all.
+        let waited = rt.block_on(wait_for_report(&Unknowing, CmdId(2), 5000, false, || {
+            (1, 1)
+        }));
+        assert!(waited < 100, "{waited}");
+        // Postcopy, no hint at all: the first-hint limit.
+        let waited = rt.block_on(wait_for_report(&Unknowing, CmdId(2), 5000, true, || (0, 0)));
+        assert!((FIRST_HINT_WAIT_MS..2000).contains(&waited), "{waited}");
+        // Postcopy, 1 GiB/s of hints for 400 ms, then nothing.
+        let t = Instant::now();
+        let progress = move || {
+            let ms = (t.elapsed().as_millis() as u64).min(400);
+            (ms << 20, ms << 20)
+        };
+        let waited = rt.block_on(wait_for_report(
+            &Unknowing,
+            CmdId(2),
+            10_000,
+            true,
+            progress,
+        ));
+        assert!((400..2000).contains(&waited), "{waited}");
     }
 
     /// A guest whose report can be told to stop, counting the stops.

@@ -20,6 +20,11 @@ const BIG_MIB: u64 = 16384;
 pub(crate) const DOWNTIME_MAX_MS: f64 = 10.0;
 /// Goal 5: freehint-hints' total time at most this × freehint-nohints'.
 pub(crate) const HINTS_PER_NOHINTS_MAX: f64 = 1.05;
+/// Goal 7: freehint-postcopy's link bytes at most this × freehint-hints'.
+pub(crate) const POSTCOPY_BYTES_PER_PRECOPY_MAX: f64 = 1.05;
+/// Goal 8: remote-fault latency targets, µs.
+pub(crate) const FAULT_P50_MAX_US: f64 = 100.0;
+pub(crate) const FAULT_P99_MAX_US: f64 = 1000.0;
 
 /// Every run of every suite, grouped.
 struct Pool<'a> {
@@ -102,6 +107,9 @@ pub(crate) fn section(suites: &[Suite]) -> String {
         goal_vs_qemu(&pool),
         goal_downtime(&pool),
         goal_hints_never_cost(&pool),
+        goal_postcopy_downtime(&pool),
+        goal_postcopy_bytes(&pool),
+        goal_fault_latency(&pool),
     ];
     let mut md = String::from(
         "## Goals\n\n\
@@ -445,5 +453,181 @@ fn goal_hints_never_cost(pool: &Pool) -> Goal {
         body,
         &verdicts,
         &format!("no freehint runs at {SMALL_MIB} MiB."),
+    )
+}
+
+/// A figure of the tool's own stats (`tool_stats`), as a number.
+fn tool_figure(r: &crate::record::RunRecord, key: &str) -> Option<f64> {
+    r.tool_stats.get(key).and_then(|v| v.as_f64())
+}
+
+/// The groups with runs of `mode`, in order.
+fn groups_with(pool: &Pool, mode: Mode) -> Vec<GroupKey> {
+    pool.keys_with(mode, |_| true)
+}
+
+/// Goal 6: the switch to postcopy costs device state only: freehint-postcopy's
+/// downtime ≤ 10 ms.
+fn goal_postcopy_downtime(pool: &Pool) -> Goal {
+    let mut body = format!(
+        "Median downtime (the source's `STOP` → the destination's `RESUME`) of \
+         freehint-postcopy, beside QEMU's own postcopy measured the same way; target ≤ \
+         {DOWNTIME_MAX_MS} ms.\n\n"
+    );
+    let keys = groups_with(pool, Mode::FreehintPostcopy);
+    let mut verdicts = Vec::new();
+    if !keys.is_empty() {
+        body.push_str(
+            "| profile | RAM MiB | link | idle s | freehint-postcopy ms | qemu-postcopy ms | verdict | from |\n\
+             |---|---|---|---|---|---|---|---|\n",
+        );
+    }
+    for key in keys {
+        let ours = load::summarize(pool.runs(&key, Mode::FreehintPostcopy)).downtime_ms;
+        let qemu = load::summarize(pool.runs(&key, Mode::QemuPostcopy)).downtime_ms;
+        let v = ours.map_or(Verdict::NotMeasured, |d| {
+            Verdict::from_bool(d <= DOWNTIME_MAX_MS)
+        });
+        verdicts.push(v);
+        let _ = writeln!(
+            body,
+            "| {} | {} | {} | {} | {} | {} | {v} | {} |",
+            key.profile.name(),
+            key.mem_mib,
+            key.link.name(),
+            key.idle_s,
+            num(ours),
+            num(qemu),
+            pool.sources(&[key], &[Mode::FreehintPostcopy, Mode::QemuPostcopy]),
+        );
+    }
+    body.push('\n');
+    finish(
+        &format!("the switch to postcopy: freehint-postcopy's downtime ≤ {DOWNTIME_MAX_MS} ms"),
+        body,
+        &verdicts,
+        "no freehint-postcopy runs.",
+    )
+}
+
+/// Goal 7: postcopy with hints sends within 5% of precopy with hints.
+fn goal_postcopy_bytes(pool: &Pool) -> Goal {
+    let mut body = format!(
+        "Median bytes over the link of freehint-postcopy vs freehint-hints (precopy) on the \
+         same guest; target ≤ {POSTCOPY_BYTES_PER_PRECOPY_MAX}×. QEMU turns free-page \
+         hinting off with postcopy; its postcopy is beside.\n\n"
+    );
+    let keys = groups_with(pool, Mode::FreehintPostcopy);
+    let mut verdicts = Vec::new();
+    if !keys.is_empty() {
+        body.push_str(
+            "| profile | RAM MiB | link | idle s | freehint-postcopy MiB | freehint-hints MiB | ratio | qemu-postcopy MiB | verdict | from |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
+        );
+    }
+    let mib = |key: &GroupKey, m: Mode| {
+        load::median_of(pool.runs(key, m), |r| {
+            r.bytes_link.map(|b| b as f64 / 1048576.0)
+        })
+    };
+    for key in keys {
+        let (pc, pre, qemu) = (
+            mib(&key, Mode::FreehintPostcopy),
+            mib(&key, Mode::FreehintHints),
+            mib(&key, Mode::QemuPostcopy),
+        );
+        let r = ratio(pc, pre);
+        let v = r.map_or(Verdict::NotMeasured, |r| {
+            Verdict::from_bool(r <= POSTCOPY_BYTES_PER_PRECOPY_MAX)
+        });
+        verdicts.push(v);
+        let _ = writeln!(
+            body,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {v} | {} |",
+            key.profile.name(),
+            key.mem_mib,
+            key.link.name(),
+            key.idle_s,
+            whole(pc),
+            whole(pre),
+            times(r),
+            whole(qemu),
+            pool.sources(
+                &[key],
+                &[
+                    Mode::FreehintPostcopy,
+                    Mode::FreehintHints,
+                    Mode::QemuPostcopy
+                ]
+            ),
+        );
+    }
+    body.push('\n');
+    finish(
+        &format!(
+            "postcopy with hints sends ≤ {POSTCOPY_BYTES_PER_PRECOPY_MAX}× precopy with hints"
+        ),
+        body,
+        &verdicts,
+        "no freehint-postcopy runs beside freehint-hints runs.",
+    )
+}
+
+/// Goal 8: remote-fault latency (the destination's fault event to its
+/// wake-up) p50 ≤ 100 µs and p99 ≤ 1 ms, with the bulk stream running.
+fn goal_fault_latency(pool: &Pool) -> Goal {
+    let mut body = format!(
+        "Medians over the runs of freehint-postcopy's own figures (`fault_latency_us_p50`, \
+         `_p99`, `_max`: from the fault event to the wake-up, the bulk stream running at \
+         the same time); targets p50 ≤ {FAULT_P50_MAX_US} µs and p99 ≤ {FAULT_P99_MAX_US} µs. \
+         QEMU reports no per-fault latency; its postcopy's blocked vCPU time is in the \
+         suite tables.\n\n"
+    );
+    let keys = groups_with(pool, Mode::FreehintPostcopy);
+    let mut verdicts = Vec::new();
+    if !keys.is_empty() {
+        body.push_str(
+            "| profile | RAM MiB | link | idle s | remote faults | p50 µs | p99 µs | max µs | verdict | from |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
+        );
+    }
+    for key in keys {
+        let runs = pool.runs(&key, Mode::FreehintPostcopy);
+        let f = |k: &str| load::median_of(runs, |r| tool_figure(r, k));
+        let (faults, p50, p99, max) = (
+            f("faults_remote"),
+            f("fault_latency_us_p50"),
+            f("fault_latency_us_p99"),
+            f("fault_latency_us_max"),
+        );
+        let v = match (faults, p50, p99) {
+            (Some(n), Some(a), Some(b)) if n > 0.0 => {
+                Verdict::from_bool(a <= FAULT_P50_MAX_US && b <= FAULT_P99_MAX_US)
+            }
+            _ => Verdict::NotMeasured,
+        };
+        verdicts.push(v);
+        let _ = writeln!(
+            body,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {v} | {} |",
+            key.profile.name(),
+            key.mem_mib,
+            key.link.name(),
+            key.idle_s,
+            whole(faults),
+            whole(p50),
+            whole(p99),
+            whole(max),
+            pool.sources(&[key], &[Mode::FreehintPostcopy]),
+        );
+    }
+    body.push('\n');
+    finish(
+        &format!(
+            "postcopy's remote faults: p50 ≤ {FAULT_P50_MAX_US} µs, p99 ≤ {FAULT_P99_MAX_US} µs"
+        ),
+        body,
+        &verdicts,
+        "no freehint-postcopy runs with remote faults.",
     )
 }
