@@ -219,3 +219,86 @@ fn listening_port(pid: u64) -> Option<u16> {
         .and_then(|a| a.rsplit(':').next())
         .and_then(|p| p.parse().ok())
 }
+
+/// The hugetlbfs mount to use and a guard that gives back the huge pages
+/// reserved for the test, or `None` (with the reason) when there is none
+/// or not enough pages can be had.
+fn huge_pages(needed: u64) -> Result<(std::path::PathBuf, HugePagesGuard), String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| e.to_string())?;
+    let mount = mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[2] == "hugetlbfs" && !f[3].contains("pagesize=1G"))
+        .map(|f| std::path::PathBuf::from(f[1]))
+        .ok_or("no hugetlbfs mount")?;
+    let nr = "/proc/sys/vm/nr_hugepages";
+    let read = |p: &str| -> Result<u64, String> {
+        std::fs::read_to_string(p)
+            .map_err(|e| format!("{p}: {e}"))?
+            .trim()
+            .parse()
+            .map_err(|e| format!("{p}: {e}"))
+    };
+    let free_path = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+    let before = read(nr)?;
+    let free = read(free_path)?;
+    if free < needed {
+        // Ask the kernel for the missing pages (root); given back after.
+        let _ = std::fs::write(nr, (before + needed - free).to_string());
+    }
+    let guard = HugePagesGuard(before);
+    let free = read(free_path)?;
+    if free < needed {
+        return Err(format!("{free} free 2 MiB pages, {needed} needed"));
+    }
+    Ok((mount, guard))
+}
+
+/// Sets `nr_hugepages` back when dropped.
+struct HugePagesGuard(u64);
+
+impl Drop for HugePagesGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.0.to_string());
+    }
+}
+
+/// Postcopy and hybrid with both RAM files on hugetlbfs (2 MiB pages): every
+/// pending page is a huge page and arrives whole, once; the images match.
+#[test]
+fn on_hugetlbfs_postcopy_and_hybrid_place_whole_huge_pages_and_match() {
+    // Source and destination RAM, with room to spare.
+    let (mount, _guard) = match huge_pages(2 * 1024 + 16) {
+        Ok(x) => x,
+        Err(why) if std::env::var_os("FREEHINT_REQUIRE_HUGETLBFS").is_some() => {
+            panic!("FREEHINT_REQUIRE_HUGETLBFS is set but: {why}")
+        }
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let dir = mount.to_str().unwrap();
+    for (mode, hints) in [("postcopy", "on"), ("postcopy", "off"), ("hybrid", "on")] {
+        let mut args = TWO_GIB.to_vec();
+        args.extend(["--mode", mode, "--hints", hints, "--ram-dir", dir]);
+        if mode == "hybrid" {
+            args.extend(["--min-rounds", "3", "--max-rounds", "3"]);
+        }
+        let v = bench_sim(&args).unwrap();
+        assert_eq!(v["state"], "completed", "{v}");
+        assert_eq!(v["postcopy"], true, "{v}");
+        assert_eq!(v["mismatched_pages"], 0, "{v}");
+        assert!(v["pages_compared"].as_u64().unwrap() > 0, "{v}");
+        assert_eq!(v["destination_pattern_errors"], 0, "{v}");
+        // Pending pages count 2 MiB pages (2 GiB has 1024 of them), and
+        // each crossed once, whole: there is no smaller unit to place.
+        let pending = v["postcopy_pending_pages"].as_u64().unwrap();
+        assert!(pending > 0 && pending <= 1024, "{v}");
+        assert_eq!(
+            v["pages_requested"].as_u64().unwrap() + v["pages_streamed"].as_u64().unwrap(),
+            pending,
+            "{v}"
+        );
+    }
+}

@@ -119,8 +119,19 @@ impl Sim {
             .write_all(line.as_bytes());
     }
 
+    /// The address of 4 KiB page `page` (the RAM's own pages may be huge:
+    /// hugetlbfs).
+    fn page_addr(&self, page: u64) -> *mut u64 {
+        let region = &self.ram.regions()[0];
+        let per = region.page_bytes() / PAGE_BYTES;
+        let base = region.page_ptr(page / per).expect("page in range");
+        // SAFETY: `page / per` is a page of the mapping (checked above) and
+        // `page % per` 4 KiB pages lie inside it.
+        unsafe { base.add(((page % per) * PAGE_BYTES) as usize) as *mut u64 }
+    }
+
     fn fill(&self, page: u64, generation: u64) {
-        let ptr = self.ram.regions()[0].page_ptr(page).expect("page in range") as *mut u64;
+        let ptr = self.page_addr(page);
         for i in 0..PAGE_BYTES / 8 {
             // SAFETY: the page lies inside the shared mapping and is u64
             // aligned (mappings are page aligned).
@@ -210,7 +221,7 @@ impl Sim {
     /// Reads page `page` (faulting it in if it is missing) and checks it
     /// is a whole pattern page.
     fn check(&self, page: u64) -> bool {
-        let ptr = self.ram.regions()[0].page_ptr(page).expect("page in range") as *const u64;
+        let ptr = self.page_addr(page) as *const u64;
         let mut words = [0u64; (PAGE_BYTES / 8) as usize];
         for (i, w) in words.iter_mut().enumerate() {
             // SAFETY: the page lies inside the shared mapping and is u64

@@ -71,6 +71,11 @@ pub struct SimArgs {
     /// guest even if a process was killed.
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Put both RAM files in this directory instead of the work directory:
+    /// a hugetlbfs mount (2 MiB pages: each huge page is tracked, sent and
+    /// placed whole) or another tmpfs. They are removed at the end.
+    #[arg(long, value_name = "DIR")]
+    pub ram_dir: Option<PathBuf>,
     #[command(flatten)]
     pub params: ParamArgs,
 }
@@ -163,8 +168,19 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
             temp.path()
         }
     };
-    let src_path = work.join("source.ram");
-    let dst_path = work.join("destination.ram");
+    let (src_path, dst_path) = match &a.ram_dir {
+        None => (work.join("source.ram"), work.join("destination.ram")),
+        Some(dir) => {
+            let name =
+                |side: &str| dir.join(format!("freehint-bench-{}-{side}.ram", std::process::id()));
+            (name("source"), name("destination"))
+        }
+    };
+    // RAM files outside the work directory go when the run ends.
+    let _ram_files = a
+        .ram_dir
+        .as_ref()
+        .map(|_| RemoveOnDrop(vec![src_path.clone(), dst_path.clone()]));
     let control_path = work.join("control.sock");
     let _ = std::fs::remove_file(&control_path);
     let listener =
@@ -401,6 +417,17 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
     })
 }
 
+/// Removes its files when dropped.
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 fn copy_image(from: &Path, to: &Path) -> Result<()> {
     std::fs::copy(from, to)
         .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
@@ -461,6 +488,9 @@ fn accept_polling(
 /// (`pread`, never through a reference into the mappings); returns
 /// (compared, differing).
 fn compare(src: &GuestRam, dst: &GuestRam, free: &[(u64, u64)]) -> Result<(u64, u64)> {
+    // `free` counts the simulated VM's 4 KiB pages; the RAM's own pages may
+    // be huge (hugetlbfs): compare each 4 KiB part of them.
+    const SIM_PAGE: usize = 4096;
     let s = &src.regions()[0];
     let d = &dst.regions()[0];
     let page = s.page_bytes() as usize;
@@ -468,19 +498,22 @@ fn compare(src: &GuestRam, dst: &GuestRam, free: &[(u64, u64)]) -> Result<(u64, 
     let mut free_it = free.iter().peekable();
     let (mut compared, mut bad) = (0, 0);
     for p in 0..s.pages() {
-        while free_it.peek().is_some_and(|r| r.1 <= p) {
-            free_it.next();
-        }
-        if free_it.peek().is_some_and(|r| r.0 <= p) {
-            continue;
-        }
         s.read_pages(p, &mut a)?;
         d.read_pages(p, &mut b)?;
-        compared += 1;
-        if a != b {
-            bad += 1;
-            if bad <= 5 {
-                tracing::error!("page {p} differs");
+        for (i, (x, y)) in a.chunks(SIM_PAGE).zip(b.chunks(SIM_PAGE)).enumerate() {
+            let q = p * (page / SIM_PAGE) as u64 + i as u64;
+            while free_it.peek().is_some_and(|r| r.1 <= q) {
+                free_it.next();
+            }
+            if free_it.peek().is_some_and(|r| r.0 <= q) {
+                continue;
+            }
+            compared += 1;
+            if x != y {
+                bad += 1;
+                if bad <= 5 {
+                    tracing::error!("4 KiB page {q} differs");
+                }
             }
         }
     }
