@@ -52,7 +52,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use freehint_balloon::{BalloonBackend, BalloonConfig, BalloonHandle};
-use freehint_engine::{CancellationToken, MigrateError, MigrationStats, PhaseWatch, ReceiveStats};
+use freehint_engine::{
+    CancellationToken, MigrateError, MigrationStats, Phase, PhaseWatch, ReceiveStats,
+};
 use freehint_qemu::{QemuDestination, QemuVmm, QmpError};
 use freehint_types::{CmdId, ErrorChain};
 
@@ -186,6 +188,16 @@ struct Shared {
     paused_destination: Option<Arc<QemuDestination>>,
     /// The source guest left paused by an uncertain handover.
     paused_source: Option<Arc<QemuVmm>>,
+}
+
+impl Shared {
+    /// The running or last migration's phase (`setup` before its sender
+    /// or receiver exists).
+    fn migration_phase(&self) -> Phase {
+        self.migration
+            .as_ref()
+            .map_or(Phase::Setup, |w| w.get().phase)
+    }
 }
 
 /// One daemon: see the crate documentation.

@@ -97,10 +97,7 @@ impl VmDaemon {
                     return Err(DaemonError::BadRequest("no migration is running".into()));
                 };
                 // Before the sender exists the migration is in its set-up.
-                let phase = sh
-                    .migration
-                    .as_ref()
-                    .map_or(Phase::Setup, |w| w.get().phase);
+                let phase = sh.migration_phase();
                 if matches!(
                     phase,
                     Phase::Committed | Phase::Postcopy | Phase::PostcopyPaused | Phase::Completed
@@ -124,10 +121,7 @@ impl VmDaemon {
                         "no hybrid migration is running (postcopy-now switches one started with --mode hybrid)".into(),
                     ));
                 };
-                let phase = sh
-                    .migration
-                    .as_ref()
-                    .map_or(Phase::Setup, |w| w.get().phase);
+                let phase = sh.migration_phase();
                 if !matches!(phase, Phase::Setup | Phase::Precopy) {
                     return Err(DaemonError::BadRequest(format!(
                         "too late to switch to postcopy: the migration is {phase}"
@@ -143,10 +137,7 @@ impl VmDaemon {
                         "no migration is running here".into(),
                     ));
                 };
-                let phase = sh
-                    .migration
-                    .as_ref()
-                    .map_or(Phase::Setup, |w| w.get().phase);
+                let phase = sh.migration_phase();
                 if phase != Phase::PostcopyPaused {
                     return Err(DaemonError::BadRequest(format!(
                         "nothing to resume: the migration is {phase}, not a postcopy whose link broke"

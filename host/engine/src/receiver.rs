@@ -29,7 +29,7 @@ use crate::io::{
 };
 use crate::phase::{Phase, PhaseWatch, Side};
 use crate::postcopy::destination::{send_requests, PostcopyDestination};
-use crate::postcopy::{Links, PendingPages};
+use crate::postcopy::{send_pending_list, Links, PendingPages};
 use crate::{region_descs, MigrateError, PostcopyStats};
 
 /// What the receiver measured, and how the migration ended for it.
@@ -815,34 +815,7 @@ impl Receiver {
                 }
             };
             let mut control = ControlChannel::new(control);
-            let lacking = pc.dest.lacking();
-            let pages: u64 = lacking.iter().map(|r| r.count).sum();
-            let mut told = Ok(());
-            for chunk in lacking.chunks(freehint_wire::MAX_RUNS_PER_MESSAGE) {
-                told = control
-                    .send(
-                        &Message::PostcopyPending(chunk.to_vec()),
-                        "the pages still lacking",
-                        timeout,
-                    )
-                    .await
-                    .map(|_| ());
-                if told.is_err() {
-                    break;
-                }
-            }
-            if told.is_ok() {
-                told = control
-                    .send(
-                        &Message::PostcopySwitch {
-                            pending_pages: pages,
-                        },
-                        "the pages still lacking",
-                        timeout,
-                    )
-                    .await
-                    .map(|_| ());
-            }
+            let told = send_pending_list(&mut control, &pc.dest.lacking(), timeout).await;
             if let Err(e) = told {
                 tracing::warn!("postcopy: a reconnect failed: {}", ErrorChain(&e));
                 continue;

@@ -30,7 +30,7 @@ use crate::fault::hit;
 use crate::io::{expect_message, write_message, writev_all, ControlChannel, IoVecs};
 use crate::phase::{Phase, PhaseWatch, Side};
 use crate::postcopy::source::{PostcopySource, SourceCounters, StreamHint};
-use crate::postcopy::{Links, PendingPages, PostcopyResume};
+use crate::postcopy::{send_pending_list, Links, PendingPages, PostcopyResume};
 use crate::progress::ProgressWatch;
 use crate::{
     region_descs, MigrateError, MigrationFailure, MigrationMode, MigrationParams, MigrationStats,
@@ -423,17 +423,9 @@ impl PrecopySender {
             .unwrap_or(0)
             ^ ((std::process::id() as u64) << 32);
         at.session_id = session_id;
-        let hello = |role| Hello {
-            session_id,
-            role,
-            bulk_channels: self.params.bulk_channels,
-            peer_timeout_s: self.params.peer_timeout_s as u32,
-            regions: region_descs(&self.ram),
-            postcopy: self.params.mode.may_postcopy(),
-            postcopy_required: self.params.mode == MigrationMode::Postcopy,
-            resume: false,
-        };
-        let (control, postcopy) = self.connect(dest, hello(ChannelRole::Control)).await?;
+        let (control, postcopy) = self
+            .connect(dest, self.hello(session_id, ChannelRole::Control, false))
+            .await?;
         if self.params.mode.may_postcopy() && !postcopy {
             if self.params.mode == MigrationMode::Postcopy {
                 return Err(MigrateError::Postcopy(
@@ -445,15 +437,50 @@ impl PrecopySender {
             );
             at.mode = MigrationMode::Precopy;
         }
-        for i in 0..self.params.bulk_channels {
-            at.bulk
-                .push(self.connect(dest, hello(ChannelRole::Bulk(i))).await?.0);
-        }
-        if at.mode.may_postcopy() {
-            at.urgent = Some(self.connect(dest, hello(ChannelRole::Urgent)).await?.0);
-        }
+        let urgent = at.mode.may_postcopy();
+        (at.bulk, at.urgent) = self
+            .open_data_channels(dest, session_id, false, urgent)
+            .await?;
         at.control = Some(ControlChannel::new(control));
         Ok(())
+    }
+
+    /// The hello of every connection of session `session_id`; `resume`:
+    /// reconnecting a postcopy whose link broke.
+    fn hello(&self, session_id: u64, role: ChannelRole, resume: bool) -> Hello {
+        Hello {
+            session_id,
+            role,
+            bulk_channels: self.params.bulk_channels,
+            peer_timeout_s: self.params.peer_timeout_s as u32,
+            regions: region_descs(&self.ram),
+            postcopy: resume || self.params.mode.may_postcopy(),
+            postcopy_required: resume || self.params.mode == MigrationMode::Postcopy,
+            resume,
+        }
+    }
+
+    /// Opens the bulk channels of session `session_id`, then the urgent
+    /// one if `urgent`.
+    async fn open_data_channels(
+        &self,
+        dest: SocketAddr,
+        session_id: u64,
+        resume: bool,
+        urgent: bool,
+    ) -> Result<(Vec<TcpStream>, Option<TcpStream>), MigrateError> {
+        let mut bulk = Vec::new();
+        for i in 0..self.params.bulk_channels {
+            let hello = self.hello(session_id, ChannelRole::Bulk(i), resume);
+            bulk.push(self.connect(dest, hello).await?.0);
+        }
+        let urgent = if urgent {
+            let hello = self.hello(session_id, ChannelRole::Urgent, resume);
+            Some(self.connect(dest, hello).await?.0)
+        } else {
+            None
+        };
+        Ok((bulk, urgent))
     }
 
     /// Live rounds until the rest fits in the downtime target (or the
@@ -646,24 +673,7 @@ impl PrecopySender {
         add_counters(&mut at.stats, &counters);
         let t = self.timeout();
         let control = at.control.as_mut().expect("channels are open");
-        for chunk in runs.chunks(freehint_wire::MAX_RUNS_PER_MESSAGE) {
-            at.stats.bytes_on_wire += control
-                .send(
-                    &Message::PostcopyPending(chunk.to_vec()),
-                    "sending the pending pages",
-                    t,
-                )
-                .await?;
-        }
-        at.stats.bytes_on_wire += control
-            .send(
-                &Message::PostcopySwitch {
-                    pending_pages: pending.remaining(),
-                },
-                "switching to postcopy",
-                t,
-            )
-            .await?;
+        at.stats.bytes_on_wire += send_pending_list(control, &runs, t).await?;
         at.stats.postcopy.switched = true;
         at.stats.postcopy.postcopy_pending_pages = pending.remaining();
         tracing::info!(
@@ -888,17 +898,9 @@ impl PrecopySender {
     async fn resume_session(&self, at: &mut Attempt) -> Result<PostcopyChannels, MigrateError> {
         let t = self.timeout();
         let (session_id, dest) = (at.session_id, at.dest);
-        let hello = |role| Hello {
-            session_id,
-            role,
-            bulk_channels: self.params.bulk_channels,
-            peer_timeout_s: self.params.peer_timeout_s as u32,
-            regions: region_descs(&self.ram),
-            postcopy: true,
-            postcopy_required: true,
-            resume: true,
-        };
-        let (control, _) = self.connect(dest, hello(ChannelRole::Control)).await?;
+        let (control, _) = self
+            .connect(dest, self.hello(session_id, ChannelRole::Control, true))
+            .await?;
         let mut control = ControlChannel::new(control);
         let pages: Vec<u64> = self.ram.regions().iter().map(|r| r.pages()).collect();
         let pending = Arc::new(PendingPages::new(&pages));
@@ -936,11 +938,10 @@ impl PrecopySender {
                 }
             }
         }
-        let mut bulk = Vec::new();
-        for i in 0..self.params.bulk_channels {
-            bulk.push(self.connect(dest, hello(ChannelRole::Bulk(i))).await?.0);
-        }
-        let urgent = self.connect(dest, hello(ChannelRole::Urgent)).await?.0;
+        let (bulk, urgent) = self
+            .open_data_channels(dest, session_id, true, true)
+            .await?;
+        let urgent = urgent.expect("asked for");
         let mut links = Links::default();
         links.add(control.socket());
         for b in &bulk {
@@ -1578,10 +1579,9 @@ mod tests {
     use super::*;
     use freehint_types::{HintSourceError, RamRange};
 
-    /// A guest that never closes its report (or always has, with `done`).
-    struct Reporting {
-        done: bool,
-    }
+    /// A guest whose report is never done (`Some(false)`), always done
+    /// (`Some(true)`), or that cannot say (`None`, the simulated VM).
+    struct Reporting(Option<bool>);
 
     impl HintSource for Reporting {
         fn start_round(&self, _: CmdId) -> Result<(), HintSourceError> {
@@ -1594,7 +1594,7 @@ mod tests {
             Ok(())
         }
         fn round_reported(&self, _: CmdId) -> Option<bool> {
-            Some(self.done)
+            self.0
         }
     }
 
@@ -1605,12 +1605,13 @@ mod tests {
             .unwrap()
     }
 
-    const OPEN: Reporting = Reporting { done: false };
+    const OPEN: Reporting = Reporting(Some(false));
+    const UNKNOWING: Reporting = Reporting(None);
 
     #[test]
     fn a_finished_report_ends_the_wait_at_once() {
         let waited = runtime().block_on(wait_for_report(
-            &Reporting { done: true },
+            &Reporting(Some(true)),
             CmdId(2),
             5000,
             false,
@@ -1648,34 +1649,16 @@ mod tests {
         assert!(waited < 2000, "{waited}");
     }
 
-    /// A guest that cannot say when its report ends (the simulated VM).
-    struct Unknowing;
-
-    impl HintSource for Unknowing {
-        fn start_round(&self, _: CmdId) -> Result<(), HintSourceError> {
-            Ok(())
-        }
-        fn stop_round(&self) -> Result<(), HintSourceError> {
-            Ok(())
-        }
-        fn finish(&self) -> Result<(), HintSourceError> {
-            Ok(())
-        }
-        fn round_reported(&self, _: CmdId) -> Option<bool> {
-            None
-        }
-    }
-
     #[test]
     fn a_report_of_unknown_end_is_waited_for_only_in_postcopy_while_it_pays() {
         let rt = runtime();
         // Precopy: not at all.
-        let waited = rt.block_on(wait_for_report(&Unknowing, CmdId(2), 5000, false, || {
+        let waited = rt.block_on(wait_for_report(&UNKNOWING, CmdId(2), 5000, false, || {
             (1, 1)
         }));
         assert!(waited < 100, "{waited}");
         // Postcopy, no hint at all: the first-hint limit.
-        let waited = rt.block_on(wait_for_report(&Unknowing, CmdId(2), 5000, true, || (0, 0)));
+        let waited = rt.block_on(wait_for_report(&UNKNOWING, CmdId(2), 5000, true, || (0, 0)));
         assert!((FIRST_HINT_WAIT_MS..2000).contains(&waited), "{waited}");
         // Postcopy, 1 GiB/s of hints for 400 ms, then nothing.
         let t = Instant::now();
@@ -1684,7 +1667,7 @@ mod tests {
             (ms << 20, ms << 20)
         };
         let waited = rt.block_on(wait_for_report(
-            &Unknowing,
+            &UNKNOWING,
             CmdId(2),
             10_000,
             true,

@@ -234,6 +234,27 @@ pub fn compare_ram_images(source: &Path, destination: &Path, free_pages: &Path) 
     (compared, differ)
 }
 
+/// Compares two RAM files page by page (4 KiB); the first differing page.
+pub fn first_different_page(a: &Path, b: &Path) -> Option<u64> {
+    use std::io::Read;
+    let (mut fa, mut fb) = (
+        std::fs::File::open(a).expect("opening a RAM file"),
+        std::fs::File::open(b).expect("opening a RAM file"),
+    );
+    let (mut pa, mut pb) = (vec![0u8; 4096], vec![0u8; 4096]);
+    for page in 0.. {
+        let na = fa.read(&mut pa).expect("reading a RAM file");
+        let nb = fb.read(&mut pb).expect("reading a RAM file");
+        if na == 0 && nb == 0 {
+            return None;
+        }
+        if na != nb || pa[..na] != pb[..nb] {
+            return Some(page);
+        }
+    }
+    None
+}
+
 /// Runs `freehint ARGS`; returns (success, stdout, stderr).
 pub fn freehint(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin_dir().join("freehint"))

@@ -7,12 +7,13 @@
 //! Needs `FREEHINT_QEMU`, `FREEHINT_GUEST_DIR` and the reference QEMU;
 //! `make test` provides them (see real_guest_balloon.rs for the skip rule).
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use freehint_demo::{check_after, freehint_migrate, run_mode, FreehintPair, Mode, Testbed};
-use freehint_e2e::{one_real_guest_test_at_a_time, real_guest_setup as setup};
+use freehint_e2e::{
+    first_different_page, one_real_guest_test_at_a_time, real_guest_setup as setup,
+};
 
 /// With a wait for the guest's first report (`--hint-wait-ms`), so that
 /// what is sent does not depend on whether the guest reports faster than
@@ -59,26 +60,6 @@ fn with_hints_the_guest_arrives_alive_with_its_data_sending_little_more_than_it_
     );
 }
 
-/// Compares two RAM files page by page; the first differing page index.
-fn first_difference(a: &Path, b: &Path) -> Option<u64> {
-    let (mut fa, mut fb) = (
-        std::fs::File::open(a).unwrap(),
-        std::fs::File::open(b).unwrap(),
-    );
-    let (mut pa, mut pb) = (vec![0u8; 4096], vec![0u8; 4096]);
-    for page in 0.. {
-        let na = fa.read(&mut pa).unwrap();
-        let nb = fb.read(&mut pb).unwrap();
-        if na == 0 && nb == 0 {
-            return None;
-        }
-        if na != nb || pa[..na] != pb[..nb] {
-            return Some(page);
-        }
-    }
-    None
-}
-
 #[test]
 fn without_hints_destination_ram_equals_the_source_page_by_page() {
     let Some(s) = setup("hints-off", 512, 200) else {
@@ -102,7 +83,7 @@ fn without_hints_destination_ram_equals_the_source_page_by_page() {
     );
     let (src_ram, dst_ram): (PathBuf, PathBuf) = (bed.ram("src"), bed.ram("dst"));
     assert_eq!(
-        first_difference(&src_ram, &dst_ram),
+        first_different_page(&src_ram, &dst_ram),
         None,
         "guest RAM differs between source and destination"
     );

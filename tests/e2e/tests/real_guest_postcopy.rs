@@ -7,31 +7,33 @@
 //! Needs `FREEHINT_QEMU`, `FREEHINT_GUEST_DIR` and the reference QEMU;
 //! `make test` provides them (see real_guest_balloon.rs for the skip rule).
 
-use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use freehint_demo::{check_after, freehint_migrate, run_mode, FreehintPair, Mode, Testbed};
-use freehint_e2e::{one_real_guest_test_at_a_time, real_guest_setup as setup};
+use freehint_demo::{
+    check_after, freehint_migrate, run_mode, FreehintPair, Mode, QemuGuest, Testbed,
+};
+use freehint_e2e::{
+    first_different_page, one_real_guest_test_at_a_time, real_guest_setup as setup,
+};
 
-/// Compares two RAM files page by page; the first differing page index.
-fn first_difference(a: &Path, b: &Path) -> Option<u64> {
-    let (mut fa, mut fb) = (
-        std::fs::File::open(a).unwrap(),
-        std::fs::File::open(b).unwrap(),
+/// `freehint resume` on the destination daemon that holds the guest
+/// paused, then the guest must run there with its data intact.
+fn resume_destination_and_check(bin_dir: &Path, control: &Path, src: &QemuGuest, dst: &QemuGuest) {
+    let out = std::process::Command::new(bin_dir.join("freehint"))
+        .arg("resume")
+        .arg("--control")
+        .arg(control)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    let (mut pa, mut pb) = (vec![0u8; 4096], vec![0u8; 4096]);
-    for page in 0.. {
-        let na = fa.read(&mut pa).unwrap();
-        let nb = fb.read(&mut pb).unwrap();
-        if na == 0 && nb == 0 {
-            return None;
-        }
-        if na != nb || pa[..na] != pb[..nb] {
-            return Some(page);
-        }
-    }
-    None
+    let (alive, check) = check_after(src, dst, Duration::from_secs(30));
+    assert!(alive, "no heartbeat on the destination after resume");
+    assert_eq!(check, "ok");
 }
 
 /// Postcopy and hybrid with hints, beside precopy with hints (waiting for
@@ -134,24 +136,11 @@ fn in_postcopy_without_hints_destination_ram_equals_the_source_page_by_page() {
         "the source QEMU did not quit after postcopy"
     );
     assert_eq!(
-        first_difference(&bed.ram("src"), &bed.ram("dst")),
+        first_different_page(&bed.ram("src"), &bed.ram("dst")),
         None,
         "guest RAM differs between source and destination"
     );
-    let out = std::process::Command::new(s.bin_dir.join("freehint"))
-        .arg("resume")
-        .arg("--control")
-        .arg(&dst_daemon.control)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
-    assert!(alive, "no heartbeat on the destination after resume");
-    assert_eq!(check, "ok");
+    resume_destination_and_check(&s.bin_dir, &dst_daemon.control, &src, &dst);
     eprintln!(
         "postcopy, hints off: {} pending pages ({} requested, {} streamed), {} bytes, {} ms, downtime {} ms",
         stats.postcopy.postcopy_pending_pages,
@@ -284,24 +273,11 @@ fn a_link_cut_in_postcopy_is_reconnected_and_the_ram_arrives_whole() {
         "the source QEMU did not quit after postcopy"
     );
     assert_eq!(
-        first_difference(&bed.ram("src"), &bed.ram("dst")),
+        first_different_page(&bed.ram("src"), &bed.ram("dst")),
         None,
         "guest RAM differs between source and destination"
     );
-    let out = std::process::Command::new(&freehint)
-        .arg("resume")
-        .arg("--control")
-        .arg(&dst_daemon.control)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
-    assert!(alive, "no heartbeat on the destination after resume");
-    assert_eq!(check, "ok");
+    resume_destination_and_check(&s.bin_dir, &dst_daemon.control, &src, &dst);
     eprintln!(
         "postcopy with a cut link: {} reconnects, {} pending pages ({} requested, {} streamed), {} ms",
         stats.postcopy.postcopy_reconnects,

@@ -67,6 +67,36 @@ where
     })
 }
 
+/// Sends the pages still to cross as `PostcopyPending` messages, closed by
+/// `PostcopySwitch` with their count: the source at the switch, the
+/// destination when a broken postcopy reconnects. Returns the bytes written.
+pub(crate) async fn send_pending_list(
+    control: &mut crate::io::ControlChannel,
+    runs: &[PageRun],
+    timeout: std::time::Duration,
+) -> Result<u64, MigrateError> {
+    let what = "the list of pages still to come";
+    let mut bytes = 0;
+    for chunk in runs.chunks(freehint_wire::MAX_RUNS_PER_MESSAGE) {
+        bytes += control
+            .send(
+                &freehint_wire::Message::PostcopyPending(chunk.to_vec()),
+                what,
+                timeout,
+            )
+            .await?;
+    }
+    let pending_pages = runs.iter().map(|r| r.count).sum();
+    bytes += control
+        .send(
+            &freehint_wire::Message::PostcopySwitch { pending_pages },
+            what,
+            timeout,
+        )
+        .await?;
+    Ok(bytes)
+}
+
 /// The operator's word to a source whose postcopy link broke: reconnect
 /// now, to the same destination or to `to` (`freehint migrate --resume`).
 /// Cheap to clone; every clone speaks to the same migration.
