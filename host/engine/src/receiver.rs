@@ -29,6 +29,7 @@ use crate::io::{
 };
 use crate::phase::{Phase, PhaseWatch, Side};
 use crate::postcopy::destination::{send_requests, PostcopyDestination};
+use crate::postcopy::queue::QueueBudget;
 use crate::postcopy::{send_pending_list, Links, PendingPages};
 use crate::{region_descs, MigrateError, PostcopyStats};
 
@@ -1196,6 +1197,7 @@ async fn receive_bulk(
     let mut round = 0u32;
     let mut frame_buf = Vec::new();
     let mut data: Vec<u8> = Vec::new();
+    let mut window = ReceiveWindow::default();
     let ram = ctx.ram.clone();
     let region_pages =
         move |idx: usize| ram.regions().get(idx).map(|r| (r.page_bytes(), r.pages()));
@@ -1218,6 +1220,7 @@ async fn receive_bulk(
                     read_exact(&mut r, &mut data, &name).await?;
                     pc.place_batch(region_idx, head.entries(), &data, page_bytes as u64, false)?;
                     ctx.progress();
+                    window.placed(r.get_ref(), frame_bytes);
                     continue;
                 }
                 if !ctx.direct {
@@ -1318,6 +1321,46 @@ async fn receive_urgent(
                     "{name}: unexpected {} frame",
                     other.kind().name()
                 )))
+            }
+        }
+    }
+}
+
+/// A bulk channel's receive window in postcopy, clamped to the queue
+/// budget (`postcopy::queue`) from the rate pages are placed at.
+#[derive(Debug, Default)]
+struct ReceiveWindow {
+    budget: Option<QueueBudget>,
+    placed_bytes: u64,
+    clamp_bytes: u64,
+    /// The least receive-side round trip seen, µs (0: none yet).
+    rtt_us: u32,
+}
+
+impl ReceiveWindow {
+    /// `bytes` more were placed from `s`: clamps its window anew when the
+    /// budget has moved by a quarter or more.
+    fn placed(&mut self, s: &TcpStream, bytes: u64) {
+        let now = std::time::Instant::now();
+        self.placed_bytes += bytes;
+        let budget = self
+            .budget
+            .get_or_insert_with(|| QueueBudget::new(now, self.placed_bytes));
+        if let Ok(f) = freehint_linux_sys::tcp_figures(s) {
+            if f.rcv_rtt_us > 0 && (self.rtt_us == 0 || f.rcv_rtt_us < self.rtt_us) {
+                self.rtt_us = f.rcv_rtt_us;
+            }
+        }
+        let rtt_us = self.rtt_us;
+        let limit = budget.limit_bytes(now, self.placed_bytes, rtt_us);
+        if limit.abs_diff(self.clamp_bytes) * 4 >= self.clamp_bytes {
+            match freehint_linux_sys::set_tcp_window_clamp(s, limit as u32) {
+                Ok(()) => self.clamp_bytes = limit,
+                // Unbounded then, as in precopy: slower faults, nothing lost.
+                Err(e) => {
+                    tracing::warn!("postcopy: cannot clamp a bulk channel's window: {e}");
+                    self.clamp_bytes = u64::MAX / 4;
+                }
             }
         }
     }

@@ -1,10 +1,12 @@
 //! Raw kernel interfaces the host crates share: userfaultfd ioctls and
 //! messages (write-protect mode for dirty tracking, missing mode for
-//! postcopy placement), `PAGEMAP_SCAN`, pidfd.
+//! postcopy placement), `PAGEMAP_SCAN`, pidfd, and the TCP socket figures
+//! postcopy sizes its queues by (`TCP_INFO`, `TCP_WINDOW_CLAMP`).
 //!
 //! The `libc` crate does not carry `PAGEMAP_SCAN` or the userfaultfd
-//! structures, so they are declared here from the kernel's UAPI headers
-//! (`linux/userfaultfd.h`, `linux/fs.h`).
+//! structures, and its `tcp_info` is glibc's shorter one, so they are
+//! declared here from the kernel's UAPI headers (`linux/userfaultfd.h`,
+//! `linux/fs.h`, `linux/tcp.h`).
 
 #![deny(missing_docs)]
 
@@ -203,9 +205,20 @@ pub fn userfaultfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// `UFFDIO_COPY` of `len` bytes at `src` (this process) to `dst` (the
-/// registered mm), waking the faulting threads.
-pub fn uffdio_copy(uffd: &OwnedFd, dst: u64, src: &[u8]) -> io::Result<()> {
+/// A `UFFDIO_COPY` that stopped early: how far it got, and why it stopped.
+#[derive(Debug)]
+pub struct PartialCopy {
+    /// Bytes copied (whole pages, from the start) before the error.
+    pub copied_bytes: u64,
+    /// Why the copy stopped.
+    pub error: io::Error,
+}
+
+/// `UFFDIO_COPY` of `src` (this process) to `dst` (the registered mm),
+/// waking the faulting threads. The kernel copies page by page; on an
+/// error, the pages before the failing one are in place
+/// ([`PartialCopy::copied_bytes`]).
+pub fn uffdio_copy(uffd: &OwnedFd, dst: u64, src: &[u8]) -> Result<(), PartialCopy> {
     let mut c = UffdioCopy {
         dst,
         src: src.as_ptr() as u64,
@@ -213,7 +226,14 @@ pub fn uffdio_copy(uffd: &OwnedFd, dst: u64, src: &[u8]) -> io::Result<()> {
         mode: 0,
         copy: 0,
     };
-    ioctl(uffd, UFFDIO_COPY, &mut c).map(|_| ())
+    ioctl(uffd, UFFDIO_COPY, &mut c)
+        .map(|_| ())
+        .map_err(|error| PartialCopy {
+            // `copy` holds the bytes copied, or a negative errno when none
+            // were.
+            copied_bytes: u64::try_from(c.copy).unwrap_or(0),
+            error,
+        })
 }
 
 /// `UFFDIO_ZEROPAGE` of `[start, start + len)`, waking the faulting threads.
@@ -319,6 +339,107 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, target_fd: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// The head of the kernel's `struct tcp_info` (`linux/tcp.h`), through
+/// `tcpi_min_rtt`; the kernel fills as much as the caller's buffer holds.
+#[repr(C)]
+#[derive(Default)]
+struct RawTcpInfo {
+    head_u8: [u8; 8],
+    rto_to_total_retrans: [u32; 24],
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+    segs_out: u32,
+    segs_in: u32,
+    notsent_bytes: u32,
+    min_rtt: u32,
+}
+
+/// The figures of one TCP socket that postcopy's queue sizing reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpFigures {
+    /// Smoothed round-trip time, µs (queueing included).
+    pub rtt_us: u32,
+    /// The receiver's own round-trip estimate, µs (0 before it has one).
+    pub rcv_rtt_us: u32,
+    /// Smallest round-trip time seen, µs: the path without its queues.
+    pub min_rtt_us: u32,
+    /// Bytes the peer has acknowledged, since the connection opened.
+    pub bytes_acked: u64,
+    /// Bytes received, since the connection opened.
+    pub bytes_received: u64,
+}
+
+/// `TCP_INFO` of a TCP socket.
+pub fn tcp_figures(fd: &impl AsRawFd) -> io::Result<TcpFigures> {
+    let mut info = RawTcpInfo::default();
+    let mut len = std::mem::size_of::<RawTcpInfo>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, a live
+    // local of exactly that size made of plain integers, and stores the
+    // length it wrote in `len`, a live local.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut RawTcpInfo as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // After the 8 bytes of u8 fields: rto, ato, snd_mss, rcv_mss, unacked,
+    // sacked, lost, retrans, fackets, four last_* times, pmtu,
+    // rcv_ssthresh, then tcpi_rtt (index 15), rttvar, snd_ssthresh,
+    // snd_cwnd, advmss, reordering, then tcpi_rcv_rtt (index 21).
+    let u = &info.rto_to_total_retrans;
+    Ok(TcpFigures {
+        rtt_us: u[15],
+        rcv_rtt_us: u[21],
+        min_rtt_us: info.min_rtt,
+        bytes_acked: info.bytes_acked,
+        bytes_received: info.bytes_received,
+    })
+}
+
+/// `TCP_WINDOW_CLAMP`: the receive window the socket advertises stays at
+/// or below `bytes` (the kernel raises a tiny value to its minimum).
+pub fn set_tcp_window_clamp(fd: &impl AsRawFd, bytes: u32) -> io::Result<()> {
+    let v = bytes.min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: setsockopt reads one c_int from `&v`, a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_WINDOW_CLAMP,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Puts the calling thread in the `SCHED_FIFO` class at `priority`
+/// (1..=99): it then runs as soon as it wakes, ahead of every ordinary
+/// thread. Needs `CAP_SYS_NICE` (or an `RLIMIT_RTPRIO` that allows it).
+pub fn set_this_thread_fifo(priority: i32) -> io::Result<()> {
+    let p = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: pid 0 is the calling thread; the kernel reads one
+    // sched_param from `&p`, a live local.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,5 +459,55 @@ mod tests {
         assert_eq!((UFFDIO_COPY >> 16) & 0x3fff, 40);
         assert_eq!((UFFDIO_ZEROPAGE >> 16) & 0x3fff, 32);
         assert_eq!((UFFDIO_REGISTER >> 16) & 0x3fff, 32);
+        // Through tcpi_min_rtt.
+        assert_eq!(std::mem::size_of::<RawTcpInfo>(), 152);
+    }
+
+    #[test]
+    fn tcp_figures_agree_with_glibcs_head_and_count_the_bytes() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut b, _) = l.accept().unwrap();
+        let sent = vec![7u8; 300_000];
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 300_000];
+            b.read_exact(&mut got).unwrap();
+            b.write_all(b"k").unwrap();
+            b
+        });
+        a.write_all(&sent).unwrap();
+        let mut k = [0u8; 1];
+        a.read_exact(&mut k).unwrap();
+        let b = reader.join().unwrap();
+        let fa = tcp_figures(&a).unwrap();
+        let fb = tcp_figures(&b).unwrap();
+        // Every byte written was acknowledged before the peer answered.
+        // (Give or take the sequence number of the connection's SYN, which
+        // one side counts and the other does not.)
+        assert!((300_000..=300_001).contains(&fa.bytes_acked), "{fa:?}");
+        assert!((300_000..=300_001).contains(&fb.bytes_received), "{fb:?}");
+        assert!(
+            (1..1_000_000).contains(&fa.min_rtt_us),
+            "{fa:?}: loopback, under a second"
+        );
+        // The same fields as glibc's (shorter) struct reads them.
+        let mut g: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `g`, a live
+        // local of that size made of plain integers.
+        let rc = unsafe {
+            libc::getsockopt(
+                a.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                &mut g as *mut libc::tcp_info as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        let fa2 = tcp_figures(&a).unwrap();
+        assert_eq!((g.tcpi_rtt, g.tcpi_rcv_rtt), (fa2.rtt_us, fa2.rcv_rtt_us));
+        set_tcp_window_clamp(&b, 256 << 10).unwrap();
     }
 }

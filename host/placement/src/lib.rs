@@ -218,14 +218,44 @@ impl MissingPlacer {
         }
     }
 
-    /// Places `content` (whole pages) at `address` and wakes whoever waits
-    /// on it.
+    /// Places `content` (whole pages, one or many: one system call for a
+    /// run) at `address` and wakes whoever waits on them. A page found
+    /// already present ends the placement there with
+    /// [`Placed::AlreadyPresent`]; the pages before it are placed.
     pub fn place(&self, address: u64, content: &[u8]) -> Result<Placed, PlacementError> {
         let len = content.len() as u64;
         self.check(address, len)?;
-        self.retrying(address, len, || {
-            sys::uffdio_copy(&self.uffd, address, content)
-        })
+        let mut done_bytes = 0u64;
+        let mut tries = 0;
+        loop {
+            let at = address + done_bytes;
+            match sys::uffdio_copy(&self.uffd, at, &content[done_bytes as usize..]) {
+                Ok(()) => return Ok(Placed::Now),
+                Err(partial) => {
+                    done_bytes += partial.copied_bytes;
+                    if partial.copied_bytes > 0 {
+                        // Progress: the kernel reports a short copy as
+                        // EAGAIN; go on from where it stopped.
+                        tries = 0;
+                        if done_bytes >= len {
+                            return Ok(Placed::Now);
+                        }
+                        continue;
+                    }
+                    match partial.error.raw_os_error() {
+                        Some(libc::EEXIST) => return Ok(Placed::AlreadyPresent),
+                        Some(libc::EAGAIN) if tries < EAGAIN_RETRIES => tries += 1,
+                        _ => {
+                            return Err(PlacementError::Place {
+                                address: at,
+                                len_bytes: len - done_bytes,
+                                source: partial.error,
+                            })
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Places zero pages over `[address, address + len_bytes)` and wakes

@@ -146,3 +146,30 @@ fn ranges_that_are_not_whole_pages_are_refused() {
         assert!(matches!(e, PlacementError::Unaligned { .. }), "{e}");
     }
 }
+
+#[test]
+fn a_run_is_placed_in_one_call_and_stops_at_a_page_already_present() {
+    let s = shmem();
+    let p = placer(&s);
+    // Page 12 is present (written through the alias); 10..=11 are not.
+    // SAFETY: inside the live alias mapping.
+    unsafe { std::ptr::write_volatile((s.alias + 12 * PAGE) as *mut u8, 0x33) };
+    let waiting = read_on_thread(s.guest + 11 * PAGE + 5);
+    p.next_fault(Duration::from_secs(5))
+        .unwrap()
+        .expect("the read faulted");
+    let content: Vec<u8> = (0..4 * PAGE).map(|i| (i / PAGE + 1) as u8).collect();
+    assert_eq!(
+        p.place(s.guest + 10 * PAGE, &content).unwrap(),
+        Placed::AlreadyPresent,
+        "page 12 was present"
+    );
+    assert_eq!(waiting.recv_timeout(Duration::from_secs(5)).unwrap(), 2);
+    // SAFETY: inside the live alias mapping.
+    let seen = |page: u64| unsafe { std::ptr::read_volatile((s.alias + page * PAGE) as *const u8) };
+    assert_eq!((seen(10), seen(11), seen(12), seen(13)), (1, 2, 0x33, 0));
+    // A whole run of missing pages: placed in one call.
+    let run: Vec<u8> = (0..3 * PAGE).map(|i| (i / PAGE + 7) as u8).collect();
+    assert_eq!(p.place(s.guest + 20 * PAGE, &run).unwrap(), Placed::Now);
+    assert_eq!((seen(20), seen(21), seen(22)), (7, 8, 9));
+}

@@ -134,6 +134,20 @@ impl PostcopyDestination {
         })
     }
 
+    /// The VMM's address of `page` of `region`, and how many pages from it
+    /// on are contiguous there (to the end of its mapped range).
+    fn mapped_run(&self, region: usize, page: u64) -> Option<(u64, u64)> {
+        self.ranges.iter().find_map(|r| {
+            let pages = r.len_bytes / r.page_bytes;
+            (r.region == region && page >= r.first_page && page < r.first_page + pages).then(|| {
+                (
+                    r.vaddr_start + (page - r.first_page) * r.page_bytes,
+                    r.first_page + pages - page,
+                )
+            })
+        })
+    }
+
     /// Region and page of a faulting VMM address.
     fn page_at(&self, address: u64) -> Option<(usize, u64)> {
         self.ranges.iter().find_map(|r| {
@@ -183,7 +197,8 @@ impl PostcopyDestination {
         Ok(())
     }
 
-    /// Places `count` pages from `first_page`: `content`, or zeros.
+    /// Places `count` pages from `first_page`: `content`, or zeros. Pages
+    /// contiguous in the VMM's address space are placed with one call.
     fn place_run(
         &self,
         region: usize,
@@ -192,32 +207,54 @@ impl PostcopyDestination {
         content: Option<&[u8]>,
         page_bytes: u64,
     ) -> Result<(), MigrateError> {
-        for i in 0..count {
-            let page = first_page + i;
+        for page in first_page..first_page + count {
             if !self.pending.contains(region, page) {
                 return Err(MigrateError::Postcopy(format!(
                     "the source sent page {page} of region {region}, which is not pending (sent twice, or never listed)"
                 )));
             }
-            let (address, _) = self.address(region, page).ok_or_else(|| {
+        }
+        let mut done = 0u64;
+        while done < count {
+            let page = first_page + done;
+            let (address, pages_here) = self.mapped_run(region, page).ok_or_else(|| {
                 MigrateError::Postcopy(format!(
                     "page {page} of region {region} is not mapped by the destination VMM"
                 ))
             })?;
+            let n = pages_here.min(count - done);
             let placed = match content {
                 Some(c) => {
-                    let off = (i * page_bytes) as usize;
+                    let off = (done * page_bytes) as usize;
                     self.placer
-                        .place(address, &c[off..off + page_bytes as usize])?
+                        .place(address, &c[off..off + (n * page_bytes) as usize])?
                 }
-                None => self.place_zero(address, page_bytes)?,
+                None if page_bytes > 4096 => {
+                    // No UFFDIO_ZEROPAGE on hugetlbfs: one page of zeros
+                    // at a time.
+                    let mut placed = Placed::Now;
+                    for i in 0..n {
+                        if self.place_zero(address + i * page_bytes, page_bytes)?
+                            == Placed::AlreadyPresent
+                        {
+                            placed = Placed::AlreadyPresent;
+                            break;
+                        }
+                    }
+                    placed
+                }
+                None => self.placer.place_zero(address, n * page_bytes)?,
             };
             if placed == Placed::AlreadyPresent {
                 return Err(MigrateError::Postcopy(format!(
-                    "page {page} of region {region} was present before it arrived"
+                    "a page of region {region} in pages {page}..{} was present before it arrived",
+                    page + n
                 )));
             }
-            self.done(region, page);
+            for p in page..page + n {
+                self.done(region, p);
+            }
+            done += n;
         }
         Ok(())
     }
@@ -288,6 +325,7 @@ impl PostcopyDestination {
         std::thread::Builder::new()
             .name("postcopy-faults".into())
             .spawn(move || {
+                super::run_urgently("the fault thread");
                 while !me.stop.load(Ordering::Acquire) {
                     let r = me
                         .placer

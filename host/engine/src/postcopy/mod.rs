@@ -13,6 +13,7 @@
 //!   once and is placed once.
 
 pub(crate) mod destination;
+pub(crate) mod queue;
 pub(crate) mod source;
 
 use std::future::Future;
@@ -22,6 +23,25 @@ use std::sync::Arc;
 use freehint_types::PageRun;
 
 use crate::MigrateError;
+
+/// Real-time priority of the threads on a fault's path (the destination's
+/// fault thread and both ends of the urgent channel): low, above every
+/// ordinary thread and below the kernel's own real-time threads.
+const URGENT_FIFO_PRIORITY: i32 = 1;
+
+/// Makes the calling thread, one on a fault's path, run as soon as it
+/// wakes: on a busy host an ordinary thread waits for the running one's
+/// time slice (milliseconds) and a guest vCPU waits with it. These threads
+/// only move single pages and then block, so they cannot starve the host
+/// (and the kernel caps real-time threads at 95% of each second). Without
+/// the privilege, postcopy still works, with slower faults.
+pub(crate) fn run_urgently(what: &str) {
+    if let Err(e) = freehint_linux_sys::set_this_thread_fifo(URGENT_FIFO_PRIORITY) {
+        tracing::warn!(
+            "postcopy: {what} runs at ordinary priority (SCHED_FIFO refused: {e}); faults may wait behind other threads"
+        );
+    }
+}
 
 /// Runs the urgent channel's work on a thread of its own, with its own
 /// runtime: page requests and their answers must never wait for a worker
@@ -44,6 +64,7 @@ where
     std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
+            run_urgently("the urgent channel's thread");
             let r = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -193,13 +214,25 @@ impl PendingPages {
         if end > self.region_pages(run.region) {
             return false;
         }
+        // A word at a time: the switch lists up to millions of pages, and
+        // the guest waits for the list.
         let words = &self.words[run.region];
-        for p in run.first_page..end {
-            let prev = words[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::AcqRel);
-            if prev & (1 << (p % 64)) == 0 {
-                self.remaining.fetch_add(1, Ordering::AcqRel);
-            }
+        let mut fresh = 0u64;
+        let mut p = run.first_page;
+        while p < end {
+            let wi = p / 64;
+            let last = end.min((wi + 1) * 64);
+            let bits = last - p;
+            let mask = if bits == 64 {
+                !0
+            } else {
+                ((1u64 << bits) - 1) << (p % 64)
+            };
+            let prev = words[wi as usize].fetch_or(mask, Ordering::AcqRel);
+            fresh += (mask & !prev).count_ones() as u64;
+            p = last;
         }
+        self.remaining.fetch_add(fresh, Ordering::AcqRel);
         true
     }
 

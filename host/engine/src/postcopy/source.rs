@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use freehint_memory::GuestRam;
 use freehint_types::PageRun;
@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
+use super::queue::QueueBudget;
 use super::PendingPages;
 use crate::fault::hit;
 use crate::io::read_frame;
@@ -61,10 +62,6 @@ pub(crate) struct PostcopySource {
     /// Sessions so far: 0 until the link first breaks and is reconnected.
     pub(crate) session: u32,
 }
-
-/// Most bytes a bulk channel holds queued in postcopy: a page the stream
-/// has taken waits at most this long behind others (about 1 ms at 2 GB/s).
-const POSTCOPY_QUEUE_BYTES: u64 = 2 << 20;
 
 /// A whole `PageRequest` frame on the wire.
 const REQUEST_FRAME_BYTES: usize = HEADER_BYTES + 16;
@@ -194,11 +191,19 @@ impl PostcopySource {
         let mut runs: Vec<PageRun> = Vec::new();
         let regions = self.pending.regions();
         let mut batches = 0u64;
+        let figures = || freehint_linux_sys::tcp_figures(stream).unwrap_or_default();
+        let mut budget = QueueBudget::new(Instant::now(), figures().bytes_acked);
         while self.pending.remaining() > 0 {
             // Take pages only once the socket has room: a page taken sits in
             // the queue until sent, and a request for it waits behind the
-            // queue (the request is not answered twice).
-            while crate::sender::unacknowledged_bytes(stream).unwrap_or(0) > POSTCOPY_QUEUE_BYTES {
+            // queue (the request is not answered twice). See `queue`.
+            loop {
+                let f = figures();
+                let limit = budget.limit_bytes(Instant::now(), f.bytes_acked, f.min_rtt_us);
+                let q = crate::sender::unacknowledged_bytes(stream).unwrap_or(0);
+                if q <= limit {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             runs.clear();
