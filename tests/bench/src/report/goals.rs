@@ -581,7 +581,9 @@ fn goal_fault_latency(pool: &Pool) -> Goal {
          `_p99`, `_max`: from the fault event to the wake-up, the bulk stream running at \
          the same time); targets p50 ≤ {FAULT_P50_MAX_US} µs and p99 ≤ {FAULT_P99_MAX_US} µs. \
          QEMU reports no per-fault latency; its postcopy's blocked vCPU time is in the \
-         suite tables.\n\n"
+         suite tables. These rows are real guests over the shaped link, where the urgent \
+         channel shares the `tbf` queue with the bulk channels; the same targets on \
+         loopback are judged per row in \"Postcopy on loopback\" below.\n\n"
     );
     let keys = groups_with(pool, Mode::FreehintPostcopy);
     let mut verdicts = Vec::new();
