@@ -828,12 +828,11 @@ impl Receiver {
             }
         };
         let ctx = inc.ctx.clone().expect("set before the switch");
-        let mut links = Links::default();
-        links.add(control.socket());
-        for s in bulk.iter().chain(std::iter::once(&urgent)) {
-            links.add(s);
-        }
-        inc.links = links;
+        inc.links = Links::of(
+            std::iter::once(control.socket())
+                .chain(&bulk)
+                .chain(std::iter::once(&urgent)),
+        );
         for (i, s) in bulk
             .into_iter()
             .take(hello.bulk_channels as usize)

@@ -693,21 +693,12 @@ impl PrecopySender {
             .urgent
             .take()
             .ok_or_else(|| MigrateError::Postcopy("no urgent channel was opened".into()))?;
-        at.links = Links::default();
-        at.links.add(&urgent);
-        for b in &at.bulk {
-            at.links.add(b);
-        }
-        if let Some(c) = &at.control {
-            at.links.add(c.socket());
-        }
-        let mut tasks = JoinSet::new();
-        let server = src.clone();
-        tasks.spawn(crate::postcopy::on_own_thread(
-            "postcopy-urgent",
-            urgent,
-            move |s| server.serve_requests(s),
-        )?);
+        at.links = Links::of(
+            std::iter::once(&urgent)
+                .chain(&at.bulk)
+                .chain(at.control.as_ref().map(|c| c.socket())),
+        );
+        let tasks = src.spawn_urgent(urgent)?;
         at.postcopy = Some((src, tasks));
         at.stats.downtime_breakdown.final_round_us = started.elapsed().as_micros() as u64;
         Ok(())
@@ -744,13 +735,7 @@ impl PrecopySender {
                     let (pending, new_bulk, urgent) = self.reconnect(at).await?;
                     src.pending = pending;
                     src.session += 1;
-                    tasks = JoinSet::new();
-                    let server = src.clone();
-                    tasks.spawn(crate::postcopy::on_own_thread(
-                        "postcopy-urgent",
-                        urgent,
-                        move |s| server.serve_requests(s),
-                    )?);
+                    tasks = src.spawn_urgent(urgent)?;
                     bulk = new_bulk;
                     self.phase.enter(Phase::Postcopy);
                 }
@@ -942,13 +927,11 @@ impl PrecopySender {
             .open_data_channels(dest, session_id, true, true)
             .await?;
         let urgent = urgent.expect("asked for");
-        let mut links = Links::default();
-        links.add(control.socket());
-        for b in &bulk {
-            links.add(b);
-        }
-        links.add(&urgent);
-        at.links = links;
+        at.links = Links::of(
+            std::iter::once(control.socket())
+                .chain(&bulk)
+                .chain(std::iter::once(&urgent)),
+        );
         at.control = Some(control);
         Ok((pending, bulk, urgent))
     }

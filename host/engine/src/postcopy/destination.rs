@@ -37,6 +37,14 @@ struct Counters {
     pages_streamed: AtomicU64,
 }
 
+/// Where a guest page is in the destination VMM.
+struct Mapped {
+    address: u64,
+    page_bytes: u64,
+    /// Pages from this one to the end of its mapped range.
+    pages_to_end: u64,
+}
+
 /// The destination VMM's RAM during postcopy.
 pub(crate) struct PostcopyDestination {
     /// Dropped (unregistering the RAM) only once every pending page is
@@ -121,29 +129,18 @@ impl PostcopyDestination {
         self.pending.remaining()
     }
 
-    /// The VMM's address of `page` of `region`, and that range's page size.
-    fn address(&self, region: usize, page: u64) -> Option<(u64, u64)> {
+    /// The VMM's address of `page` of `region`, its mapped range's page
+    /// size, and how many pages from it on are contiguous there (to the
+    /// range's end).
+    fn mapped(&self, region: usize, page: u64) -> Option<Mapped> {
         self.ranges.iter().find_map(|r| {
             let pages = r.len_bytes / r.page_bytes;
             (r.region == region && page >= r.first_page && page < r.first_page + pages).then(|| {
-                (
-                    r.vaddr_start + (page - r.first_page) * r.page_bytes,
-                    r.page_bytes,
-                )
-            })
-        })
-    }
-
-    /// The VMM's address of `page` of `region`, and how many pages from it
-    /// on are contiguous there (to the end of its mapped range).
-    fn mapped_run(&self, region: usize, page: u64) -> Option<(u64, u64)> {
-        self.ranges.iter().find_map(|r| {
-            let pages = r.len_bytes / r.page_bytes;
-            (r.region == region && page >= r.first_page && page < r.first_page + pages).then(|| {
-                (
-                    r.vaddr_start + (page - r.first_page) * r.page_bytes,
-                    r.first_page + pages - page,
-                )
+                Mapped {
+                    address: r.vaddr_start + (page - r.first_page) * r.page_bytes,
+                    page_bytes: r.page_bytes,
+                    pages_to_end: r.first_page + pages - page,
+                }
             })
         })
     }
@@ -217,33 +214,19 @@ impl PostcopyDestination {
         let mut done = 0u64;
         while done < count {
             let page = first_page + done;
-            let (address, pages_here) = self.mapped_run(region, page).ok_or_else(|| {
+            let m = self.mapped(region, page).ok_or_else(|| {
                 MigrateError::Postcopy(format!(
                     "page {page} of region {region} is not mapped by the destination VMM"
                 ))
             })?;
-            let n = pages_here.min(count - done);
+            let n = m.pages_to_end.min(count - done);
             let placed = match content {
                 Some(c) => {
                     let off = (done * page_bytes) as usize;
                     self.placer
-                        .place(address, &c[off..off + (n * page_bytes) as usize])?
+                        .place(m.address, &c[off..off + (n * page_bytes) as usize])?
                 }
-                None if page_bytes > 4096 => {
-                    // No UFFDIO_ZEROPAGE on hugetlbfs: one page of zeros
-                    // at a time.
-                    let mut placed = Placed::Now;
-                    for i in 0..n {
-                        if self.place_zero(address + i * page_bytes, page_bytes)?
-                            == Placed::AlreadyPresent
-                        {
-                            placed = Placed::AlreadyPresent;
-                            break;
-                        }
-                    }
-                    placed
-                }
-                None => self.placer.place_zero(address, n * page_bytes)?,
+                None => self.place_zero(m.address, page_bytes, n)?,
             };
             if placed == Placed::AlreadyPresent {
                 return Err(MigrateError::Postcopy(format!(
@@ -259,13 +242,29 @@ impl PostcopyDestination {
         Ok(())
     }
 
-    fn place_zero(&self, address: u64, page_bytes: u64) -> Result<Placed, MigrateError> {
-        Ok(if page_bytes > 4096 {
-            self.placer
-                .place(address, &self.zero_huge_page[..page_bytes as usize])?
-        } else {
-            self.placer.place_zero(address, page_bytes)?
-        })
+    /// Places `pages` zero pages of `page_bytes` from `address`; stops at
+    /// the first one already present.
+    fn place_zero(
+        &self,
+        address: u64,
+        page_bytes: u64,
+        pages: u64,
+    ) -> Result<Placed, MigrateError> {
+        if page_bytes <= 4096 {
+            return Ok(self.placer.place_zero(address, pages * page_bytes)?);
+        }
+        // No UFFDIO_ZEROPAGE on hugetlbfs: a huge page of zeros at a time.
+        for i in 0..pages {
+            let at = address + i * page_bytes;
+            if self
+                .placer
+                .place(at, &self.zero_huge_page[..page_bytes as usize])?
+                == Placed::AlreadyPresent
+            {
+                return Ok(Placed::AlreadyPresent);
+            }
+        }
+        Ok(Placed::Now)
     }
 
     /// A pending page is placed: account for it, and for the fault that
@@ -309,10 +308,10 @@ impl PostcopyDestination {
         }
         // Never coming (free or zero at the switch), or placed meanwhile
         // (then the placement woke the guest and this finds it present).
-        let (address, page_bytes) = self.address(region, page).ok_or_else(|| {
+        let m = self.mapped(region, page).ok_or_else(|| {
             MigrateError::Postcopy(format!("page {page} of region {region} is not mapped"))
         })?;
-        if self.place_zero(address, page_bytes)? == Placed::Now {
+        if self.place_zero(m.address, m.page_bytes, 1)? == Placed::Now {
             self.counters.faults_local.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())

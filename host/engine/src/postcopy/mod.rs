@@ -166,6 +166,15 @@ impl Links {
         }
     }
 
+    /// Duplicates of every socket of one session.
+    pub(crate) fn of<'a>(sockets: impl IntoIterator<Item = &'a tokio::net::TcpStream>) -> Self {
+        let mut links = Self::default();
+        for s in sockets {
+            links.add(s);
+        }
+        links
+    }
+
     /// Shuts every connection down, both ways.
     pub(crate) fn cut(&mut self) {
         for s in self.0.drain(..) {

@@ -67,6 +67,20 @@ pub(crate) struct PostcopySource {
 const REQUEST_FRAME_BYTES: usize = HEADER_BYTES + 16;
 
 impl PostcopySource {
+    /// Starts answering page requests on `urgent`, on a thread of its own
+    /// (see [`super::on_own_thread`]); the set holds that one task.
+    pub(crate) fn spawn_urgent(
+        &self,
+        urgent: TcpStream,
+    ) -> Result<JoinSet<Result<(), MigrateError>>, MigrateError> {
+        let server = self.clone();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(super::on_own_thread("postcopy-urgent", urgent, move |s| {
+            server.serve_requests(s)
+        })?);
+        Ok(tasks)
+    }
+
     /// Answers page requests on the urgent channel until the destination
     /// closes it. Requests that arrive together are answered together;
     /// a page already sent (or on its way on a bulk channel) is not sent
