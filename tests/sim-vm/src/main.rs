@@ -630,11 +630,23 @@ fn run_incoming(sim: Arc<Sim>, control: UnixStream, args: &Args) -> Result<(), S
         };
         sim.send(&reply);
     }
+    // A postcopy with few pages left can end within a millisecond of the
+    // resume, before a busy host ran the workload at all: let it check at
+    // least one page (for up to a second), so its report says something.
+    // (Within the 2 s the exit below allows in all.)
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let check_by = Instant::now() + Duration::from_secs(1);
+    while worker.as_ref().is_some_and(|w| !w.is_finished())
+        && !sim.paused.load(Ordering::SeqCst)
+        && sim.pages_checked.load(Ordering::Relaxed) == 0
+        && Instant::now() < check_by
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     sim.quit.store(true, Ordering::SeqCst);
     // After a broken postcopy the worker may wait on a fault for a page
     // that never comes (that is the point: it must not read zeros). Give
     // it a moment, then report and exit without it.
-    let deadline = Instant::now() + Duration::from_secs(2);
     while worker.as_ref().is_some_and(|w| !w.is_finished()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
