@@ -29,6 +29,7 @@
 mod error;
 pub mod fault;
 mod io;
+mod page_set;
 mod params;
 mod phase;
 mod postcopy;

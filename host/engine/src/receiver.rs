@@ -27,10 +27,11 @@ use crate::io::{
     expect_message, read_exact, read_frame, read_into_pages, write_message, ControlChannel,
     RawPages,
 };
+use crate::page_set::PageSet;
 use crate::phase::{Phase, PhaseWatch, Side};
 use crate::postcopy::destination::{send_requests, PostcopyDestination};
 use crate::postcopy::queue::QueueBudget;
-use crate::postcopy::{send_pending_list, Links, PendingPages};
+use crate::postcopy::{send_pending_list, Links};
 use crate::{region_descs, MigrateError, PostcopyStats};
 
 /// What the receiver measured, and how the migration ended for it.
@@ -103,37 +104,16 @@ impl std::error::Error for ReceiveFailure {
 }
 
 /// Pages of the destination's RAM that hold data (so that a zero record for
-/// them must clear them), one bit per page, shared by the bulk channels.
-struct WrittenMap {
-    words: Vec<Vec<AtomicU64>>,
-}
-
-impl WrittenMap {
-    fn new(ram: &GuestRam) -> Result<Self, MigrateError> {
-        let mut words = Vec::new();
-        for r in ram.regions() {
-            let w: Vec<AtomicU64> = (0..r.pages().div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect();
-            for range in r.data_page_ranges()? {
-                for p in range {
-                    w[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
-                }
-            }
-            words.push(w);
+/// them must clear them), shared by the bulk channels.
+fn written_pages(ram: &GuestRam) -> Result<PageSet, MigrateError> {
+    let pages: Vec<u64> = ram.regions().iter().map(|r| r.pages()).collect();
+    let written = PageSet::new(&pages);
+    for (idx, r) in ram.regions().iter().enumerate() {
+        for range in r.data_page_ranges()? {
+            written.insert(PageRun::new(idx, range.start, range.end - range.start));
         }
-        Ok(Self { words })
     }
-
-    fn mark(&self, region: usize, page: u64) {
-        self.words[region][(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
-    }
-
-    /// Clears the mark and says whether it was set.
-    fn take(&self, region: usize, page: u64) -> bool {
-        let bit = 1u64 << (page % 64);
-        self.words[region][(page / 64) as usize].fetch_and(!bit, Ordering::Relaxed) & bit != 0
-    }
+    Ok(written)
 }
 
 /// Accepts one migration into `ram`.
@@ -142,7 +122,7 @@ pub struct Receiver {
     vmm: Arc<dyn DestinationVmm>,
     accept_timeout: Option<Duration>,
     preallocate: bool,
-    written: Option<Arc<WrittenMap>>,
+    written: Option<Arc<PageSet>>,
     phase: PhaseWatch,
     cancel: CancellationToken,
 }
@@ -162,7 +142,7 @@ struct BulkCtx {
     /// so this costs no faults); otherwise read into a buffer and `pwrite`.
     direct: bool,
     ram: Arc<GuestRam>,
-    written: Arc<WrittenMap>,
+    written: Arc<PageSet>,
     barrier: Arc<Barrier>,
     bytes: Arc<AtomicU64>,
     pages_placed: Arc<AtomicU64>,
@@ -200,7 +180,7 @@ struct Incoming {
     ctx: Option<BulkCtx>,
     urgent: Option<TcpStream>,
     /// Pages still to come, once the source said it switches to postcopy.
-    pending: Option<Arc<PendingPages>>,
+    pending: Option<Arc<PageSet>>,
     postcopy: Option<Postcopy>,
     /// The session id every connection of this migration carries.
     session_id: u64,
@@ -273,8 +253,8 @@ impl Receiver {
     /// Which pages hold data before anything arrives (a zero record for
     /// them must clear them); taken before preallocation, which only adds
     /// zero pages.
-    fn survey(ram: &GuestRam, preallocate: bool) -> Result<Arc<WrittenMap>, MigrateError> {
-        let written = Arc::new(WrittenMap::new(ram)?);
+    fn survey(ram: &GuestRam, preallocate: bool) -> Result<Arc<PageSet>, MigrateError> {
+        let written = Arc::new(written_pages(ram)?);
         if preallocate {
             for r in ram.regions() {
                 r.preallocate()?;
@@ -492,7 +472,7 @@ impl Receiver {
                             let pending = inc.pending.get_or_insert_with(|| {
                                 let pages: Vec<u64> =
                                     self.ram.regions().iter().map(|r| r.pages()).collect();
-                                Arc::new(PendingPages::new(&pages))
+                                Arc::new(PageSet::new(&pages))
                             });
                             if !inc.source_stopping || inc.stats.postcopy.switched {
                                 return Err(MigrateError::Unexpected(
@@ -517,7 +497,7 @@ impl Receiver {
                             }
                             let pages: Vec<u64> =
                                 self.ram.regions().iter().map(|r| r.pages()).collect();
-                            inc.pending.get_or_insert_with(|| Arc::new(PendingPages::new(&pages)));
+                            inc.pending.get_or_insert_with(|| Arc::new(PageSet::new(&pages)));
                             inc.stats.postcopy.switched = true;
                             inc.stats.postcopy.postcopy_pending_pages = pending_pages;
                         }
@@ -1252,9 +1232,7 @@ async fn receive_bulk(
                         unsafe { region.write_pages(page, &data[at..at + len])? };
                         at += len;
                     }
-                    for p in page..page + run {
-                        ctx.written.mark(region_idx, p);
-                    }
+                    ctx.written.insert(PageRun::new(region_idx, page, run));
                     ctx.pages_placed.fetch_add(run, Ordering::Relaxed);
                 }
                 ctx.progress();
@@ -1369,20 +1347,10 @@ impl ReceiveWindow {
 /// that they read as zero (pages never written are zero already).
 fn discard_written(ctx: &BulkCtx, run: PageRun) -> Result<(), MigrateError> {
     let region = &ctx.ram.regions()[run.region];
-    let end = run.first_page + run.count;
-    let mut p = run.first_page;
-    while p < end {
-        if !ctx.written.take(run.region, p) {
-            p += 1;
-            continue;
-        }
-        // Gather the run of written pages and discard it from the file.
-        let start = p;
-        p += 1;
-        while p < end && ctx.written.take(run.region, p) {
-            p += 1;
-        }
-        region.punch_hole(start..p)?;
+    let mut written = Vec::new();
+    ctx.written.take_run(run, &mut written);
+    for w in written {
+        region.punch_hole(w.first_page..w.first_page + w.count)?;
     }
     Ok(())
 }

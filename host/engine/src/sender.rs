@@ -28,9 +28,10 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{cancellable, caught, panic_text};
 use crate::fault::hit;
 use crate::io::{expect_message, write_message, writev_all, ControlChannel, IoVecs};
+use crate::page_set::PageSet;
 use crate::phase::{Phase, PhaseWatch, Side};
 use crate::postcopy::source::{PostcopySource, SourceCounters, StreamHint};
-use crate::postcopy::{send_pending_list, Links, PendingPages, PostcopyResume};
+use crate::postcopy::{send_pending_list, Links, PostcopyResume};
 use crate::progress::ProgressWatch;
 use crate::{
     region_descs, MigrateError, MigrationFailure, MigrationMode, MigrationParams, MigrationStats,
@@ -80,7 +81,7 @@ struct RoundCounters {
 
 /// A resumed postcopy's pages still lacking, bulk channels and urgent
 /// channel.
-type PostcopyChannels = (Arc<PendingPages>, Vec<TcpStream>, TcpStream);
+type PostcopyChannels = (Arc<PageSet>, Vec<TcpStream>, TcpStream);
 
 /// Everything one migration attempt holds between its phases.
 struct Attempt {
@@ -275,6 +276,9 @@ impl PrecopySender {
             MigrationMode::Precopy | MigrationMode::Hybrid => self.live_rounds(at).await?,
         };
         self.check_device_state_size()?;
+        if postcopy {
+            self.sync_before_switch(at)?;
+        }
         hit("src.before-stop")?;
         self.stop_vm(at).await?;
         hit("src.after-stop")?;
@@ -623,6 +627,20 @@ impl PrecopySender {
         Ok(())
     }
 
+    /// A sync with the guest still running, just before the stop for the
+    /// switch to postcopy. Re-protecting the pages the guest wrote since
+    /// the last sync is the dear part of a sync (12 ms for the 1.4 GiB a
+    /// pure postcopy of a 2 GiB guest harvests at the stop); done here, the
+    /// stopped sync only has the last milliseconds' writes left. It closes
+    /// the hint epoch: a hint from here on is stale, as it would be after
+    /// the stop. Precopy does not need it: its final round sends whatever
+    /// the stopped sync finds, and its live rounds already keep that small.
+    fn sync_before_switch(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
+        let report = self.sync(false, &mut at.stats)?;
+        at.zero_runs.extend(report.discarded);
+        Ok(())
+    }
+
     /// The last sync, with the VM stopped, opening the last round; the
     /// zero runs that round sends.
     fn stopped_sync(&mut self, at: &mut Attempt) -> Result<Vec<PageRun>, MigrateError> {
@@ -665,7 +683,7 @@ impl PrecopySender {
             runs
         });
         let pages: Vec<u64> = self.ram.regions().iter().map(|r| r.pages()).collect();
-        let pending = Arc::new(PendingPages::new(&pages));
+        let pending = Arc::new(PageSet::new(&pages));
         for run in &runs {
             pending.insert(*run);
         }
@@ -888,7 +906,7 @@ impl PrecopySender {
             .await?;
         let mut control = ControlChannel::new(control);
         let pages: Vec<u64> = self.ram.regions().iter().map(|r| r.pages()).collect();
-        let pending = Arc::new(PendingPages::new(&pages));
+        let pending = Arc::new(PageSet::new(&pages));
         loop {
             match control
                 .expect(t, "the pages the destination still lacks")

@@ -168,16 +168,20 @@ impl MigrationBitmap {
             let start = (cursor.page as usize).min(bits.len());
             let mark = out.len();
             let mut taken = 0u64;
-            for i in bits[start..].iter_ones() {
-                if taken == max {
+            // Run by run, a word at a time: the switch to postcopy takes
+            // every set page at once, hundreds of thousands of them, while
+            // the guest is stopped.
+            let mut pos = start;
+            while taken < max {
+                let Some(off) = bits[pos..].first_one() else {
                     break;
-                }
-                let page = (start + i) as u64;
-                match out[mark..].last_mut() {
-                    Some(run) if run.end_page() == Some(page) => run.count += 1,
-                    _ => out.push(PageRun::page(cursor.region, page)),
-                }
-                taken += 1;
+                };
+                let first = pos + off;
+                let len = bits[first..].first_zero().unwrap_or(bits.len() - first) as u64;
+                let count = len.min(max - taken);
+                out.push(PageRun::new(cursor.region, first as u64, count));
+                taken += count;
+                pos = first + count as usize;
             }
             if taken > 0 {
                 for run in &out[mark..] {

@@ -303,3 +303,54 @@ fn bitmap(pages: u64) -> MigrationBitmap {
         pages,
     }])
 }
+
+proptest! {
+    /// Claims of any size, until the walk ends, take every set page once,
+    /// in order, as maximal runs within each claim, never more than the
+    /// claim's size, and leave the bitmap empty.
+    #[test]
+    fn claims_take_every_set_page_once_in_order(
+        set in proptest::collection::vec((0u64..4200, 1u64..300), 0..40),
+        claim_pages in 1u64..2000,
+    ) {
+        let mut bm = MigrationBitmap::new(vec![
+            RegionLayout { ram_start: 0, page_bytes: 4096, pages: 4200 },
+            RegionLayout { ram_start: 1 << 30, page_bytes: 4096, pages: 100 },
+        ]);
+        let mut want = std::collections::BTreeSet::new();
+        for (i, &(first, count)) in set.iter().enumerate() {
+            let region = i % 2;
+            bm.set_run(PageRun::new(region, first, count));
+            let pages = if region == 0 { 4200 } else { 100 };
+            for p in first..(first + count).min(pages) {
+                want.insert((region, p));
+            }
+        }
+        let f = HintFilter::new(bm);
+        let mut cursor = Cursor::default();
+        let mut got = Vec::new();
+        loop {
+            let mut out = Vec::new();
+            let n = f.claim(&mut cursor, claim_pages * 4096, &mut out);
+            if n == 0 {
+                prop_assert!(out.is_empty());
+                break;
+            }
+            prop_assert!(n <= claim_pages);
+            prop_assert_eq!(n, out.iter().map(|r| r.count).sum::<u64>());
+            for w in out.windows(2) {
+                prop_assert_eq!(w[0].region, w[1].region);
+                // Maximal: two runs of one claim never touch.
+                prop_assert!(w[0].first_page + w[0].count < w[1].first_page);
+            }
+            for r in &out {
+                prop_assert!(r.count > 0);
+                got.extend((r.first_page..r.first_page + r.count).map(|p| (r.region, p)));
+            }
+        }
+        prop_assert!(got.windows(2).all(|w| w[0] < w[1]), "claimed in order, once each");
+        let got: std::collections::BTreeSet<_> = got.into_iter().collect();
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(f.pages_to_send(), 0);
+    }
+}

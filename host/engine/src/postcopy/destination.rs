@@ -24,7 +24,8 @@ use freehint_memory::GuestRam;
 use freehint_placement::{MissingPlacer, Placed};
 use freehint_wire::{BatchEntry, Message, PostcopyReport};
 
-use super::{Latencies, PendingPages};
+use super::Latencies;
+use crate::page_set::PageSet;
 use crate::{vmm_ram_ranges, MigrateError};
 
 /// What the destination counts in postcopy.
@@ -53,9 +54,9 @@ pub(crate) struct PostcopyDestination {
     placer: std::mem::ManuallyDrop<MissingPlacer>,
     ranges: Vec<TrackedRange>,
     /// Pages still to come.
-    pending: Arc<PendingPages>,
+    pending: Arc<PageSet>,
     /// Pages requested (faulted on) so far.
-    requested: PendingPages,
+    requested: PageSet,
     fault_at: Mutex<HashMap<(usize, u64), Instant>>,
     latencies: Latencies,
     counters: Counters,
@@ -85,7 +86,7 @@ impl PostcopyDestination {
     pub(crate) fn attach(
         pid: i32,
         ram: &GuestRam,
-        pending: Arc<PendingPages>,
+        pending: Arc<PageSet>,
         requests: tokio::sync::mpsc::UnboundedSender<(usize, u64)>,
     ) -> Result<Self, MigrateError> {
         let fd = find_placement_userfaultfd(pid)?;
@@ -113,7 +114,7 @@ impl PostcopyDestination {
             placer: std::mem::ManuallyDrop::new(placer),
             ranges,
             pending,
-            requested: PendingPages::new(&pages),
+            requested: PageSet::new(&pages),
             fault_at: Mutex::new(HashMap::new()),
             latencies: Latencies::default(),
             counters: Counters::default(),

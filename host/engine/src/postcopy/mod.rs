@@ -8,16 +8,15 @@
 //!   faults through its userfaultfd, resolves faults on pages that will
 //!   never come (free or zero at the switch) at once, requests the others,
 //!   and places every page atomically (`UFFDIO_COPY` / `UFFDIO_ZEROPAGE`).
-//! * [`PendingPages`]: which pages are still to cross the wire, shared by
-//!   every task of one side; taking a page is atomic, so each page crosses
-//!   once and is placed once.
+//! * [`PageSet`](crate::page_set::PageSet) holds the pages still to
+//!   cross the wire, shared by every task of one side; taking a page is
+//!   atomic, so each page crosses once and is placed once.
 
 pub(crate) mod destination;
 pub(crate) mod queue;
 pub(crate) mod source;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use freehint_types::PageRun;
@@ -183,188 +182,6 @@ impl Links {
     }
 }
 
-/// A set of pages per region, as atomic bits: the pages still to come (or
-/// still to send). Any task may take a page; exactly one succeeds.
-#[derive(Debug)]
-pub(crate) struct PendingPages {
-    words: Vec<Vec<AtomicU64>>,
-    pages: Vec<u64>,
-    remaining: AtomicU64,
-}
-
-impl PendingPages {
-    /// An empty set shaped like regions of `pages` pages each.
-    pub(crate) fn new(pages: &[u64]) -> Self {
-        Self {
-            words: pages
-                .iter()
-                .map(|&n| (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
-                .collect(),
-            pages: pages.to_vec(),
-            remaining: AtomicU64::new(0),
-        }
-    }
-
-    /// Pages in `region` (0 if it does not exist).
-    pub(crate) fn region_pages(&self, region: usize) -> u64 {
-        self.pages.get(region).copied().unwrap_or(0)
-    }
-
-    /// Regions.
-    pub(crate) fn regions(&self) -> usize {
-        self.pages.len()
-    }
-
-    /// Adds `run`; `false` if it lies outside the regions.
-    pub(crate) fn insert(&self, run: PageRun) -> bool {
-        let Some(end) = run.end_page() else {
-            return false;
-        };
-        if end > self.region_pages(run.region) {
-            return false;
-        }
-        // A word at a time: the switch lists up to millions of pages, and
-        // the guest waits for the list.
-        let words = &self.words[run.region];
-        let mut fresh = 0u64;
-        let mut p = run.first_page;
-        while p < end {
-            let wi = p / 64;
-            let last = end.min((wi + 1) * 64);
-            let bits = last - p;
-            let mask = if bits == 64 {
-                !0
-            } else {
-                ((1u64 << bits) - 1) << (p % 64)
-            };
-            let prev = words[wi as usize].fetch_or(mask, Ordering::AcqRel);
-            fresh += (mask & !prev).count_ones() as u64;
-            p = last;
-        }
-        self.remaining.fetch_add(fresh, Ordering::AcqRel);
-        true
-    }
-
-    /// Adds one page; `true` if it was not in the set before.
-    pub(crate) fn mark(&self, region: usize, page: u64) -> bool {
-        if page >= self.region_pages(region) {
-            return false;
-        }
-        let bit = 1u64 << (page % 64);
-        let fresh =
-            self.words[region][(page / 64) as usize].fetch_or(bit, Ordering::AcqRel) & bit == 0;
-        if fresh {
-            self.remaining.fetch_add(1, Ordering::AcqRel);
-        }
-        fresh
-    }
-
-    /// Whether `page` of `region` is in the set.
-    pub(crate) fn contains(&self, region: usize, page: u64) -> bool {
-        self.words
-            .get(region)
-            .and_then(|w| w.get((page / 64) as usize))
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
-    }
-
-    /// Takes `page` out of the set; `true` for the one caller that did.
-    pub(crate) fn take(&self, region: usize, page: u64) -> bool {
-        if page >= self.region_pages(region) {
-            return false;
-        }
-        let w = &self.words[region][(page / 64) as usize];
-        let bit = 1u64 << (page % 64);
-        let took = w.fetch_and(!bit, Ordering::AcqRel) & bit != 0;
-        if took {
-            self.remaining.fetch_sub(1, Ordering::AcqRel);
-        }
-        took
-    }
-
-    /// Takes up to `max_pages` pages of `region` from `from` on (not past
-    /// the region's end), appending them to `out` as runs; returns the
-    /// pages taken and the page after the last one looked at.
-    pub(crate) fn take_from(
-        &self,
-        region: usize,
-        from: u64,
-        max_pages: u64,
-        out: &mut Vec<PageRun>,
-    ) -> (u64, u64) {
-        let end = self.region_pages(region);
-        let mut taken = 0;
-        let mut p = from;
-        while p < end && taken < max_pages {
-            let wi = (p / 64) as usize;
-            let word_end = (wi as u64 + 1) * 64;
-            let mut want = !0u64 << (p % 64);
-            if word_end > end {
-                want &= (1u64 << (end % 64)) - 1;
-            }
-            let word = &self.words[region][wi];
-            if word.load(Ordering::Acquire) & want == 0 {
-                p = word_end;
-                continue;
-            }
-            let got = word.fetch_and(!want, Ordering::AcqRel) & want;
-            let mut bits = got;
-            let mut put_back = 0u64;
-            p = word_end;
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                bits &= bits - 1;
-                let page = wi as u64 * 64 + b;
-                if taken == max_pages {
-                    // Never take more than asked: give the rest back.
-                    if put_back == 0 {
-                        p = page;
-                    }
-                    put_back |= 1 << b;
-                    continue;
-                }
-                taken += 1;
-                match out.last_mut() {
-                    Some(r) if r.region == region && r.first_page + r.count == page => r.count += 1,
-                    _ => out.push(PageRun::page(region, page)),
-                }
-            }
-            if put_back != 0 {
-                word.fetch_or(put_back, Ordering::AcqRel);
-            }
-            self.remaining
-                .fetch_sub((got & !put_back).count_ones() as u64, Ordering::AcqRel);
-        }
-        (taken, p.min(end))
-    }
-
-    /// Pages in the set.
-    pub(crate) fn remaining(&self) -> u64 {
-        self.remaining.load(Ordering::Acquire)
-    }
-
-    /// The set as runs (a snapshot).
-    pub(crate) fn runs(&self) -> Vec<PageRun> {
-        let mut out: Vec<PageRun> = Vec::new();
-        for (region, words) in self.words.iter().enumerate() {
-            for (wi, w) in words.iter().enumerate() {
-                let mut bits = w.load(Ordering::Acquire);
-                while bits != 0 {
-                    let b = bits.trailing_zeros() as u64;
-                    bits &= bits - 1;
-                    let page = wi as u64 * 64 + b;
-                    match out.last_mut() {
-                        Some(r) if r.region == region && r.first_page + r.count == page => {
-                            r.count += 1
-                        }
-                        _ => out.push(PageRun::page(region, page)),
-                    }
-                }
-            }
-        }
-        out
-    }
-}
-
 /// Latencies of remote faults, µs, summarised at the end.
 #[derive(Debug, Default)]
 pub(crate) struct Latencies(std::sync::Mutex<Vec<u64>>);
@@ -389,72 +206,6 @@ impl Latencies {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn each_page_is_taken_once_whichever_way() {
-        let p = PendingPages::new(&[200, 10]);
-        assert!(p.insert(PageRun::new(0, 3, 100)));
-        assert!(p.insert(PageRun::new(0, 50, 10))); // overlaps: not counted twice
-        assert!(p.insert(PageRun::new(1, 9, 1)));
-        assert!(!p.insert(PageRun::new(1, 9, 2)));
-        assert!(!p.insert(PageRun::new(2, 0, 1)));
-        assert_eq!(p.remaining(), 101);
-        assert!(p.take(0, 70));
-        assert!(!p.take(0, 70));
-        assert!(!p.take(0, 2));
-        assert!(!p.take(0, 5000));
-        let mut out = Vec::new();
-        let (n, stop) = p.take_from(0, 60, 20, &mut out);
-        assert_eq!(n, 20);
-        assert_eq!(out, vec![PageRun::new(0, 60, 10), PageRun::new(0, 71, 10)]);
-        assert_eq!(stop, 81);
-        assert!(p.contains(0, 81));
-        assert!(!p.contains(0, 80));
-        assert_eq!(p.remaining(), 80);
-        out.clear();
-        let (n, stop) = p.take_from(0, 0, 1000, &mut out);
-        assert_eq!(n, 79);
-        assert_eq!(stop, 200);
-        assert_eq!(p.remaining(), 1);
-        assert_eq!(p.runs(), vec![PageRun::new(1, 9, 1)]);
-        assert!(p.take(1, 9));
-        assert_eq!(p.remaining(), 0);
-        assert!(p.mark(1, 3));
-        assert!(!p.mark(1, 3));
-        assert!(!p.mark(1, 10));
-        assert_eq!(p.remaining(), 1);
-    }
-
-    #[test]
-    fn concurrent_takers_share_the_pages_exactly() {
-        let p = std::sync::Arc::new(PendingPages::new(&[100_000]));
-        p.insert(PageRun::new(0, 0, 100_000));
-        let threads: Vec<_> = (0..4u64)
-            .map(|t| {
-                let p = p.clone();
-                std::thread::spawn(move || {
-                    let mut mine = 0u64;
-                    let mut out = Vec::new();
-                    let mut at = t * 25_000;
-                    loop {
-                        if t % 2 == 0 && p.take(0, (at * 7) % 100_000) {
-                            mine += 1;
-                        }
-                        out.clear();
-                        let (n, stop) = p.take_from(0, at, 33, &mut out);
-                        assert_eq!(n, out.iter().map(|r| r.count).sum::<u64>());
-                        mine += n;
-                        at = if stop >= 100_000 { 0 } else { stop };
-                        if p.remaining() == 0 {
-                            return mine;
-                        }
-                    }
-                })
-            })
-            .collect();
-        let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
-        assert_eq!(total, 100_000);
-    }
 
     #[test]
     fn latency_summary() {

@@ -14,9 +14,9 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::queue::QueueBudget;
-use super::PendingPages;
 use crate::fault::hit;
 use crate::io::read_frame;
+use crate::page_set::PageSet;
 use crate::sender::{join_channels, BatchWriter};
 use crate::MigrateError;
 
@@ -55,7 +55,7 @@ pub(crate) struct SourceCounters {
 #[derive(Clone)]
 pub(crate) struct PostcopySource {
     pub(crate) ram: Arc<GuestRam>,
-    pub(crate) pending: Arc<PendingPages>,
+    pub(crate) pending: Arc<PageSet>,
     pub(crate) hint: Arc<StreamHint>,
     pub(crate) counters: Arc<SourceCounters>,
     pub(crate) timeout: Duration,
