@@ -447,7 +447,7 @@ impl Receiver {
         // Control messages arrive only at the end; meanwhile any bulk
         // channel failing ends the migration, and so does a source that
         // sends nothing on any channel for the whole timeout.
-        let (rounds, device_state_bytes, last_cmd_id) = loop {
+        let (rounds, device_state_bytes, device_state_encoding, last_cmd_id) = loop {
             tokio::select! {
                 msg = control.next() => {
                     ctx.progress();
@@ -465,9 +465,9 @@ impl Receiver {
                             }
                             device_state.extend_from_slice(&s);
                         }
-                        Some(Message::Complete { rounds, device_state_bytes, last_cmd_id }) => {
-                            break (rounds, device_state_bytes, last_cmd_id)
-                        }
+                        Some(Message::Complete {
+                            rounds, device_state_bytes, device_state_encoding, last_cmd_id,
+                        }) => break (rounds, device_state_bytes, device_state_encoding, last_cmd_id),
                         Some(Message::PostcopyPending(runs)) => {
                             let pending = inc.pending.get_or_insert_with(|| {
                                 let pages: Vec<u64> =
@@ -531,12 +531,9 @@ impl Receiver {
         inc.stats.rounds = rounds;
         inc.stats.last_cmd_id = Some(last_cmd_id);
         hit("dst.after-complete")?;
-        if device_state.len() as u64 != device_state_bytes {
-            return Err(MigrateError::Unexpected(format!(
-                "the source announced {device_state_bytes} bytes of device state and sent {}",
-                device_state.len()
-            )));
-        }
+        let device_state = device_state_encoding
+            .decode(device_state, device_state_bytes)
+            .map_err(MigrateError::protocol("the source's device state"))?;
         if inc.stats.postcopy.switched {
             // The bulk channels stay open for postcopy: wait until each has
             // placed the last round (the switch round).

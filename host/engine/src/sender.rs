@@ -18,7 +18,8 @@ use freehint_hint_filter::{Cursor, HintFilter, SyncReport};
 use freehint_memory::{is_zero_volatile, GuestRam};
 use freehint_types::{CmdId, ErrorChain, HintSource, PageRun, Vmm};
 use freehint_wire::{
-    ChannelRole, Hello, Message, PageBatchHead, MAX_CONTROL_PAYLOAD_BYTES, MAX_DEVICE_STATE_BYTES,
+    ChannelRole, DeviceStateEncoding, Hello, Message, PageBatchHead, MAX_CONTROL_PAYLOAD_BYTES,
+    MAX_DEVICE_STATE_BYTES,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -967,9 +968,14 @@ impl PrecopySender {
             });
         }
         check_control(at)?;
+        let encoding = device_state_encoding(state.len() as u64, at.bandwidth_bytes_per_s);
+        let wire = encoding
+            .encode(&state)
+            .map_err(MigrateError::protocol("encoding the device state"))?;
+        at.stats.device_state_wire_bytes = wire.len() as u64;
         let t = self.timeout();
         let control = at.control.as_mut().expect("channels are open");
-        for chunk in state.chunks(MAX_CONTROL_PAYLOAD_BYTES as usize) {
+        for chunk in wire.chunks(MAX_CONTROL_PAYLOAD_BYTES as usize) {
             at.stats.bytes_on_wire += control
                 .send(
                     &Message::DeviceStateChunk(chunk.to_vec()),
@@ -984,6 +990,7 @@ impl PrecopySender {
                 &Message::Complete {
                     rounds: at.round,
                     device_state_bytes: state.len() as u64,
+                    device_state_encoding: encoding,
                     last_cmd_id: self.filter.last_cmd_id().0,
                 },
                 "sending completion",
@@ -1163,6 +1170,27 @@ impl PrecopySender {
         }
         at.bulk = join_channels(tasks).await?;
         Ok(counters)
+    }
+}
+
+/// Below this link rate the device state is compressed: its ~60% saving on
+/// a QEMU guest's state (about 200 KB) takes longer to send than zstd's
+/// fastest level takes to compress (0.6 ms for 340 KB). Pure postcopy has
+/// no measured rate and compresses.
+const COMPRESS_DEVICE_STATE_BELOW_BYTES_PER_S: f64 = 300e6;
+
+/// Smaller device states go raw: there is too little to save.
+const COMPRESS_DEVICE_STATE_FROM_BYTES: u64 = 64 << 10;
+
+/// How to send a device state of `state_bytes` over a link measured at
+/// `bandwidth_bytes_per_s` (0: not measured).
+fn device_state_encoding(state_bytes: u64, bandwidth_bytes_per_s: f64) -> DeviceStateEncoding {
+    if state_bytes >= COMPRESS_DEVICE_STATE_FROM_BYTES
+        && bandwidth_bytes_per_s < COMPRESS_DEVICE_STATE_BELOW_BYTES_PER_S
+    {
+        DeviceStateEncoding::Zstd
+    } else {
+        DeviceStateEncoding::Raw
     }
 }
 
@@ -1579,6 +1607,16 @@ async fn wait_for_report(
 mod tests {
     use super::*;
     use freehint_types::{HintSourceError, RamRange};
+
+    #[test]
+    fn device_state_is_compressed_on_slow_or_unmeasured_links_only() {
+        use DeviceStateEncoding::{Raw, Zstd};
+        let qemu = 340_000;
+        assert_eq!(device_state_encoding(qemu, 117e6), Zstd); // 1 Gbit/s
+        assert_eq!(device_state_encoding(qemu, 0.0), Zstd); // pure postcopy
+        assert_eq!(device_state_encoding(qemu, 1.1e9), Raw); // 10 Gbit/s
+        assert_eq!(device_state_encoding(4096, 117e6), Raw);
+    }
 
     /// A guest whose report is never done (`Some(false)`), always done
     /// (`Some(true)`), or that cannot say (`None`, the simulated VM).

@@ -55,6 +55,8 @@ pub struct MigrationStats {
     pub guest_ram_bytes: u64,
     /// Bytes of VMM device state handed over.
     pub device_state_bytes: u64,
+    /// Bytes the device state took on the wire (compressed on slow links).
+    pub device_state_wire_bytes: u64,
     /// Postcopy's figures (all zero and `postcopy: false` if the
     /// migration never switched).
     #[serde(flatten)]

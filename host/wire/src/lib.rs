@@ -26,10 +26,12 @@
 #![deny(missing_docs)]
 
 mod batch;
+mod device_state;
 mod frame;
 mod message;
 
 pub use batch::{BatchEntry, PageBatchHead, BATCH_PREFIX_BYTES, MAX_ENTRY_PAGES};
+pub use device_state::DeviceStateEncoding;
 pub use frame::{Frame, FrameHeader, Kind};
 pub use freehint_types::PageRun;
 pub use message::{ChannelRole, Hello, Message, PostcopyReport, RegionDesc, MAX_RUNS_PER_MESSAGE};
@@ -37,7 +39,7 @@ pub use message::{ChannelRole, Hello, Message, PostcopyReport, RegionDesc, MAX_R
 /// `"FHNT"`.
 pub const MAGIC: u32 = 0x544e_4846;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Size of [`FrameHeader`] on the wire.
 pub const HEADER_BYTES: usize = 16;
 /// Largest payload accepted for any frame but a page batch.

@@ -1,7 +1,8 @@
 //! Every message but page data, each owning its encoding.
 
 use crate::{
-    malformed, FrameHeader, Kind, PageRun, WireError, MAX_DEVICE_STATE_BYTES, PEER_TIMEOUT_S_RANGE,
+    malformed, DeviceStateEncoding, FrameHeader, Kind, PageRun, WireError, MAX_DEVICE_STATE_BYTES,
+    PEER_TIMEOUT_S_RANGE,
 };
 
 /// What a connection is for.
@@ -121,8 +122,10 @@ pub enum Message {
     Complete {
         /// Number of rounds sent.
         rounds: u32,
-        /// Total bytes of the device state chunks sent before.
+        /// Bytes of the device state, decoded.
         device_state_bytes: u64,
+        /// How the device state chunks sent before encode it.
+        device_state_encoding: DeviceStateEncoding,
         /// The last free-page-hint cmd_id the source used: the VM's counter
         /// goes on from there on the destination (Linux ignores a cmd_id
         /// equal to the last one it saw).
@@ -268,11 +271,14 @@ impl Message {
             Message::Complete {
                 rounds,
                 device_state_bytes,
+                device_state_encoding,
                 last_cmd_id,
             } => {
                 p.extend_from_slice(&rounds.to_le_bytes());
                 p.extend_from_slice(&last_cmd_id.to_le_bytes());
                 p.extend_from_slice(&device_state_bytes.to_le_bytes());
+                p.extend_from_slice(&device_state_encoding.to_u32().to_le_bytes());
+                p.extend_from_slice(&0u32.to_le_bytes());
             }
             Message::DeviceStateChunk(b) => p.extend_from_slice(b),
             Message::Error(s) => p.extend_from_slice(s.as_bytes()),
@@ -417,6 +423,8 @@ impl Message {
                 let rounds = r.u32()?;
                 let last_cmd_id = r.u32()?;
                 let device_state_bytes = r.u64()?;
+                let device_state_encoding = DeviceStateEncoding::from_u32(r.u32()?)?;
+                let _pad = r.u32()?;
                 if device_state_bytes > MAX_DEVICE_STATE_BYTES {
                     return Err(malformed(
                         what,
@@ -428,6 +436,7 @@ impl Message {
                 Message::Complete {
                     rounds,
                     device_state_bytes,
+                    device_state_encoding,
                     last_cmd_id,
                 }
             }
@@ -529,7 +538,14 @@ mod tests {
         roundtrip(Message::Complete {
             rounds: 9,
             device_state_bytes: 20 << 20,
+            device_state_encoding: DeviceStateEncoding::Raw,
             last_cmd_id: 17,
+        });
+        roundtrip(Message::Complete {
+            rounds: 1,
+            device_state_bytes: 5,
+            device_state_encoding: DeviceStateEncoding::Zstd,
+            last_cmd_id: 2,
         });
         roundtrip(Message::Stopping);
         roundtrip(Message::Ready);
@@ -653,6 +669,7 @@ mod tests {
         Message::Complete {
             rounds: 1,
             device_state_bytes: MAX_DEVICE_STATE_BYTES + 1,
+            device_state_encoding: DeviceStateEncoding::Raw,
             last_cmd_id: 2,
         }
         .encode(&mut b);

@@ -15,7 +15,9 @@ use freehint_engine::{
 use freehint_hint_filter::{HintFilter, IdentityMappedSink};
 use freehint_memory::GuestRam;
 use freehint_types::{DestinationVmm, ErrorChain, VmmError};
-use freehint_wire::{ChannelRole, FrameHeader, Hello, Kind, Message, PageBatchHead, RegionDesc};
+use freehint_wire::{
+    ChannelRole, DeviceStateEncoding, FrameHeader, Hello, Kind, Message, PageBatchHead, RegionDesc,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -599,6 +601,7 @@ fn scripted_source(
             c.write_all(&frame(Message::Complete {
                 rounds: 1,
                 device_state_bytes: 0,
+                device_state_encoding: DeviceStateEncoding::Raw,
                 last_cmd_id: 9,
             }))
             .await
