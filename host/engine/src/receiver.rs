@@ -81,6 +81,15 @@ pub struct ReceiveFailure {
 
 impl std::fmt::Display for ReceiveFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.stats.destination_running {
+            // Resumed here in postcopy: the guest's newest state is here,
+            // and the source's copy is stale.
+            return write!(
+                f,
+                "{}; the guest was resumed here in postcopy and waits for pages that only the source holds: do not resume the source (its copy is stale)",
+                ErrorChain(&self.error),
+            );
+        }
         match (self.stats.state, self.stats.guest_held_paused) {
             (Phase::Uncertain, true) => write!(
                 f,

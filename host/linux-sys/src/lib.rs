@@ -205,20 +205,21 @@ pub fn userfaultfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// A `UFFDIO_COPY` that stopped early: how far it got, and why it stopped.
+/// A `UFFDIO_COPY` or `UFFDIO_ZEROPAGE` that stopped early: how far it got,
+/// and why it stopped.
 #[derive(Debug)]
-pub struct PartialCopy {
-    /// Bytes copied (whole pages, from the start) before the error.
-    pub copied_bytes: u64,
-    /// Why the copy stopped.
+pub struct PartialPlacement {
+    /// Bytes placed (whole pages, from the start) before the error.
+    pub placed_bytes: u64,
+    /// Why the placement stopped.
     pub error: io::Error,
 }
 
 /// `UFFDIO_COPY` of `src` (this process) to `dst` (the registered mm),
 /// waking the faulting threads. The kernel copies page by page; on an
 /// error, the pages before the failing one are in place
-/// ([`PartialCopy::copied_bytes`]).
-pub fn uffdio_copy(uffd: &OwnedFd, dst: u64, src: &[u8]) -> Result<(), PartialCopy> {
+/// ([`PartialPlacement::placed_bytes`]).
+pub fn uffdio_copy(uffd: &OwnedFd, dst: u64, src: &[u8]) -> Result<(), PartialPlacement> {
     let mut c = UffdioCopy {
         dst,
         src: src.as_ptr() as u64,
@@ -228,22 +229,29 @@ pub fn uffdio_copy(uffd: &OwnedFd, dst: u64, src: &[u8]) -> Result<(), PartialCo
     };
     ioctl(uffd, UFFDIO_COPY, &mut c)
         .map(|_| ())
-        .map_err(|error| PartialCopy {
+        .map_err(|error| PartialPlacement {
             // `copy` holds the bytes copied, or a negative errno when none
             // were.
-            copied_bytes: u64::try_from(c.copy).unwrap_or(0),
+            placed_bytes: u64::try_from(c.copy).unwrap_or(0),
             error,
         })
 }
 
-/// `UFFDIO_ZEROPAGE` of `[start, start + len)`, waking the faulting threads.
-pub fn uffdio_zeropage(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
+/// `UFFDIO_ZEROPAGE` of `[start, start + len)`, waking the faulting
+/// threads. Like [`uffdio_copy`], it may stop part way.
+pub fn uffdio_zeropage(uffd: &OwnedFd, start: u64, len: u64) -> Result<(), PartialPlacement> {
     let mut z = UffdioZeropage {
         range: UffdioRange { start, len },
         mode: 0,
         zeropage: 0,
     };
-    ioctl(uffd, UFFDIO_ZEROPAGE, &mut z).map(|_| ())
+    ioctl(uffd, UFFDIO_ZEROPAGE, &mut z)
+        .map(|_| ())
+        .map_err(|error| PartialPlacement {
+            // `zeropage` holds the bytes zeroed, or a negative errno.
+            placed_bytes: u64::try_from(z.zeropage).unwrap_or(0),
+            error,
+        })
 }
 
 /// One userfaultfd message, if one is waiting (the fd is non-blocking).

@@ -128,6 +128,10 @@ pub struct MissingPlacer {
 /// space is changing (`EAGAIN`).
 const EAGAIN_RETRIES: u32 = 100;
 
+/// How often a hugetlbfs placement that says EEXIST while the pool has
+/// pages is tried again (1 ms apart) before the page counts as present.
+const HUGE_EEXIST_RETRIES: u32 = 10;
+
 impl MissingPlacer {
     /// Takes `uffd` (not yet through `UFFDIO_API`) and enables missing
     /// faults on shmem and hugetlbfs with it.
@@ -221,76 +225,106 @@ impl MissingPlacer {
     /// Places `content` (whole pages, one or many: one system call for a
     /// run) at `address` and wakes whoever waits on them. A page found
     /// already present ends the placement there with
-    /// [`Placed::AlreadyPresent`]; the pages before it are placed.
+    /// [`Placed::AlreadyPresent`]; the pages before it are placed. On an
+    /// error, [`PlacementError::Place`] names where it stopped: the pages
+    /// before that are placed.
     pub fn place(&self, address: u64, content: &[u8]) -> Result<Placed, PlacementError> {
-        let len = content.len() as u64;
-        self.check(address, len)?;
+        self.check(address, content.len() as u64)?;
+        self.placing(address, content.len() as u64, |at, done| {
+            sys::uffdio_copy(&self.uffd, at, &content[done as usize..])
+        })
+    }
+
+    /// Places zero pages over `[address, address + len_bytes)` and wakes
+    /// whoever waits on them; stops like [`Self::place`].
+    pub fn place_zero(&self, address: u64, len_bytes: u64) -> Result<Placed, PlacementError> {
+        self.check(address, len_bytes)?;
+        self.placing(address, len_bytes, |at, done| {
+            sys::uffdio_zeropage(&self.uffd, at, len_bytes - done)
+        })
+    }
+
+    /// Runs `op(at, done_bytes)` until all of `[address, address +
+    /// len_bytes)` is placed, going on from where a short placement
+    /// stopped (the kernel reports one as `EAGAIN`).
+    fn placing(
+        &self,
+        address: u64,
+        len_bytes: u64,
+        op: impl Fn(u64, u64) -> Result<(), sys::PartialPlacement>,
+    ) -> Result<Placed, PlacementError> {
         let mut done_bytes = 0u64;
         let mut tries = 0;
+        let mut huge_tries = 0;
         loop {
             let at = address + done_bytes;
-            match sys::uffdio_copy(&self.uffd, at, &content[done_bytes as usize..]) {
-                Ok(()) => return Ok(Placed::Now),
-                Err(partial) => {
-                    done_bytes += partial.copied_bytes;
-                    if partial.copied_bytes > 0 {
-                        // Progress: the kernel reports a short copy as
-                        // EAGAIN; go on from where it stopped.
-                        tries = 0;
-                        if done_bytes >= len {
-                            return Ok(Placed::Now);
-                        }
-                        continue;
+            let Err(partial) = op(at, done_bytes) else {
+                return Ok(Placed::Now);
+            };
+            done_bytes += partial.placed_bytes;
+            if partial.placed_bytes > 0 {
+                tries = 0;
+                if done_bytes >= len_bytes {
+                    return Ok(Placed::Now);
+                }
+                continue;
+            }
+            match partial.error.raw_os_error() {
+                // A hugetlbfs copy that finds no free huge page says EEXIST
+                // rather than ENOMEM when the page tables around the
+                // address exist (mm/hugetlb.c, hugetlb_mfill_atomic_pte).
+                // With the pool empty, that is what it means; with pages
+                // in it, they may have come a moment too late: try again
+                // before believing the page is there.
+                Some(libc::EEXIST) if self.is_huge(at) && huge_tries < HUGE_EEXIST_RETRIES => {
+                    if self.huge_page_pool_empty(at) {
+                        return Err(PlacementError::Place {
+                            address: at,
+                            len_bytes: len_bytes - done_bytes,
+                            source: io::Error::from_raw_os_error(libc::ENOMEM),
+                        });
                     }
-                    match partial.error.raw_os_error() {
-                        Some(libc::EEXIST) => return Ok(Placed::AlreadyPresent),
-                        Some(libc::EAGAIN) if tries < EAGAIN_RETRIES => tries += 1,
-                        _ => {
-                            return Err(PlacementError::Place {
-                                address: at,
-                                len_bytes: len - done_bytes,
-                                source: partial.error,
-                            })
-                        }
-                    }
+                    huge_tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Some(libc::EEXIST) => return Ok(Placed::AlreadyPresent),
+                Some(libc::EAGAIN) if tries < EAGAIN_RETRIES => tries += 1,
+                _ => {
+                    return Err(PlacementError::Place {
+                        address: at,
+                        len_bytes: len_bytes - done_bytes,
+                        source: partial.error,
+                    })
                 }
             }
         }
     }
 
-    /// Places zero pages over `[address, address + len_bytes)` and wakes
-    /// whoever waits on them.
-    pub fn place_zero(&self, address: u64, len_bytes: u64) -> Result<Placed, PlacementError> {
-        self.check(address, len_bytes)?;
-        self.retrying(address, len_bytes, || {
-            sys::uffdio_zeropage(&self.uffd, address, len_bytes)
-        })
+    /// Whether `address` lies in a hugetlbfs range.
+    fn is_huge(&self, address: u64) -> bool {
+        self.range_of(address, 1)
+            .is_some_and(|r| r.page_bytes > 4096)
     }
 
-    fn retrying(
-        &self,
-        address: u64,
-        len_bytes: u64,
-        op: impl Fn() -> io::Result<()>,
-    ) -> Result<Placed, PlacementError> {
-        let mut tries = 0;
-        loop {
-            match op() {
-                Ok(()) => return Ok(Placed::Now),
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    return Ok(Placed::AlreadyPresent)
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < EAGAIN_RETRIES => {
-                    tries += 1;
-                }
-                Err(source) => {
-                    return Err(PlacementError::Place {
-                        address,
-                        len_bytes,
-                        source,
-                    })
-                }
-            }
+    /// Whether `address` lies in a hugetlbfs range whose page size has no
+    /// free huge page left on this host (none that is not reserved).
+    fn huge_page_pool_empty(&self, address: u64) -> bool {
+        let Some(r) = self.range_of(address, 1).filter(|r| r.page_bytes > 4096) else {
+            return false;
+        };
+        let read = |what: &str| {
+            let path = format!(
+                "/sys/kernel/mm/hugepages/hugepages-{}kB/{what}",
+                r.page_bytes >> 10
+            );
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        };
+        // Free pages include those reserved for other mappings.
+        match (read("free_hugepages"), read("resv_hugepages")) {
+            (Some(free), Some(reserved)) => free <= reserved,
+            _ => false,
         }
     }
 

@@ -228,39 +228,102 @@ fn huge_pages(needed: u64) -> Result<(std::path::PathBuf, HugePagesGuard), Strin
     let mount = mounts
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 3 && f[2] == "hugetlbfs" && !f[3].contains("pagesize=1G"))
+        .find(|f| f.len() > 3 && f[2] == "hugetlbfs" && f[3].contains("pagesize=2M"))
         .map(|f| std::path::PathBuf::from(f[1]))
         .ok_or("no hugetlbfs mount")?;
     let nr = "/proc/sys/vm/nr_hugepages";
-    let read = |p: &str| -> Result<u64, String> {
-        std::fs::read_to_string(p)
-            .map_err(|e| format!("{p}: {e}"))?
-            .trim()
-            .parse()
-            .map_err(|e| format!("{p}: {e}"))
-    };
-    let free_path = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+    let serial = POOL.lock().unwrap_or_else(|e| e.into_inner());
     let before = read(nr)?;
-    let free = read(free_path)?;
+    let guard = HugePagesGuard {
+        nr_before: before,
+        _serial: serial,
+    };
+    let free = read(FREE_2M)?;
     if free < needed {
         // Ask the kernel for the missing pages (root); given back after.
         let _ = std::fs::write(nr, (before + needed - free).to_string());
     }
-    let guard = HugePagesGuard(before);
-    let free = read(free_path)?;
+    let free = read(FREE_2M)?;
     if free < needed {
         return Err(format!("{free} free 2 MiB pages, {needed} needed"));
     }
     Ok((mount, guard))
 }
 
-/// Sets `nr_hugepages` back when dropped.
-struct HugePagesGuard(u64);
+const FREE_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+
+/// One test at a time changes the host's huge page pool.
+static POOL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn read(p: &str) -> Result<u64, String> {
+    std::fs::read_to_string(p)
+        .map_err(|e| format!("{p}: {e}"))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("{p}: {e}"))
+}
+
+/// Sets `nr_hugepages` back when dropped; holds the pool meanwhile.
+struct HugePagesGuard {
+    nr_before: u64,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
 
 impl Drop for HugePagesGuard {
     fn drop(&mut self) {
-        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.0.to_string());
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.nr_before.to_string());
     }
+}
+
+/// A destination whose hugetlbfs pool runs dry in the middle of postcopy
+/// waits (the guest runs there; giving up would lose it) and completes
+/// once the pool is grown, with every page intact. The kernel reports a
+/// dry pool to UFFDIO_COPY as EEXIST, not ENOMEM: taken for a page already
+/// present, this ended the migration with the guest lost.
+#[test]
+fn a_destination_short_of_huge_pages_waits_and_completes_when_they_come() {
+    // 256 MiB: 128 huge pages a side. The source gets all of its own; the
+    // destination 40, less than the 78 pages pending at the switch.
+    let (mount, _guard) = match huge_pages(128 + 40) {
+        Ok(x) => x,
+        Err(why) if std::env::var_os("FREEHINT_REQUIRE_HUGETLBFS").is_some() => {
+            panic!("FREEHINT_REQUIRE_HUGETLBFS is set but: {why}")
+        }
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    // Shrink the pool to exactly that, and grow it 5 s into the run.
+    let nr = "/proc/sys/vm/nr_hugepages";
+    let total = read(nr).unwrap();
+    let spare = read(FREE_2M).unwrap() - (128 + 40);
+    std::fs::write(nr, (total - spare).to_string()).unwrap();
+    assert_eq!(read(FREE_2M).unwrap(), 128 + 40, "could not size the pool");
+    let grow = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        std::fs::write(nr, (total - spare + 128).to_string()).unwrap();
+    });
+    let dir = mount.to_str().unwrap();
+    let v = bench_sim(&[
+        "--mem-mib",
+        "256",
+        "--used-percent",
+        "60",
+        "--dirty-mib-per-s",
+        "64",
+        "--mode",
+        "postcopy",
+        "--ram-dir",
+        dir,
+    ])
+    .unwrap();
+    grow.join().unwrap();
+    check_postcopy(&v);
+    assert!(
+        v["postcopy_ms"].as_u64().unwrap() >= 4000,
+        "the pool never ran dry, so nothing waited: {v}"
+    );
 }
 
 /// Postcopy and hybrid with both RAM files on hugetlbfs (2 MiB pages): every
@@ -300,5 +363,70 @@ fn on_hugetlbfs_postcopy_and_hybrid_place_whole_huge_pages_and_match() {
             pending,
             "{v}"
         );
+    }
+}
+
+/// On 1 GiB huge pages (where the host can still find two free gigabytes
+/// of contiguous memory): postcopy places the whole gigabyte page with one
+/// UFFDIO_COPY, once, and the images match. The test mounts its own
+/// hugetlbfs with `pagesize=1G` and gives the pages back after.
+#[test]
+fn on_one_gib_pages_postcopy_places_each_page_whole_and_matches() {
+    let _serial = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let nr = "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages";
+    let free = "/sys/kernel/mm/hugepages/hugepages-1048576kB/free_hugepages";
+    let Ok(before) = read(nr) else {
+        eprintln!("skipped: this host has no 1 GiB huge pages");
+        return;
+    };
+    let _restore = OnDrop(move || {
+        let _ = std::fs::write(nr, before.to_string());
+    });
+    let have = read(free).unwrap_or(0);
+    if have < 2 {
+        let _ = std::fs::write(nr, (before + 2 - have).to_string());
+    }
+    if read(free).unwrap_or(0) < 2 {
+        eprintln!("skipped: the kernel found no 2 GiB of contiguous memory for two 1 GiB pages");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "hugetlbfs", "-o", "pagesize=1G", "none"])
+        .arg(dir.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount hugetlbfs with 1 GiB pages");
+        return;
+    }
+    let path = dir.path().to_path_buf();
+    let _unmount = OnDrop(move || {
+        let _ = std::process::Command::new("umount").arg(&path).status();
+    });
+    let v = bench_sim(&[
+        "--mem-mib",
+        "1024",
+        "--used-percent",
+        "20",
+        "--dirty-mib-per-s",
+        "64",
+        "--mode",
+        "postcopy",
+        "--ram-dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .unwrap();
+    check_postcopy(&v);
+    // One 1 GiB page: pending, sent once, whole.
+    assert_eq!(v["postcopy_pending_pages"], 1, "{v}");
+}
+
+/// Runs a closure when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use freehint_dirty_log::UffdWpDirtyLog;
 use freehint_engine::{
-    empty_bitmap, vmm_ram_ranges, MigrationStats, Phase, PrecopySender, ReceiveStats,
+    empty_bitmap, vmm_ram_ranges, MigrationStats, Phase, PhaseWatch, PrecopySender, ReceiveStats,
 };
 use freehint_hint_filter::{HintFilter, IdentityMappedSink};
 use freehint_memory::GuestRam;
@@ -309,6 +309,14 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
         params,
     )?;
     crate::cancel_on_signals(sender.cancel_token())?;
+    // A source in postcopy never gives its guest up on its own: it waits
+    // for the destination to come back. Here nothing restarts a receiver
+    // that died, so its death ends the run.
+    watch_exit(
+        recv_child.0.id(),
+        sender.phase_watch(),
+        sender.cancel_token(),
+    );
     let (stats, error) = match runtime()?.block_on(sender.migrate(addr)) {
         Ok(stats) => (stats, None),
         Err(f) => (f.stats.clone(), Some(f.to_string())),
@@ -415,6 +423,46 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
         receiver,
         error,
     })
+}
+
+/// Cancels `token` if the receiver, process `pid` (a child of ours), fails
+/// (exits with a status other than 0, or is killed) while the source is in
+/// postcopy, where it would wait for it forever; before that, the source
+/// sees the failure itself. Leaves the child to be reaped by its owner.
+fn watch_exit(pid: u32, phase: PhaseWatch, token: freehint_engine::CancellationToken) {
+    std::thread::spawn(move || {
+        // SAFETY: a zeroed siginfo_t is a valid value of that plain C type.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes only into `info`, a live local siginfo_t;
+        // WNOWAIT leaves the child waitable, so its Child still reaps it.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: waitid filled `info` for a child that changed state, so
+        // its status field is the one set.
+        let status = unsafe { info.si_status() };
+        let failed = info.si_code != libc::CLD_EXITED || status != 0;
+        if rc != 0 || !failed {
+            return;
+        }
+        while !token.is_cancelled() {
+            match phase.get().phase {
+                Phase::Postcopy | Phase::PostcopyPaused => {
+                    tracing::error!(
+                        "the receiver failed in postcopy and nothing restarts it here; cancelling"
+                    );
+                    token.cancel();
+                }
+                p if p.is_final() => return,
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
 }
 
 /// Removes its files when dropped.

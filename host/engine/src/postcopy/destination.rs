@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use freehint_dirty_log::{find_placement_userfaultfd, TrackedRange};
 use freehint_memory::GuestRam;
-use freehint_placement::{MissingPlacer, Placed};
+use freehint_placement::{MissingPlacer, Placed, PlacementError};
 use freehint_wire::{BatchEntry, Message, PostcopyReport};
 
 use super::Latencies;
@@ -224,8 +224,10 @@ impl PostcopyDestination {
             let placed = match content {
                 Some(c) => {
                     let off = (done * page_bytes) as usize;
-                    self.placer
-                        .place(m.address, &c[off..off + (n * page_bytes) as usize])?
+                    let c = &c[off..off + (n * page_bytes) as usize];
+                    self.waiting_for_memory(m.address, c.len() as u64, |done| {
+                        self.placer.place(m.address + done, &c[done as usize..])
+                    })?
                 }
                 None => self.place_zero(m.address, page_bytes, n)?,
             };
@@ -252,20 +254,65 @@ impl PostcopyDestination {
         pages: u64,
     ) -> Result<Placed, MigrateError> {
         if page_bytes <= 4096 {
-            return Ok(self.placer.place_zero(address, pages * page_bytes)?);
+            let len = pages * page_bytes;
+            return self.waiting_for_memory(address, len, |done| {
+                self.placer.place_zero(address + done, len - done)
+            });
         }
         // No UFFDIO_ZEROPAGE on hugetlbfs: a huge page of zeros at a time.
         for i in 0..pages {
             let at = address + i * page_bytes;
-            if self
-                .placer
-                .place(at, &self.zero_huge_page[..page_bytes as usize])?
-                == Placed::AlreadyPresent
+            let zeros = &self.zero_huge_page[..page_bytes as usize];
+            if self.waiting_for_memory(at, page_bytes, |done| {
+                self.placer.place(at + done, &zeros[done as usize..])
+            })? == Placed::AlreadyPresent
             {
                 return Ok(Placed::AlreadyPresent);
             }
         }
         Ok(Placed::Now)
+    }
+
+    /// Runs a placement; while the kernel has no memory for it (`ENOMEM`:
+    /// the host is short of memory, or a hugetlbfs pool has no free page of
+    /// that size), waits and tries again, saying so every 10 s. The guest
+    /// runs here and waits for these pages: giving up would lose it (the
+    /// source's copy is stale since the resume), waiting may not. Blocks
+    /// the calling thread; ends with the error once postcopy is stopped.
+    /// `place(done_bytes)` places from `address + done_bytes` on: a retry
+    /// goes on from where the last try stopped.
+    fn waiting_for_memory(
+        &self,
+        address: u64,
+        len_bytes: u64,
+        place: impl Fn(u64) -> Result<Placed, PlacementError>,
+    ) -> Result<Placed, MigrateError> {
+        let mut wait = Duration::from_millis(1);
+        let mut said: Option<Instant> = None;
+        let mut done_bytes = 0;
+        loop {
+            match place(done_bytes) {
+                Err(PlacementError::Place {
+                    address: at,
+                    source,
+                    ..
+                }) if source.raw_os_error() == Some(libc::ENOMEM)
+                    && !self.stop.load(Ordering::Acquire)
+                    && (address..address + len_bytes).contains(&at) =>
+                {
+                    done_bytes = at - address;
+                    if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::error!(
+                            "postcopy: this host has no memory for {len_bytes} bytes of guest pages at {address:#x} (on hugetlbfs: no free huge page of that size); the guest waits for them here; trying again until memory is freed"
+                        );
+                        said = Some(Instant::now());
+                    }
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+                r => return Ok(r?),
+            }
+        }
     }
 
     /// A pending page is placed: account for it, and for the fault that
