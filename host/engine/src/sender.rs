@@ -752,6 +752,10 @@ impl PrecopySender {
                         ErrorChain(&e)
                     );
                     let (pending, new_bulk, urgent) = self.reconnect(at).await?;
+                    // Pages counted as sent that the destination still
+                    // lacks go again.
+                    at.stats.postcopy.pages_resent +=
+                        pending.remaining().saturating_sub(src.pending.remaining());
                     src.pending = pending;
                     src.session += 1;
                     tasks = src.spawn_urgent(urgent)?;
@@ -770,7 +774,9 @@ impl PrecopySender {
         pc.pages_streamed = c.pages_streamed.load(Ordering::Relaxed);
         pc.take_faults(&report);
         pc.postcopy_ms = started.elapsed().as_millis() as u64;
-        st.pages_sent += pc.pages_requested + pc.pages_streamed;
+        let data_pages = c.data_pages.load(Ordering::Relaxed);
+        st.pages_sent += data_pages;
+        st.pages_zero += (pc.pages_requested + pc.pages_streamed).saturating_sub(data_pages);
         st.total_time_ms = at.started.elapsed().as_millis() as u64;
         if report.pages_placed != st.postcopy.postcopy_pending_pages {
             return Err(MigrateError::Postcopy(format!(

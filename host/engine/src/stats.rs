@@ -82,10 +82,16 @@ pub struct PostcopyStats {
     pub switched: bool,
     /// Pages still to come at the switch.
     pub postcopy_pending_pages: u64,
-    /// Pages sent on the urgent channel, in answer to a request.
+    /// Pages sent on the urgent channel, in answer to a request (on the
+    /// destination: placed).
     pub pages_requested: u64,
-    /// Pages sent on the bulk channels during postcopy.
+    /// Pages sent on the bulk channels during postcopy (on the destination:
+    /// placed).
     pub pages_streamed: u64,
+    /// Of the source's pages requested or streamed, those sent again after
+    /// a reconnect: the destination had not placed them when the link
+    /// broke. Requested + streamed − resent = pending.
+    pub pages_resent: u64,
     /// Faults answered by the source (page requests).
     pub faults_remote: u64,
     /// Faults on pages free or zero at the switch, resolved on the

@@ -47,6 +47,9 @@ pub(crate) struct SourceCounters {
     pub(crate) pages_requested: AtomicU64,
     /// Pages the background stream sent.
     pub(crate) pages_streamed: AtomicU64,
+    /// Of the pages requested or streamed, those sent with their data (the
+    /// others were zero, sent as entries without data).
+    pub(crate) data_pages: AtomicU64,
     /// Requests for pages already on their way (or never pending).
     pub(crate) requests_already_sent: AtomicU64,
 }
@@ -167,6 +170,9 @@ impl PostcopySource {
                 self.counters
                     .pages_requested
                     .fetch_add(sent.pages, Ordering::Relaxed);
+                self.counters
+                    .data_pages
+                    .fetch_add(sent.data_pages, Ordering::Relaxed);
                 start = end;
             }
         }
@@ -251,6 +257,9 @@ impl PostcopySource {
             self.counters
                 .pages_streamed
                 .fetch_add(sent.pages, Ordering::Relaxed);
+            self.counters
+                .data_pages
+                .fetch_add(sent.data_pages, Ordering::Relaxed);
             batches += 1;
             if batches == 1 && self.session == 0 {
                 hit("src.postcopy-streaming")?;
