@@ -6,6 +6,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use freehint_memory::GuestRam;
 use freehint_types::PageRun;
 
 /// A set of pages per region, as atomic bits: the pages still to come (or
@@ -18,6 +19,12 @@ pub(crate) struct PageSet {
 }
 
 impl PageSet {
+    /// An empty set shaped like `ram`'s regions.
+    pub(crate) fn for_ram(ram: &GuestRam) -> Self {
+        let pages: Vec<u64> = ram.regions().iter().map(|r| r.pages()).collect();
+        Self::new(&pages)
+    }
+
     /// An empty set shaped like regions of `pages` pages each.
     pub(crate) fn new(pages: &[u64]) -> Self {
         Self {
@@ -52,19 +59,9 @@ impl PageSet {
         // the guest waits for the list.
         let words = &self.words[run.region];
         let mut fresh = 0u64;
-        let mut p = run.first_page;
-        while p < end {
-            let wi = p / 64;
-            let last = end.min((wi + 1) * 64);
-            let bits = last - p;
-            let mask = if bits == 64 {
-                !0
-            } else {
-                ((1u64 << bits) - 1) << (p % 64)
-            };
+        for (wi, mask) in word_masks(run.first_page, end) {
             let prev = words[wi as usize].fetch_or(mask, Ordering::AcqRel);
             fresh += (mask & !prev).count_ones() as u64;
-            p = last;
         }
         self.remaining.fetch_add(fresh, Ordering::AcqRel);
         true
@@ -187,27 +184,38 @@ impl PageSet {
             .unwrap_or(u64::MAX)
             .min(self.region_pages(run.region));
         let mut taken = 0u64;
-        let mut p = run.first_page;
-        while p < end {
-            let wi = p / 64;
-            let last = end.min((wi + 1) * 64);
-            let bits = last - p;
-            let mask = if bits == 64 {
-                !0
-            } else {
-                ((1u64 << bits) - 1) << (p % 64)
-            };
+        for (wi, mask) in word_masks(run.first_page, end) {
             let w = &self.words[run.region][wi as usize];
             if w.load(Ordering::Acquire) & mask != 0 {
                 let got = w.fetch_and(!mask, Ordering::AcqRel) & mask;
                 taken += got.count_ones() as u64;
                 push_runs(out, run.region, wi, got);
             }
-            p = last;
         }
         self.remaining.fetch_sub(taken, Ordering::AcqRel);
         taken
     }
+}
+
+/// The words pages `first..end` fall in, each with the mask of those pages'
+/// bits in it.
+fn word_masks(first: u64, end: u64) -> impl Iterator<Item = (u64, u64)> {
+    let mut p = first;
+    std::iter::from_fn(move || {
+        if p >= end {
+            return None;
+        }
+        let wi = p / 64;
+        let last = end.min((wi + 1) * 64);
+        let bits = last - p;
+        let mask = if bits == 64 {
+            !0
+        } else {
+            ((1u64 << bits) - 1) << (p % 64)
+        };
+        p = last;
+        Some((wi, mask))
+    })
 }
 
 /// Appends the pages of word `wi` of `region` whose bits are set in `bits`

@@ -115,8 +115,7 @@ impl std::error::Error for ReceiveFailure {
 /// Pages of the destination's RAM that hold data (so that a zero record for
 /// them must clear them), shared by the bulk channels.
 fn written_pages(ram: &GuestRam) -> Result<PageSet, MigrateError> {
-    let pages: Vec<u64> = ram.regions().iter().map(|r| r.pages()).collect();
-    let written = PageSet::new(&pages);
+    let written = PageSet::for_ram(ram);
     for (idx, r) in ram.regions().iter().enumerate() {
         for range in r.data_page_ranges()? {
             written.insert(PageRun::new(idx, range.start, range.end - range.start));
@@ -478,11 +477,9 @@ impl Receiver {
                             rounds, device_state_bytes, device_state_encoding, last_cmd_id,
                         }) => break (rounds, device_state_bytes, device_state_encoding, last_cmd_id),
                         Some(Message::PostcopyPending(runs)) => {
-                            let pending = inc.pending.get_or_insert_with(|| {
-                                let pages: Vec<u64> =
-                                    self.ram.regions().iter().map(|r| r.pages()).collect();
-                                Arc::new(PageSet::new(&pages))
-                            });
+                            let pending = inc
+                                .pending
+                                .get_or_insert_with(|| Arc::new(PageSet::for_ram(&self.ram)));
                             if !inc.source_stopping || inc.stats.postcopy.switched {
                                 return Err(MigrateError::Unexpected(
                                     "pending pages outside the switch to postcopy".into()));
@@ -504,9 +501,7 @@ impl Receiver {
                                 return Err(MigrateError::Unexpected(format!(
                                     "the source announced {pending_pages} pending pages and listed {have}")));
                             }
-                            let pages: Vec<u64> =
-                                self.ram.regions().iter().map(|r| r.pages()).collect();
-                            inc.pending.get_or_insert_with(|| Arc::new(PageSet::new(&pages)));
+                            inc.pending.get_or_insert_with(|| Arc::new(PageSet::for_ram(&self.ram)));
                             inc.stats.postcopy.switched = true;
                             inc.stats.postcopy.postcopy_pending_pages = pending_pages;
                         }

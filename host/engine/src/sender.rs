@@ -683,8 +683,7 @@ impl PrecopySender {
             while bm.take_set(&mut cursor, u64::MAX, &mut runs) > 0 {}
             runs
         });
-        let pages: Vec<u64> = self.ram.regions().iter().map(|r| r.pages()).collect();
-        let pending = Arc::new(PageSet::new(&pages));
+        let pending = Arc::new(PageSet::for_ram(&self.ram));
         for run in &runs {
             pending.insert(*run);
         }
@@ -912,8 +911,7 @@ impl PrecopySender {
             .connect(dest, self.hello(session_id, ChannelRole::Control, true))
             .await?;
         let mut control = ControlChannel::new(control);
-        let pages: Vec<u64> = self.ram.regions().iter().map(|r| r.pages()).collect();
-        let pending = Arc::new(PageSet::new(&pages));
+        let pending = Arc::new(PageSet::for_ram(&self.ram));
         loop {
             match control
                 .expect(t, "the pages the destination still lacks")

@@ -276,7 +276,7 @@ impl MissingPlacer {
                 // With the pool empty, that is what it means; with pages
                 // in it, they may have come a moment too late: try again
                 // before believing the page is there.
-                Some(libc::EEXIST) if self.is_huge(at) && huge_tries < HUGE_EEXIST_RETRIES => {
+                Some(libc::EEXIST) if huge_tries < HUGE_EEXIST_RETRIES && self.is_huge(at) => {
                     if self.huge_page_pool_empty(at) {
                         return Err(PlacementError::Place {
                             address: at,
@@ -306,10 +306,11 @@ impl MissingPlacer {
             .is_some_and(|r| r.page_bytes > 4096)
     }
 
-    /// Whether `address` lies in a hugetlbfs range whose page size has no
-    /// free huge page left on this host (none that is not reserved).
+    /// Whether the page size of the range holding `address` (a hugetlbfs
+    /// one) has no free huge page left on this host (none that is not
+    /// reserved).
     fn huge_page_pool_empty(&self, address: u64) -> bool {
-        let Some(r) = self.range_of(address, 1).filter(|r| r.page_bytes > 4096) else {
+        let Some(r) = self.range_of(address, 1) else {
             return false;
         };
         let read = |what: &str| {

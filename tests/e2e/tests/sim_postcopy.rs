@@ -231,9 +231,23 @@ fn listening_port(pid: u64) -> Option<u16> {
 }
 
 /// The hugetlbfs mount to use and a guard that gives back the huge pages
-/// reserved for the test, or `None` (with the reason) when there is none
-/// or not enough pages can be had.
-fn huge_pages(needed: u64) -> Result<(std::path::PathBuf, HugePagesGuard), String> {
+/// reserved for the test, or `None` (saying why: the test is skipped) when
+/// there is none or not enough pages can be had; with
+/// `FREEHINT_REQUIRE_HUGETLBFS` set, that fails the test instead.
+fn huge_pages(needed: u64) -> Option<(std::path::PathBuf, HugePagesGuard)> {
+    match try_huge_pages(needed) {
+        Ok(x) => Some(x),
+        Err(why) if std::env::var_os("FREEHINT_REQUIRE_HUGETLBFS").is_some() => {
+            panic!("FREEHINT_REQUIRE_HUGETLBFS is set but: {why}")
+        }
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            None
+        }
+    }
+}
+
+fn try_huge_pages(needed: u64) -> Result<(std::path::PathBuf, HugePagesGuard), String> {
     let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| e.to_string())?;
     let mount = mounts
         .lines()
@@ -294,15 +308,8 @@ impl Drop for HugePagesGuard {
 fn a_destination_short_of_huge_pages_waits_and_completes_when_they_come() {
     // 256 MiB: 128 huge pages a side. The source gets all of its own; the
     // destination 40, less than the 78 pages pending at the switch.
-    let (mount, _guard) = match huge_pages(128 + 40) {
-        Ok(x) => x,
-        Err(why) if std::env::var_os("FREEHINT_REQUIRE_HUGETLBFS").is_some() => {
-            panic!("FREEHINT_REQUIRE_HUGETLBFS is set but: {why}")
-        }
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
+    let Some((mount, _guard)) = huge_pages(128 + 40) else {
+        return;
     };
     // Shrink the pool to exactly that, and grow it 5 s into the run.
     let nr = "/proc/sys/vm/nr_hugepages";
@@ -341,15 +348,8 @@ fn a_destination_short_of_huge_pages_waits_and_completes_when_they_come() {
 #[test]
 fn on_hugetlbfs_postcopy_and_hybrid_place_whole_huge_pages_and_match() {
     // Source and destination RAM, with room to spare.
-    let (mount, _guard) = match huge_pages(2 * 1024 + 16) {
-        Ok(x) => x,
-        Err(why) if std::env::var_os("FREEHINT_REQUIRE_HUGETLBFS").is_some() => {
-            panic!("FREEHINT_REQUIRE_HUGETLBFS is set but: {why}")
-        }
-        Err(why) => {
-            eprintln!("skipped: {why}");
-            return;
-        }
+    let Some((mount, _guard)) = huge_pages(2 * 1024 + 16) else {
+        return;
     };
     let dir = mount.to_str().unwrap();
     for (mode, hints) in [("postcopy", "on"), ("postcopy", "off"), ("hybrid", "on")] {

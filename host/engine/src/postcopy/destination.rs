@@ -109,12 +109,11 @@ impl PostcopyDestination {
             .filter(|&b| b > 4096)
             .max()
             .unwrap_or(0);
-        let pages: Vec<u64> = ram.regions().iter().map(|r| r.pages()).collect();
         Ok(Self {
             placer: std::mem::ManuallyDrop::new(placer),
             ranges,
             pending,
-            requested: PageSet::new(&pages),
+            requested: PageSet::for_ram(ram),
             fault_at: Mutex::new(HashMap::new()),
             latencies: Latencies::default(),
             counters: Counters::default(),
