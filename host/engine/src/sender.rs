@@ -751,8 +751,8 @@ impl PrecopySender {
                         ErrorChain(&e)
                     );
                     let (pending, new_bulk, urgent) = self.reconnect(at).await?;
-                    // Pages counted as sent that the destination still
-                    // lacks go again.
+                    // Pages counted as sent (taken from the pending set)
+                    // that the destination still lacks go again.
                     at.stats.postcopy.pages_resent +=
                         pending.remaining().saturating_sub(src.pending.remaining());
                     src.pending = pending;
@@ -773,9 +773,8 @@ impl PrecopySender {
         pc.pages_streamed = c.pages_streamed.load(Ordering::Relaxed);
         pc.take_faults(&report);
         pc.postcopy_ms = started.elapsed().as_millis() as u64;
-        let data_pages = c.data_pages.load(Ordering::Relaxed);
-        st.pages_sent += data_pages;
-        st.pages_zero += (pc.pages_requested + pc.pages_streamed).saturating_sub(data_pages);
+        st.pages_sent += c.data_pages.load(Ordering::Relaxed);
+        st.pages_zero += c.zero_pages.load(Ordering::Relaxed);
         st.total_time_ms = at.started.elapsed().as_millis() as u64;
         if report.pages_placed != st.postcopy.postcopy_pending_pages {
             return Err(MigrateError::Postcopy(format!(

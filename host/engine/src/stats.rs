@@ -83,10 +83,11 @@ pub struct PostcopyStats {
     /// Pages still to come at the switch.
     pub postcopy_pending_pages: u64,
     /// Pages sent on the urgent channel, in answer to a request (on the
-    /// destination: placed).
+    /// source: taken to be sent, a write a broken link cut short included;
+    /// on the destination: placed).
     pub pages_requested: u64,
-    /// Pages sent on the bulk channels during postcopy (on the destination:
-    /// placed).
+    /// Pages sent on the bulk channels during postcopy (counted as
+    /// `pages_requested`).
     pub pages_streamed: u64,
     /// Of the source's pages requested or streamed, those sent again after
     /// a reconnect: the destination had not placed them when the link

@@ -43,15 +43,29 @@ impl StreamHint {
 #[derive(Debug, Default)]
 pub(crate) struct SourceCounters {
     pub(crate) bytes: AtomicU64,
-    /// Pages sent in answer to a request.
+    /// Pages taken to answer a request. Counted when taken from the
+    /// pending set, so that a page whose write a broken link cut short
+    /// counts once here and once in the resent pages of the reconnect.
     pub(crate) pages_requested: AtomicU64,
-    /// Pages the background stream sent.
+    /// Pages the background stream took, counted as `pages_requested`.
     pub(crate) pages_streamed: AtomicU64,
-    /// Of the pages requested or streamed, those sent with their data (the
-    /// others were zero, sent as entries without data).
+    /// Of the pages written whole, those sent with their data.
     pub(crate) data_pages: AtomicU64,
+    /// Of the pages written whole, those that were zero, sent as entries
+    /// without data.
+    pub(crate) zero_pages: AtomicU64,
     /// Requests for pages already on their way (or never pending).
     pub(crate) requests_already_sent: AtomicU64,
+}
+
+impl SourceCounters {
+    fn count_written(&self, sent: &crate::sender::BatchSent) {
+        self.bytes.fetch_add(sent.bytes, Ordering::Relaxed);
+        self.data_pages
+            .fetch_add(sent.data_pages, Ordering::Relaxed);
+        self.zero_pages
+            .fetch_add(sent.pages - sent.data_pages, Ordering::Relaxed);
+    }
 }
 
 /// Everything the postcopy tasks of the source share.
@@ -149,6 +163,10 @@ impl PostcopySource {
             if let Some(&(region, page)) = wanted.last() {
                 self.hint.set(region, page + 1);
             }
+            let taken: u64 = runs.iter().map(|r| r.count).sum();
+            self.counters
+                .pages_requested
+                .fetch_add(taken, Ordering::Relaxed);
             let mut start = 0;
             while start < runs.len() {
                 let region = runs[start].region;
@@ -166,13 +184,7 @@ impl PostcopySource {
                         name,
                     )
                     .await?;
-                self.counters.bytes.fetch_add(sent.bytes, Ordering::Relaxed);
-                self.counters
-                    .pages_requested
-                    .fetch_add(sent.pages, Ordering::Relaxed);
-                self.counters
-                    .data_pages
-                    .fetch_add(sent.data_pages, Ordering::Relaxed);
+                self.counters.count_written(&sent);
                 start = end;
             }
         }
@@ -250,16 +262,13 @@ impl PostcopySource {
             if taken == 0 {
                 continue;
             }
+            self.counters
+                .pages_streamed
+                .fetch_add(taken, Ordering::Relaxed);
             let sent = writer
                 .write(stream, &self.ram, region, &runs, self.timeout, &name)
                 .await?;
-            self.counters.bytes.fetch_add(sent.bytes, Ordering::Relaxed);
-            self.counters
-                .pages_streamed
-                .fetch_add(sent.pages, Ordering::Relaxed);
-            self.counters
-                .data_pages
-                .fetch_add(sent.data_pages, Ordering::Relaxed);
+            self.counters.count_written(&sent);
             batches += 1;
             if batches == 1 && self.session == 0 {
                 hit("src.postcopy-streaming")?;
