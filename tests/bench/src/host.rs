@@ -40,7 +40,12 @@ fn now_secs() -> u64 {
 
 /// The wall clock now as RFC 3339 UTC (`YYYY-MM-DDTHH:MM:SSZ`).
 pub fn now_rfc3339() -> String {
-    let secs = now_secs();
+    rfc3339(SystemTime::now())
+}
+
+/// `t` as RFC 3339 UTC (`YYYY-MM-DDTHH:MM:SSZ`).
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (y, m, d) = civil_from_days((secs / 86_400) as i64);
     let s = secs % 86_400;
     format!(

@@ -51,6 +51,15 @@ impl Results<'_> {
         self.dir.join(format!("{name}.json"))
     }
 
+    /// When `NAME.json` was written (its modification time), RFC 3339.
+    fn written_at(&self, name: &str) -> anyhow::Result<String> {
+        let path = self.json_path(name);
+        let t = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .with_context(|| format!("reading the time of {}", path.display()))?;
+        Ok(crate::host::rfc3339(t))
+    }
+
     /// Whether `NAME.json` is there.
     fn has(&self, name: &str) -> bool {
         self.json_path(name).exists()
@@ -224,7 +233,13 @@ the bulk stream runs; targets p50 ≤ 100 µs, p99 ≤ 1000 µs.
             med("fault_latency_us_max")?,
         );
     }
-    md.push_str("\nCommands (repetitions 2 and 3 are the same):\n\n");
+    let _ = writeln!(
+        md,
+        "\nThese runs ended between {} and {} (UTC, their result files' times). \
+Commands (repetitions 2 and 3 are the same):\n",
+        res.written_at(&names[0])?,
+        res.written_at(&names[names.len() - 1])?
+    );
     for (mode, h) in &runs {
         let _ = writeln!(md, "    {}", res.cmd(&format!("sim2g-{mode}-hints-{h}-1"))?);
     }
