@@ -30,7 +30,7 @@ use crate::io::{
 use crate::page_set::PageSet;
 use crate::phase::{Phase, PhaseWatch, Side};
 use crate::postcopy::destination::{send_requests, PostcopyDestination};
-use crate::postcopy::queue::QueueBudget;
+use crate::postcopy::queue::PlacedReporter;
 use crate::postcopy::{send_pending_list, Links};
 use crate::{region_descs, MigrateError, PostcopyStats};
 
@@ -164,6 +164,9 @@ struct BulkCtx {
     /// completed its last round: pages are then placed through the VMM's
     /// userfaultfd, never written through our mapping.
     postcopy: Arc<OnceLock<Arc<PostcopyDestination>>>,
+    /// The peer timeout, for what this side writes on a bulk channel
+    /// (postcopy's reports of placed pages).
+    timeout: Duration,
 }
 
 impl BulkCtx {
@@ -399,6 +402,7 @@ impl Receiver {
             started: inc.started,
             rounds_done: Arc::new((0..bulk.len()).map(|_| AtomicU32::new(0)).collect()),
             postcopy: Arc::new(OnceLock::new()),
+            timeout: inc.timeout,
         };
         let mut tasks = JoinSet::new();
         for (i, s) in bulk.into_iter().enumerate() {
@@ -1177,7 +1181,7 @@ async fn receive_bulk(
     let mut round = 0u32;
     let mut frame_buf = Vec::new();
     let mut data: Vec<u8> = Vec::new();
-    let mut window = ReceiveWindow::default();
+    let mut reporter = PlacedReporter::default();
     let ram = ctx.ram.clone();
     let region_pages =
         move |idx: usize| ram.regions().get(idx).map(|r| (r.page_bytes(), r.pages()));
@@ -1185,6 +1189,13 @@ async fn receive_bulk(
         let Some((frame, frame_bytes)) =
             read_frame(&mut r, &name, Some(&region_pages), &mut frame_buf).await?
         else {
+            if ctx.postcopy.get().is_some() {
+                // The source reads our reports until we close our end
+                // (duplicates of this socket, kept to cut the link, would
+                // keep it open).
+                use tokio::io::AsyncWriteExt;
+                let _ = r.get_mut().shutdown().await;
+            }
             return Ok(round);
         };
         ctx.progress();
@@ -1196,11 +1207,34 @@ async fn receive_bulk(
                 let region = &ctx.ram.regions()[region_idx];
                 let page_bytes = region.page_bytes() as usize;
                 if let Some(pc) = ctx.postcopy.get() {
-                    data.resize(head.data_pages() as usize * page_bytes, 0);
+                    // Busy: the CPU time this thread spends reading a
+                    // batch that is here whole, and placing it; not
+                    // waiting for the wire (on a slow link the rate would
+                    // be the link's) nor for a CPU (on a busy host, the
+                    // rate of whoever else runs): either way the budget
+                    // would be too small to keep the link busy.
+                    let data_bytes = head.data_pages() as usize * page_bytes;
+                    let here = r.buffer().len() as u64
+                        + freehint_linux_sys::readable_bytes(r.get_ref()).unwrap_or(0);
+                    let mut busy_from = freehint_linux_sys::thread_cpu_time();
+                    data.resize(data_bytes, 0);
                     read_exact(&mut r, &mut data, &name).await?;
+                    if here < data_bytes as u64 {
+                        busy_from = freehint_linux_sys::thread_cpu_time();
+                    }
                     pc.place_batch(region_idx, head.entries(), &data, page_bytes as u64, false)?;
                     ctx.progress();
-                    window.placed(r.get_ref(), frame_bytes);
+                    let guest_bytes =
+                        head.entries().iter().map(|e| e.pages()).sum::<u64>() * page_bytes as u64;
+                    reporter
+                        .placed(
+                            r.get_mut(),
+                            guest_bytes,
+                            freehint_linux_sys::thread_cpu_time().saturating_sub(busy_from),
+                            ctx.timeout,
+                            &name,
+                        )
+                        .await?;
                     continue;
                 }
                 if !ctx.direct {
@@ -1299,46 +1333,6 @@ async fn receive_urgent(
                     "{name}: unexpected {} frame",
                     other.kind().name()
                 )))
-            }
-        }
-    }
-}
-
-/// A bulk channel's receive window in postcopy, clamped to the queue
-/// budget (`postcopy::queue`) from the rate pages are placed at.
-#[derive(Debug, Default)]
-struct ReceiveWindow {
-    budget: Option<QueueBudget>,
-    placed_bytes: u64,
-    clamp_bytes: u64,
-    /// The least receive-side round trip seen, µs (0: none yet).
-    rtt_us: u32,
-}
-
-impl ReceiveWindow {
-    /// `bytes` more were placed from `s`: clamps its window anew when the
-    /// budget has moved by a quarter or more.
-    fn placed(&mut self, s: &TcpStream, bytes: u64) {
-        let now = std::time::Instant::now();
-        self.placed_bytes += bytes;
-        let budget = self
-            .budget
-            .get_or_insert_with(|| QueueBudget::new(now, self.placed_bytes));
-        if let Ok(f) = freehint_linux_sys::tcp_figures(s) {
-            if f.rcv_rtt_us > 0 && (self.rtt_us == 0 || f.rcv_rtt_us < self.rtt_us) {
-                self.rtt_us = f.rcv_rtt_us;
-            }
-        }
-        let rtt_us = self.rtt_us;
-        let limit = budget.limit_bytes(now, self.placed_bytes, rtt_us);
-        if limit.abs_diff(self.clamp_bytes) * 4 >= self.clamp_bytes {
-            match freehint_linux_sys::set_tcp_window_clamp(s, limit as u32) {
-                Ok(()) => self.clamp_bytes = limit,
-                // Unbounded then, as in precopy: slower faults, nothing lost.
-                Err(e) => {
-                    tracing::warn!("postcopy: cannot clamp a bulk channel's window: {e}");
-                    self.clamp_bytes = u64::MAX / 4;
-                }
             }
         }
     }

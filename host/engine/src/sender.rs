@@ -807,7 +807,7 @@ impl PrecopySender {
             }),
         };
         let t = self.timeout();
-        close_bulk(bulk, t).await?;
+        crate::postcopy::source::close_bulk(bulk, t).await?;
         let c = &src.counters;
         let sent = freehint_wire::PostcopyReport {
             pages_placed: c.pages_requested.load(Ordering::Relaxed)

@@ -1,7 +1,7 @@
 //! Raw kernel interfaces the host crates share: userfaultfd ioctls and
 //! messages (write-protect mode for dirty tracking, missing mode for
 //! postcopy placement), `PAGEMAP_SCAN`, pidfd, and the TCP socket figures
-//! postcopy sizes its queues by (`TCP_INFO`, `TCP_WINDOW_CLAMP`).
+//! postcopy sizes its queues by (`TCP_INFO`, `FIONREAD`, the thread CPU clock).
 //!
 //! The `libc` crate does not carry `PAGEMAP_SCAN` or the userfaultfd
 //! structures, and its `tcp_info` is glibc's shorter one, so they are
@@ -379,6 +379,34 @@ pub struct TcpFigures {
     pub bytes_received: u64,
 }
 
+/// CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`): time
+/// it ran, not time it waited for a CPU.
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the pointer, which
+    // points to `t`, a live local of that type.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    if rc < 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// Bytes a socket holds received and not yet read (`FIONREAD`).
+pub fn readable_bytes(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD on a socket writes one c_int through the pointer,
+    // which points to `n`, a live local of that type.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as u64)
+}
+
 /// `TCP_INFO` of a TCP socket.
 pub fn tcp_figures(fd: &impl AsRawFd) -> io::Result<TcpFigures> {
     let mut info = RawTcpInfo::default();
@@ -410,26 +438,6 @@ pub fn tcp_figures(fd: &impl AsRawFd) -> io::Result<TcpFigures> {
         bytes_acked: info.bytes_acked,
         bytes_received: info.bytes_received,
     })
-}
-
-/// `TCP_WINDOW_CLAMP`: the receive window the socket advertises stays at
-/// or below `bytes` (the kernel raises a tiny value to its minimum).
-pub fn set_tcp_window_clamp(fd: &impl AsRawFd, bytes: u32) -> io::Result<()> {
-    let v = bytes.min(i32::MAX as u32) as libc::c_int;
-    // SAFETY: setsockopt reads one c_int from `&v`, a live local.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_WINDOW_CLAMP,
-            &v as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Puts the calling thread in the `SCHED_FIFO` class at `priority`
@@ -516,6 +524,5 @@ mod tests {
         assert_eq!(rc, 0);
         let fa2 = tcp_figures(&a).unwrap();
         assert_eq!((g.tcpi_rtt, g.tcpi_rcv_rtt), (fa2.rtt_us, fa2.rcv_rtt_us));
-        set_tcp_window_clamp(&b, 256 << 10).unwrap();
     }
 }

@@ -42,6 +42,8 @@ pub enum Kind {
     PostcopySwitch = 15,
     /// [`Message::PostcopyComplete`].
     PostcopyComplete = 16,
+    /// [`Message::PostcopyPlaced`].
+    PostcopyPlaced = 17,
 }
 
 impl Kind {
@@ -64,6 +66,7 @@ impl Kind {
             Kind::PostcopyPending => "postcopy pending",
             Kind::PostcopySwitch => "postcopy switch",
             Kind::PostcopyComplete => "postcopy complete",
+            Kind::PostcopyPlaced => "postcopy placed",
         }
     }
 
@@ -85,6 +88,7 @@ impl Kind {
             14 => Kind::PostcopyPending,
             15 => Kind::PostcopySwitch,
             16 => Kind::PostcopyComplete,
+            17 => Kind::PostcopyPlaced,
             other => return Err(WireError::UnknownKind(other)),
         })
     }

@@ -165,6 +165,18 @@ pub enum Message {
     /// (`pages_sent`). From the destination, in answer: every pending page
     /// is placed, with its figures.
     PostcopyComplete(PostcopyReport),
+    /// Postcopy (a bulk channel, destination to source): how far the
+    /// destination has placed what this channel carried, so that the
+    /// source keeps no more than `budget_bytes` on their way to it (a
+    /// fault on a page already on its way waits for everything ahead of
+    /// it: see the engine's `postcopy::queue`).
+    PostcopyPlaced {
+        /// Guest bytes (pages × page size, zero pages included) of this
+        /// channel's batches placed since the postcopy session began.
+        placed_bytes: u64,
+        /// Bytes the channel may have on their way beyond `placed_bytes`.
+        budget_bytes: u64,
+    },
 }
 
 /// Most page runs in one [`Message::PostcopyPending`] (24 bytes each).
@@ -227,6 +239,7 @@ impl Message {
             Message::PostcopyPending(_) => Kind::PostcopyPending,
             Message::PostcopySwitch { .. } => Kind::PostcopySwitch,
             Message::PostcopyComplete(_) => Kind::PostcopyComplete,
+            Message::PostcopyPlaced { .. } => Kind::PostcopyPlaced,
         }
     }
 
@@ -299,6 +312,13 @@ impl Message {
             }
             Message::PostcopySwitch { pending_pages } => {
                 p.extend_from_slice(&pending_pages.to_le_bytes());
+            }
+            Message::PostcopyPlaced {
+                placed_bytes,
+                budget_bytes,
+            } => {
+                p.extend_from_slice(&placed_bytes.to_le_bytes());
+                p.extend_from_slice(&budget_bytes.to_le_bytes());
             }
             Message::PostcopyComplete(r) => {
                 for v in [
@@ -479,6 +499,10 @@ impl Message {
             Kind::PostcopySwitch => Message::PostcopySwitch {
                 pending_pages: r.u64()?,
             },
+            Kind::PostcopyPlaced => Message::PostcopyPlaced {
+                placed_bytes: r.u64()?,
+                budget_bytes: r.u64()?,
+            },
             Kind::PostcopyComplete => Message::PostcopyComplete(PostcopyReport {
                 pages_placed: r.u64()?,
                 faults_remote: r.u64()?,
@@ -561,6 +585,10 @@ mod tests {
         ]));
         roundtrip(Message::PostcopyPending(Vec::new()));
         roundtrip(Message::PostcopySwitch { pending_pages: 12 });
+        roundtrip(Message::PostcopyPlaced {
+            placed_bytes: 1 << 40,
+            budget_bytes: 600_000,
+        });
         roundtrip(Message::PostcopyComplete(PostcopyReport {
             pages_placed: 1,
             faults_remote: 2,
@@ -680,7 +708,7 @@ mod tests {
     proptest! {
         /// No byte sequence makes the decoders panic.
         #[test]
-        fn decoders_never_panic(kind in 1u16..18, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn decoders_never_panic(kind in 1u16..19, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             if let Ok(k) = Kind::from_u16(kind) {
                 let header = FrameHeader { kind: k, payload_bytes: payload.len() as u64 };
                 let _ = Frame::decode(&header, &payload, |_| Some((4096, 16)));

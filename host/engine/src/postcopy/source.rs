@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use super::queue::QueueBudget;
+use super::queue::{PlacedReports, QueueBudget};
 use crate::fault::hit;
 use crate::io::read_frame;
 use crate::page_set::PageSet;
@@ -224,19 +224,31 @@ impl PostcopySource {
         let regions = self.pending.regions();
         let mut batches = 0u64;
         let figures = || freehint_linux_sys::tcp_figures(stream).unwrap_or_default();
-        let mut budget = QueueBudget::new(Instant::now(), figures().bytes_acked);
+        let started = Instant::now();
+        let mut budget = QueueBudget::new(
+            Duration::ZERO,
+            figures().bytes_acked,
+            super::queue::QUEUE_TARGET_US,
+        );
+        let mut placed = PlacedReports::default();
+        let least_bytes = 2 * batch_bytes;
+        let mut sent_guest_bytes = 0u64;
         while self.pending.remaining() > 0 {
-            // Take pages only once the socket has room: a page taken sits in
-            // the queue until sent, and a request for it waits behind the
-            // queue (the request is not answered twice). See `queue`.
+            // Take pages only once both queues have room: a page taken
+            // waits behind them until placed, and so does a request for it
+            // (the request is not answered twice). See `queue`.
             loop {
+                placed.read_available(stream, &name)?;
                 let f = figures();
-                let limit = budget.limit_bytes(Instant::now(), f.bytes_acked, f.min_rtt_us);
-                let q = crate::sender::unacknowledged_bytes(stream).unwrap_or(0);
-                if q <= limit {
+                let limit = budget.limit_bytes(started.elapsed(), f.bytes_acked, f.min_rtt_us);
+                let unacknowledged = crate::sender::unacknowledged_bytes(stream).unwrap_or(0);
+                if unacknowledged <= limit
+                    && placed.has_room(sent_guest_bytes, unacknowledged, least_bytes)
+                {
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                // A report of placed pages, or a millisecond.
+                let _ = tokio::time::timeout(Duration::from_millis(1), stream.readable()).await;
             }
             runs.clear();
             let (region, taken) = {
@@ -269,6 +281,7 @@ impl PostcopySource {
                 .write(stream, &self.ram, region, &runs, self.timeout, &name)
                 .await?;
             self.counters.count_written(&sent);
+            sent_guest_bytes += sent.pages * self.ram.regions()[region].page_bytes();
             batches += 1;
             if batches == 1 && self.session == 0 {
                 hit("src.postcopy-streaming")?;
@@ -281,4 +294,35 @@ impl PostcopySource {
         }
         Ok(())
     }
+}
+
+/// Ends postcopy's bulk channels: says the stream is over, then reads
+/// the destination's last reports of placed pages until it closes its end
+/// (closing with unread reports would reset the connection, and with it
+/// pages the destination has not read yet).
+pub(crate) async fn close_bulk(
+    bulk: Vec<TcpStream>,
+    timeout: Duration,
+) -> Result<(), MigrateError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let name = "closing a bulk channel (postcopy)";
+    let close = async {
+        for mut b in bulk {
+            b.shutdown().await.map_err(MigrateError::io(name))?;
+            let mut reports = Vec::new();
+            b.read_to_end(&mut reports)
+                .await
+                .map_err(MigrateError::io(name))?;
+            PlacedReports::default().take_all(&reports, name)?;
+        }
+        Ok(())
+    };
+    tokio::time::timeout(timeout, close)
+        .await
+        .unwrap_or_else(|_| {
+            Err(MigrateError::Timeout {
+                what: name.into(),
+                seconds: timeout.as_secs(),
+            })
+        })
 }
