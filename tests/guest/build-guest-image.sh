@@ -12,7 +12,7 @@ repo=$(cd "$here/../.." && pwd)
 cache=${FREEHINT_CACHE:-$HOME/.cache/freehint}
 log() { echo "build-guest-image: $*" >&2; }
 
-key=$(cat "$0" "$here/init.sh" "$repo"/guest-driver/programs/*.c | sha256sum | cut -c1-12)
+key=$(cat "$0" "$here/init.sh" "$repo"/guest-driver/programs/*.c "$repo"/guest-driver/module/* | sha256sum | cut -c1-12)
 out=$cache/guest-$key
 if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.gz" ] && [ -s "$out/disk/initramfs.gz" ]; then
   echo "$out"
@@ -68,6 +68,10 @@ for src in "$repo"/guest-driver/programs/*.c; do
   [ "$name" = fh-diskcheck ] && dest=$disk_root
   gcc -static -O2 -Wall -Wextra -Werror -o "$dest/bin/$name" "$src"
 done
+# freehint's own module (guest-driver/module), built against this kernel's
+# headers; init.sh loads it only when asked (freehint.freeranges).
+ko=$("$repo/guest-driver/module/build.sh" "$work/module" | tail -1)
+cp "$ko" "$root/lib/modules/"
 install -m 0755 "$here/init.sh" "$root/init"
 
 rm -rf "$out.tmp"

@@ -13,6 +13,8 @@
 #                          64 KiB of it (fh-fragment) before saying ready
 #   freehint.hotset=MIB    keep MIB MiB hot, rewritten at freehint.hotrate MiB/s
 #                          (default 16) for ever (fh-hotset)
+#   freehint.freeranges    load freehint_free and print what it reports
+#                          (fh-freeranges, orders 0 and 9) before saying ready
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -25,6 +27,7 @@ readdisk=
 fragment=0
 hotset=0
 hotrate=16
+freeranges=
 modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_balloon"
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
@@ -38,6 +41,7 @@ for arg in $(cat /proc/cmdline); do
     freehint.fragment=*) fragment=${arg#*=} ;;
     freehint.hotset=*) hotset=${arg#*=} ;;
     freehint.hotrate=*) hotrate=${arg#*=} ;;
+    freehint.freeranges) freeranges=1 ;;
   esac
 done
 for m in $modules; do
@@ -52,6 +56,16 @@ if [ "$fragment" -gt 0 ]; then fh-fragment "$fragment"; fi
 # fh-hotset says "freehint-hotset ready" once its set is written.
 if [ "$hotset" -gt 0 ]; then fh-hotset "$hotset" "$hotrate" & fi
 awk '/^MemTotal|^MemFree/ { printf "freehint-meminfo %s %s\n", $1, $2 }' /proc/meminfo
+# freehint's module: the free memory as ranges, every order, then only
+# whole 2 MiB blocks (fh-freeranges checks the ranges and prints a line).
+if [ -n "$freeranges" ]; then
+  if insmod /lib/modules/freehint_free.ko; then
+    fh-freeranges 0
+    fh-freeranges 9
+  else
+    echo "freehint-free FAIL could not load freehint_free"
+  fi
+fi
 if [ -n "$disk" ] && [ ! -e /lib/modules/disk.modules ]; then
   echo "freehint-disk FAIL no disk modules: boot the disk/ initramfs of the guest image"
 elif [ -n "$disk" ]; then
