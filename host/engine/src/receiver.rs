@@ -1224,12 +1224,10 @@ async fn receive_bulk(
                     }
                     pc.place_batch(region_idx, head.entries(), &data, page_bytes as u64, false)?;
                     ctx.progress();
-                    let guest_bytes =
-                        head.entries().iter().map(|e| e.pages()).sum::<u64>() * page_bytes as u64;
                     reporter
                         .placed(
                             r.get_mut(),
-                            guest_bytes,
+                            head.pages() * page_bytes as u64,
                             freehint_linux_sys::thread_cpu_time().saturating_sub(busy_from),
                             ctx.timeout,
                             &name,

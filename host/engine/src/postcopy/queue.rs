@@ -19,9 +19,11 @@
 //! rate of acknowledged bytes and the path's least round trip,
 //! `tcpi_min_rtt`), which bounds the queue in its socket on a slow link.
 //!
-//! The destination's rate is the one it places bytes at *while busy*
-//! (from a batch's head to its last page placed, not the wait for the
-//! next head), with its receive-side round trip (the least it has seen).
+//! The destination's rate is the one it places guest bytes at *while
+//! busy*: its thread's CPU time reading a batch already whole in the
+//! socket and placing it (not the wait for the wire, nor for a CPU), with
+//! its receive-side round trip (the least it has seen) and its own target
+//! ([`PLACED_QUEUE_TARGET_US`]).
 //! Measured on loopback (2 GiB, hints on): before, with the queue in the
 //! destination's socket bounded only by `TCP_WINDOW_CLAMP`, 7 MiB waited
 //! behind a 128 KiB clamp (the kernel does not take back a window it has
