@@ -1268,21 +1268,6 @@ fn check_control(at: &mut Attempt) -> Result<(), MigrateError> {
     }
 }
 
-/// Bytes a TCP socket holds that its peer has not acknowledged yet, sent
-/// or not (`SIOCOUTQ`).
-pub(crate) fn unacknowledged_bytes(s: &TcpStream) -> std::io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    let mut n: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (TIOCOUTQ) on a TCP socket writes one c_int through
-    // the pointer, which points to `n`, a live local of that type; the fd
-    // is the stream's own, open while `s` is borrowed.
-    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(n.max(0) as u64)
-}
-
 /// Below this many bytes left in the bulk sockets, a round counts as
 /// delivered (about 2 ms at 1 Gbit/s).
 const DRAINED_BYTES: u64 = 256 << 10;
@@ -1296,7 +1281,7 @@ const DRAINED_BYTES: u64 = 256 << 10;
 async fn drain_bulk(bulk: &[TcpStream], bandwidth_bytes_per_s: f64, max: Duration) -> u64 {
     let queued = || -> u64 {
         bulk.iter()
-            .map(|s| unacknowledged_bytes(s).unwrap_or(0))
+            .map(|s| freehint_linux_sys::unacknowledged_bytes(s).unwrap_or(0))
             .sum()
     };
     let started = Instant::now();

@@ -397,10 +397,21 @@ pub fn thread_cpu_time() -> std::time::Duration {
 
 /// Bytes a socket holds received and not yet read (`FIONREAD`).
 pub fn readable_bytes(fd: &impl AsRawFd) -> io::Result<u64> {
+    socket_queue_bytes(fd, libc::FIONREAD)
+}
+
+/// Bytes a TCP socket holds that its peer has not acknowledged yet, sent
+/// or not (`SIOCOUTQ`).
+pub fn unacknowledged_bytes(fd: &impl AsRawFd) -> io::Result<u64> {
+    socket_queue_bytes(fd, libc::TIOCOUTQ)
+}
+
+/// One of the socket ioctls that report a queue's length as a c_int.
+fn socket_queue_bytes(fd: &impl AsRawFd, request: libc::Ioctl) -> io::Result<u64> {
     let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD on a socket writes one c_int through the pointer,
-    // which points to `n`, a live local of that type.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) };
+    // SAFETY: FIONREAD and SIOCOUTQ (TIOCOUTQ) on a socket write one c_int
+    // through the pointer, which points to `n`, a live local of that type.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut n as *mut libc::c_int) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

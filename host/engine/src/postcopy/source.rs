@@ -241,7 +241,7 @@ impl PostcopySource {
                 placed.read_available(stream, &name)?;
                 let f = figures();
                 let limit = budget.limit_bytes(started.elapsed(), f.bytes_acked, f.min_rtt_us);
-                let unacknowledged = crate::sender::unacknowledged_bytes(stream).unwrap_or(0);
+                let unacknowledged = freehint_linux_sys::unacknowledged_bytes(stream).unwrap_or(0);
                 if unacknowledged <= limit
                     && placed.has_room(sent_guest_bytes, unacknowledged, least_bytes)
                 {
