@@ -204,6 +204,20 @@ static unsigned long freehint_largest_span(void)
 	return largest;
 }
 
+/*
+ * What a free page holds, as this kernel defines it: page poisoning is
+ * checked first because it wins over init_on_free (mm_core_init turns
+ * init_on_free off when poisoning is on).
+ */
+static u32 freehint_content_flags(void)
+{
+	if (page_poisoning_enabled_static())
+		return FREEHINT_FREE_POISONED;
+	if (want_init_on_free())
+		return FREEHINT_FREE_ZEROED;
+	return 0;
+}
+
 static int freehint_report(struct freehint_free_request *req)
 {
 	struct freehint_walk *w;
@@ -249,7 +263,8 @@ static int freehint_report(struct freehint_free_request *req)
 		req->count = w->count;
 		req->pages = w->pages;
 		req->lock_ns = w->lock_ns;
-		req->flags = w->truncated ? FREEHINT_FREE_TRUNCATED : 0;
+		req->flags = (w->truncated ? FREEHINT_FREE_TRUNCATED : 0) |
+			     freehint_content_flags();
 		req->took_ns = ktime_get_ns() - t0;
 	}
 out:

@@ -24,6 +24,20 @@
 
 /* Set in flags when the array was full before every free range was in it. */
 #define FREEHINT_FREE_TRUNCATED 1u
+/*
+ * Set in flags when the guest's kernel zeroes every page it frees
+ * (init_on_free=1): a free page reads as zeros.
+ */
+#define FREEHINT_FREE_ZEROED 2u
+/*
+ * Set in flags when the guest's kernel poisons every page it frees
+ * (page_poison=1) with FREEHINT_FREE_POISON_BYTE, and checks the poison
+ * when it hands the page out again. Poisoning takes precedence over
+ * init_on_free in the kernel, so at most one of the two is set.
+ */
+#define FREEHINT_FREE_POISONED 4u
+/* The byte a poisoned free page is filled with (the kernel's PAGE_POISON). */
+#define FREEHINT_FREE_POISON_BYTE 0xaa
 
 /* pages free pages from first_pfn on. */
 struct freehint_pfn_range {
@@ -40,7 +54,7 @@ struct freehint_free_request {
 	__u64 pages;     /* out: pages in the ranges written */
 	__u64 lock_ns;   /* out: the longest one zone's lock was held */
 	__u64 took_ns;   /* out: the whole request */
-	__u32 flags;     /* out: FREEHINT_FREE_TRUNCATED */
+	__u32 flags;     /* out: FREEHINT_FREE_TRUNCATED, _ZEROED, _POISONED */
 	__u32 reserved;  /* in: 0 */
 };
 

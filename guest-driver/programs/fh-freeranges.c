@@ -82,9 +82,11 @@ int main(int argc, char **argv)
 	if (pages != req.pages)
 		printf("freehint-free FAIL the ranges hold %llu pages, the module says %llu\n",
 		       pages, (unsigned long long)req.pages);
-	printf("freehint-free order=%u ranges=%u pages=%llu memfree_pages=%llu overlaps=%llu truncated=%u lock_us=%llu took_us=%llu\n",
+	printf("freehint-free order=%u ranges=%u pages=%llu memfree_pages=%llu overlaps=%llu truncated=%u content=%s lock_us=%llu took_us=%llu\n",
 	       order, req.count, pages, before, overlaps,
 	       req.flags & FREEHINT_FREE_TRUNCATED ? 1u : 0u,
+	       req.flags & FREEHINT_FREE_POISONED ? "poison" :
+	       req.flags & FREEHINT_FREE_ZEROED ? "zero" : "undefined",
 	       (unsigned long long)req.lock_ns / 1000,
 	       (unsigned long long)req.took_ns / 1000);
 	close(fd);

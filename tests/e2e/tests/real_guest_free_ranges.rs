@@ -56,4 +56,42 @@ fn the_module_reports_every_free_page_as_merged_ranges_without_taking_any() {
     assert!(huge["pages"] <= pages + pages / 50, "{huge:?} {all:?}");
     assert!(huge["pages"] >= 64 << 8, "{huge:?}");
     assert_eq!(huge["pages"] % 512, 0, "{huge:?}");
+    // Debian's defaults: free pages hold whatever they held.
+    assert!(
+        console
+            .iter()
+            .any(|l| l.contains("freehint-free order=0") && l.contains("content=undefined")),
+        "{console:?}"
+    );
+}
+
+/// The module says what a free page holds as the kernel defines it: zeros
+/// with `init_on_free=1`, the poison byte with `page_poison=1` (which the
+/// kernel checks when it hands the page out again).
+#[test]
+fn the_module_says_what_free_pages_hold_under_init_on_free_and_poisoning() {
+    for (option, content) in [("init_on_free=1", "zero"), ("page_poison=1", "poison")] {
+        let Some(mut s) = real_guest_setup("free-content", 256, 0) else {
+            return;
+        };
+        let _alone = one_real_guest_test_at_a_time();
+        s.append = format!("freehint.freeranges {option}");
+        let bed = Testbed::new(&s, &format!("free-content-{content}")).unwrap();
+        let mut g = bed.native_qemu("vm", Mode::QemuNative, false).unwrap();
+        bed.wait_ready(&g).unwrap();
+        let console = g.console.lock().unwrap().clone();
+        g.kill();
+        let line = console
+            .iter()
+            .find(|l| l.contains("freehint-free order=0"))
+            .unwrap_or_else(|| panic!("no report with {option}: {console:?}"));
+        assert!(
+            line.contains(&format!("content={content}")),
+            "{option}: {line}"
+        );
+        assert!(
+            !console.iter().any(|l| l.contains("corruption")),
+            "{option}: {console:?}"
+        );
+    }
 }
