@@ -8,6 +8,7 @@
 //!
 //! ```text
 //!  guest (agent)                         host (daemon)
+//!                                    <-- Query
 //!  Hello { page size, free content } -->
 //!                                    <-- Report { cmd_id, min_order }
 //!  Ranges { cmd_id, ranges }       -->   (as many batches as it takes)
@@ -21,6 +22,12 @@
 //! [`MAX_PAYLOAD_BYTES`] before allocating anything: the host reads this
 //! from a guest it does not trust. [`Decoder`] takes the bytes of the
 //! stream as they come, in any pieces.
+//!
+//! The host opens every conversation with a `Query`: a virtio-serial port
+//! keeps no record of who listened before (a new daemon, or the guest
+//! arriving on another host, finds the agent mid-life), and bytes the guest
+//! wrote while no host was connected may be lost or cut, so the host finds
+//! the start of the next frame with [`Decoder::resync`] after an error.
 
 #![deny(missing_docs)]
 
@@ -106,7 +113,9 @@ pub struct PfnRange {
 /// Every message of the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
-    /// Guest → host, first: what the guest is.
+    /// Host → guest: say [`Message::Hello`] (the host's first message).
+    Query,
+    /// Guest → host, the answer to a query: what the guest is.
     Hello(Hello),
     /// Host → guest: report the free memory, orders ≥ `min_order`.
     Report {
@@ -158,6 +167,8 @@ pub enum Kind {
     Done = 4,
     /// [`Message::Failed`].
     Failed = 5,
+    /// [`Message::Query`].
+    Query = 6,
 }
 
 impl Kind {
@@ -169,6 +180,7 @@ impl Kind {
             3 => Kind::Ranges,
             4 => Kind::Done,
             5 => Kind::Failed,
+            6 => Kind::Query,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -181,6 +193,7 @@ impl Kind {
             Kind::Ranges => "ranges",
             Kind::Done => "done",
             Kind::Failed => "failed",
+            Kind::Query => "query",
         }
     }
 }
@@ -194,6 +207,7 @@ impl Message {
             Message::Ranges { .. } => Kind::Ranges,
             Message::Done { .. } => Kind::Done,
             Message::Failed { .. } => Kind::Failed,
+            Message::Query => Kind::Query,
         }
     }
 
@@ -203,6 +217,7 @@ impl Message {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let mut p = Vec::new();
         match self {
+            Message::Query => {}
             Message::Hello(h) => {
                 p.extend_from_slice(&h.page_bytes.to_le_bytes());
                 let (kind, pattern) = match h.free_content {
@@ -271,6 +286,10 @@ impl Message {
         let u32_at = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().expect("4"));
         let u64_at = |at: usize| u64::from_le_bytes(payload[at..at + 8].try_into().expect("8"));
         Ok(match kind {
+            Kind::Query => {
+                exact(0)?;
+                Message::Query
+            }
             Kind::Hello => {
                 exact(8)?;
                 let page_bytes = u32_at(0);
@@ -408,6 +427,21 @@ impl Decoder {
         Some(m)
     }
 
+    /// After an error: drops the bytes held up to the next place a frame
+    /// could start (the next [`MAGIC`] after the first byte), so that
+    /// decoding goes on from there. Returns the bytes dropped.
+    pub fn resync(&mut self) -> usize {
+        let magic = MAGIC.to_le_bytes();
+        let skip = (1..self.buf.len())
+            .find(|&i| {
+                let n = (self.buf.len() - i).min(4);
+                self.buf[i..i + n] == magic[..n]
+            })
+            .unwrap_or(self.buf.len());
+        self.buf.drain(..skip);
+        skip
+    }
+
     /// Bytes held that do not make a whole frame yet.
     pub fn pending_bytes(&self) -> usize {
         self.buf.len()
@@ -421,6 +455,7 @@ mod tests {
 
     fn all_kinds() -> Vec<Message> {
         vec![
+            Message::Query,
             Message::Hello(Hello {
                 page_bytes: 4096,
                 free_content: FreeContent::Pattern(0xaa),
@@ -513,6 +548,42 @@ mod tests {
     }
 
     #[test]
+    fn after_garbage_resync_finds_the_next_frame() {
+        let mut bytes = b"\x00garbage FHA".to_vec();
+        Message::Query.encode(&mut bytes);
+        Message::Report {
+            cmd_id: 9,
+            min_order: 0,
+        }
+        .encode(&mut bytes);
+        let mut d = Decoder::default();
+        d.push(&bytes);
+        let mut got = Vec::new();
+        let mut errors = 0;
+        while let Some(m) = d.next_message() {
+            match m {
+                Ok(m) => got.push(m),
+                Err(_) => {
+                    errors += 1;
+                    assert!(d.resync() > 0, "resync makes progress");
+                }
+            }
+        }
+        assert!(errors >= 1);
+        assert_eq!(
+            got,
+            vec![
+                Message::Query,
+                Message::Report {
+                    cmd_id: 9,
+                    min_order: 0
+                }
+            ]
+        );
+        assert_eq!(d.pending_bytes(), 0);
+    }
+
+    #[test]
     fn ranges_that_wrap_are_empty_or_too_many_are_malformed() {
         for ranges in [
             vec![PfnRange {
@@ -559,7 +630,7 @@ mod tests {
         }
 
         #[test]
-        fn payload_decoders_never_panic(kind in 1u16..6, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn payload_decoders_never_panic(kind in 1u16..7, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Message::decode(Kind::from_u16(kind).unwrap(), &payload);
         }
     }
