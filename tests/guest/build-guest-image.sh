@@ -5,14 +5,20 @@
 # it under ~/.cache/freehint/guest-<hash>/ and prints that directory, which
 # holds vmlinuz and initramfs.gz, and disk/ with the same for a guest with a
 # virtio-blk ext4 disk (freehint.disk, see init.sh): that initramfs adds the
-# disk's modules and the disk checker. Needs root for apt the first time.
+# disk's modules and the disk checker. The image also carries freehint's
+# own guest driver: the freehint_free module (guest-driver/module), the
+# agent (guest-driver/agent, a static Rust binary) and virtio_console for
+# the agent's port; init.sh starts them with freehint.agent. Needs root
+# for apt the first time.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${FREEHINT_CACHE:-$HOME/.cache/freehint}
 log() { echo "build-guest-image: $*" >&2; }
 
-key=$(cat "$0" "$here/init.sh" "$repo"/guest-driver/programs/*.c "$repo"/guest-driver/module/* | sha256sum | cut -c1-12)
+key=$(cat "$0" "$here/init.sh" "$repo"/guest-driver/programs/*.c "$repo"/guest-driver/module/* \
+  "$repo"/guest-driver/agent/Cargo.toml "$repo"/guest-driver/agent/src/*.rs \
+  "$repo"/guest-driver/protocol/Cargo.toml "$repo"/guest-driver/protocol/src/*.rs | sha256sum | cut -c1-12)
 out=$cache/guest-$key
 if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.gz" ] && [ -s "$out/disk/initramfs.gz" ]; then
   echo "$out"
@@ -41,7 +47,7 @@ kver=${kpkg#linux-image-}
 root=$work/root
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules}
 cp busybox/bin/busybox "$root/bin/busybox"
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_balloon; do
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_balloon virtio_console; do
   f=$(find "kernel/lib/modules/$kver" -name "$m.ko" | head -1)
   [ -n "$f" ] || { log "module $m not found in $kpkg"; exit 1; }
   cp "$f" "$root/lib/modules/"
@@ -72,6 +78,15 @@ done
 # headers; init.sh loads it only when asked (freehint.freeranges).
 ko=$("$repo/guest-driver/module/build.sh" "$work/module" | tail -1)
 cp "$ko" "$root/lib/modules/"
+# The agent (guest-driver/agent): Rust, linked statically against glibc
+# (the toolchain has no musl target here), in its own target directory so
+# that its flags do not rebuild the host's crates; stripped, as it lives in
+# the guest's memory.
+log "building freehint-agent"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release --locked \
+  --manifest-path "$repo/Cargo.toml" -p freehint-agent \
+  --target x86_64-unknown-linux-gnu --target-dir "$repo/target/guest-agent"
+strip -o "$root/bin/freehint-agent" "$repo/target/guest-agent/x86_64-unknown-linux-gnu/release/freehint-agent"
 install -m 0755 "$here/init.sh" "$root/init"
 
 rm -rf "$out.tmp"

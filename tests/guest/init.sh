@@ -15,6 +15,8 @@
 #                          (default 16) for ever (fh-hotset)
 #   freehint.freeranges    load freehint_free and print what it reports
 #                          (fh-freeranges, orders 0 and 9) before saying ready
+#   freehint.agent         load virtio_console and freehint_free and start
+#                          freehint-agent on the port org.freehint.agent.0
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -28,6 +30,7 @@ fragment=0
 hotset=0
 hotrate=16
 freeranges=
+agent=
 modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_balloon"
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
@@ -42,6 +45,7 @@ for arg in $(cat /proc/cmdline); do
     freehint.hotset=*) hotset=${arg#*=} ;;
     freehint.hotrate=*) hotrate=${arg#*=} ;;
     freehint.freeranges) freeranges=1 ;;
+    freehint.agent) agent=1 ;;
   esac
 done
 for m in $modules; do
@@ -65,6 +69,14 @@ if [ -n "$freeranges" ]; then
   else
     echo "freehint-free FAIL could not load freehint_free"
   fi
+fi
+# freehint's guest driver: the module, and the agent on its virtio-serial
+# port (it prints "freehint-agent: ready on /dev/vportNpM").
+if [ -n "$agent" ]; then
+  insmod /lib/modules/virtio_console.ko || echo "freehint-guest: could not load virtio_console"
+  [ -e /sys/module/freehint_free ] || insmod /lib/modules/freehint_free.ko \
+    || echo "freehint-agent FAIL could not load freehint_free"
+  freehint-agent &
 fi
 if [ -n "$disk" ] && [ ! -e /lib/modules/disk.modules ]; then
   echo "freehint-disk FAIL no disk modules: boot the disk/ initramfs of the guest image"
