@@ -109,6 +109,8 @@ struct Attempt {
     /// it last fell by a tenth.
     best_estimate_ms: f64,
     stalled_rounds: u32,
+    /// The first hint round this attempt opened.
+    first_hint_round: Option<CmdId>,
     /// The mode this attempt runs in: the operator's, except that a hybrid
     /// migration to a destination that cannot serve postcopy is precopy.
     mode: MigrationMode,
@@ -208,6 +210,7 @@ impl PrecopySender {
             },
             started: Instant::now(),
             vm_stopped: false,
+            first_hint_round: None,
             stop_at: None,
             control: None,
             bulk: Vec::new(),
@@ -355,6 +358,7 @@ impl PrecopySender {
         // Open the first hint round before connecting, so the guest's
         // report is under way by the time the first pages go out.
         let first = self.sync(self.params.hints, &mut at.stats)?;
+        at.first_hint_round = first.opened_epoch;
         // Pure postcopy has no precopy round for hints to land in: every
         // page the guest has not reported free by the switch is sent.
         let hint_wait_ms = if self.params.mode == MigrationMode::Postcopy {
@@ -1129,6 +1133,11 @@ impl PrecopySender {
         stats.hinted_bytes = h.hinted_bytes;
         stats.hint_ranges_dropped_stale = h.hint_ranges_dropped_stale;
         stats.hint_ranges_rejected_invalid = h.hint_ranges_rejected_invalid;
+        if let Some(src) = self.hint_source.as_ref().filter(|_| self.params.hints) {
+            stats.hint_source = Some(src.name().to_string());
+            stats.hint_report_ms = at.first_hint_round.and_then(|id| src.report_ms(id));
+            stats.hint_guest_errors = src.guest_errors();
+        }
         stats.sync_mean_us /= stats.syncs.max(1) as u64;
         stats.state = state;
         stats.source_running = source_running;
@@ -1623,6 +1632,10 @@ mod tests {
         fn round_reported(&self, _: CmdId) -> Option<bool> {
             self.0
         }
+
+        fn name(&self) -> &'static str {
+            "test"
+        }
     }
 
     fn runtime() -> tokio::runtime::Runtime {
@@ -1722,6 +1735,10 @@ mod tests {
         }
         fn round_reported(&self, _: CmdId) -> Option<bool> {
             Some(false)
+        }
+
+        fn name(&self) -> &'static str {
+            "test"
         }
     }
 

@@ -26,6 +26,20 @@ pub struct MigrationStats {
     /// Time spent waiting for the guest's first free-page report before
     /// round 1 (part of `total_time_ms`).
     pub hint_wait_ms: u64,
+    /// What supplied the free-page hints: `balloon` (the guest's
+    /// virtio_balloon driver), `agent` (freehint's guest agent), `sim`;
+    /// `null` with hints off.
+    #[serde(default)]
+    pub hint_source: Option<String>,
+    /// How long the guest took to report its free memory the first time,
+    /// from the request to the end of its report; `null` if it never ended
+    /// it or the source cannot tell.
+    #[serde(default)]
+    pub hint_report_ms: Option<u64>,
+    /// What the guest sent its hint source that broke the protocol or was
+    /// out of bounds (dropped and counted; the migration went on).
+    #[serde(default)]
+    pub hint_guest_errors: u64,
     /// Time waited after the last live round, before stopping the VM, for
     /// the bulk sockets to deliver the bytes they still held (part of
     /// `total_time_ms`, never of the downtime: what is still in flight when

@@ -163,4 +163,21 @@ pub trait HintSource: Send + Sync {
     /// blocks). `None` if this source cannot tell; the engine then does not
     /// wait for it.
     fn round_reported(&self, cmd_id: CmdId) -> Option<bool>;
+
+    /// What this source is called in stats and logs (`balloon`, `agent`,
+    /// `sim`).
+    fn name(&self) -> &'static str;
+
+    /// How long the guest took to report round `cmd_id`, from
+    /// [`Self::start_round`] to the end of its report, once it has ended;
+    /// `None` if it has not or this source cannot tell.
+    fn report_ms(&self, _cmd_id: CmdId) -> Option<u64> {
+        None
+    }
+
+    /// How many things the guest sent that broke this source's protocol
+    /// or were out of bounds (each was dropped), so far.
+    fn guest_errors(&self) -> u64 {
+        0
+    }
 }

@@ -436,6 +436,10 @@ impl HintSource for SimVmClient {
     fn round_reported(&self, _cmd_id: CmdId) -> Option<bool> {
         None
     }
+
+    fn name(&self) -> &'static str {
+        "sim"
+    }
 }
 
 /// The simulated device state of `bytes` bytes: a pattern the destination

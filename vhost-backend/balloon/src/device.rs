@@ -523,7 +523,14 @@ fn free_page_chain(
         } else {
             tracing::debug!(cmd_id = %CmdId(cmd), "balloon: hint batch closed");
             match st.open_batch {
-                Some(b) if !b.fenced => st.last_closed_round = Some(b.tag),
+                Some(b) if !b.fenced => {
+                    st.last_closed_round = Some(b.tag);
+                    if let Some((id, at)) = st.round_started {
+                        if id == b.tag && st.round_report_ms.is_none_or(|(r, _)| r != id) {
+                            st.round_report_ms = Some((id, at.elapsed().as_millis() as u64));
+                        }
+                    }
+                }
                 _ => {}
             }
             st.open_batch = None;

@@ -172,6 +172,10 @@ pub(crate) struct State {
     /// The last hint round the guest closed with STOP (it had no more free
     /// blocks to report, or the host asked it to stop).
     pub(crate) last_closed_round: Option<u32>,
+    /// The last round published with `start_round`, and when.
+    pub(crate) round_started: Option<(u32, std::time::Instant)>,
+    /// How long the guest took to close round `.0` (from its start).
+    pub(crate) round_report_ms: Option<(u32, u64)>,
     /// A state was imported and the device has not been started since: a
     /// new connection keeps the imported stats buffer and fences.
     pub(crate) import_pending: bool,
@@ -682,6 +686,7 @@ impl HintSource for BalloonHandle {
         if !cmd_id.is_round() {
             return Err(failed(BalloonError::NotARound(cmd_id.0)));
         }
+        lock(&self.inner.state).round_started = Some((cmd_id.0, std::time::Instant::now()));
         self.inner.set_cmd_id(cmd_id).map_err(failed)
     }
 
@@ -699,6 +704,17 @@ impl HintSource for BalloonHandle {
 
     fn round_reported(&self, cmd_id: CmdId) -> Option<bool> {
         Some(lock(&self.inner.state).last_closed_round == Some(cmd_id.0))
+    }
+
+    fn name(&self) -> &'static str {
+        "balloon"
+    }
+
+    fn report_ms(&self, cmd_id: CmdId) -> Option<u64> {
+        match lock(&self.inner.state).round_report_ms {
+            Some((id, ms)) if id == cmd_id.0 => Some(ms),
+            _ => None,
+        }
     }
 }
 
