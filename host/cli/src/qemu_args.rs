@@ -28,6 +28,10 @@ network...; the QEMU must be the patched build of tests/qemu, docs/QEMU.md):
       -device vhost-user-device-pci,chardev=fh0,virtio-id=5,num_vqs=5,config_size=16 \\
       -qmp unix:/run/fh/a.qmp,server=on,wait=off
 
+With --agent-socket PATH it adds the virtio-serial port of freehint's guest
+agent (virtio-serial-pci, and a virtserialport named org.freehint.agent.0
+that QEMU serves on PATH; give the daemon the same --agent-socket).
+
 Guest RAM must be a file on tmpfs (/dev/shm) or hugetlbfs (a mount such as
 /dev/hugepages; --mem-mib a multiple of its page size), shared with the
 daemon: both are checked when the directory exists on this host. Start
@@ -59,6 +63,11 @@ pub struct QemuArgsArgs {
     /// QEMU's QMP socket (`freehint vm --qmp`): adds -qmp.
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,
+    /// The socket of the guest agent's virtio-serial port (`freehint vm
+    /// --agent-socket`): adds virtio-serial-pci and the port
+    /// org.freehint.agent.0, QEMU serving it on PATH.
+    #[arg(long, value_name = "PATH")]
+    agent_socket: Option<PathBuf>,
     /// For the destination QEMU: adds -incoming defer.
     #[arg(long)]
     incoming: bool,
@@ -89,6 +98,25 @@ fn qemu_value(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
 
+/// The name of the guest agent's virtio-serial port.
+pub const AGENT_PORT_NAME: &str = "org.freehint.agent.0";
+
+/// QEMU's options for the guest agent's virtio-serial port, served on the
+/// socket `path`.
+pub fn agent_port_args(path: &Path) -> Vec<String> {
+    vec![
+        "-device".into(),
+        "virtio-serial-pci,id=fhserial".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=fhagent,path={},server=on,wait=off",
+            qemu_value(path)
+        ),
+        "-device".into(),
+        format!("virtserialport,bus=fhserial.0,chardev=fhagent,name={AGENT_PORT_NAME}"),
+    ]
+}
+
 /// The arguments for `a`, with the preload library at `preload`.
 pub fn fragment(a: &QemuArgsArgs, preload: &Path) -> Fragment {
     let mib = a.mem_mib;
@@ -107,6 +135,9 @@ pub fn fragment(a: &QemuArgsArgs, preload: &Path) -> Fragment {
         "-device".into(),
         "vhost-user-device-pci,chardev=fh0,virtio-id=5,num_vqs=5,config_size=16".into(),
     ];
+    if let Some(agent) = &a.agent_socket {
+        args.extend(agent_port_args(agent));
+    }
     if let Some(qmp) = &a.qmp {
         args.push("-qmp".into());
         args.push(format!("unix:{},server=on,wait=off", qemu_value(qmp)));
@@ -306,6 +337,32 @@ qemu-system-x86_64 \\
         let words = shell_words::split(&shell(&f, "qemu")).unwrap();
         assert_eq!(words[0], format!("LD_PRELOAD={}", f.env["LD_PRELOAD"]));
         assert_eq!(&words[2..], f.args.as_slice());
+    }
+
+    #[test]
+    fn the_agent_socket_adds_the_agent_port_served_by_qemu() {
+        let a = args(&["--agent-socket", "/run/fh/a,1.agent"]);
+        let f = fragment(&a, Path::new("/p.so"));
+        let joined = f.args.join(" ");
+        assert!(
+            joined.contains("-device virtio-serial-pci,id=fhserial"),
+            "{joined}"
+        );
+        assert!(
+            joined
+                .contains("-chardev socket,id=fhagent,path=/run/fh/a,,1.agent,server=on,wait=off"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains(
+                "-device virtserialport,bus=fhserial.0,chardev=fhagent,name=org.freehint.agent.0"
+            ),
+            "{joined}"
+        );
+        assert!(!fragment(&args(&[]), Path::new("/p.so"))
+            .args
+            .join(" ")
+            .contains("virtserialport"));
     }
 
     #[test]

@@ -33,6 +33,16 @@ Then, on the source host:
 
 The daemon serves the guest's virtio_balloon driver (free page hinting and
 reporting, stats) for the VM's whole life and exits when QEMU disconnects.
+
+With freehint's guest driver (guest-driver/: the freehint_free module and
+freehint-agent, started in the guest), give QEMU the agent's port and the
+daemon its socket; the agent reports every free page without allocating
+any, and the daemon prefers it to the balloon driver:
+  freehint vm ... --agent-socket /run/fh/a.agent &
+  qemu-system-x86_64 ... -device virtio-serial-pci \
+      -chardev socket,id=fhagent,path=/run/fh/a.agent,server=on,wait=off \
+      -device virtserialport,chardev=fhagent,name=org.freehint.agent.0
+(`freehint qemu-args ... --agent-socket /run/fh/a.agent` adds them.)
 QEMU must be the patched build from tests/qemu (docs/QEMU.md): stock QEMU
 10.0 cannot create or migrate the generic vhost-user device.";
 
@@ -107,6 +117,14 @@ pub struct VmArgs {
     /// Destination: allocate all guest RAM before the source connects.
     #[arg(long, requires = "incoming")]
     preallocate: bool,
+    /// The chardev socket of the guest agent's virtio-serial port (QEMU:
+    /// -chardev socket,id=fhagent,path=PATH,server=on,wait=off -device
+    /// virtserialport,chardev=fhagent,name=org.freehint.agent.0). With it,
+    /// a migration with hints asks freehint-agent in the guest for its
+    /// free memory, and uses the balloon driver if the agent does not
+    /// answer.
+    #[arg(long, value_name = "PATH")]
+    agent_socket: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -186,6 +204,7 @@ pub fn vm(a: VmArgs) -> Result<()> {
         resume: !a.no_resume,
         preallocate: a.preallocate,
         state_dir,
+        agent_socket: a.agent_socket,
     })?;
     daemon.run()?;
     eprintln!("freehint: QEMU disconnected; exiting");

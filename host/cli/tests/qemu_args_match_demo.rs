@@ -17,6 +17,7 @@ fn qemu_args_are_the_options_the_demo_starts_qemu_with() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
     let ram = dir.path().join("src.ram");
     let (vhost, qmp) = (Path::new("/run/fh/src.vhost"), Path::new("/run/fh/src.qmp"));
+    let agent = Path::new("/run/fh/src.agent");
     let preload = Path::new("/opt/freehint/libfreehint_preload.so");
 
     // The demo's destination QEMU (tests/demo: guest_cmd + freehint_qemu).
@@ -25,6 +26,7 @@ fn qemu_args_are_the_options_the_demo_starts_qemu_with() {
     demo.arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()));
     freehint_demo::freehint_device_args(&mut demo, preload, vhost);
+    demo.args(freehint_demo::agent_port_args(agent));
     demo.args(["-incoming", "defer"]);
     let demo_args: Vec<String> = demo
         .get_args()
@@ -48,6 +50,8 @@ fn qemu_args_are_the_options_the_demo_starts_qemu_with() {
         .arg(vhost)
         .arg("--qmp")
         .arg(qmp)
+        .arg("--agent-socket")
+        .arg(agent)
         .arg("--preload")
         .arg(preload)
         .args(["--incoming", "--format", "json"])
@@ -86,4 +90,8 @@ fn qemu_args_are_the_options_the_demo_starts_qemu_with() {
         assert!(args.contains(&opt.to_string()), "{opt} missing: {args:?}");
     }
     assert!(args.contains(&"memory-backend=mem0".to_string()));
+    assert!(
+        args.iter().any(|a| a.starts_with("virtserialport,")),
+        "the agent's port: {args:?}"
+    );
 }

@@ -5,6 +5,10 @@
 //! * the vhost-user **balloon backend** QEMU connects to
 //!   (`-chardev socket,path=VHOST_SOCKET -device vhost-user-device-pci,…`),
 //!   for the VM's whole life;
+//! * with `--agent-socket`, the link to freehint's **guest agent** (a
+//!   virtio-serial port QEMU serves on that socket, see [`agent`]): for
+//!   each outgoing migration with hints, the daemon asks the agent first
+//!   and falls back to the balloon when it does not answer;
 //! * on the source, on request (control socket, [`ControlRequest::Migrate`]):
 //!   refuses up front a VM whose RAM is written where dirty tracking cannot
 //!   see it (O_DIRECT drives, other vhost-user backends, VFIO, other
@@ -28,6 +32,7 @@
 //! backend.
 //!
 //! Files: `lib.rs` (the daemon, its vhost-user host and lifecycle),
+//! [`agent`] (the guest agent as a hint source),
 //! `serve.rs` (the control socket's server; the protocol is [`control`]),
 //! `discovery.rs` (QEMU's QMP, RAM file, userfaultfd, untracked writers),
 //! `source.rs` (outgoing migration), `destination.rs` (incoming),
@@ -36,6 +41,7 @@
 
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod control;
 mod destination;
 mod discovery;
@@ -163,6 +169,10 @@ pub struct DaemonConfig {
     pub preallocate: bool,
     /// Directory for staging QEMU's device state.
     pub state_dir: PathBuf,
+    /// The chardev socket of the guest agent's virtio-serial port, if the
+    /// VM has one (`-chardev socket,id=fhagent,path=PATH,server=on,wait=off
+    /// -device virtserialport,chardev=fhagent,name=org.freehint.agent.0`).
+    pub agent_socket: Option<PathBuf>,
 }
 
 /// What the daemon keeps between requests.

@@ -16,11 +16,30 @@ use freehint_memory::GuestRam;
 use freehint_qemu::{QemuVmm, Qmp};
 use freehint_types::{CmdId, ErrorChain, HintSource};
 
+use crate::agent::AgentLink;
 use crate::discovery::process_alive;
 use crate::sink::UsedRingLog;
 use crate::{io, lock, vm, DaemonError, DaemonState, GpaMap, VmDaemon};
 
 impl VmDaemon {
+    /// The guest agent, connected, if this VM has one and it answers; the
+    /// reason it is not used goes to the log (the balloon hints instead).
+    fn connect_agent(&self, map: &GpaMap) -> Option<Arc<AgentLink>> {
+        let path = self.cfg.agent_socket.as_ref()?;
+        // The agent speaks 4 KiB guest pages (AgentLink::connect checks).
+        let max_pages = map.mapped_bytes() / 4096;
+        match AgentLink::connect(path, self.slot.clone(), max_pages, 0) {
+            Ok(a) => Some(Arc::new(a)),
+            Err(e) => {
+                tracing::warn!(
+                    "not using the guest agent: {}; the balloon driver hints instead",
+                    ErrorChain(&e)
+                );
+                None
+            }
+        }
+    }
+
     pub(crate) fn finish_hints(&self) {
         // The guest holds the blocks it hinted until it reads DONE.
         if let Err(e) = self.handle.finish() {
@@ -167,6 +186,12 @@ impl VmDaemon {
             CmdId(self.last_cmd_id.load(SeqCst)),
         ));
         self.slot.attach(filter.clone(), map.clone());
+        // The agent when it answers, else the balloon.
+        let agent = if params.hints {
+            self.connect_agent(&map)
+        } else {
+            None
+        };
         let log = CombinedDirtyLog(vec![
             Box::new(uffd_log),
             Box::new(UsedRingLog::new(self.handle.clone(), map, page_bytes)),
@@ -182,12 +207,10 @@ impl VmDaemon {
             qemu: qemu.clone(),
             balloon: self.handle.clone(),
         });
-        // DONE after a failed attempt goes to the guest even with hints
-        // off: it may still hold blocks of an earlier attempt.
-        let hint_source: Option<Arc<dyn HintSource>> = if params.hints {
-            Some(Arc::new(self.handle.clone()))
-        } else {
-            None
+        let hint_source: Option<Arc<dyn HintSource>> = match (&agent, params.hints) {
+            (Some(a), _) => Some(a.clone()),
+            (None, true) => Some(Arc::new(self.handle.clone())),
+            (None, false) => None,
         };
         tracing::info!(
             pid,
@@ -216,6 +239,9 @@ impl VmDaemon {
             sh.postcopy_resume = None;
         }
         self.last_cmd_id.store(filter.last_cmd_id().0, SeqCst);
+        if let Some(a) = &agent {
+            tracing::info!(stats = ?a.stats(), "the guest agent's part in this migration");
+        }
         match result {
             Ok(stats) => Ok(stats),
             Err(failure) => {

@@ -91,6 +91,10 @@ pub enum Mode {
     /// freehint in hybrid mode with hints: precopy rounds, then postcopy if
     /// they stop converging.
     FreehintHybrid,
+    /// freehint with the hints of its own guest agent (the freehint_free
+    /// module's snapshot of every free page, over a virtio-serial port)
+    /// instead of the balloon driver's.
+    FreehintAgent,
     /// QEMU's own precopy migration, plain virtio-balloon.
     QemuNative,
     /// QEMU's own migration with virtio-balloon `free-page-hint=on`.
@@ -108,18 +112,20 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// The demo's four, in the order it runs them.
-    pub const ALL: [Mode; 4] = [
+    /// The demo's five, in the order it runs them.
+    pub const ALL: [Mode; 5] = [
         Mode::FreehintHints,
+        Mode::FreehintAgent,
         Mode::FreehintNohints,
         Mode::QemuNative,
         Mode::QemuNativeFph,
     ];
 
     /// Every mode, in report order (the benchmark suite's default).
-    pub const EVERY: [Mode; 10] = [
+    pub const EVERY: [Mode; 11] = [
         Mode::FreehintHints,
         Mode::FreehintHintsWait,
+        Mode::FreehintAgent,
         Mode::FreehintNohints,
         Mode::FreehintPostcopy,
         Mode::FreehintHybrid,
@@ -138,6 +144,7 @@ impl Mode {
             Mode::FreehintNohints => "freehint-nohints",
             Mode::FreehintPostcopy => "freehint-postcopy",
             Mode::FreehintHybrid => "freehint-hybrid",
+            Mode::FreehintAgent => "freehint-agent",
             Mode::QemuNative => "qemu-native",
             Mode::QemuNativeFph => "qemu-native-fph",
             Mode::QemuNativeFpr => "qemu-native-fpr",
@@ -155,6 +162,7 @@ impl Mode {
                 | Mode::FreehintNohints
                 | Mode::FreehintPostcopy
                 | Mode::FreehintHybrid
+                | Mode::FreehintAgent
         )
     }
 
@@ -176,6 +184,7 @@ impl Mode {
                 | Mode::FreehintHintsWait
                 | Mode::FreehintPostcopy
                 | Mode::FreehintHybrid
+                | Mode::FreehintAgent
                 | Mode::QemuNativeFph
                 | Mode::QemuMultifdFph
         )
@@ -365,6 +374,10 @@ pub struct Testbed {
     pub setup: DemoSetup,
     /// This run's log folder.
     pub logs: PathBuf,
+    /// Give freehint's QEMUs the guest agent's virtio-serial port, their
+    /// daemons `--agent-socket`, and the guest `freehint.agent` (it starts
+    /// freehint-agent): the daemon then takes its hints from the agent.
+    pub agent: bool,
     sockets: tempfile::TempDir,
     ram: tempfile::TempDir,
 }
@@ -378,6 +391,7 @@ impl Testbed {
         Ok(Testbed {
             setup: setup.clone(),
             logs,
+            agent: false,
             sockets: tempfile::Builder::new()
                 .prefix("freehint-demo")
                 .tempdir()
@@ -450,6 +464,12 @@ impl Testbed {
             self.socket(&format!("{vm}.qmp")),
         );
         let log = self.logs.join(format!("{vm}.daemon.log"));
+        let agent = self.socket(&format!("{vm}.agent"));
+        let agent_args = if self.agent {
+            vec!["--agent-socket".into(), agent.into_os_string()]
+        } else {
+            Vec::new()
+        };
         let child = self
             .command(vm, &self.setup.bin_dir.join("freehint"))
             .arg("vm")
@@ -459,6 +479,7 @@ impl Testbed {
             .arg(&qmp)
             .arg("--control")
             .arg(&control)
+            .args(agent_args)
             .args(extra)
             .env("FREEHINT_LOG", "info")
             .stdin(Stdio::null())
@@ -488,6 +509,9 @@ impl Testbed {
             "freehint.memwork={} freehint.keep={} freehint.check={} {}",
             s.work_mib, s.keep_mib, s.check_mib, s.append
         );
+        if self.agent {
+            append += " freehint.agent";
+        }
         let mut guest_dir = s.guest_dir.clone();
         if let Some(disk) = &s.disk {
             append = format!("{append} {}", DiskConfig::KERNEL_OPTION);
@@ -537,6 +561,11 @@ impl Testbed {
             &self.setup.bin_dir.join("libfreehint_preload.so"),
             &daemon.vhost_socket,
         );
+        if self.agent {
+            // The destination needs the same devices; its socket is its own.
+            let vm_socket = self.socket(&format!("{vm}.agent"));
+            cmd.args(agent_port_args(&vm_socket));
+        }
         if incoming {
             cmd.args(["-incoming", "defer"]);
         }
@@ -656,6 +685,22 @@ pub fn freehint_device_args(cmd: &mut Command, preload: &Path, vhost_socket: &Pa
         ]);
 }
 
+/// QEMU's options for freehint's guest agent port, served on `socket`
+/// (what `freehint qemu-args --agent-socket` prints).
+pub fn agent_port_args(socket: &Path) -> Vec<String> {
+    vec![
+        "-device".into(),
+        "virtio-serial-pci,id=fhserial".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=fhagent,path={},server=on,wait=off",
+            socket.display()
+        ),
+        "-device".into(),
+        "virtserialport,bus=fhserial.0,chardev=fhagent,name=org.freehint.agent.0".into(),
+    ]
+}
+
 /// Runs `freehint migrate --json` against the source daemon.
 pub fn freehint_migrate(
     bin_dir: &Path,
@@ -752,7 +797,8 @@ pub fn interactive(setup: &DemoSetup) -> Result<(bool, String), DemoError> {
 /// One whole run of `mode`: boots a source guest, lets it run its
 /// workload, migrates it to a second QEMU and checks it there.
 pub fn run_mode(setup: &DemoSetup, mode: Mode) -> Result<RunReport, DemoError> {
-    let bed = Testbed::new(setup, mode.name())?;
+    let mut bed = Testbed::new(setup, mode.name())?;
+    bed.agent = mode == Mode::FreehintAgent;
     if mode.is_freehint() {
         run_freehint(&bed, mode)
     } else {

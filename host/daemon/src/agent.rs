@@ -1,0 +1,721 @@
+//! freehint's guest agent as a [`HintSource`].
+//!
+//! QEMU exposes the agent's virtio-serial port as a chardev socket
+//! (`-chardev socket,id=fhagent,path=SOCK,server=on,wait=off -device
+//! virtserialport,chardev=fhagent,name=org.freehint.agent.0`). For each
+//! outgoing migration the daemon connects to it, asks the agent who it is
+//! (`Query` → `Hello`), and then, every time the engine opens hint round
+//! `k` (right after the dirty-log sync that opened it), asks for a report
+//! tagged `k`. The agent answers with the guest's free page frames, which
+//! go, as guest-physical ranges, into the same [`HintSink`] and the same
+//! epoch rule as the balloon's hints (docs/ARCHITECTURE.md, "Hints and the
+//! dirty log"). Unlike the balloon's, these pages stay the guest's: one
+//! allocated and written after the report is caught by the dirty log.
+//!
+//! Nothing the agent sends is trusted. Every frame is bounded before it is
+//! read ([`freehint_agent_protocol::MAX_PAYLOAD_BYTES`]), ranges outside
+//! guest RAM are rejected by the sink, ranges of a report nobody asked for
+//! are dropped before they reach it, a report may not hint more pages
+//! than guest RAM has, and garbage only costs a resync: each is counted in
+//! [`AgentStats`], and the migration goes on with whatever hints were
+//! good. An agent that says nothing only makes the engine stop waiting for
+//! its report.
+//!
+//! A guest whose free pages have a defined content (`init_on_free=1`, page
+//! poisoning) needs those pages sent as fill records, which the engine
+//! does not have yet: [`AgentLink::connect`] refuses such an agent, and
+//! the daemon falls back to the balloon.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use freehint_agent_protocol::{Decoder, FreeContent, Hello, Message, PfnRange};
+use freehint_types::{CmdId, GpaRange, HintCommand, HintSink, HintSource, HintSourceError};
+use serde::{Deserialize, Serialize};
+
+use crate::lock;
+
+/// Rounds whose reports are remembered (older ones count as stale).
+const ROUNDS_KEPT: usize = 32;
+/// How long the agent may take to say hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long writing a request to the port may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the agent could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The chardev socket could not be reached or used.
+    #[error("the agent's socket {path}: {source}")]
+    Socket {
+        /// The socket.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// No `Hello` came back.
+    #[error(
+        "the guest agent did not answer within {0:?} (is freehint-agent running in the guest?)"
+    )]
+    Silent(Duration),
+    /// The agent's answer was not the protocol.
+    #[error("the guest agent's hello: {0}")]
+    Protocol(#[from] freehint_agent_protocol::ProtocolError),
+    /// The agent's page size is not one the daemon can map.
+    #[error("the guest agent reports {0}-byte pages; only 4096 is supported")]
+    PageSize(u32),
+    /// Free pages have a defined content the engine cannot recreate yet.
+    #[error("the guest's free pages hold {0} (init_on_free or page poisoning), which needs fill records the engine does not send yet")]
+    DefinedFreeContent(String),
+}
+
+/// What the agent did during one migration, counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStats {
+    /// Reports asked for.
+    pub reports_asked: u64,
+    /// Reports the agent completed (`Done`).
+    pub reports_done: u64,
+    /// Reports the agent could not make (`Failed`).
+    pub reports_failed: u64,
+    /// Ranges received in reports that were asked for.
+    pub ranges_received: u64,
+    /// Ranges of reports nobody asked for (or asked too long ago), dropped.
+    pub ranges_unasked: u64,
+    /// Ranges dropped because their report already hinted as many pages
+    /// as guest RAM has.
+    pub ranges_over_limit: u64,
+    /// Ranges whose addresses overflow, dropped.
+    pub ranges_invalid: u64,
+    /// Frames that broke the protocol, and messages the host never takes
+    /// from a guest.
+    pub protocol_errors: u64,
+    /// Bytes skipped to find the next frame after a protocol error.
+    pub bytes_skipped: u64,
+}
+
+impl AgentStats {
+    /// Everything the agent sent that was wrong.
+    pub fn guest_errors(&self) -> u64 {
+        self.ranges_unasked + self.ranges_over_limit + self.ranges_invalid + self.protocol_errors
+    }
+}
+
+struct Round {
+    cmd_id: u32,
+    asked_at: Instant,
+    pages_hinted: u64,
+    ended_after: Option<Duration>,
+}
+
+struct State {
+    rounds: VecDeque<Round>,
+    stats: AgentStats,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// The link is gone: no report will end any more.
+    closed: AtomicBool,
+}
+
+/// A connection to the guest agent for one migration; hangs up when
+/// dropped.
+pub struct AgentLink {
+    writer: Mutex<UnixStream>,
+    hello: Hello,
+    min_order: u8,
+    shared: Arc<Shared>,
+}
+
+impl AgentLink {
+    /// Connects to the agent's chardev socket at `path`, waits for its
+    /// hello, and starts feeding the ranges it reports to `sink`, at most
+    /// `max_pages` pages per report (guest RAM). Reports ask for free
+    /// blocks of order `min_order` and up.
+    /// The hello may take [`HELLO_TIMEOUT`].
+    pub fn connect(
+        path: &Path,
+        sink: Arc<dyn HintSink>,
+        max_pages: u64,
+        min_order: u8,
+    ) -> Result<Self, AgentError> {
+        Self::connect_within(path, sink, max_pages, min_order, HELLO_TIMEOUT)
+    }
+
+    /// [`Self::connect`], waiting `hello_timeout` for the hello.
+    pub fn connect_within(
+        path: &Path,
+        sink: Arc<dyn HintSink>,
+        max_pages: u64,
+        min_order: u8,
+        hello_timeout: Duration,
+    ) -> Result<Self, AgentError> {
+        let socket_err = |source| AgentError::Socket {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut stream = UnixStream::connect(path).map_err(socket_err)?;
+        stream
+            .set_write_timeout(Some(WRITE_TIMEOUT))
+            .map_err(socket_err)?;
+        let (hello, decoder, skipped) =
+            handshake(&mut stream, hello_timeout).map_err(|e| match e {
+                Handshake::Io(source) => socket_err(source),
+                Handshake::Agent(e) => e,
+            })?;
+        if hello.page_bytes != 4096 {
+            return Err(AgentError::PageSize(hello.page_bytes));
+        }
+        match hello.free_content {
+            FreeContent::Undefined => {}
+            FreeContent::Zero => return Err(AgentError::DefinedFreeContent("zeros".into())),
+            FreeContent::Pattern(b) => {
+                return Err(AgentError::DefinedFreeContent(format!("the byte {b:#04x}")))
+            }
+        }
+        stream.set_read_timeout(None).map_err(socket_err)?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                rounds: VecDeque::new(),
+                stats: AgentStats {
+                    bytes_skipped: skipped,
+                    ..AgentStats::default()
+                },
+            }),
+            closed: AtomicBool::new(false),
+        });
+        let reader = stream.try_clone().map_err(socket_err)?;
+        let reading = Reader {
+            shared: shared.clone(),
+            sink,
+            page_bytes: u64::from(hello.page_bytes),
+            max_pages,
+        };
+        crate::spawn("agent", move || reading.run(reader, decoder))
+            .map_err(|_| socket_err(std::io::Error::other("could not start its reader")))?;
+        tracing::info!(
+            socket = %path.display(),
+            page_bytes = hello.page_bytes,
+            "the guest agent answered; it supplies the free-page hints"
+        );
+        Ok(Self {
+            writer: Mutex::new(stream),
+            hello,
+            min_order,
+            shared,
+        })
+    }
+
+    /// What the agent said about the guest.
+    pub fn hello(&self) -> Hello {
+        self.hello
+    }
+
+    /// The counts so far.
+    pub fn stats(&self) -> AgentStats {
+        lock(&self.shared.state).stats
+    }
+}
+
+impl Drop for AgentLink {
+    fn drop(&mut self) {
+        // Ends the reader's blocking read.
+        let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+    }
+}
+
+enum Handshake {
+    Io(std::io::Error),
+    Agent(AgentError),
+}
+
+/// Sends `Query` and reads until a `Hello`, within `timeout`. Returns the
+/// hello, the decoder holding whatever came after it, and the bytes
+/// skipped on the way (leftovers of an earlier conversation).
+fn handshake(
+    stream: &mut UnixStream,
+    timeout: Duration,
+) -> Result<(Hello, Decoder, u64), Handshake> {
+    let mut query = Vec::new();
+    Message::Query.encode(&mut query);
+    stream.write_all(&query).map_err(Handshake::Io)?;
+    let t = Instant::now();
+    let mut decoder = Decoder::default();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut skipped = 0u64;
+    let mut asked_again = false;
+    loop {
+        let left = timeout.saturating_sub(t.elapsed());
+        if left.is_zero() {
+            return Err(Handshake::Agent(AgentError::Silent(timeout)));
+        }
+        // Bytes written while nobody listened can be lost: ask once more
+        // half-way.
+        if !asked_again && t.elapsed() > timeout / 2 {
+            asked_again = true;
+            stream.write_all(&query).map_err(Handshake::Io)?;
+        }
+        stream
+            .set_read_timeout(Some(left.min(timeout / 4).max(Duration::from_millis(1))))
+            .map_err(Handshake::Io)?;
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                return Err(Handshake::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "QEMU closed the connection",
+                )))
+            }
+            Ok(n) => decoder.push(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(Handshake::Io(e)),
+        }
+        while let Some(m) = decoder.next_message() {
+            match m {
+                Ok(Message::Hello(h)) => return Ok((h, decoder, skipped)),
+                // A report of an earlier conversation.
+                Ok(_) => {}
+                Err(_) => skipped += decoder.resync() as u64,
+            }
+        }
+        if decoder.pending_bytes() > freehint_agent_protocol::MAX_PAYLOAD_BYTES * 2 {
+            return Err(Handshake::Agent(AgentError::Protocol(
+                freehint_agent_protocol::ProtocolError::Malformed {
+                    kind: "hello",
+                    why: "no frame boundary in 128 KiB".into(),
+                },
+            )));
+        }
+    }
+}
+
+/// The thread that reads the agent's reports.
+struct Reader {
+    shared: Arc<Shared>,
+    sink: Arc<dyn HintSink>,
+    page_bytes: u64,
+    max_pages: u64,
+}
+
+impl Reader {
+    fn run(self, mut stream: UnixStream, mut decoder: Decoder) {
+        let mut buf = vec![0u8; 64 << 10];
+        self.drain(&mut decoder);
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => decoder.push(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("reading from the guest agent: {e}");
+                    break;
+                }
+            }
+            self.drain(&mut decoder);
+        }
+        self.shared.closed.store(true, SeqCst);
+        tracing::info!(stats = ?self.stats(), "the guest agent's link closed");
+    }
+
+    fn stats(&self) -> AgentStats {
+        lock(&self.shared.state).stats
+    }
+
+    fn drain(&self, decoder: &mut Decoder) {
+        while let Some(m) = decoder.next_message() {
+            match m {
+                Ok(Message::Ranges { cmd_id, ranges }) => self.ranges(cmd_id, &ranges),
+                Ok(Message::Done {
+                    cmd_id,
+                    pages,
+                    took_us,
+                    truncated,
+                    ..
+                }) => {
+                    if let Some(ms) = self.end(cmd_id, true) {
+                        tracing::debug!(
+                            cmd_id,
+                            pages,
+                            took_us,
+                            truncated,
+                            report_ms = ms,
+                            "agent report done"
+                        );
+                    }
+                }
+                Ok(Message::Failed { cmd_id, reason }) => {
+                    if self.end(cmd_id, false).is_some() {
+                        tracing::warn!(cmd_id, "the guest agent could not report: {reason}");
+                    }
+                }
+                // Another hello (the agent answered a repeated query).
+                Ok(Message::Hello(_)) => {}
+                Ok(m @ (Message::Query | Message::Report { .. })) => {
+                    lock(&self.shared.state).stats.protocol_errors += 1;
+                    tracing::warn!("the guest agent sent a host's {} message", m.kind().name());
+                }
+                Err(e) => {
+                    let skipped = decoder.resync() as u64;
+                    let mut st = lock(&self.shared.state);
+                    st.stats.protocol_errors += 1;
+                    st.stats.bytes_skipped += skipped;
+                    tracing::warn!("from the guest agent: {e} (skipped {skipped} bytes)");
+                }
+            }
+        }
+    }
+
+    /// Marks report `cmd_id` ended; its time since asked, if it was asked
+    /// for and had not ended.
+    fn end(&self, cmd_id: u32, done: bool) -> Option<u64> {
+        let mut st = lock(&self.shared.state);
+        let Some(r) = st.rounds.iter_mut().find(|r| r.cmd_id == cmd_id) else {
+            st.stats.protocol_errors += 1;
+            return None;
+        };
+        if r.ended_after.is_some() {
+            st.stats.protocol_errors += 1;
+            return None;
+        }
+        let after = r.asked_at.elapsed();
+        r.ended_after = Some(after);
+        if done {
+            st.stats.reports_done += 1;
+        } else {
+            st.stats.reports_failed += 1;
+        }
+        Some(after.as_millis() as u64)
+    }
+
+    fn ranges(&self, cmd_id: u32, ranges: &[PfnRange]) {
+        let n = ranges.len() as u64;
+        let mut gpa = Vec::with_capacity(ranges.len());
+        {
+            let mut st = lock(&self.shared.state);
+            let State { rounds, stats } = &mut *st;
+            let Some(r) = rounds
+                .iter_mut()
+                .find(|r| r.cmd_id == cmd_id && r.ended_after.is_none())
+            else {
+                stats.ranges_unasked += n;
+                return;
+            };
+            stats.ranges_received += n;
+            for p in ranges {
+                if r.pages_hinted.saturating_add(p.pages) > self.max_pages {
+                    stats.ranges_over_limit += 1;
+                    continue;
+                }
+                match (
+                    p.first_pfn.checked_mul(self.page_bytes),
+                    p.pages.checked_mul(self.page_bytes),
+                ) {
+                    (Some(start), Some(len)) => {
+                        r.pages_hinted += p.pages;
+                        gpa.push(GpaRange::new(start, len));
+                    }
+                    _ => stats.ranges_invalid += 1,
+                }
+            }
+        }
+        // Outside the lock: the sink takes the hint filter's lock, which
+        // a dirty-log sync may hold.
+        if !gpa.is_empty() {
+            self.sink.free_page_hints(CmdId(cmd_id), &gpa);
+        }
+    }
+}
+
+impl HintSource for AgentLink {
+    fn start_round(&self, cmd_id: CmdId) -> Result<(), HintSourceError> {
+        {
+            let mut st = lock(&self.shared.state);
+            if st.rounds.len() == ROUNDS_KEPT {
+                st.rounds.pop_front();
+            }
+            st.rounds.push_back(Round {
+                cmd_id: cmd_id.0,
+                asked_at: Instant::now(),
+                pages_hinted: 0,
+                ended_after: None,
+            });
+            st.stats.reports_asked += 1;
+        }
+        let mut frame = Vec::new();
+        Message::Report {
+            cmd_id: cmd_id.0,
+            min_order: self.min_order,
+        }
+        .encode(&mut frame);
+        lock(&self.writer)
+            .write_all(&frame)
+            .map_err(|e| HintSourceError::new(HintCommand::StartRound(cmd_id), e))
+    }
+
+    fn stop_round(&self) -> Result<(), HintSourceError> {
+        // A report is one snapshot: there is nothing to stop. Ranges that
+        // arrive after the final sync fall to the epoch rule.
+        Ok(())
+    }
+
+    fn finish(&self) -> Result<(), HintSourceError> {
+        // The agent holds no guest memory.
+        Ok(())
+    }
+
+    fn round_reported(&self, cmd_id: CmdId) -> Option<bool> {
+        if self.shared.closed.load(SeqCst) {
+            return Some(true);
+        }
+        let st = lock(&self.shared.state);
+        Some(
+            st.rounds
+                .iter()
+                .any(|r| r.cmd_id == cmd_id.0 && r.ended_after.is_some()),
+        )
+    }
+
+    fn name(&self) -> &'static str {
+        "agent"
+    }
+
+    fn report_ms(&self, cmd_id: CmdId) -> Option<u64> {
+        let st = lock(&self.shared.state);
+        st.rounds
+            .iter()
+            .find(|r| r.cmd_id == cmd_id.0)
+            .and_then(|r| r.ended_after)
+            .map(|d| d.as_millis() as u64)
+    }
+
+    fn guest_errors(&self) -> u64 {
+        self.stats().guest_errors()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use freehint_types::HintOutcome;
+    use std::os::unix::net::UnixListener;
+
+    /// Records every hint it is handed.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(CmdId, Vec<GpaRange>)>>);
+
+    impl HintSink for Recorder {
+        fn free_page_hints(&self, cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
+            lock(&self.0).push((cmd_id, ranges.to_vec()));
+            HintOutcome::default()
+        }
+        fn reported_free(&self, _: &[GpaRange]) -> HintOutcome {
+            HintOutcome::default()
+        }
+    }
+
+    impl Recorder {
+        fn pages(&self) -> u64 {
+            lock(&self.0)
+                .iter()
+                .flat_map(|(_, r)| r.iter())
+                .map(|r| r.len_bytes / 4096)
+                .sum()
+        }
+    }
+
+    fn frame(m: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        out
+    }
+
+    fn hello(free_content: FreeContent) -> Vec<u8> {
+        frame(&Message::Hello(Hello {
+            page_bytes: 4096,
+            free_content,
+        }))
+    }
+
+    /// A fake agent on a socket (as QEMU would serve the port): runs
+    /// `script` on the first connection.
+    fn fake_agent(
+        script: impl FnOnce(UnixStream) + Send + 'static,
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            script(s);
+        });
+        (dir, path)
+    }
+
+    /// Reads one frame from the host.
+    fn read_frame(s: &mut UnixStream) -> Message {
+        let mut d = Decoder::default();
+        let mut buf = [0u8; 256];
+        loop {
+            if let Some(m) = d.next_message() {
+                return m.unwrap();
+            }
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the host hung up");
+            d.push(&buf[..n]);
+        }
+    }
+
+    fn wait_for(mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < Duration::from_secs(5), "timed out");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_silent_agent_is_given_up_with_a_clear_error() {
+        let (_dir, path) = fake_agent(|s| {
+            std::thread::sleep(Duration::from_secs(2));
+            drop(s);
+        });
+        let t = Instant::now();
+        let e = AgentLink::connect_within(
+            &path,
+            Arc::new(Recorder::default()),
+            1 << 20,
+            0,
+            Duration::from_millis(300),
+        )
+        .err()
+        .expect("no hello, no link");
+        assert!(matches!(e, AgentError::Silent(_)), "{e}");
+        assert!(e.to_string().contains("did not answer"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_missing_socket_and_defined_free_content_are_refused() {
+        let e = AgentLink::connect(
+            Path::new("/nonexistent/agent.sock"),
+            Arc::new(Recorder::default()),
+            1,
+            0,
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("/nonexistent/agent.sock"), "{e}");
+        for content in [FreeContent::Zero, FreeContent::Pattern(0xaa)] {
+            let (_dir, path) = fake_agent(move |mut s| {
+                assert_eq!(read_frame(&mut s), Message::Query);
+                s.write_all(&hello(content)).unwrap();
+                std::thread::sleep(Duration::from_millis(200));
+            });
+            let e = AgentLink::connect(&path, Arc::new(Recorder::default()), 1, 0)
+                .err()
+                .unwrap();
+            assert!(matches!(e, AgentError::DefinedFreeContent(_)), "{e}");
+        }
+    }
+
+    /// Garbage before the hello, then, for the one report asked for:
+    /// ranges of a report never asked for, a range whose address
+    /// overflows, garbage, a flood beyond guest RAM, and good ranges.
+    /// Only the good ones (within the per-report limit) reach the sink,
+    /// and everything else is counted.
+    #[test]
+    fn garbage_unasked_overflowing_and_flooding_ranges_are_dropped_and_counted() {
+        let max_pages = 1000;
+        let (_dir, path) = fake_agent(|mut s| {
+            s.write_all(b"leftover bytes of another conversation")
+                .unwrap();
+            assert_eq!(read_frame(&mut s), Message::Query);
+            s.write_all(&hello(FreeContent::Undefined)).unwrap();
+            let Message::Report { cmd_id, min_order } = read_frame(&mut s) else {
+                panic!("expected a report");
+            };
+            assert_eq!(min_order, 0);
+            let r = |first_pfn, pages| PfnRange { first_pfn, pages };
+            s.write_all(&frame(&Message::Ranges {
+                cmd_id: cmd_id + 7,
+                ranges: vec![r(0, 10)],
+            }))
+            .unwrap();
+            s.write_all(&frame(&Message::Ranges {
+                cmd_id,
+                ranges: vec![r(u64::MAX / 4096 + 1, 1), r(100, 600)],
+            }))
+            .unwrap();
+            s.write_all(b"FHAGxxxxxxxxgarbage").unwrap();
+            // 600 pages so far: this batch passes 1000 after its first.
+            s.write_all(&frame(&Message::Ranges {
+                cmd_id,
+                ranges: (0..4096).map(|i| r(10_000 + 2 * i, 1)).collect(),
+            }))
+            .unwrap();
+            s.write_all(&frame(&Message::Report {
+                cmd_id,
+                min_order: 0,
+            }))
+            .unwrap();
+            s.write_all(&frame(&Message::Done {
+                cmd_id,
+                pages: 5000,
+                ranges: 4098,
+                took_us: 1,
+                truncated: false,
+            }))
+            .unwrap();
+            // After its end, the report takes nothing more.
+            s.write_all(&frame(&Message::Ranges {
+                cmd_id,
+                ranges: vec![r(50_000, 1)],
+            }))
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let sink = Arc::new(Recorder::default());
+        let link = AgentLink::connect(&path, sink.clone(), max_pages, 0).unwrap();
+        assert!(link.stats().bytes_skipped > 0);
+        assert_eq!(link.round_reported(CmdId(5)), Some(false));
+        link.start_round(CmdId(5)).unwrap();
+        wait_for(|| link.stats().ranges_unasked == 2);
+        assert_eq!(link.round_reported(CmdId(5)), Some(true));
+        assert!(link.report_ms(CmdId(5)).is_some());
+        let st = link.stats();
+        assert_eq!(st.reports_asked, 1);
+        assert_eq!(st.reports_done, 1);
+        assert_eq!(st.ranges_invalid, 1);
+        assert_eq!(st.ranges_over_limit, 4096 - 400);
+        assert!(st.protocol_errors >= 2, "{st:?}");
+        assert_eq!(st.guest_errors(), link.guest_errors());
+        assert_eq!(sink.pages(), max_pages);
+        let got = lock(&sink.0);
+        assert!(got.iter().all(|(id, _)| *id == CmdId(5)));
+        assert_eq!(got[0].1, vec![GpaRange::new(100 * 4096, 600 * 4096)]);
+    }
+
+    #[test]
+    fn a_link_that_closes_ends_every_wait_for_its_report() {
+        let (_dir, path) = fake_agent(|mut s| {
+            assert_eq!(read_frame(&mut s), Message::Query);
+            s.write_all(&hello(FreeContent::Undefined)).unwrap();
+            let _ = read_frame(&mut s);
+        });
+        let link = AgentLink::connect(&path, Arc::new(Recorder::default()), 10, 0).unwrap();
+        link.start_round(CmdId(9)).unwrap();
+        wait_for(|| link.round_reported(CmdId(9)) == Some(true));
+        assert_eq!(link.report_ms(CmdId(9)), None, "it never ended its report");
+    }
+}
