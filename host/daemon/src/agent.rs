@@ -21,10 +21,15 @@
 //! good. An agent that says nothing only makes the engine stop waiting for
 //! its report.
 //!
-//! A guest whose free pages have a defined content (`init_on_free=1`, page
-//! poisoning) needs those pages sent as fill records, which the engine
-//! does not have yet: [`AgentLink::connect`] refuses such an agent, and
-//! the daemon falls back to the balloon.
+//! A guest whose free pages have a defined content relies on it, so a
+//! reported page may not simply be left out: the destination would keep
+//! whatever an earlier round sent there. Under `init_on_free=1` (zeros)
+//! the ranges go to [`HintSink::zeroed_free_page_hints`], which sends the
+//! pages as zero records instead of their data. Page poisoning (a byte
+//! pattern the kernel checks on allocation) would need pattern records,
+//! which the wire does not have yet: [`AgentLink::connect`] refuses such
+//! an agent, and the daemon falls back to the balloon, whose hinted pages
+//! the guest holds (and poisons afresh when it frees them).
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -69,9 +74,9 @@ pub enum AgentError {
     /// The agent's page size is not one the daemon can map.
     #[error("the guest agent reports {0}-byte pages; only 4096 is supported")]
     PageSize(u32),
-    /// Free pages have a defined content the engine cannot recreate yet.
-    #[error("the guest's free pages hold {0} (init_on_free or page poisoning), which needs fill records the engine does not send yet")]
-    DefinedFreeContent(String),
+    /// Free pages hold a pattern the engine cannot recreate yet.
+    #[error("the guest poisons its free pages with {0:#04x} (page_poison=1), which needs pattern records the engine does not send yet")]
+    PoisonedFreePages(u8),
 }
 
 /// What the agent did during one migration, counted.
@@ -90,7 +95,7 @@ pub struct AgentStats {
     /// Ranges dropped because their report already hinted as many pages
     /// as guest RAM has.
     pub ranges_over_limit: u64,
-    /// Ranges whose addresses overflow, dropped.
+    /// Ranges whose addresses overflow or lie outside guest RAM, dropped.
     pub ranges_invalid: u64,
     /// Frames that broke the protocol, and messages the host never takes
     /// from a guest.
@@ -172,12 +177,8 @@ impl AgentLink {
         if hello.page_bytes != 4096 {
             return Err(AgentError::PageSize(hello.page_bytes));
         }
-        match hello.free_content {
-            FreeContent::Undefined => {}
-            FreeContent::Zero => return Err(AgentError::DefinedFreeContent("zeros".into())),
-            FreeContent::Pattern(b) => {
-                return Err(AgentError::DefinedFreeContent(format!("the byte {b:#04x}")))
-            }
+        if let FreeContent::Pattern(b) = hello.free_content {
+            return Err(AgentError::PoisonedFreePages(b));
         }
         stream.set_read_timeout(None).map_err(socket_err)?;
         let shared = Arc::new(Shared {
@@ -196,12 +197,14 @@ impl AgentLink {
             sink,
             page_bytes: u64::from(hello.page_bytes),
             max_pages,
+            zeroed: hello.free_content == FreeContent::Zero,
         };
         crate::spawn("agent", move || reading.run(reader, decoder))
             .map_err(|_| socket_err(std::io::Error::other("could not start its reader")))?;
         tracing::info!(
             socket = %path.display(),
             page_bytes = hello.page_bytes,
+            free_content = ?hello.free_content,
             "the guest agent answered; it supplies the free-page hints"
         );
         Ok(Self {
@@ -306,6 +309,8 @@ struct Reader {
     sink: Arc<dyn HintSink>,
     page_bytes: u64,
     max_pages: u64,
+    /// Free pages read as zeros in this guest (init_on_free).
+    zeroed: bool,
 }
 
 impl Reader {
@@ -431,9 +436,16 @@ impl Reader {
         }
         // Outside the lock: the sink takes the hint filter's lock, which
         // a dirty-log sync may hold.
-        if !gpa.is_empty() {
-            self.sink.free_page_hints(CmdId(cmd_id), &gpa);
+        if gpa.is_empty() {
+            return;
         }
+        let outcome = if self.zeroed {
+            self.sink.zeroed_free_page_hints(CmdId(cmd_id), &gpa)
+        } else {
+            self.sink.free_page_hints(CmdId(cmd_id), &gpa)
+        };
+        // Outside guest RAM (the sink's translation refused them).
+        lock(&self.shared.state).stats.ranges_invalid += outcome.hint_ranges_rejected_invalid;
     }
 }
 
@@ -510,9 +522,12 @@ mod tests {
     use freehint_types::HintOutcome;
     use std::os::unix::net::UnixListener;
 
-    /// Records every hint it is handed.
+    /// Records every hint it is handed (zeroed ones apart).
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<(CmdId, Vec<GpaRange>)>>);
+    struct Recorder(
+        Mutex<Vec<(CmdId, Vec<GpaRange>)>>,
+        Mutex<Vec<(CmdId, Vec<GpaRange>)>>,
+    );
 
     impl HintSink for Recorder {
         fn free_page_hints(&self, cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
@@ -520,6 +535,10 @@ mod tests {
             HintOutcome::default()
         }
         fn reported_free(&self, _: &[GpaRange]) -> HintOutcome {
+            HintOutcome::default()
+        }
+        fn zeroed_free_page_hints(&self, cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
+            lock(&self.1).push((cmd_id, ranges.to_vec()));
             HintOutcome::default()
         }
     }
@@ -606,7 +625,7 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_socket_and_defined_free_content_are_refused() {
+    fn a_missing_socket_and_poisoned_free_pages_are_refused() {
         let e = AgentLink::connect(
             Path::new("/nonexistent/agent.sock"),
             Arc::new(Recorder::default()),
@@ -616,17 +635,16 @@ mod tests {
         .err()
         .unwrap();
         assert!(e.to_string().contains("/nonexistent/agent.sock"), "{e}");
-        for content in [FreeContent::Zero, FreeContent::Pattern(0xaa)] {
-            let (_dir, path) = fake_agent(move |mut s| {
-                assert_eq!(read_frame(&mut s), Message::Query);
-                s.write_all(&hello(content)).unwrap();
-                std::thread::sleep(Duration::from_millis(200));
-            });
-            let e = AgentLink::connect(&path, Arc::new(Recorder::default()), 1, 0)
-                .err()
-                .unwrap();
-            assert!(matches!(e, AgentError::DefinedFreeContent(_)), "{e}");
-        }
+        let (_dir, path) = fake_agent(move |mut s| {
+            assert_eq!(read_frame(&mut s), Message::Query);
+            s.write_all(&hello(FreeContent::Pattern(0xaa))).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        let e = AgentLink::connect(&path, Arc::new(Recorder::default()), 1, 0)
+            .err()
+            .unwrap();
+        assert!(matches!(e, AgentError::PoisonedFreePages(0xaa)), "{e}");
+        assert!(e.to_string().contains("page_poison"), "{e}");
     }
 
     /// Garbage before the hello, then, for the one report asked for:
@@ -704,6 +722,38 @@ mod tests {
         let got = lock(&sink.0);
         assert!(got.iter().all(|(id, _)| *id == CmdId(5)));
         assert_eq!(got[0].1, vec![GpaRange::new(100 * 4096, 600 * 4096)]);
+    }
+
+    /// A guest with init_on_free: its ranges go to the sink as zeroed
+    /// hints, which it must send as zero records, never as plain ones.
+    #[test]
+    fn an_init_on_free_guests_ranges_are_zeroed_hints() {
+        let (_dir, path) = fake_agent(|mut s| {
+            assert_eq!(read_frame(&mut s), Message::Query);
+            s.write_all(&hello(FreeContent::Zero)).unwrap();
+            let Message::Report { cmd_id, .. } = read_frame(&mut s) else {
+                panic!("expected a report");
+            };
+            s.write_all(&frame(&Message::Ranges {
+                cmd_id,
+                ranges: vec![PfnRange {
+                    first_pfn: 16,
+                    pages: 4,
+                }],
+            }))
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        let sink = Arc::new(Recorder::default());
+        let link = AgentLink::connect(&path, sink.clone(), 100, 0).unwrap();
+        assert_eq!(link.hello().free_content, FreeContent::Zero);
+        link.start_round(CmdId(3)).unwrap();
+        wait_for(|| !lock(&sink.1).is_empty());
+        assert!(lock(&sink.0).is_empty());
+        assert_eq!(
+            lock(&sink.1)[0],
+            (CmdId(3), vec![GpaRange::new(16 * 4096, 4 * 4096)])
+        );
     }
 
     #[test]

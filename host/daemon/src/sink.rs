@@ -69,6 +69,10 @@ impl HintSink for HintSlot {
     fn reported_free(&self, ranges: &[GpaRange]) -> HintOutcome {
         self.with_target(ranges, |f, r| f.apply_reported(r))
     }
+
+    fn zeroed_free_page_hints(&self, cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
+        self.with_target(ranges, |f, r| f.apply_zeroed_hints(cmd_id, r))
+    }
 }
 
 /// The pages the balloon backend itself writes: its used rings. QEMU's

@@ -87,6 +87,15 @@ impl MigrationBitmap {
 
     /// Appends to `out` the parts of `run` whose bits are clear.
     pub fn unset_subruns(&self, run: PageRun, out: &mut Vec<PageRun>) {
+        self.subruns(run, false, out)
+    }
+
+    /// Appends to `out` the parts of `run` whose bits are set.
+    pub fn set_subruns(&self, run: PageRun, out: &mut Vec<PageRun>) {
+        self.subruns(run, true, out)
+    }
+
+    fn subruns(&self, run: PageRun, set: bool, out: &mut Vec<PageRun>) {
         let Some(bits) = self.bits.get(run.region) else {
             return;
         };
@@ -97,14 +106,23 @@ impl MigrationBitmap {
         let mut p = run.first_page;
         while p < end {
             let slice = &bits[p as usize..end as usize];
-            let Some(zero) = slice.first_zero() else {
+            let found = if set {
+                slice.first_one()
+            } else {
+                slice.first_zero()
+            };
+            let Some(at) = found else {
                 break;
             };
-            let start = p + zero as u64;
-            let len = bits[start as usize..end as usize]
-                .first_one()
-                .map(|n| n as u64)
-                .unwrap_or(end - start);
+            let start = p + at as u64;
+            let rest = &bits[start as usize..end as usize];
+            let len = if set {
+                rest.first_zero()
+            } else {
+                rest.first_one()
+            }
+            .map(|n| n as u64)
+            .unwrap_or(end - start);
             out.push(PageRun {
                 region: run.region,
                 first_page: start,

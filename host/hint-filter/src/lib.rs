@@ -310,6 +310,47 @@ impl HintFilter {
         out
     }
 
+    /// Applies free-page hints tagged `cmd_id` from a guest whose free
+    /// pages read as zeros (`init_on_free=1`): a zero page the guest relies
+    /// on may not be left out, or the destination would keep whatever an
+    /// earlier round sent there. So the pages still to be sent are cleared
+    /// like any hint's, and become zero records in the round after the
+    /// next sync, unless written since (then they go as data, as a
+    /// reported page does). Pages not still to be sent were sent with the
+    /// content they have had since: freeing a page zeroes it, a write the
+    /// dirty log catches.
+    pub fn apply_zeroed_hints(&self, cmd_id: CmdId, ranges: &[RamRange]) -> HintOutcome {
+        let mut out = HintOutcome::default();
+        let mut st = self.lock();
+        if st.open_epoch != Some(cmd_id) {
+            out.hint_ranges_dropped_stale = ranges.len() as u64;
+            st.stats.hint_ranges_dropped_stale += out.hint_ranges_dropped_stale;
+            return out;
+        }
+        let mut to_zero = Vec::new();
+        for r in ranges {
+            match st.bitmap.runs_inside(*r) {
+                Some(runs) => {
+                    for run in runs {
+                        to_zero.clear();
+                        st.bitmap.set_subruns(run, &mut to_zero);
+                        for z in &to_zero {
+                            out.pages_cleared += st.bitmap.clear_run(*z);
+                        }
+                        st.reported.extend_from_slice(&to_zero);
+                    }
+                    out.hint_ranges_applied += 1;
+                    st.stats.hinted_bytes += r.len_bytes;
+                }
+                None => out.hint_ranges_rejected_invalid += 1,
+            }
+        }
+        st.stats.hint_ranges_applied += out.hint_ranges_applied;
+        st.stats.hint_ranges_rejected_invalid += out.hint_ranges_rejected_invalid;
+        st.stats.pages_skipped_free += out.pages_cleared;
+        out
+    }
+
     /// Applies free page reporting: the ranges were discarded by the device.
     pub fn apply_reported(&self, ranges: &[RamRange]) -> HintOutcome {
         let mut out = HintOutcome::default();
@@ -363,5 +404,9 @@ impl HintSink for IdentityMappedSink {
 
     fn reported_free(&self, ranges: &[GpaRange]) -> HintOutcome {
         self.0.apply_reported(&Self::ram_ranges(ranges))
+    }
+
+    fn zeroed_free_page_hints(&self, cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
+        self.0.apply_zeroed_hints(cmd_id, &Self::ram_ranges(ranges))
     }
 }

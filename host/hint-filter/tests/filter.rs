@@ -138,6 +138,60 @@ fn reported_pages_become_zero_records_unless_written_again() {
     );
 }
 
+/// A guest with init_on_free: hinted pages still to be sent become zero
+/// records after the next sync (unless written since); pages already sent
+/// are not sent again; a stale hint does nothing.
+#[test]
+fn zeroed_hints_turn_pages_still_to_send_into_zero_records() {
+    let f = two_regions();
+    let run = |first_page, count| PageRun {
+        region: 0,
+        first_page,
+        count,
+    };
+    let epoch = f.sync(true, no_merge).unwrap().opened_epoch.unwrap();
+    // Pages 0..8 were sent already (claimed).
+    let mut cursor = Cursor::default();
+    let mut claimed = Vec::new();
+    f.claim(&mut cursor, 8 * 4096, &mut claimed);
+    assert_eq!(claimed, vec![run(0, 8)]);
+    let stale = CmdId(epoch.0 + 1);
+    assert_eq!(
+        f.apply_zeroed_hints(stale, &[RamRange::new(0, 64 * 4096)])
+            .hint_ranges_dropped_stale,
+        1
+    );
+    let out = f.apply_zeroed_hints(epoch, &[RamRange::new(0, 64 * 4096)]);
+    assert_eq!((out.hint_ranges_applied, out.pages_cleared), (1, 56));
+    assert_eq!(f.stats().pages_skipped_free, 56);
+    // Pages 20..22 are written after the hint.
+    let r = f
+        .sync(true, |bm| {
+            bm.set_run(run(20, 2));
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+    assert_eq!(r.discarded, vec![run(8, 12), run(22, 42)]);
+    // They are to be sent, with their data; the rest of 0..64 is not.
+    let mut cursor = Cursor::default();
+    let mut claimed = Vec::new();
+    f.claim(&mut cursor, 2 * 4096, &mut claimed);
+    assert_eq!(claimed, vec![run(20, 2)]);
+    // The default sink (one that cannot send zero records) drops them.
+    struct Plain;
+    impl freehint_types::HintSink for Plain {
+        fn free_page_hints(&self, _: CmdId, _: &[GpaRange]) -> HintOutcome {
+            HintOutcome::default()
+        }
+        fn reported_free(&self, _: &[GpaRange]) -> HintOutcome {
+            HintOutcome::default()
+        }
+    }
+    use freehint_types::{GpaRange, HintOutcome, HintSink};
+    let out = Plain.zeroed_free_page_hints(epoch, &[GpaRange::new(0, 4096)]);
+    assert_eq!(out.hint_ranges_dropped_stale, 1);
+}
+
 #[test]
 fn claims_walk_regions_in_order_and_clear() {
     let f = two_regions();
