@@ -378,6 +378,8 @@ pub struct Testbed {
     /// daemons `--agent-socket`, and the guest `freehint.agent` (it starts
     /// freehint-agent): the daemon then takes its hints from the agent.
     pub agent: bool,
+    /// More arguments for every `freehint vm` this testbed starts.
+    pub daemon_args: Vec<String>,
     sockets: tempfile::TempDir,
     ram: tempfile::TempDir,
 }
@@ -392,6 +394,7 @@ impl Testbed {
             setup: setup.clone(),
             logs,
             agent: false,
+            daemon_args: Vec::new(),
             sockets: tempfile::Builder::new()
                 .prefix("freehint-demo")
                 .tempdir()
@@ -480,6 +483,7 @@ impl Testbed {
             .arg("--control")
             .arg(&control)
             .args(agent_args)
+            .args(&self.daemon_args)
             .args(extra)
             .env("FREEHINT_LOG", "info")
             .stdin(Stdio::null())
