@@ -7,7 +7,11 @@
 //! * `Query` with `Hello` (the page size, and what a free page holds:
 //!   zeros under `init_on_free=1`, the poison byte under `page_poison=1`);
 //! * `Report { cmd_id, min_order }` with the module's snapshot of the free
-//!   lists as `Ranges` batches, then `Done` (or `Failed` with the reason).
+//!   lists as `Ranges` batches, then `Done` (or `Failed` with the reason);
+//! * `Prepare { cmd_id, drop_caches, compact }` (the operator's opt-in,
+//!   before a migration's first report) by dropping the clean page cache
+//!   and compacting memory through `/proc/sys/vm`, then `Prepared` with
+//!   MemFree before and after.
 //!
 //! It allocates no guest memory per report beyond its range array and
 //! writes none of the pages it reports. The protocol is
@@ -118,6 +122,35 @@ fn main() -> ExitCode {
     agent.serve(&mut port)
 }
 
+/// MemFree, KiB.
+fn mem_free_kib() -> Result<u64, String> {
+    let meminfo =
+        std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemFree:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| "/proc/meminfo has no MemFree".to_string())
+}
+
+/// Drops the clean page cache and/or compacts memory; returns the time
+/// it took and MemFree (KiB) before and after.
+fn prepare(drop_caches: bool, compact: bool) -> Result<(Duration, u64, u64), String> {
+    let t = Instant::now();
+    let before = mem_free_kib()?;
+    let write = |path: &str| std::fs::write(path, "1").map_err(|e| format!("{path}: {e}"));
+    if drop_caches {
+        // 1: the page cache only; dirty pages stay (no sync: writing them
+        // back would cost the guest I/O for memory that is not free).
+        write("/proc/sys/vm/drop_caches")?;
+    }
+    if compact {
+        write("/proc/sys/vm/compact_memory")?;
+    }
+    let after = mem_free_kib()?;
+    Ok((t.elapsed(), before, after))
+}
+
 /// The agent's state across host connections.
 struct Agent {
     device: PathBuf,
@@ -213,6 +246,23 @@ impl Agent {
                 port.write_all(&out)
             }
             Message::Report { cmd_id, min_order } => self.report(cmd_id, min_order, port),
+            Message::Prepare {
+                cmd_id,
+                drop_caches,
+                compact,
+            } => {
+                match prepare(drop_caches, compact) {
+                    Ok((took, before, after)) => Message::Prepared {
+                        cmd_id,
+                        took_us: took.as_micros() as u64,
+                        free_pages_before: before / u64::from(self.page_bytes / 1024).max(1),
+                        free_pages_after: after / u64::from(self.page_bytes / 1024).max(1),
+                    },
+                    Err(reason) => Message::Failed { cmd_id, reason },
+                }
+                .encode(&mut out);
+                port.write_all(&out)
+            }
             other => {
                 eprintln!(
                     "freehint-agent: ignoring a {} message from the host",

@@ -16,6 +16,14 @@
 //!  (or Failed { cmd_id, reason })
 //! ```
 //!
+//! Before the first report of a migration the host may ask the guest to
+//! make more of its memory free (the operator's opt-in policies):
+//!
+//! ```text
+//!                                    <-- Prepare { cmd_id, drop_caches, compact }
+//!  Prepared { cmd_id, took_us, free before/after } -->  (or Failed)
+//! ```
+//!
 //! Every frame is a 12-byte header (magic `FHAG`, version, kind, payload
 //! length; little endian) and its payload. Both sides refuse another
 //! version or an unknown kind with a clear error, and a payload above
@@ -144,12 +152,34 @@ pub enum Message {
         /// The guest had more free ranges than it could gather.
         truncated: bool,
     },
-    /// Guest → host: report `cmd_id` could not be made (no module…).
+    /// Guest → host: report (or preparation) `cmd_id` could not be made
+    /// (no module…).
     Failed {
-        /// The report.
+        /// The report or preparation.
         cmd_id: u32,
         /// Why, for the host's log.
         reason: String,
+    },
+    /// Host → guest: make memory free before the first report.
+    Prepare {
+        /// The host's number for this request; the answer carries it.
+        cmd_id: u32,
+        /// Drop the clean page cache (`vm.drop_caches=1`).
+        drop_caches: bool,
+        /// Compact memory (`vm.compact_memory=1`), so that free memory
+        /// forms large blocks.
+        compact: bool,
+    },
+    /// Guest → host: preparation `cmd_id` is done.
+    Prepared {
+        /// The preparation.
+        cmd_id: u32,
+        /// How long it took, µs.
+        took_us: u64,
+        /// The guest's free pages (MemFree) before it.
+        free_pages_before: u64,
+        /// And after it.
+        free_pages_after: u64,
     },
 }
 
@@ -169,6 +199,10 @@ pub enum Kind {
     Failed = 5,
     /// [`Message::Query`].
     Query = 6,
+    /// [`Message::Prepare`].
+    Prepare = 7,
+    /// [`Message::Prepared`].
+    Prepared = 8,
 }
 
 impl Kind {
@@ -181,6 +215,8 @@ impl Kind {
             4 => Kind::Done,
             5 => Kind::Failed,
             6 => Kind::Query,
+            7 => Kind::Prepare,
+            8 => Kind::Prepared,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -194,6 +230,8 @@ impl Kind {
             Kind::Done => "done",
             Kind::Failed => "failed",
             Kind::Query => "query",
+            Kind::Prepare => "prepare",
+            Kind::Prepared => "prepared",
         }
     }
 }
@@ -208,6 +246,8 @@ impl Message {
             Message::Done { .. } => Kind::Done,
             Message::Failed { .. } => Kind::Failed,
             Message::Query => Kind::Query,
+            Message::Prepare { .. } => Kind::Prepare,
+            Message::Prepared { .. } => Kind::Prepared,
         }
     }
 
@@ -218,6 +258,26 @@ impl Message {
         let mut p = Vec::new();
         match self {
             Message::Query => {}
+            Message::Prepare {
+                cmd_id,
+                drop_caches,
+                compact,
+            } => {
+                p.extend_from_slice(&cmd_id.to_le_bytes());
+                p.extend_from_slice(&[u8::from(*drop_caches), u8::from(*compact), 0, 0]);
+            }
+            Message::Prepared {
+                cmd_id,
+                took_us,
+                free_pages_before,
+                free_pages_after,
+            } => {
+                p.extend_from_slice(&cmd_id.to_le_bytes());
+                p.extend_from_slice(&[0; 4]);
+                p.extend_from_slice(&took_us.to_le_bytes());
+                p.extend_from_slice(&free_pages_before.to_le_bytes());
+                p.extend_from_slice(&free_pages_after.to_le_bytes());
+            }
             Message::Hello(h) => {
                 p.extend_from_slice(&h.page_bytes.to_le_bytes());
                 let (kind, pattern) = match h.free_content {
@@ -285,10 +345,32 @@ impl Message {
         };
         let u32_at = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().expect("4"));
         let u64_at = |at: usize| u64::from_le_bytes(payload[at..at + 8].try_into().expect("8"));
+        let flag = |b: u8, what: &str| match b {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(malformed(format!("{what} flag {other}"))),
+        };
         Ok(match kind {
             Kind::Query => {
                 exact(0)?;
                 Message::Query
+            }
+            Kind::Prepare => {
+                exact(8)?;
+                Message::Prepare {
+                    cmd_id: u32_at(0),
+                    drop_caches: flag(payload[4], "drop_caches")?,
+                    compact: flag(payload[5], "compact")?,
+                }
+            }
+            Kind::Prepared => {
+                exact(32)?;
+                Message::Prepared {
+                    cmd_id: u32_at(0),
+                    took_us: u64_at(8),
+                    free_pages_before: u64_at(16),
+                    free_pages_after: u64_at(24),
+                }
             }
             Kind::Hello => {
                 exact(8)?;
@@ -456,6 +538,17 @@ mod tests {
     fn all_kinds() -> Vec<Message> {
         vec![
             Message::Query,
+            Message::Prepare {
+                cmd_id: 3,
+                drop_caches: true,
+                compact: false,
+            },
+            Message::Prepared {
+                cmd_id: 3,
+                took_us: 1200,
+                free_pages_before: 10,
+                free_pages_after: 90_000,
+            },
             Message::Hello(Hello {
                 page_bytes: 4096,
                 free_content: FreeContent::Pattern(0xaa),
@@ -630,7 +723,7 @@ mod tests {
         }
 
         #[test]
-        fn payload_decoders_never_panic(kind in 1u16..7, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn payload_decoders_never_panic(kind in 1u16..9, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Message::decode(Kind::from_u16(kind).unwrap(), &payload);
         }
     }

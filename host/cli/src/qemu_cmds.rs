@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use freehint_daemon::{request, ControlReply, ControlRequest, DaemonConfig, VmDaemon};
+use freehint_daemon::{
+    request, ControlReply, ControlRequest, DaemonConfig, GuestPrepare, VmDaemon,
+};
 
 use crate::{OnOff, ParamArgs};
 
@@ -52,6 +54,7 @@ Example:
   freehint migrate --control /run/fh/a.ctl --to desthost:4444 --hints off --json
   freehint migrate --control /run/fh/a.ctl --to desthost:4444 --config migrate.toml
   freehint migrate --control /run/fh/a.ctl --to desthost:4444 --mode postcopy
+  freehint migrate --control /run/fh/a.ctl --to desthost:4444 --guest-drop-caches
   freehint migrate --control /run/fh/a.ctl --postcopy-now   # from another terminal
   freehint migrate --control /run/fh/a.ctl --resume         # after a broken link
 
@@ -63,6 +66,13 @@ destination QEMU started with the preload library (hybrid without one stays
 precopy). If the link breaks in postcopy, the source reconnects for
 --postcopy-recovery-s, then waits for --resume: the guest runs on the
 destination and waits there for its pages; never resume it on the source.
+
+With freehint's guest agent (`freehint vm --agent-socket`), the guest can
+make more memory free before the first report, at a cost to it, if you
+ask: --guest-drop-caches drops its clean page cache (it re-reads those
+files from disk later), --guest-compact compacts its memory (CPU time in
+the guest). The stats say how long that took and how much it freed
+(guest_prepare_ms, guest_prepare_freed_bytes).
 
 The migration parameters come from the flags, then --config FILE (TOML,
 the same keys: `freehint config show --help`), then the defaults.
@@ -151,6 +161,18 @@ pub struct MigrateArgs {
     /// (`hints` in --config FILE).
     #[arg(long, value_enum)]
     hints: Option<OnOff>,
+    /// Before the first report, have freehint-agent drop the guest's clean
+    /// page cache, so that it is hinted free instead of sent. Cost: the
+    /// guest reads those files from its disk again when it needs them.
+    /// Needs the agent (`freehint vm --agent-socket`).
+    #[arg(long)]
+    guest_drop_caches: bool,
+    /// Before the first report, have freehint-agent compact the guest's
+    /// memory, so that free memory forms larger blocks. Cost: CPU time in
+    /// the guest while it moves pages (the moved pages are sent).
+    /// Needs the agent.
+    #[arg(long)]
+    guest_compact: bool,
     /// Print the stats as JSON instead of a summary.
     #[arg(long)]
     json: bool,
@@ -246,7 +268,11 @@ pub fn migrate(a: MigrateArgs) -> Result<()> {
     let reporter = crate::progress::Reporter::start(&a.progress, move || {
         crate::progress::poll_daemon(&poll_control)
     });
-    let reply = request(&a.control, &ControlRequest::Migrate { to, params });
+    let guest = GuestPrepare {
+        drop_caches: a.guest_drop_caches,
+        compact: a.guest_compact,
+    };
+    let reply = request(&a.control, &ControlRequest::Migrate { to, params, guest });
     reporter.stop();
     match reply? {
         ControlReply::Migrated { stats } => crate::report(a.json, &stats, stats.summary(), None),

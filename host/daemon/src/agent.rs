@@ -36,7 +36,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use freehint_agent_protocol::{Decoder, FreeContent, Hello, Message, PfnRange};
@@ -51,6 +51,8 @@ const ROUNDS_KEPT: usize = 32;
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long writing a request to the port may take.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The cmd_id of a link's one `Prepare` (0 is never a hint round).
+const PREPARE_ID: u32 = 0;
 
 /// Why the agent could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,12 @@ pub enum AgentError {
     /// The agent's page size is not one the daemon can map.
     #[error("the guest agent reports {0}-byte pages; only 4096 is supported")]
     PageSize(u32),
+    /// The guest could not prepare (drop caches, compact).
+    #[error("the guest agent could not prepare the guest: {0}")]
+    PrepareFailed(String),
+    /// No answer to `Prepare`.
+    #[error("the guest agent did not finish preparing the guest within {0:?}")]
+    PrepareTimeout(Duration),
     /// Free pages hold a pattern the engine cannot recreate yet.
     #[error("the guest poisons its free pages with {0:#04x} (page_poison=1), which needs pattern records the engine does not send yet")]
     PoisonedFreePages(u8),
@@ -121,10 +129,23 @@ struct Round {
 struct State {
     rounds: VecDeque<Round>,
     stats: AgentStats,
+    /// The answer to `Prepare`, once it came.
+    prepared: Option<Result<Prepared, String>>,
+}
+
+/// What preparing the guest did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    /// How long the guest took.
+    pub took: Duration,
+    /// Bytes that became free (MemFree after − before; 0 if it fell).
+    pub freed_bytes: u64,
 }
 
 struct Shared {
     state: Mutex<State>,
+    /// Signalled when `prepared` is set or the link closes.
+    changed: Condvar,
     /// The link is gone: no report will end any more.
     closed: AtomicBool,
 }
@@ -188,7 +209,9 @@ impl AgentLink {
                     bytes_skipped: skipped,
                     ..AgentStats::default()
                 },
+                prepared: None,
             }),
+            changed: Condvar::new(),
             closed: AtomicBool::new(false),
         });
         let reader = stream.try_clone().map_err(socket_err)?;
@@ -218,6 +241,50 @@ impl AgentLink {
     /// What the agent said about the guest.
     pub fn hello(&self) -> Hello {
         self.hello
+    }
+
+    /// Asks the guest to drop its clean page cache and/or compact its
+    /// memory, and waits for it (at most `timeout`). Call it once, before
+    /// the migration's first report.
+    pub fn prepare(
+        &self,
+        drop_caches: bool,
+        compact: bool,
+        timeout: Duration,
+    ) -> Result<Prepared, AgentError> {
+        let mut frame = Vec::new();
+        Message::Prepare {
+            cmd_id: PREPARE_ID,
+            drop_caches,
+            compact,
+        }
+        .encode(&mut frame);
+        lock(&self.writer)
+            .write_all(&frame)
+            .map_err(|source| AgentError::Socket {
+                path: "(the agent's port)".into(),
+                source,
+            })?;
+        let t = Instant::now();
+        let mut st = lock(&self.shared.state);
+        loop {
+            if let Some(answer) = st.prepared.take() {
+                return answer.map_err(AgentError::PrepareFailed);
+            }
+            if self.shared.closed.load(SeqCst) {
+                return Err(AgentError::PrepareFailed("the link closed".into()));
+            }
+            let left = timeout.saturating_sub(t.elapsed());
+            if left.is_zero() {
+                return Err(AgentError::PrepareTimeout(timeout));
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, left.min(Duration::from_millis(100)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// The counts so far.
@@ -330,6 +397,7 @@ impl Reader {
             self.drain(&mut decoder);
         }
         self.shared.closed.store(true, SeqCst);
+        self.shared.changed.notify_all();
         tracing::info!(stats = ?self.stats(), "the guest agent's link closed");
     }
 
@@ -359,6 +427,20 @@ impl Reader {
                         );
                     }
                 }
+                Ok(Message::Failed { cmd_id, reason }) if cmd_id == PREPARE_ID => {
+                    self.prepared(Err(reason))
+                }
+                Ok(Message::Prepared {
+                    cmd_id: PREPARE_ID,
+                    took_us,
+                    free_pages_before,
+                    free_pages_after,
+                }) => self.prepared(Ok(Prepared {
+                    took: Duration::from_micros(took_us),
+                    freed_bytes: free_pages_after
+                        .saturating_sub(free_pages_before)
+                        .saturating_mul(self.page_bytes),
+                })),
                 Ok(Message::Failed { cmd_id, reason }) => {
                     if self.end(cmd_id, false).is_some() {
                         tracing::warn!(cmd_id, "the guest agent could not report: {reason}");
@@ -366,7 +448,12 @@ impl Reader {
                 }
                 // Another hello (the agent answered a repeated query).
                 Ok(Message::Hello(_)) => {}
-                Ok(m @ (Message::Query | Message::Report { .. })) => {
+                Ok(
+                    m @ (Message::Query
+                    | Message::Report { .. }
+                    | Message::Prepare { .. }
+                    | Message::Prepared { .. }),
+                ) => {
                     lock(&self.shared.state).stats.protocol_errors += 1;
                     tracing::warn!("the guest agent sent a host's {} message", m.kind().name());
                 }
@@ -379,6 +466,11 @@ impl Reader {
                 }
             }
         }
+    }
+
+    fn prepared(&self, answer: Result<Prepared, String>) {
+        lock(&self.shared.state).prepared = Some(answer);
+        self.shared.changed.notify_all();
     }
 
     /// Marks report `cmd_id` ended; its time since asked, if it was asked
@@ -408,7 +500,7 @@ impl Reader {
         let mut gpa = Vec::with_capacity(ranges.len());
         {
             let mut st = lock(&self.shared.state);
-            let State { rounds, stats } = &mut *st;
+            let State { rounds, stats, .. } = &mut *st;
             let Some(r) = rounds
                 .iter_mut()
                 .find(|r| r.cmd_id == cmd_id && r.ended_after.is_none())
@@ -754,6 +846,50 @@ mod tests {
             lock(&sink.1)[0],
             (CmdId(3), vec![GpaRange::new(16 * 4096, 4 * 4096)])
         );
+    }
+
+    #[test]
+    fn prepare_waits_for_the_guests_answer_and_reports_its_failure() {
+        let (_dir, path) = fake_agent(|mut s| {
+            assert_eq!(read_frame(&mut s), Message::Query);
+            s.write_all(&hello(FreeContent::Undefined)).unwrap();
+            assert_eq!(
+                read_frame(&mut s),
+                Message::Prepare {
+                    cmd_id: PREPARE_ID,
+                    drop_caches: true,
+                    compact: false
+                }
+            );
+            s.write_all(&frame(&Message::Prepared {
+                cmd_id: PREPARE_ID,
+                took_us: 1500,
+                free_pages_before: 100,
+                free_pages_after: 356,
+            }))
+            .unwrap();
+            let _ = read_frame(&mut s);
+            s.write_all(&frame(&Message::Failed {
+                cmd_id: PREPARE_ID,
+                reason: "/proc/sys/vm/compact_memory: Permission denied".into(),
+            }))
+            .unwrap();
+            // A third one is never answered.
+            let _ = read_frame(&mut s);
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let link = AgentLink::connect(&path, Arc::new(Recorder::default()), 10, 0).unwrap();
+        let p = link.prepare(true, false, Duration::from_secs(5)).unwrap();
+        assert_eq!(p.took, Duration::from_micros(1500));
+        assert_eq!(p.freed_bytes, 256 * 4096);
+        let e = link
+            .prepare(false, true, Duration::from_secs(5))
+            .unwrap_err();
+        assert!(e.to_string().contains("Permission denied"), "{e}");
+        let e = link
+            .prepare(true, true, Duration::from_millis(200))
+            .unwrap_err();
+        assert!(matches!(e, AgentError::PrepareTimeout(_)), "{e}");
     }
 
     #[test]

@@ -21,6 +21,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::DaemonError;
 
+/// What the operator asks the guest to do before a migration's first
+/// free-page report, through freehint's guest agent (each is off unless
+/// asked for: each costs the guest).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuestPrepare {
+    /// Drop the guest's clean page cache: those pages become free and are
+    /// not sent; the guest reads the files from its disk again when it
+    /// needs them.
+    pub drop_caches: bool,
+    /// Compact the guest's memory: free memory forms larger blocks; costs
+    /// the guest CPU time and moves (writes) pages.
+    pub compact: bool,
+}
+
+impl GuestPrepare {
+    /// Whether anything is asked.
+    pub fn any(&self) -> bool {
+        self.drop_caches || self.compact
+    }
+}
+
 /// A request to the daemon.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
@@ -32,6 +54,9 @@ pub enum ControlRequest {
         /// Migration parameters (missing fields take their defaults).
         #[serde(default)]
         params: MigrationParams,
+        /// What the guest agent does before the first report.
+        #[serde(default)]
+        guest: GuestPrepare,
     },
     /// What the daemon is doing.
     Status,
@@ -201,10 +226,11 @@ mod tests {
         let r: ControlRequest =
             serde_json::from_str(r#"{"cmd":"migrate","to":"h:1","params":{"hints":false}}"#)
                 .unwrap();
-        let ControlRequest::Migrate { to, params } = r else {
+        let ControlRequest::Migrate { to, params, guest } = r else {
             panic!("{r:?}")
         };
         assert_eq!(to, "h:1");
+        assert!(!guest.any());
         assert!(!params.hints);
         assert_eq!(params.max_rounds, MigrationParams::default().max_rounds);
         assert!(

@@ -64,7 +64,7 @@ use freehint_engine::{
 use freehint_qemu::{QemuDestination, QemuVmm, QmpError};
 use freehint_types::{CmdId, ErrorChain};
 
-pub use control::{request, ControlReply, ControlRequest, DaemonState, DaemonStatus};
+pub use control::{request, ControlReply, ControlRequest, DaemonState, DaemonStatus, GuestPrepare};
 pub use gpa_map::GpaMap;
 use sink::{HintSlot, SharedDirtyLog};
 

@@ -76,7 +76,7 @@ impl VmDaemon {
             ControlRequest::Progress => Ok(ControlReply::Progress {
                 progress: lock(&self.shared).progress.as_ref().map(|p| p.get()),
             }),
-            ControlRequest::Migrate { to, params } => {
+            ControlRequest::Migrate { to, params, guest } => {
                 // A destination becomes a source once the guest runs here.
                 if !self.hosts_guest.load(SeqCst) {
                     return Err(DaemonError::BadRequest(
@@ -87,7 +87,7 @@ impl VmDaemon {
                     DaemonError::BadRequest(format!("invalid parameters: {}", ErrorChain(&e)))
                 })?;
                 let dest = resolve(&to)?;
-                let stats = self.migrate(dest, params)?;
+                let stats = self.migrate(dest, params, guest)?;
                 Ok(ControlReply::Migrated { stats })
             }
             ControlRequest::Resume => self.resume(),

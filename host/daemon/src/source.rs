@@ -17,6 +17,10 @@ use freehint_qemu::{QemuVmm, Qmp};
 use freehint_types::{CmdId, ErrorChain, HintSource};
 
 use crate::agent::AgentLink;
+use crate::control::GuestPrepare;
+
+/// How long the guest may take to drop its caches and compact its memory.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(120);
 use crate::discovery::process_alive;
 use crate::sink::UsedRingLog;
 use crate::{io, lock, vm, DaemonError, DaemonState, GpaMap, VmDaemon};
@@ -57,6 +61,7 @@ impl VmDaemon {
         &self,
         dest: SocketAddr,
         params: MigrationParams,
+        guest: GuestPrepare,
     ) -> Result<MigrationStats, DaemonError> {
         let _busy = self.busy.try_lock().map_err(|_| DaemonError::Busy)?;
         if self.stopping.load(SeqCst) {
@@ -96,7 +101,7 @@ impl VmDaemon {
         self.set_state(DaemonState::Migrating);
         // QEMU's pid as the vhost-user socket saw it; QMP's confirms it.
         let mut pid = Some(self.vhost_peer_pid.load(SeqCst)).filter(|&p| p > 0);
-        let result = self.migrate_inner(dest, params, cancel, &mut pid);
+        let result = self.migrate_inner(dest, params, guest, cancel, &mut pid);
         self.slot.detach();
         let mut sh = lock(&self.shared);
         sh.cancel = None;
@@ -153,11 +158,17 @@ impl VmDaemon {
         &self,
         dest: SocketAddr,
         params: MigrationParams,
+        guest: GuestPrepare,
         cancel: CancellationToken,
         pid_out: &mut Option<i32>,
     ) -> Result<MigrationStats, DaemonError> {
         if cancel.is_cancelled() {
             return Err(MigrateError::Cancelled.into());
+        }
+        if guest.any() && !params.hints {
+            return Err(DaemonError::BadRequest(
+                "--guest-drop-caches and --guest-compact make memory free for the hints to skip; they need --hints on".into(),
+            ));
         }
         let mut qmp = Qmp::connect(&self.cfg.qmp_socket)?;
         let pid = qmp.peer_pid()?;
@@ -207,6 +218,32 @@ impl VmDaemon {
             qemu: qemu.clone(),
             balloon: self.handle.clone(),
         });
+        let prepared = match (&agent, guest.any()) {
+            (_, false) => None,
+            (None, true) => {
+                return Err(DaemonError::BadRequest(format!(
+                    "--guest-drop-caches and --guest-compact need freehint-agent in the guest, and it {}",
+                    if self.cfg.agent_socket.is_some() {
+                        "did not answer on --agent-socket (see the daemon's log)"
+                    } else {
+                        "needs `freehint vm --agent-socket` (see guest-driver/README.md)"
+                    }
+                )))
+            }
+            (Some(a), true) => {
+                let p = a
+                    .prepare(guest.drop_caches, guest.compact, PREPARE_TIMEOUT)
+                    .map_err(|e| DaemonError::BadRequest(ErrorChain(&e).to_string()))?;
+                tracing::info!(
+                    took_ms = p.took.as_millis() as u64,
+                    freed_bytes = p.freed_bytes,
+                    drop_caches = guest.drop_caches,
+                    compact = guest.compact,
+                    "the guest prepared"
+                );
+                Some(p)
+            }
+        };
         let hint_source: Option<Arc<dyn HintSource>> = match (&agent, params.hints) {
             (Some(a), _) => Some(a.clone()),
             (None, true) => Some(Arc::new(self.handle.clone())),
@@ -232,7 +269,15 @@ impl VmDaemon {
             sh.postcopy_now = (hybrid).then(|| sender.postcopy_now_flag());
             sh.postcopy_resume = Some(sender.postcopy_resume_handle());
         }
-        let result = self.runtime.block_on(sender.migrate(dest));
+        let mut result = self.runtime.block_on(sender.migrate(dest));
+        if let Some(p) = prepared {
+            let stats = match &mut result {
+                Ok(stats) => stats,
+                Err(failure) => &mut failure.stats,
+            };
+            stats.guest_prepare_ms = Some(p.took.as_millis() as u64);
+            stats.guest_prepare_freed_bytes = Some(p.freed_bytes);
+        }
         {
             let mut sh = lock(&self.shared);
             sh.postcopy_now = None;

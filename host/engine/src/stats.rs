@@ -40,6 +40,15 @@ pub struct MigrationStats {
     /// out of bounds (dropped and counted; the migration went on).
     #[serde(default)]
     pub hint_guest_errors: u64,
+    /// How long the guest took to prepare (`--guest-drop-caches`,
+    /// `--guest-compact`, before the first report; part of
+    /// `total_time_ms` of the command, not of the engine's); `null` if
+    /// not asked.
+    #[serde(default)]
+    pub guest_prepare_ms: Option<u64>,
+    /// Guest memory that preparing made free (MemFree after − before).
+    #[serde(default)]
+    pub guest_prepare_freed_bytes: Option<u64>,
     /// Time waited after the last live round, before stopping the VM, for
     /// the bulk sockets to deliver the bytes they still held (part of
     /// `total_time_ms`, never of the downtime: what is still in flight when

@@ -330,3 +330,66 @@ fn a_hostile_agent_costs_its_hints_not_the_migration() {
     assert!(alive, "no heartbeat on the destination");
     assert_eq!(check, "ok");
 }
+
+/// `--guest-drop-caches`: a guest that read 192 MiB of files from its disk
+/// holds them in its page cache. Asked to, the agent drops the clean cache
+/// before the first report: the pages are hinted free and not sent, and
+/// the stats say how much was freed.
+#[test]
+fn guest_drop_caches_frees_the_page_cache_before_the_report() {
+    use freehint_demo::{make_disk_image, DiskAio, DiskCache, DiskConfig};
+    let Some(mut s) = setup("agent-drop-caches", 512, 0) else {
+        return;
+    };
+    let _alone = one_real_guest_test_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    make_disk_image(&image, 4, 192 << 20).unwrap();
+    s.append = "freehint.readdisk".into();
+    s.ready_lines = vec!["freehint-guest: disk read into the page cache".into()];
+    s.disk = Some(DiskConfig {
+        image,
+        cache: DiskCache::Writeback,
+        aio: DiskAio::Threads,
+    });
+    let mut bed = Testbed::new(&s, "agent-drop-caches").unwrap();
+    bed.agent = true;
+    let FreehintPair {
+        src,
+        dst,
+        src_daemon,
+        dst_daemon,
+        addr,
+    } = bed.freehint_pair(&[]).unwrap();
+    assert!(poll(Duration::from_secs(30), || src
+        .said("freehint-agent: ready")));
+    bed.settle_destination(&dst_daemon).unwrap();
+    let stats = freehint_migrate(
+        &s.bin_dir,
+        &src_daemon.control,
+        &addr,
+        true,
+        &[
+            "--mode",
+            "precopy",
+            "--hint-wait-ms",
+            "10000",
+            "--guest-drop-caches",
+        ],
+    )
+    .unwrap();
+    eprintln!("{}", serde_json::to_string(&stats).unwrap());
+    assert_eq!(stats.hint_source.as_deref(), Some("agent"), "{stats:?}");
+    let freed = stats.guest_prepare_freed_bytes.expect("the guest prepared");
+    assert!(freed >= 150 << 20, "only {freed} bytes freed: {stats:?}");
+    assert!(stats.guest_prepare_ms.is_some());
+    // Without dropping them, the 192 MiB of cache alone would be sent.
+    assert!(
+        stats.bytes_on_wire < 192 << 20,
+        "{} bytes sent: {stats:?}",
+        stats.bytes_on_wire
+    );
+    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
+    assert!(alive, "no heartbeat on the destination");
+    assert_eq!(check, "ok");
+}
