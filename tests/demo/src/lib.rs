@@ -4,7 +4,7 @@
 //! virtio-balloon `free-page-hint` off and on) as the reference.
 //!
 //! [`run_mode`] does one whole run and returns its [`RunReport`]; the
-//! `freehint-demo` binary runs the four modes and prints a table; the
+//! `freehint-demo` binary runs the five modes and prints a table; the
 //! end-to-end tests use the same pieces ([`Testbed`]).
 
 #![deny(missing_docs)]

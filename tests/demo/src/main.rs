@@ -1,4 +1,4 @@
-//! `freehint-demo`: migrates a real guest four ways and prints one table.
+//! `freehint-demo`: migrates a real guest five ways and prints one table.
 //! `make demo` builds everything and runs it; see `freehint-demo --help`.
 
 use std::path::PathBuf;
@@ -66,7 +66,7 @@ struct Args {
     /// Logs (consoles, daemons, QEMU) of each run go in a folder here.
     #[arg(long, default_value = "target/demo/logs")]
     log_dir: PathBuf,
-    /// Instead of the four modes: start a source guest under freehint and
+    /// Instead of the five modes: start a source guest under freehint and
     /// a destination, print the `freehint migrate` command to run yourself
     /// (in another terminal: it shows its progress there), and check the
     /// guest once it has moved.
@@ -181,22 +181,23 @@ fn table(rows: &[RunReport]) -> String {
         v.sort_unstable();
         (!v.is_empty()).then(|| v[v.len() / 2] as f64)
     };
-    let pair = |f: fn(&RunReport) -> u64| {
-        Some((
-            median(Mode::FreehintHints, f)?,
-            median(Mode::QemuNativeFph, f)?,
-        ))
-    };
-    if let (Some((fb, qb)), Some((ft, qt)), Some((fd, _))) = (
-        pair(|r| r.bytes_tool),
-        pair(|r| r.total_time_ms),
-        pair(|r| r.downtime_ms),
-    ) {
-        s += &format!(
-            "freehint with hints vs QEMU with free-page-hint (medians): {:.2}x the bytes, {:.2}x the time (targets <= 0.7x); downtime {fd:.0} ms (target <= 50 ms)\n",
-            fb / qb.max(1.0),
-            ft / qt.max(1.0),
-        );
+    for (mode, what) in [
+        (Mode::FreehintHints, "freehint with hints"),
+        (Mode::FreehintAgent, "freehint with its guest agent"),
+    ] {
+        let pair =
+            |f: fn(&RunReport) -> u64| Some((median(mode, f)?, median(Mode::QemuNativeFph, f)?));
+        if let (Some((fb, qb)), Some((ft, qt)), Some((fd, _))) = (
+            pair(|r| r.bytes_tool),
+            pair(|r| r.total_time_ms),
+            pair(|r| r.downtime_ms),
+        ) {
+            s += &format!(
+                "{what} vs QEMU with free-page-hint (medians): {:.2}x the bytes, {:.2}x the time (targets <= 0.7x); downtime {fd:.0} ms (target <= 50 ms)\n",
+                fb / qb.max(1.0),
+                ft / qt.max(1.0),
+            );
+        }
     }
     s
 }
