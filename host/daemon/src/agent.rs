@@ -24,12 +24,10 @@
 //! A guest whose free pages have a defined content relies on it, so a
 //! reported page may not simply be left out: the destination would keep
 //! whatever an earlier round sent there. Under `init_on_free=1` (zeros)
-//! the ranges go to [`HintSink::zeroed_free_page_hints`], which sends the
-//! pages as zero records instead of their data. Page poisoning (a byte
-//! pattern the kernel checks on allocation) would need pattern records,
-//! which the wire does not have yet: [`AgentLink::connect`] refuses such
-//! an agent, and the daemon falls back to the balloon, whose hinted pages
-//! the guest holds (and poisons afresh when it frees them).
+//! and `page_poison=1` (every byte 0xaa, which the kernel checks when it
+//! hands a page out again) the ranges go to
+//! [`HintSink::filled_free_page_hints`], which sends the pages as zero or
+//! fill records instead of their data.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -82,9 +80,6 @@ pub enum AgentError {
     /// No answer to `Prepare`.
     #[error("the guest agent did not finish preparing the guest within {0:?}")]
     PrepareTimeout(Duration),
-    /// Free pages hold a pattern the engine cannot recreate yet.
-    #[error("the guest poisons its free pages with {0:#04x} (page_poison=1), which needs pattern records the engine does not send yet")]
-    PoisonedFreePages(u8),
 }
 
 /// What the agent did during one migration, counted.
@@ -198,9 +193,6 @@ impl AgentLink {
         if hello.page_bytes != 4096 {
             return Err(AgentError::PageSize(hello.page_bytes));
         }
-        if let FreeContent::Pattern(b) = hello.free_content {
-            return Err(AgentError::PoisonedFreePages(b));
-        }
         stream.set_read_timeout(None).map_err(socket_err)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -220,7 +212,11 @@ impl AgentLink {
             sink,
             page_bytes: u64::from(hello.page_bytes),
             max_pages,
-            zeroed: hello.free_content == FreeContent::Zero,
+            fill: match hello.free_content {
+                FreeContent::Undefined => None,
+                FreeContent::Zero => Some(0),
+                FreeContent::Pattern(b) => Some(b),
+            },
         };
         crate::spawn("agent", move || reading.run(reader, decoder))
             .map_err(|_| socket_err(std::io::Error::other("could not start its reader")))?;
@@ -376,8 +372,9 @@ struct Reader {
     sink: Arc<dyn HintSink>,
     page_bytes: u64,
     max_pages: u64,
-    /// Free pages read as zeros in this guest (init_on_free).
-    zeroed: bool,
+    /// Every byte of a free page in this guest, if defined (0:
+    /// init_on_free; the poison byte: page_poison).
+    fill: Option<u8>,
 }
 
 impl Reader {
@@ -531,10 +528,9 @@ impl Reader {
         if gpa.is_empty() {
             return;
         }
-        let outcome = if self.zeroed {
-            self.sink.zeroed_free_page_hints(CmdId(cmd_id), &gpa)
-        } else {
-            self.sink.free_page_hints(CmdId(cmd_id), &gpa)
+        let outcome = match self.fill {
+            Some(byte) => self.sink.filled_free_page_hints(CmdId(cmd_id), &gpa, byte),
+            None => self.sink.free_page_hints(CmdId(cmd_id), &gpa),
         };
         // Outside guest RAM (the sink's translation refused them).
         lock(&self.shared.state).stats.ranges_invalid += outcome.hint_ranges_rejected_invalid;
@@ -629,7 +625,13 @@ mod tests {
         fn reported_free(&self, _: &[GpaRange]) -> HintOutcome {
             HintOutcome::default()
         }
-        fn zeroed_free_page_hints(&self, cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
+        fn filled_free_page_hints(
+            &self,
+            cmd_id: CmdId,
+            ranges: &[GpaRange],
+            byte: u8,
+        ) -> HintOutcome {
+            assert_eq!(byte, 0, "init_on_free's zeros");
             lock(&self.1).push((cmd_id, ranges.to_vec()));
             HintOutcome::default()
         }
@@ -717,7 +719,7 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_socket_and_poisoned_free_pages_are_refused() {
+    fn a_missing_socket_is_refused_with_its_path() {
         let e = AgentLink::connect(
             Path::new("/nonexistent/agent.sock"),
             Arc::new(Recorder::default()),
@@ -727,16 +729,6 @@ mod tests {
         .err()
         .unwrap();
         assert!(e.to_string().contains("/nonexistent/agent.sock"), "{e}");
-        let (_dir, path) = fake_agent(move |mut s| {
-            assert_eq!(read_frame(&mut s), Message::Query);
-            s.write_all(&hello(FreeContent::Pattern(0xaa))).unwrap();
-            std::thread::sleep(Duration::from_millis(200));
-        });
-        let e = AgentLink::connect(&path, Arc::new(Recorder::default()), 1, 0)
-            .err()
-            .unwrap();
-        assert!(matches!(e, AgentError::PoisonedFreePages(0xaa)), "{e}");
-        assert!(e.to_string().contains("page_poison"), "{e}");
     }
 
     /// Garbage before the hello, then, for the one report asked for:

@@ -70,8 +70,8 @@ impl HintSink for HintSlot {
         self.with_target(ranges, |f, r| f.apply_reported(r))
     }
 
-    fn zeroed_free_page_hints(&self, cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
-        self.with_target(ranges, |f, r| f.apply_zeroed_hints(cmd_id, r))
+    fn filled_free_page_hints(&self, cmd_id: CmdId, ranges: &[GpaRange], byte: u8) -> HintOutcome {
+        self.with_target(ranges, |f, r| f.apply_filled_hints(cmd_id, r, byte))
     }
 }
 

@@ -43,6 +43,10 @@ pub struct ReceiveStats {
     pub pages_placed: u64,
     /// Pages the source declared zero.
     pub pages_zero: u64,
+    /// Pages the source declared filled with one byte (a poisoning
+    /// guest's free pages).
+    #[serde(default)]
+    pub pages_filled: u64,
     /// Rounds received, the final one included.
     pub rounds: u32,
     /// Bytes of device state loaded.
@@ -155,6 +159,7 @@ struct BulkCtx {
     bytes: Arc<AtomicU64>,
     pages_placed: Arc<AtomicU64>,
     pages_zero: Arc<AtomicU64>,
+    pages_filled: Arc<AtomicU64>,
     /// Milliseconds since the start at which the source last sent anything.
     last_progress_ms: Arc<AtomicU64>,
     started: Instant,
@@ -398,6 +403,7 @@ impl Receiver {
             bytes: Arc::new(AtomicU64::new(0)),
             pages_placed: Arc::new(AtomicU64::new(0)),
             pages_zero: Arc::new(AtomicU64::new(0)),
+            pages_filled: Arc::new(AtomicU64::new(0)),
             last_progress_ms: Arc::new(AtomicU64::new(0)),
             started: inc.started,
             rounds_done: Arc::new((0..bulk.len()).map(|_| AtomicU32::new(0)).collect()),
@@ -418,6 +424,7 @@ impl Receiver {
         inc.stats.bytes_received = ctx.bytes.load(Ordering::Relaxed);
         inc.stats.pages_placed = ctx.pages_placed.load(Ordering::Relaxed);
         inc.stats.pages_zero = ctx.pages_zero.load(Ordering::Relaxed);
+        inc.stats.pages_filled = ctx.pages_filled.load(Ordering::Relaxed);
         let device_state = result?;
         if inc.pending.is_some() {
             self.start_postcopy(inc, &ctx)?;
@@ -1274,6 +1281,9 @@ async fn receive_bulk(
             Frame::Message(Message::Zero(run)) => {
                 place_zero_run(&ctx, run, &name)?;
             }
+            Frame::Message(Message::Fill { run, byte }) => {
+                place_fill_run(&ctx, run, byte, &name)?;
+            }
             Frame::Message(Message::RoundEnd { round: got }) => {
                 if got != round + 1 {
                     return Err(MigrateError::Unexpected(format!(
@@ -1348,21 +1358,57 @@ fn discard_written(ctx: &BulkCtx, run: PageRun) -> Result<(), MigrateError> {
     Ok(())
 }
 
-fn place_zero_run(ctx: &BulkCtx, z: PageRun, name: &str) -> Result<(), MigrateError> {
+/// The region of a zero or fill run `z`, checked to hold it.
+fn run_region<'a>(
+    ctx: &'a BulkCtx,
+    z: PageRun,
+    what: &str,
+    name: &str,
+) -> Result<&'a freehint_memory::RamRegion, MigrateError> {
     let region = ctx.ram.regions().get(z.region).ok_or_else(|| {
         MigrateError::Unexpected(format!(
-            "{name}: zero run for region {} which does not exist",
+            "{name}: {what} for region {} which does not exist",
             z.region
         ))
     })?;
     if z.end_page().is_none_or(|end| end > region.pages()) {
         return Err(MigrateError::Unexpected(format!(
-            "{name}: zero run {z} is beyond region {} ({} pages)",
+            "{name}: {what} {z} is beyond region {} ({} pages)",
             z.region,
             region.pages()
         )));
     }
+    Ok(region)
+}
+
+fn place_zero_run(ctx: &BulkCtx, z: PageRun, name: &str) -> Result<(), MigrateError> {
+    run_region(ctx, z, "zero run", name)?;
     discard_written(ctx, z)?;
     ctx.pages_zero.fetch_add(z.count, Ordering::Relaxed);
     Ok(())
 }
+
+/// Writes `byte` into every byte of the pages of `run` (a poisoning
+/// guest's free pages), a few pages at a time.
+fn place_fill_run(ctx: &BulkCtx, run: PageRun, byte: u8, name: &str) -> Result<(), MigrateError> {
+    let region = run_region(ctx, run, "fill run", name)?;
+    let page_bytes = region.page_bytes();
+    let chunk_pages = (FILL_CHUNK_BYTES / page_bytes).max(1);
+    let buf = vec![byte; (chunk_pages.min(run.count) * page_bytes) as usize];
+    let mut page = run.first_page;
+    let end = run.first_page + run.count;
+    while page < end {
+        let n = chunk_pages.min(end - page);
+        // SAFETY: as for a batch's data pages: the destination VM is not
+        // running (it resumes only after the commit), and within a round
+        // no other channel places these pages.
+        unsafe { region.write_pages(page, &buf[..(n * page_bytes) as usize])? };
+        page += n;
+    }
+    ctx.written.insert(run);
+    ctx.pages_filled.fetch_add(run.count, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Bytes of pattern a fill run writes at a time.
+const FILL_CHUNK_BYTES: u64 = 256 << 10;

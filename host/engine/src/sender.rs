@@ -78,6 +78,7 @@ struct RoundCounters {
     bytes: AtomicU64,
     pages_sent: AtomicU64,
     pages_zero: AtomicU64,
+    pages_filled: AtomicU64,
 }
 
 /// A resumed postcopy's pages still lacking, bulk channels and urgent
@@ -95,6 +96,9 @@ struct Attempt {
     bulk: Vec<TcpStream>,
     /// Zero runs to send at the start of the next round.
     zero_runs: Vec<PageRun>,
+    /// Fill runs (pages every byte of which is `.1`) to send at the start
+    /// of the next round.
+    fill_runs: Vec<(PageRun, u8)>,
     round: u32,
     bandwidth_bytes_per_s: f64,
     /// Bytes of populated guest memory when the migration began.
@@ -215,6 +219,7 @@ impl PrecopySender {
             control: None,
             bulk: Vec::new(),
             zero_runs: Vec::new(),
+            fill_runs: Vec::new(),
             round: 0,
             bandwidth_bytes_per_s: 0.0,
             populated_bytes: 0,
@@ -395,6 +400,7 @@ impl PrecopySender {
             still_zero
         });
         at.zero_runs.extend(first.discarded);
+        at.fill_runs.extend(first.filled);
         Ok(())
     }
 
@@ -525,6 +531,7 @@ impl PrecopySender {
             hit("src.before-sync")?;
             let report = self.sync(true, &mut at.stats)?;
             at.zero_runs = report.discarded;
+            at.fill_runs.extend(report.filled);
             let left = self.filter.bytes_to_send();
             let estimate_ms = left as f64 / at.bandwidth_bytes_per_s.max(1.0) * 1000.0;
             tracing::info!(
@@ -541,7 +548,7 @@ impl PrecopySender {
             // zero runs the receiver punches out of its RAM file: many of
             // them get one more live round rather than the downtime.
             let converged = estimate_ms <= self.params.downtime_target_ms as f64
-                && at.zero_runs.len() <= MAX_ZERO_RUNS_AT_SWITCHOVER
+                && at.zero_runs.len() + at.fill_runs.len() <= MAX_ZERO_RUNS_AT_SWITCHOVER
                 && at.round >= self.params.min_rounds;
             let mut to_postcopy = false;
             if at.mode == MigrationMode::Hybrid && !converged {
@@ -643,6 +650,7 @@ impl PrecopySender {
     fn sync_before_switch(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
         let report = self.sync(false, &mut at.stats)?;
         at.zero_runs.extend(report.discarded);
+        at.fill_runs.extend(report.filled);
         Ok(())
     }
 
@@ -652,6 +660,7 @@ impl PrecopySender {
         let report = self.sync(false, &mut at.stats)?;
         let mut zero_runs = std::mem::take(&mut at.zero_runs);
         zero_runs.extend(report.discarded);
+        at.fill_runs.extend(report.filled);
         at.round += 1;
         self.phase.set_round(at.round);
         Ok(zero_runs)
@@ -1161,6 +1170,7 @@ impl PrecopySender {
                 live.bytes.load(Ordering::Relaxed)
             });
         let mut zero_runs = Some(zero_runs);
+        let mut fill_runs = Some(std::mem::take(&mut at.fill_runs));
         let mut tasks = JoinSet::new();
         for (i, stream) in std::mem::take(&mut at.bulk).into_iter().enumerate() {
             let job = ChannelJob {
@@ -1172,6 +1182,11 @@ impl PrecopySender {
                 round: at.round,
                 zero_runs: if i == 0 {
                     zero_runs.take().unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
+                fill_runs: if i == 0 {
+                    fill_runs.take().unwrap_or_default()
                 } else {
                     Vec::new()
                 },
@@ -1260,6 +1275,7 @@ fn add_counters(stats: &mut MigrationStats, c: &RoundCounters) {
     stats.bytes_on_wire += c.bytes.load(Ordering::Relaxed);
     stats.pages_sent += c.pages_sent.load(Ordering::Relaxed);
     stats.pages_zero += c.pages_zero.load(Ordering::Relaxed);
+    stats.pages_filled += c.pages_filled.load(Ordering::Relaxed);
 }
 
 /// Fails if the destination reported an error or went away.
@@ -1317,6 +1333,7 @@ struct ChannelJob {
     batch_bytes: u64,
     round: u32,
     zero_runs: Vec<PageRun>,
+    fill_runs: Vec<(PageRun, u8)>,
     timeout: Duration,
     context: String,
 }
@@ -1330,6 +1347,14 @@ impl ChannelJob {
             self.counters
                 .pages_zero
                 .fetch_add(z.count, Ordering::Relaxed);
+        }
+        for &(run, byte) in &self.fill_runs {
+            let n =
+                write_message(&mut stream, &Message::Fill { run, byte }, ctx, self.timeout).await?;
+            self.counters.bytes.fetch_add(n, Ordering::Relaxed);
+            self.counters
+                .pages_filled
+                .fetch_add(run.count, Ordering::Relaxed);
         }
         let mut claimed: Vec<PageRun> = Vec::new();
         // Reused batch after batch: no allocation per batch.

@@ -13,6 +13,10 @@ pub struct MigrationStats {
     /// Pages sent as zero records (zero content, never populated, or
     /// discarded by free page reporting), without data.
     pub pages_zero: u64,
+    /// Pages sent as fill records (free pages of a guest that poisons
+    /// them: every byte the poison byte), without data.
+    #[serde(default)]
+    pub pages_filled: u64,
     /// Pages free-page hints cleared before they were sent.
     pub pages_skipped_free: u64,
     /// Pages free page reporting discarded before they were sent.

@@ -69,9 +69,13 @@ struct State {
     open_epoch: Option<CmdId>,
     last_cmd_id: CmdId,
     stats: HintStats,
-    /// Pages the guest reported (and the device discarded) since the last
-    /// sync; they become zero records in the next round.
+    /// Pages the guest reported (and the device discarded), or hinted
+    /// free while they read as zeros, since the last sync; they become
+    /// zero records in the next round.
     reported: Vec<PageRun>,
+    /// Pages hinted free while every byte of them is `.1` (a poisoning
+    /// guest), since the last sync; they become fill records.
+    filled: Vec<(PageRun, u8)>,
     /// The final sync has run: nothing may change the bitmap but claims.
     frozen: bool,
 }
@@ -85,9 +89,13 @@ pub struct SyncReport {
     pub opened_epoch: Option<CmdId>,
     /// Pages to send after the sync.
     pub pages_to_send: u64,
-    /// Pages that free page reporting discarded and that were not written
-    /// since: send them as zero records in the next round.
+    /// Pages that free page reporting discarded (or hints said read as
+    /// zeros) and that were not written since: send them as zero records
+    /// in the next round.
     pub discarded: Vec<PageRun>,
+    /// Pages hinted free whose every byte is `.1` and that were not written
+    /// since: send them as fill records in the next round.
+    pub filled: Vec<(PageRun, u8)>,
 }
 
 /// Where the sender is in its walk over the bitmap.
@@ -168,6 +176,7 @@ impl HintFilter {
                 last_cmd_id,
                 stats: HintStats::default(),
                 reported: Vec::new(),
+                filled: Vec::new(),
                 frozen: false,
             }),
         }
@@ -228,6 +237,14 @@ impl HintFilter {
             // be sent as data, so no zero record for it.
             st.bitmap.unset_subruns(run, &mut discarded);
         }
+        let to_fill = std::mem::take(&mut st.filled);
+        let mut filled = Vec::with_capacity(to_fill.len());
+        let mut unset = Vec::new();
+        for (run, byte) in to_fill {
+            unset.clear();
+            st.bitmap.unset_subruns(run, &mut unset);
+            filled.extend(unset.iter().map(|r| (*r, byte)));
+        }
         let opened_epoch = if open_next && !st.frozen {
             let id = st.last_cmd_id.next_round();
             st.last_cmd_id = id;
@@ -242,6 +259,7 @@ impl HintFilter {
             opened_epoch,
             pages_to_send: st.bitmap.count_set(),
             discarded,
+            filled,
         })
     }
 
@@ -311,15 +329,16 @@ impl HintFilter {
     }
 
     /// Applies free-page hints tagged `cmd_id` from a guest whose free
-    /// pages read as zeros (`init_on_free=1`): a zero page the guest relies
-    /// on may not be left out, or the destination would keep whatever an
-    /// earlier round sent there. So the pages still to be sent are cleared
-    /// like any hint's, and become zero records in the round after the
-    /// next sync, unless written since (then they go as data, as a
-    /// reported page does). Pages not still to be sent were sent with the
-    /// content they have had since: freeing a page zeroes it, a write the
-    /// dirty log catches.
-    pub fn apply_zeroed_hints(&self, cmd_id: CmdId, ranges: &[RamRange]) -> HintOutcome {
+    /// pages hold a content it relies on, every byte `byte` (0 under
+    /// `init_on_free=1`, the poison byte under `page_poison=1`): such a
+    /// page may not be left out, or the destination would keep whatever
+    /// an earlier round sent there. So the pages still to be sent are
+    /// cleared like any hint's, and become zero (or fill) records in the
+    /// round after the next sync, unless written since (then they go as
+    /// data, as a reported page does). Pages not still to be sent were
+    /// sent with the content they have had since: freeing a page zeroes
+    /// or poisons it, a write the dirty log catches.
+    pub fn apply_filled_hints(&self, cmd_id: CmdId, ranges: &[RamRange], byte: u8) -> HintOutcome {
         let mut out = HintOutcome::default();
         let mut st = self.lock();
         if st.open_epoch != Some(cmd_id) {
@@ -337,7 +356,11 @@ impl HintFilter {
                         for z in &to_zero {
                             out.pages_cleared += st.bitmap.clear_run(*z);
                         }
-                        st.reported.extend_from_slice(&to_zero);
+                        if byte == 0 {
+                            st.reported.extend_from_slice(&to_zero);
+                        } else {
+                            st.filled.extend(to_zero.iter().map(|z| (*z, byte)));
+                        }
                     }
                     out.hint_ranges_applied += 1;
                     st.stats.hinted_bytes += r.len_bytes;
@@ -406,7 +429,8 @@ impl HintSink for IdentityMappedSink {
         self.0.apply_reported(&Self::ram_ranges(ranges))
     }
 
-    fn zeroed_free_page_hints(&self, cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
-        self.0.apply_zeroed_hints(cmd_id, &Self::ram_ranges(ranges))
+    fn filled_free_page_hints(&self, cmd_id: CmdId, ranges: &[GpaRange], byte: u8) -> HintOutcome {
+        self.0
+            .apply_filled_hints(cmd_id, &Self::ram_ranges(ranges), byte)
     }
 }

@@ -157,11 +157,11 @@ fn zeroed_hints_turn_pages_still_to_send_into_zero_records() {
     assert_eq!(claimed, vec![run(0, 8)]);
     let stale = CmdId(epoch.0 + 1);
     assert_eq!(
-        f.apply_zeroed_hints(stale, &[RamRange::new(0, 64 * 4096)])
+        f.apply_filled_hints(stale, &[RamRange::new(0, 64 * 4096)], 0)
             .hint_ranges_dropped_stale,
         1
     );
-    let out = f.apply_zeroed_hints(epoch, &[RamRange::new(0, 64 * 4096)]);
+    let out = f.apply_filled_hints(epoch, &[RamRange::new(0, 64 * 4096)], 0);
     assert_eq!((out.hint_ranges_applied, out.pages_cleared), (1, 56));
     assert_eq!(f.stats().pages_skipped_free, 56);
     // Pages 20..22 are written after the hint.
@@ -172,6 +172,7 @@ fn zeroed_hints_turn_pages_still_to_send_into_zero_records() {
         })
         .unwrap();
     assert_eq!(r.discarded, vec![run(8, 12), run(22, 42)]);
+    assert!(r.filled.is_empty());
     // They are to be sent, with their data; the rest of 0..64 is not.
     let mut cursor = Cursor::default();
     let mut claimed = Vec::new();
@@ -188,8 +189,30 @@ fn zeroed_hints_turn_pages_still_to_send_into_zero_records() {
         }
     }
     use freehint_types::{GpaRange, HintOutcome, HintSink};
-    let out = Plain.zeroed_free_page_hints(epoch, &[GpaRange::new(0, 4096)]);
+    let out = Plain.filled_free_page_hints(epoch, &[GpaRange::new(0, 4096)], 0);
     assert_eq!(out.hint_ranges_dropped_stale, 1);
+}
+
+/// A poisoning guest: the same, as fill records with its byte.
+#[test]
+fn poisoned_hints_turn_pages_still_to_send_into_fill_records() {
+    let f = two_regions();
+    let run = |first_page, count| PageRun {
+        region: 0,
+        first_page,
+        count,
+    };
+    let epoch = f.sync(true, no_merge).unwrap().opened_epoch.unwrap();
+    let out = f.apply_filled_hints(epoch, &[RamRange::new(4 * 4096, 8 * 4096)], 0xaa);
+    assert_eq!(out.pages_cleared, 8);
+    let r = f
+        .sync(true, |bm| {
+            bm.set_run(run(6, 1));
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+    assert!(r.discarded.is_empty());
+    assert_eq!(r.filled, vec![(run(4, 2), 0xaa), (run(7, 5), 0xaa)]);
 }
 
 #[test]

@@ -100,12 +100,19 @@ pub trait HintSink: Send + Sync {
     /// discarded them; they read as zero and must not be sent.
     fn reported_free(&self, ranges: &[GpaRange]) -> HintOutcome;
 
-    /// Free-page hints from a guest whose free pages read as zeros
-    /// (`init_on_free=1`), which the guest relies on: the pages need not
-    /// be sent with their data, but must read as zeros on the destination.
-    /// A sink that cannot promise that drops them all, as this default
-    /// does (counted as stale: the migration sends the pages).
-    fn zeroed_free_page_hints(&self, _cmd_id: CmdId, ranges: &[GpaRange]) -> HintOutcome {
+    /// Free-page hints from a guest whose free pages hold a defined
+    /// content it relies on: every byte is `byte` (0 under
+    /// `init_on_free=1`; the poison byte under `page_poison=1`, which the
+    /// kernel checks when it hands a page out again). The pages need not
+    /// be sent with their data, but must read so on the destination. A
+    /// sink that cannot promise that drops them all, as this default does
+    /// (counted as stale: the migration sends the pages).
+    fn filled_free_page_hints(
+        &self,
+        _cmd_id: CmdId,
+        ranges: &[GpaRange],
+        _byte: u8,
+    ) -> HintOutcome {
         HintOutcome {
             hint_ranges_dropped_stale: ranges.len() as u64,
             ..HintOutcome::default()

@@ -44,6 +44,8 @@ pub enum Kind {
     PostcopyComplete = 16,
     /// [`Message::PostcopyPlaced`].
     PostcopyPlaced = 17,
+    /// [`Message::Fill`].
+    FillRun = 18,
 }
 
 impl Kind {
@@ -67,6 +69,7 @@ impl Kind {
             Kind::PostcopySwitch => "postcopy switch",
             Kind::PostcopyComplete => "postcopy complete",
             Kind::PostcopyPlaced => "postcopy placed",
+            Kind::FillRun => "fill run",
         }
     }
 
@@ -89,6 +92,7 @@ impl Kind {
             15 => Kind::PostcopySwitch,
             16 => Kind::PostcopyComplete,
             17 => Kind::PostcopyPlaced,
+            18 => Kind::FillRun,
             other => return Err(WireError::UnknownKind(other)),
         })
     }

@@ -39,7 +39,7 @@ pub use message::{ChannelRole, Hello, Message, PostcopyReport, RegionDesc, MAX_R
 /// `"FHNT"`.
 pub const MAGIC: u32 = 0x544e_4846;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// Size of [`FrameHeader`] on the wire.
 pub const HEADER_BYTES: usize = 16;
 /// Largest payload accepted for any frame but a page batch.

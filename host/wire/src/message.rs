@@ -106,6 +106,14 @@ pub enum Message {
     /// Zero pages (zero content, never populated, or discarded by free
     /// page reporting), sent without data.
     Zero(PageRun),
+    /// Pages every byte of which is `byte` (free pages of a guest that
+    /// poisons the pages it frees), sent without data.
+    Fill {
+        /// The pages.
+        run: PageRun,
+        /// Their content, every byte.
+        byte: u8,
+    },
     /// All pages of round `round` on this bulk channel have been sent.
     RoundEnd {
         /// The round.
@@ -227,6 +235,7 @@ impl Message {
             Message::Hello(_) => Kind::Hello,
             Message::HelloAck { .. } => Kind::HelloAck,
             Message::Zero(_) => Kind::ZeroRun,
+            Message::Fill { .. } => Kind::FillRun,
             Message::RoundEnd { .. } => Kind::RoundEnd,
             Message::Stopping => Kind::Stopping,
             Message::DeviceStateChunk(_) => Kind::DeviceStateChunk,
@@ -276,6 +285,12 @@ impl Message {
                 p.extend_from_slice(&0u32.to_le_bytes());
                 p.extend_from_slice(&z.first_page.to_le_bytes());
                 p.extend_from_slice(&z.count.to_le_bytes());
+            }
+            Message::Fill { run, byte } => {
+                p.extend_from_slice(&region_u32(run.region).to_le_bytes());
+                p.extend_from_slice(&[*byte, 0, 0, 0]);
+                p.extend_from_slice(&run.first_page.to_le_bytes());
+                p.extend_from_slice(&run.count.to_le_bytes());
             }
             Message::RoundEnd { round } => {
                 p.extend_from_slice(&round.to_le_bytes());
@@ -434,6 +449,16 @@ impl Message {
                 }
                 Message::Zero(run)
             }
+            Kind::FillRun => {
+                let region = r.u32()? as usize;
+                let byte = r.u8()?;
+                let _pad = (r.u8()?, r.u8()?, r.u8()?);
+                let run = PageRun::new(region, r.u64()?, r.u64()?);
+                if run.count == 0 || run.end_page().is_none() {
+                    return Err(malformed(what, format!("empty or wrapping run {run}")));
+                }
+                Message::Fill { run, byte }
+            }
             Kind::RoundEnd => {
                 let round = r.u32()?;
                 let _pad = r.u32()?;
@@ -585,6 +610,10 @@ mod tests {
         ]));
         roundtrip(Message::PostcopyPending(Vec::new()));
         roundtrip(Message::PostcopySwitch { pending_pages: 12 });
+        roundtrip(Message::Fill {
+            run: PageRun::new(1, 7, 3),
+            byte: 0xaa,
+        });
         roundtrip(Message::PostcopyPlaced {
             placed_bytes: 1 << 40,
             budget_bytes: 600_000,
