@@ -404,3 +404,48 @@ fn guest_drop_caches_frees_the_page_cache_before_the_report() {
     assert!(alive, "no heartbeat on the destination");
     assert_eq!(check, "ok");
 }
+
+/// Postcopy with the agent's hints, on a poisoning guest: the report ends
+/// before the switch, the hinted pages go as fill records in the switch's
+/// round, and the guest runs on the destination with its data and no
+/// corrupted free page while the rest of its pages follow.
+#[test]
+fn postcopy_with_the_agent_on_a_poisoning_guest() {
+    let Some(mut s) = setup("agent-postcopy", 512, 200) else {
+        return;
+    };
+    let _alone = one_real_guest_test_at_a_time();
+    s.append = "page_poison=1".into();
+    let mut bed = Testbed::new(&s, "agent-postcopy").unwrap();
+    bed.agent = true;
+    let FreehintPair {
+        src,
+        dst,
+        src_daemon,
+        dst_daemon,
+        addr,
+    } = bed.freehint_pair(&[]).unwrap();
+    assert!(poll(Duration::from_secs(30), || src
+        .said("freehint-agent: ready")));
+    bed.settle_destination(&dst_daemon).unwrap();
+    let stats = freehint_migrate(
+        &s.bin_dir,
+        &src_daemon.control,
+        &addr,
+        true,
+        &["--mode", "postcopy"],
+    )
+    .unwrap();
+    eprintln!("{}", serde_json::to_string(&stats).unwrap());
+    assert!(stats.postcopy.switched, "{stats:?}");
+    assert_eq!(stats.hint_source.as_deref(), Some("agent"), "{stats:?}");
+    assert!(stats.hint_report_ms.is_some(), "{stats:?}");
+    assert!(stats.pages_filled > 0, "{stats:?}");
+    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
+    assert!(alive, "no heartbeat on the destination");
+    assert_eq!(check, "ok");
+    std::thread::sleep(Duration::from_secs(2));
+    for bad in ["BUG", "corruption", "Oops"] {
+        assert!(!dst.said(bad), "the destination guest says {bad:?}");
+    }
+}
