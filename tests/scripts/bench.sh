@@ -2,7 +2,9 @@
 # The benchmark suite (`make bench`): runs the standard matrix on this
 # machine and writes docs/BENCHMARKS.md (tables and plots in docs/bench/)
 # from the results, each figure with its command. Needs root (network
-# namespaces and tc). About 70 minutes (58 before the postcopy suite); at its peak
+# namespaces and tc). About 70 minutes before the guest-agent runs (suite 1's
+# freehint-agent and suite 6) were added; they add an estimated 25 (42 runs,
+# not yet timed as a whole); at its peak
 # about 18 GiB of memory (a 16 GiB guest whose kernel zeroes its free memory
 # to hint it).
 #
@@ -36,7 +38,7 @@ reps=3
 
 # 1. Every profile, every mode, 2 GiB, on a 1 Gbit/s link.
 $bench --profiles fresh,after-job,fragmented,page-cache,busy-idle --mem-mib 2048 \
-  --modes freehint-hints,freehint-nohints,qemu-native,qemu-native-fph,qemu-native-fpr,qemu-multifd-fph,qemu-postcopy \
+  --modes freehint-hints,freehint-agent,freehint-nohints,qemu-native,qemu-native-fph,qemu-native-fpr,qemu-multifd-fph,qemu-postcopy \
   --link 1gbit --repeat $reps --json $out/suite-1-profiles.json
 # 2. How cost grows with RAM size (the 2 GiB point is in 1.).
 sizes=4096,8192,16384
@@ -57,6 +59,12 @@ $bench --profiles after-job --mem-mib 2048 --idle-s 10 \
 $bench --profiles after-job,busy-idle --mem-mib 2048 \
   --modes freehint-hints,freehint-postcopy,freehint-hybrid,qemu-postcopy \
   --link 1gbit --repeat $reps --json $out/suite-5-postcopy.json
+
+# 6. freehint's guest agent vs the stock driver's hints, on the demo's
+# unshaped link, and the agent dropping the guest's page cache first.
+$bench --profiles after-job,fragmented,page-cache --mem-mib 2048 \
+  --modes freehint-hints,freehint-agent,freehint-agent-drop-caches \
+  --link unlimited --repeat $reps --json $out/suite-6-agent.json
 
 # The simulated VM and the micro benchmarks (loopback, no guest).
 sim=(bench sim --mem-mib 4096 --used-percent 15 --dirty-mib-per-s 16 --json)

@@ -95,6 +95,9 @@ pub enum Mode {
     /// module's snapshot of every free page, over a virtio-serial port)
     /// instead of the balloon driver's.
     FreehintAgent,
+    /// [`Mode::FreehintAgent`] with `--guest-drop-caches`: the agent drops
+    /// the guest's clean page cache before the first report.
+    FreehintAgentDropCaches,
     /// QEMU's own precopy migration, plain virtio-balloon.
     QemuNative,
     /// QEMU's own migration with virtio-balloon `free-page-hint=on`.
@@ -122,10 +125,11 @@ impl Mode {
     ];
 
     /// Every mode, in report order (the benchmark suite's default).
-    pub const EVERY: [Mode; 11] = [
+    pub const EVERY: [Mode; 12] = [
         Mode::FreehintHints,
         Mode::FreehintHintsWait,
         Mode::FreehintAgent,
+        Mode::FreehintAgentDropCaches,
         Mode::FreehintNohints,
         Mode::FreehintPostcopy,
         Mode::FreehintHybrid,
@@ -145,6 +149,7 @@ impl Mode {
             Mode::FreehintPostcopy => "freehint-postcopy",
             Mode::FreehintHybrid => "freehint-hybrid",
             Mode::FreehintAgent => "freehint-agent",
+            Mode::FreehintAgentDropCaches => "freehint-agent-drop-caches",
             Mode::QemuNative => "qemu-native",
             Mode::QemuNativeFph => "qemu-native-fph",
             Mode::QemuNativeFpr => "qemu-native-fpr",
@@ -163,6 +168,7 @@ impl Mode {
                 | Mode::FreehintPostcopy
                 | Mode::FreehintHybrid
                 | Mode::FreehintAgent
+                | Mode::FreehintAgentDropCaches
         )
     }
 
@@ -185,6 +191,7 @@ impl Mode {
                 | Mode::FreehintPostcopy
                 | Mode::FreehintHybrid
                 | Mode::FreehintAgent
+                | Mode::FreehintAgentDropCaches
                 | Mode::QemuNativeFph
                 | Mode::QemuMultifdFph
         )
@@ -802,7 +809,7 @@ pub fn interactive(setup: &DemoSetup) -> Result<(bool, String), DemoError> {
 /// workload, migrates it to a second QEMU and checks it there.
 pub fn run_mode(setup: &DemoSetup, mode: Mode) -> Result<RunReport, DemoError> {
     let mut bed = Testbed::new(setup, mode.name())?;
-    bed.agent = mode == Mode::FreehintAgent;
+    bed.agent = matches!(mode, Mode::FreehintAgent | Mode::FreehintAgentDropCaches);
     if mode.is_freehint() {
         run_freehint(&bed, mode)
     } else {
@@ -839,6 +846,7 @@ fn run_freehint(bed: &Testbed, mode: Mode) -> Result<RunReport, DemoError> {
         Mode::FreehintHintsWait => &["--hint-wait-ms", &wait],
         Mode::FreehintPostcopy => &["--mode", "postcopy"],
         Mode::FreehintHybrid => &["--mode", "hybrid"],
+        Mode::FreehintAgentDropCaches => &["--mode", "precopy", "--guest-drop-caches"],
         _ => &["--mode", "precopy"],
     };
     let stats = freehint_migrate(

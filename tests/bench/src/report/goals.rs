@@ -25,6 +25,10 @@ pub(crate) const POSTCOPY_BYTES_PER_PRECOPY_MAX: f64 = 1.05;
 /// Goal 8: remote-fault latency targets, µs.
 pub(crate) const FAULT_P50_MAX_US: f64 = 100.0;
 pub(crate) const FAULT_P99_MAX_US: f64 = 1000.0;
+/// Goal 9: freehint-agent's total time at most this × freehint-hints'.
+pub(crate) const AGENT_PER_HINTS_MAX: f64 = 0.5;
+/// Goal 9: the agent's first report of a 2 GiB guest within this, ms.
+pub(crate) const AGENT_REPORT_MAX_MS: f64 = 20.0;
 
 /// Every run of every suite, grouped.
 struct Pool<'a> {
@@ -110,6 +114,8 @@ pub(crate) fn section(suites: &[Suite]) -> String {
         goal_postcopy_downtime(&pool),
         goal_postcopy_bytes(&pool),
         goal_fault_latency(&pool),
+        goal_agent(&pool),
+        goal_drop_caches(&pool),
     ];
     let mut md = String::from(
         "## Goals\n\n\
@@ -453,6 +459,130 @@ fn goal_hints_never_cost(pool: &Pool) -> Goal {
         body,
         &verdicts,
         &format!("no freehint runs at {SMALL_MIB} MiB."),
+    )
+}
+
+/// Goal 9: freehint's guest agent against the stock driver's hints.
+fn goal_agent(pool: &Pool) -> Goal {
+    let mut body = format!(
+        "At {SMALL_MIB} MiB, each link: on after-job (the demo's guest), the agent's \
+         first report's median time (`hint_report_ms`, target ≤ {AGENT_REPORT_MAX_MS} ms) \
+         and freehint-agent's median total time vs freehint-hints' (the stock driver's \
+         hints; target ≤ {AGENT_PER_HINTS_MAX}×); on fragmented, freehint-agent's link \
+         bytes vs the memory the guest held (target ≤ {BYTES_PER_HELD_MAX}×). Every \
+         figure is shown for both.\n\n"
+    );
+    let keys = pool.keys_with(Mode::FreehintAgent, |k| {
+        k.mem_mib == SMALL_MIB && matches!(k.profile, Profile::AfterJob | Profile::Fragmented)
+    });
+    let mut verdicts = Vec::new();
+    if !keys.is_empty() {
+        body.push_str(
+            "| profile | link | idle s | report ms | agent ms | hints ms | agent / hints | link MiB | held MiB | link / held | verdict | from |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+    }
+    for key in keys {
+        let runs = pool.runs(&key, Mode::FreehintAgent);
+        let report = load::median_of(runs, |r| tool_figure(r, "hint_report_ms"));
+        let a = pool.total_ms(&key, Mode::FreehintAgent);
+        let h = pool.total_ms(&key, Mode::FreehintHints);
+        let time = ratio(a, h);
+        let s = load::summarize(runs);
+        let bytes = ratio(s.link_mib, s.held_mib);
+        let checks = if key.profile == Profile::AfterJob {
+            vec![
+                report.map(|r| r <= AGENT_REPORT_MAX_MS),
+                time.map(|r| r <= AGENT_PER_HINTS_MAX),
+            ]
+        } else {
+            vec![bytes.map(|r| r <= BYTES_PER_HELD_MAX)]
+        };
+        let v = if checks.iter().any(Option::is_none) {
+            Verdict::NotMeasured
+        } else {
+            Verdict::from_bool(checks.iter().all(|c| *c == Some(true)))
+        };
+        verdicts.push(v);
+        let _ = writeln!(
+            body,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {v} | {} |",
+            key.profile.name(),
+            key.link.name(),
+            key.idle_s,
+            num(report),
+            num(a),
+            num(h),
+            times(time),
+            whole(s.link_mib),
+            num(s.held_mib),
+            times(bytes),
+            pool.sources(&[key], &[Mode::FreehintAgent, Mode::FreehintHints]),
+        );
+    }
+    body.push('\n');
+    finish(
+        &format!(
+            "the guest agent reports in ≤ {AGENT_REPORT_MAX_MS} ms, takes ≤ {AGENT_PER_HINTS_MAX}× the stock driver's time, sends ≤ {BYTES_PER_HELD_MAX}× held on fragmented"
+        ),
+        body,
+        &verdicts,
+        &format!("no freehint-agent runs of after-job or fragmented at {SMALL_MIB} MiB."),
+    )
+}
+
+/// Goal 10: `--guest-drop-caches` cuts the bytes by at least what it frees.
+fn goal_drop_caches(pool: &Pool) -> Goal {
+    let mut body = String::from(
+        "On page-cache: freehint-agent-drop-caches' median link bytes vs \
+         freehint-agent's, and the median memory the guest freed by dropping its clean \
+         page cache (`guest_prepare_freed_bytes`); target: the bytes fall by at least \
+         what was freed (within 5%).\n\n",
+    );
+    let keys = pool.keys_with(Mode::FreehintAgentDropCaches, |k| {
+        k.profile == Profile::PageCache
+    });
+    let mut verdicts = Vec::new();
+    if !keys.is_empty() {
+        body.push_str(
+            "| RAM MiB | link | idle s | agent link MiB | drop-caches link MiB | cut MiB | freed MiB | verdict | from |\n\
+             |---|---|---|---|---|---|---|---|---|\n",
+        );
+    }
+    for key in keys {
+        let plain = load::summarize(pool.runs(&key, Mode::FreehintAgent)).link_mib;
+        let dropping = load::summarize(pool.runs(&key, Mode::FreehintAgentDropCaches)).link_mib;
+        let freed = load::median_of(pool.runs(&key, Mode::FreehintAgentDropCaches), |r| {
+            tool_figure(r, "guest_prepare_freed_bytes").map(|b| b / 1048576.0)
+        });
+        let cut = plain.zip(dropping).map(|(p, d)| p - d);
+        let v = match (cut, freed) {
+            (Some(c), Some(f)) => Verdict::from_bool(c >= f * 0.95),
+            _ => Verdict::NotMeasured,
+        };
+        verdicts.push(v);
+        let _ = writeln!(
+            body,
+            "| {} | {} | {} | {} | {} | {} | {} | {v} | {} |",
+            key.mem_mib,
+            key.link.name(),
+            key.idle_s,
+            whole(plain),
+            whole(dropping),
+            whole(cut),
+            whole(freed),
+            pool.sources(
+                &[key],
+                &[Mode::FreehintAgent, Mode::FreehintAgentDropCaches]
+            ),
+        );
+    }
+    body.push('\n');
+    finish(
+        "--guest-drop-caches cuts the bytes by at least the cache it drops",
+        body,
+        &verdicts,
+        "no freehint-agent-drop-caches runs on page-cache.",
     )
 }
 

@@ -64,6 +64,7 @@ fn mode_color(mode: Mode) -> RGBColor {
         Mode::FreehintPostcopy => RGBColor(240, 228, 66),
         Mode::FreehintHybrid => RGBColor(0, 0, 0),
         Mode::FreehintAgent => RGBColor(150, 60, 150),
+        Mode::FreehintAgentDropCaches => RGBColor(90, 30, 90),
         Mode::QemuNative => RGBColor(213, 94, 0),
         Mode::QemuNativeFph => RGBColor(230, 159, 0),
         Mode::QemuNativeFpr => RGBColor(204, 121, 167),
