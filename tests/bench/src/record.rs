@@ -171,6 +171,11 @@ pub struct RunRecord {
     /// `ok` when the guest's checker verified its data region on the
     /// destination; otherwise what went wrong.
     pub data_check: Option<String>,
+    /// Pages the guest allocated from its last heartbeat before the
+    /// migration to its first on the destination (what the stock balloon
+    /// driver's hinting allocates, and init_on_alloc zeroes).
+    #[serde(default)]
+    pub guest_pages_allocated: Option<u64>,
     /// The tool's own statistics (freehint's `MigrationStats`, QEMU's
     /// `query-migrate` answer), as it gave them.
     pub tool_stats: serde_json::Value,
@@ -198,6 +203,7 @@ impl RunRecord {
             downtime_tool_ms: None,
             alive: None,
             data_check: None,
+            guest_pages_allocated: None,
             tool_stats: serde_json::Value::Null,
         }
     }

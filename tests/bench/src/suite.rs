@@ -177,6 +177,7 @@ fn measured(key: RunKey, r: RunReport, before: Counters, after: Counters) -> Run
     record.downtime_tool_ms = Some(r.downtime_tool_ms);
     record.alive = Some(r.guest_alive_after);
     record.data_check = Some(r.data_check);
+    record.guest_pages_allocated = r.guest_pages_allocated;
     record.tool_stats = r.detail;
     record
 }

@@ -130,10 +130,17 @@ impl QemuGuest {
                 .nth(1)?
                 .split(" free ")
                 .nth(1)?
-                .trim()
+                .split_whitespace()
+                .next()?
                 .parse()
                 .ok()
         })
+    }
+
+    /// The pages the guest's kernel had allocated since boot, at each
+    /// heartbeat so far (`pgalloc P`), in order.
+    pub fn pages_allocated(&self) -> Vec<u64> {
+        self.numbers(" pgalloc ")
     }
 
     /// MemTotal − MemFree in MiB, from the `freehint-meminfo` lines the

@@ -234,6 +234,13 @@ pub struct RunReport {
     pub downtime_tool_ms: u64,
     /// The events the times come from.
     pub timing: EventTiming,
+    /// Pages the guest's kernel allocated from its last heartbeat before
+    /// the migrate command to its first on the destination (`pgalloc_*` of
+    /// /proc/vmstat): the stock balloon driver allocates every block it
+    /// hints (and with Debian's init_on_alloc the kernel zeroes them);
+    /// `None` if a heartbeat is missing.
+    #[serde(default)]
+    pub guest_pages_allocated: Option<u64>,
     /// The guest's heartbeat went on, on the destination.
     pub guest_alive_after: bool,
     /// `ok` when the guest's checker verified its data region on the
@@ -840,6 +847,7 @@ fn run_freehint(bed: &Testbed, mode: Mode) -> Result<RunReport, DemoError> {
     bed.settle_destination(&dst_daemon)?;
     let (src_events, dst_events) = (bed.events("src")?, bed.events("dst")?);
     let held = held_mib(bed, &src);
+    let allocated_before = src.pages_allocated().last().copied();
     let migrate_us = now_us();
     let wait = HINT_WAIT_MS.to_string();
     let extra: &[&str] = match mode {
@@ -877,10 +885,18 @@ fn run_freehint(bed: &Testbed, mode: Mode) -> Result<RunReport, DemoError> {
         total_time_tool_ms: stats.total_time_ms,
         downtime_tool_ms: stats.downtime_ms,
         timing,
+        guest_pages_allocated: allocated_during(allocated_before, &dst),
         guest_alive_after: alive,
         data_check: check,
         detail: serde_json::to_value(&stats).unwrap_or_default(),
     })
+}
+
+/// Pages allocated from `before` (the source's last count before the
+/// migration) to the destination's first count.
+fn allocated_during(before: Option<u64>, dst: &QemuGuest) -> Option<u64> {
+    let after = dst.pages_allocated().first().copied()?;
+    Some(after.saturating_sub(before?))
 }
 
 fn qmp_err(e: impl std::fmt::Display) -> DemoError {
@@ -933,6 +949,7 @@ fn run_native(bed: &Testbed, mode: Mode) -> Result<RunReport, DemoError> {
     std::thread::sleep(SETTLE);
     let (src_events, dst_events) = (bed.events("src")?, bed.events("dst")?);
     let held = held_mib(bed, &src);
+    let allocated_before = src.pages_allocated().last().copied();
     let migrate_us = now_us();
     qmp.execute("migrate", json!({"uri": uri}))
         .map_err(qmp_err)?;
@@ -979,6 +996,7 @@ fn run_native(bed: &Testbed, mode: Mode) -> Result<RunReport, DemoError> {
         total_time_tool_ms: info["total-time"].as_u64().unwrap_or(0),
         downtime_tool_ms: info["downtime"].as_u64().unwrap_or(0),
         timing,
+        guest_pages_allocated: allocated_during(allocated_before, &dst),
         guest_alive_after: alive,
         data_check: check,
         detail: info,

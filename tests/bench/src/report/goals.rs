@@ -470,7 +470,11 @@ fn goal_agent(pool: &Pool) -> Goal {
          and freehint-agent's median total time vs freehint-hints' (the stock driver's \
          hints; target ≤ {AGENT_PER_HINTS_MAX}×); on fragmented, freehint-agent's link \
          bytes vs the memory the guest held (target ≤ {BYTES_PER_HELD_MAX}×). Every \
-         figure is shown for both.\n\n"
+         figure is shown for both, with the pages the guest allocated during the \
+         migration (its kernel's `pgalloc_*` counters, from its heartbeat before the \
+         migration to its first on the destination): the stock driver allocates every \
+         block it hints, which Debian's init_on_alloc zeroes; the agent allocates \
+         none.\n\n"
     );
     let keys = pool.keys_with(Mode::FreehintAgent, |k| {
         k.mem_mib == SMALL_MIB && matches!(k.profile, Profile::AfterJob | Profile::Fragmented)
@@ -478,8 +482,8 @@ fn goal_agent(pool: &Pool) -> Goal {
     let mut verdicts = Vec::new();
     if !keys.is_empty() {
         body.push_str(
-            "| profile | link | idle s | report ms | agent ms | hints ms | agent / hints | link MiB | held MiB | link / held | verdict | from |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "| profile | link | idle s | report ms | agent ms | hints ms | agent / hints | link MiB | held MiB | link / held | pages allocated: agent | hints | verdict | from |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
     }
     for key in keys {
@@ -490,6 +494,11 @@ fn goal_agent(pool: &Pool) -> Goal {
         let time = ratio(a, h);
         let s = load::summarize(runs);
         let bytes = ratio(s.link_mib, s.held_mib);
+        let allocated = |mode| {
+            load::median_of(pool.runs(&key, mode), |r| {
+                r.guest_pages_allocated.map(|p| p as f64)
+            })
+        };
         let checks = if key.profile == Profile::AfterJob {
             vec![
                 report.map(|r| r <= AGENT_REPORT_MAX_MS),
@@ -506,7 +515,7 @@ fn goal_agent(pool: &Pool) -> Goal {
         verdicts.push(v);
         let _ = writeln!(
             body,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {v} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {v} | {} |",
             key.profile.name(),
             key.link.name(),
             key.idle_s,
@@ -517,6 +526,8 @@ fn goal_agent(pool: &Pool) -> Goal {
             whole(s.link_mib),
             num(s.held_mib),
             times(bytes),
+            whole(allocated(Mode::FreehintAgent)),
+            whole(allocated(Mode::FreehintHints)),
             pool.sources(&[key], &[Mode::FreehintAgent, Mode::FreehintHints]),
         );
     }
