@@ -35,6 +35,8 @@ Then, on the source host:
 
 The daemon serves the guest's virtio_balloon driver (free page hinting and
 reporting, stats) for the VM's whole life and exits when QEMU disconnects.
+Its --control socket is created 0600 and answers only its own user (or
+root): it checks every caller's uid (SO_PEERCRED) and refuses others.
 
 With freehint's guest driver (guest-driver/: the freehint_free module and
 freehint-agent, started in the guest), give QEMU the agent's port and the

@@ -306,6 +306,19 @@ impl VmDaemon {
             "binding the control socket {}",
             self.cfg.control_socket.display()
         )))?;
+        // Only the daemon's user may connect (and every request's peer is
+        // checked too, see serve.rs).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                &self.cfg.control_socket,
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .map_err(io(format!(
+                "making the control socket {} private (0600)",
+                self.cfg.control_socket.display()
+            )))?;
+        }
         let me = self.clone();
         spawn("control", move || me.serve_control(control))?;
         let mut signals = signal_hook::iterator::Signals::new([

@@ -15,6 +15,24 @@ use crate::{
     lock, spawn, ControlReply, ControlRequest, DaemonError, DaemonState, DaemonStatus, VmDaemon,
 };
 
+/// Whether the process at the other end of a control connection may ask
+/// anything: it must run as the daemon's user, or as root. The socket is
+/// created 0600 as well; this check holds however its mode is changed.
+fn allowed_peer(conn: &UnixStream) -> Result<(), String> {
+    let cred = freehint_qemu::socket_peer_cred(conn)
+        .map_err(|e| format!("cannot tell who connected (SO_PEERCRED: {e})"))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own = unsafe { libc::geteuid() };
+    if cred.uid == own || cred.uid == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "the control socket takes requests from uid {own} (the daemon's) or root only; pid {} runs as uid {}",
+            cred.pid, cred.uid
+        ))
+    }
+}
+
 impl VmDaemon {
     pub(crate) fn serve_control(self: Arc<Self>, listener: UnixListener) {
         for conn in listener.incoming() {
@@ -32,7 +50,19 @@ impl VmDaemon {
 
     fn answer_inner(&self, conn: UnixStream) {
         let mut line = String::new();
-        let Ok(writer) = conn.try_clone() else { return };
+        let Ok(mut writer) = conn.try_clone() else {
+            return;
+        };
+        if let Err(why) = allowed_peer(&conn) {
+            tracing::warn!("control request refused: {why}");
+            let reply = ControlReply::Error {
+                message: format!("refused: {why}"),
+            };
+            let mut out = serde_json::to_string(&reply).unwrap_or_default();
+            out.push('\n');
+            let _ = writer.write_all(out.as_bytes());
+            return;
+        }
         if BufReader::new(conn).read_line(&mut line).is_err() {
             return;
         }
@@ -65,7 +95,6 @@ impl VmDaemon {
             format!(r#"{{"result":"error","message":"cannot encode the reply: {e}"}}"#)
         });
         out.push('\n');
-        let mut writer = writer;
         let _ = writer.write_all(out.as_bytes());
     }
 

@@ -597,9 +597,18 @@ fn ramblock_bytes_except(table: &str, except: &str) -> u64 {
         .sum()
 }
 
-/// The pid of the process at the other end of a connected Unix socket
-/// (`SO_PEERCRED`): QEMU's, on its QMP or vhost-user socket.
-pub fn socket_peer_pid(socket: &std::os::unix::net::UnixStream) -> std::io::Result<i32> {
+/// Who is at the other end of a connected Unix socket (`SO_PEERCRED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Its pid (0 if it has none in this pid namespace).
+    pub pid: i32,
+    /// Its effective uid when it connected.
+    pub uid: u32,
+}
+
+/// The credentials of the process at the other end of a connected Unix
+/// socket (`SO_PEERCRED`).
+pub fn socket_peer_cred(socket: &std::os::unix::net::UnixStream) -> std::io::Result<PeerCred> {
     use std::os::fd::AsRawFd;
     let mut cred = libc::ucred {
         pid: 0,
@@ -621,6 +630,16 @@ pub fn socket_peer_pid(socket: &std::os::unix::net::UnixStream) -> std::io::Resu
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(PeerCred {
+        pid: cred.pid,
+        uid: cred.uid,
+    })
+}
+
+/// The pid of the process at the other end of a connected Unix socket
+/// (`SO_PEERCRED`): QEMU's, on its QMP or vhost-user socket.
+pub fn socket_peer_pid(socket: &std::os::unix::net::UnixStream) -> std::io::Result<i32> {
+    let cred = socket_peer_cred(socket)?;
     if cred.pid <= 0 {
         return Err(std::io::Error::other(
             "the peer has no pid in this namespace",
