@@ -110,6 +110,10 @@ impl Default for MigrationParams {
 /// Two, or half the CPUs if that is more, at most 4: with two channels the
 /// sending and the receiving side each keep both cores of a two-core
 /// machine busy (measured in docs/BENCHMARKS.md).
+/// Most bulk channels a migration may use; a destination refuses a source
+/// that announces more.
+pub const MAX_BULK_CHANNELS: u8 = 16;
+
 fn default_bulk_channels() -> u8 {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     (cpus / 2).clamp(2, 4) as u8
@@ -124,7 +128,7 @@ impl MigrationParams {
                 reason: reason.to_string(),
             })
         };
-        if !(1..=16).contains(&self.bulk_channels) {
+        if !(1..=MAX_BULK_CHANNELS).contains(&self.bulk_channels) {
             return err("bulk_channels", "must be 1..=16");
         }
         if !(4096..=64 << 20).contains(&self.batch_bytes) {

@@ -28,6 +28,7 @@ use crate::io::{
     RawPages,
 };
 use crate::page_set::PageSet;
+use crate::params::MAX_BULK_CHANNELS;
 use crate::phase::{Phase, PhaseWatch, Side};
 use crate::postcopy::destination::{send_requests, PostcopyDestination};
 use crate::postcopy::queue::PlacedReporter;
@@ -900,19 +901,21 @@ impl Receiver {
         local: &[freehint_wire::RegionDesc],
     ) -> Result<(TcpStream, Hello), MigrateError> {
         let timeout = self.accept_timeout.unwrap_or(Duration::from_secs(30));
+        let mut hellos = Hellos::new(timeout);
         loop {
             let accepted = match self.accept_timeout {
-                Some(t) => tokio::time::timeout(t, listener.accept())
+                Some(t) => tokio::time::timeout(t, hellos.next(listener))
                     .await
                     .map_err(|_| MigrateError::Timeout {
                         what: "a source to connect".into(),
                         seconds: t.as_secs(),
                     })?,
-                None => listener.accept().await,
+                None => hellos.next(listener).await,
             };
-            let (mut s, peer) = accepted.map_err(MigrateError::io("accepting a connection"))?;
+            let (mut s, peer, first) =
+                accepted.map_err(MigrateError::io("accepting a connection"))?;
             let ctx = format!("hello from {peer}");
-            let mut hello = match expect_message(&mut s, &ctx, timeout).await {
+            let mut hello = match first {
                 Ok(Message::Hello(h)) => h,
                 Ok(other) => {
                     reject(
@@ -984,6 +987,15 @@ impl Receiver {
                     reject(&mut s, "source announced zero bulk channels".into()).await,
                 ));
             }
+            if hello.bulk_channels > MAX_BULK_CHANNELS {
+                let why = format!(
+                    "{ctx}: {} bulk channels announced, at most {MAX_BULK_CHANNELS}",
+                    hello.bulk_channels
+                );
+                tracing::warn!("{why}; waiting for another source");
+                reject(&mut s, why).await;
+                continue;
+            }
             let t = Duration::from_secs(hello.peer_timeout_s.into());
             crate::tune_socket(&s, t).map_err(MigrateError::io("socket option"))?;
             let ack = Message::HelloAck {
@@ -1007,8 +1019,9 @@ impl Receiver {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut bulk: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
         let mut urgent: Option<TcpStream> = None;
+        let mut hellos = Hellos::new(timeout);
         while bulk.iter().any(|b| b.is_none()) || (hello.postcopy && urgent.is_none()) {
-            let (mut s, peer) = tokio::time::timeout_at(deadline, listener.accept())
+            let (mut s, peer, first) = tokio::time::timeout_at(deadline, hellos.next(listener))
                 .await
                 .map_err(|_| MigrateError::Timeout {
                     what: "the source's bulk channels".into(),
@@ -1016,7 +1029,7 @@ impl Receiver {
                 })?
                 .map_err(MigrateError::io("accepting a connection"))?;
             let ctx = format!("hello from {peer}");
-            let h = match expect_message(&mut s, &ctx, timeout).await {
+            let h = match first {
                 Ok(Message::Hello(h)) => h,
                 Ok(_) | Err(_) => {
                     tracing::warn!("{ctx}: not a hello; turned away");
@@ -1153,6 +1166,67 @@ async fn source_answered_error(control: &mut ControlChannel, wait: Duration) -> 
 }
 
 /// Tells the peer why it is turned away; returns the reason.
+/// Most connections whose first frame is awaited at once while a
+/// destination accepts; more are closed at once (a flood of silent
+/// connections costs a socket each, not the migration).
+const MAX_PENDING_HELLOS: usize = 64;
+
+/// Connections accepted on a listener, each reading its first frame in a
+/// task of its own: one that connects and says nothing, or says it slowly,
+/// holds up no one else while the real source connects.
+struct Hellos {
+    pending: JoinSet<(
+        TcpStream,
+        std::net::SocketAddr,
+        Result<Message, MigrateError>,
+    )>,
+    timeout: Duration,
+}
+
+impl Hellos {
+    /// Each connection's first frame may take `timeout`.
+    fn new(timeout: Duration) -> Self {
+        Self {
+            pending: JoinSet::new(),
+            timeout,
+        }
+    }
+
+    /// The next connection whose first frame has arrived (or failed), in
+    /// the order they complete. Connections still waiting are closed when
+    /// this is dropped.
+    async fn next(
+        &mut self,
+        listener: &TcpListener,
+    ) -> std::io::Result<(
+        TcpStream,
+        std::net::SocketAddr,
+        Result<Message, MigrateError>,
+    )> {
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (mut s, peer) = accepted?;
+                    if self.pending.len() >= MAX_PENDING_HELLOS {
+                        tracing::warn!(%peer, "{MAX_PENDING_HELLOS} connections already wait to say hello; closed");
+                        continue;
+                    }
+                    let timeout = self.timeout;
+                    self.pending.spawn(async move {
+                        let first = expect_message(&mut s, &format!("hello from {peer}"), timeout).await;
+                        (s, peer, first)
+                    });
+                }
+                Some(done) = self.pending.join_next(), if !self.pending.is_empty() => {
+                    if let Ok(v) = done {
+                        return Ok(v);
+                    }
+                }
+            }
+        }
+    }
+}
+
 async fn reject(s: &mut TcpStream, why: String) -> String {
     let _ = write_message(
         s,

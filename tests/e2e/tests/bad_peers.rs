@@ -166,6 +166,63 @@ async fn a_wrong_protocol_version_is_turned_away_with_its_reason() {
 }
 
 #[tokio::test]
+async fn a_source_announcing_255_bulk_channels_is_turned_away() {
+    let mut b = Vec::new();
+    Message::Hello(Hello {
+        session_id: 42,
+        role: ChannelRole::Control,
+        bulk_channels: 255,
+        peer_timeout_s: 5,
+        regions: layout(),
+        postcopy: false,
+        postcopy_required: false,
+        resume: false,
+    })
+    .encode(&mut b);
+    let answer = turned_away(b).await;
+    assert!(
+        answer.contains("255 bulk channels announced, at most 16"),
+        "{answer}"
+    );
+}
+
+/// Connections that say nothing, before the source and between its control
+/// and bulk channels, hold up neither: each hello is read on its own.
+#[tokio::test]
+async fn silent_connections_do_not_hold_up_the_real_source() {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (_e, resumed) = receive_from(move |addr| {
+        tokio::spawn(async move {
+            let _silent = TcpStream::connect(addr).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let t = std::time::Instant::now();
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(&hello(ChannelRole::Control, layout()))
+                .await
+                .unwrap();
+            let mut ack = [0u8; ACK_BYTES];
+            c.read_exact(&mut ack).await.unwrap();
+            let _silent_too = TcpStream::connect(addr).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut b = TcpStream::connect(addr).await.unwrap();
+            b.write_all(&hello(ChannelRole::Bulk(0), layout()))
+                .await
+                .unwrap();
+            b.read_exact(&mut ack).await.unwrap();
+            let _ = done_tx.send(t.elapsed());
+            // The source then goes away: the receiver fails, as it must.
+        })
+    })
+    .await;
+    assert_eq!(resumed, 0);
+    let took = done_rx.await.expect("both channels were accepted");
+    assert!(
+        took < Duration::from_secs(2),
+        "the silent connections held the source up for {took:?}"
+    );
+}
+
+#[tokio::test]
 async fn different_ram_layout() {
     let (e, _) = receive_from(|addr| {
         tokio::spawn(async move {
