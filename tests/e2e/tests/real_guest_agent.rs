@@ -9,8 +9,11 @@
 
 use std::time::Duration;
 
-use freehint_demo::{check_after, freehint_migrate, poll, FreehintPair, Testbed};
-use freehint_e2e::{one_real_guest_test_at_a_time, real_guest_setup as setup};
+use freehint_demo::{
+    check_after, freehint_migrate, poll, Daemon, DemoSetup, FreehintPair, QemuGuest, Testbed,
+};
+use freehint_e2e::{freehint, one_real_guest_test_at_a_time, real_guest_setup as setup};
+use freehint_engine::MigrationStats;
 
 /// Pages of two RAM files that differ (4 KiB pages).
 fn different_pages(a: &std::path::Path, b: &std::path::Path) -> u64 {
@@ -39,6 +42,58 @@ fn different_pages(a: &std::path::Path, b: &std::path::Path) -> u64 {
     differ
 }
 
+/// A source guest under freehint with the agent running in it, and a
+/// destination ready for it (`dst_extra`: more options of the destination
+/// daemon). The testbed is returned too: it owns the RAM files and sockets.
+fn agent_pair(s: &DemoSetup, name: &str, dst_extra: &[&str]) -> (Testbed, FreehintPair) {
+    let mut bed = Testbed::new(s, name).unwrap();
+    bed.agent = true;
+    let pair = bed.freehint_pair(dst_extra).unwrap();
+    assert!(
+        poll(Duration::from_secs(30), || pair
+            .src
+            .said("freehint-agent: ready")),
+        "the agent did not start in the guest (logs in {})",
+        bed.logs.display()
+    );
+    bed.settle_destination(&pair.dst_daemon).unwrap();
+    (bed, pair)
+}
+
+/// `freehint migrate` with hints on and `args`; prints the stats.
+fn migrate(s: &DemoSetup, pair: &FreehintPair, args: &[&str]) -> MigrationStats {
+    let stats =
+        freehint_migrate(&s.bin_dir, &pair.src_daemon.control, &pair.addr, true, args).unwrap();
+    eprintln!("{}", serde_json::to_string(&stats).unwrap());
+    stats
+}
+
+/// Precopy that waits for the guest's first report, so that free pages are
+/// never sent (hints that land after a page went out do not take it back).
+const AFTER_THE_REPORT: [&str; 4] = ["--mode", "precopy", "--hint-wait-ms", "10000"];
+
+/// Resumes the guest a `--no-resume` destination holds.
+fn resume(dst_daemon: &Daemon) {
+    let control = dst_daemon.control.to_str().expect("utf-8");
+    let (ok, _, err) = freehint(&["resume", "--control", control]);
+    assert!(ok, "{err}");
+}
+
+/// The guest runs on the destination past the source's last heartbeat, its
+/// data region verified there.
+fn assert_alive_with_data(src: &QemuGuest, dst: &QemuGuest) {
+    let (alive, check) = check_after(src, dst, Duration::from_secs(30));
+    assert!(alive, "no heartbeat on the destination");
+    assert_eq!(check, "ok");
+}
+
+/// The destination guest's kernel reported no bug and no corrupted page.
+fn assert_no_kernel_complaint(dst: &QemuGuest) {
+    for bad in ["BUG", "corruption", "Oops"] {
+        assert!(!dst.said(bad), "the destination guest says {bad:?}");
+    }
+}
+
 /// The guest frees 200 MiB of written memory before the migration; the
 /// agent reports it, the source skips it, and the guest runs on on the
 /// destination with its data. On a `--no-resume` run the two RAM files
@@ -51,33 +106,14 @@ fn with_the_agent_only_pages_hinted_free_differ_and_the_guest_runs_on() {
         return;
     };
     let _alone = one_real_guest_test_at_a_time();
-    let mut bed = Testbed::new(&s, "agent").unwrap();
-    bed.agent = true;
+    let (bed, pair) = agent_pair(&s, "agent", &["--no-resume"]);
+    let stats = migrate(&s, &pair, &AFTER_THE_REPORT);
     let FreehintPair {
         mut src,
         dst,
-        src_daemon,
         dst_daemon,
-        addr,
-    } = bed.freehint_pair(&["--no-resume"]).unwrap();
-    assert!(
-        poll(Duration::from_secs(30), || src
-            .said("freehint-agent: ready")),
-        "the agent did not start in the guest (logs in {})",
-        bed.logs.display()
-    );
-    bed.settle_destination(&dst_daemon).unwrap();
-    // Wait for the report, so that free pages are never sent (hints that
-    // land after a page went out do not take it back).
-    let stats = freehint_migrate(
-        &s.bin_dir,
-        &src_daemon.control,
-        &addr,
-        true,
-        &["--mode", "precopy", "--hint-wait-ms", "10000"],
-    )
-    .unwrap();
-    eprintln!("{}", serde_json::to_string(&stats).unwrap());
+        ..
+    } = pair;
     assert_eq!(stats.hint_source.as_deref(), Some("agent"), "{stats:?}");
     let report_ms = stats
         .hint_report_ms
@@ -102,13 +138,9 @@ fn with_the_agent_only_pages_hinted_free_differ_and_the_guest_runs_on() {
         "{differ} pages differ, more than the {} the hints skipped",
         stats.pages_skipped_free
     );
-    resume(&s, &dst_daemon);
-    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
-    assert!(alive, "no heartbeat on the destination after resume");
-    assert_eq!(check, "ok");
-    for bad in ["BUG", "corruption", "Oops"] {
-        assert!(!dst.said(bad), "the destination guest says {bad:?}");
-    }
+    resume(&dst_daemon);
+    assert_alive_with_data(&src, &dst);
+    assert_no_kernel_complaint(&dst);
     eprintln!(
         "agent: report {report_ms} ms, {} pages skipped, {differ} pages differ; {} bytes on the wire, {} ms, downtime {} ms",
         stats.pages_skipped_free, stats.bytes_on_wire, stats.total_time_ms, stats.downtime_ms
@@ -127,27 +159,14 @@ fn under_init_on_free_hinted_pages_arrive_as_zeros_and_ram_is_equal() {
     };
     let _alone = one_real_guest_test_at_a_time();
     s.append = "init_on_free=1".into();
-    let mut bed = Testbed::new(&s, "agent-init-on-free").unwrap();
-    bed.agent = true;
+    let (bed, pair) = agent_pair(&s, "agent-init-on-free", &["--no-resume"]);
+    let stats = migrate(&s, &pair, &AFTER_THE_REPORT);
     let FreehintPair {
         mut src,
         dst,
-        src_daemon,
         dst_daemon,
-        addr,
-    } = bed.freehint_pair(&["--no-resume"]).unwrap();
-    assert!(poll(Duration::from_secs(30), || src
-        .said("freehint-agent: ready")));
-    bed.settle_destination(&dst_daemon).unwrap();
-    let stats = freehint_migrate(
-        &s.bin_dir,
-        &src_daemon.control,
-        &addr,
-        true,
-        &["--mode", "precopy", "--hint-wait-ms", "10000"],
-    )
-    .unwrap();
-    eprintln!("{}", serde_json::to_string(&stats).unwrap());
+        ..
+    } = pair;
     assert_eq!(stats.hint_source.as_deref(), Some("agent"), "{stats:?}");
     assert!(
         stats.pages_skipped_free * 4096 >= 100 << 20,
@@ -160,13 +179,9 @@ fn under_init_on_free_hinted_pages_arrive_as_zeros_and_ram_is_equal() {
     );
     let differ = different_pages(&bed.ram("src"), &bed.ram("dst"));
     assert_eq!(differ, 0, "pages differ although free pages are zeros");
-    resume(&s, &dst_daemon);
-    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
-    assert!(alive, "no heartbeat on the destination after resume");
-    assert_eq!(check, "ok");
-    for bad in ["BUG", "corruption", "Oops"] {
-        assert!(!dst.said(bad), "the destination guest says {bad:?}");
-    }
+    resume(&dst_daemon);
+    assert_alive_with_data(&src, &dst);
+    assert_no_kernel_complaint(&dst);
 }
 
 /// `page_poison=1`: the guest fills every page it frees with 0xaa and
@@ -182,27 +197,14 @@ fn under_page_poisoning_hinted_pages_arrive_poisoned_and_ram_is_equal() {
     };
     let _alone = one_real_guest_test_at_a_time();
     s.append = "page_poison=1".into();
-    let mut bed = Testbed::new(&s, "agent-page-poison").unwrap();
-    bed.agent = true;
+    let (bed, pair) = agent_pair(&s, "agent-page-poison", &["--no-resume"]);
+    let stats = migrate(&s, &pair, &AFTER_THE_REPORT);
     let FreehintPair {
         mut src,
         dst,
-        src_daemon,
         dst_daemon,
-        addr,
-    } = bed.freehint_pair(&["--no-resume"]).unwrap();
-    assert!(poll(Duration::from_secs(30), || src
-        .said("freehint-agent: ready")));
-    bed.settle_destination(&dst_daemon).unwrap();
-    let stats = freehint_migrate(
-        &s.bin_dir,
-        &src_daemon.control,
-        &addr,
-        true,
-        &["--mode", "precopy", "--hint-wait-ms", "10000"],
-    )
-    .unwrap();
-    eprintln!("{}", serde_json::to_string(&stats).unwrap());
+        ..
+    } = pair;
     assert_eq!(stats.hint_source.as_deref(), Some("agent"), "{stats:?}");
     assert!(
         stats.pages_filled * 4096 >= 100 << 20,
@@ -215,29 +217,11 @@ fn under_page_poisoning_hinted_pages_arrive_poisoned_and_ram_is_equal() {
     );
     let differ = different_pages(&bed.ram("src"), &bed.ram("dst"));
     assert_eq!(differ, 0, "pages differ although free pages are poisoned");
-    resume(&s, &dst_daemon);
-    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
-    assert!(alive, "no heartbeat on the destination after resume");
-    assert_eq!(check, "ok");
+    resume(&dst_daemon);
+    assert_alive_with_data(&src, &dst);
     // Memory the guest allocates after arriving is checked for its poison.
     std::thread::sleep(Duration::from_secs(2));
-    for bad in ["BUG", "corruption", "Oops"] {
-        assert!(!dst.said(bad), "the destination guest says {bad:?}");
-    }
-}
-
-fn resume(s: &freehint_demo::DemoSetup, dst_daemon: &freehint_demo::Daemon) {
-    let out = std::process::Command::new(s.bin_dir.join("freehint"))
-        .arg("resume")
-        .arg("--control")
-        .arg(&dst_daemon.control)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_no_kernel_complaint(&dst);
 }
 
 /// A hostile agent, here a program on the port's socket in place of QEMU's
@@ -337,9 +321,7 @@ fn a_hostile_agent_costs_its_hints_not_the_migration() {
     assert_eq!(stats.pages_skipped_free, 0, "{stats:?}");
     // The wait for its report ended (at --hint-wait-ms at the latest).
     assert!(stats.hint_wait_ms <= 2500, "{stats:?}");
-    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
-    assert!(alive, "no heartbeat on the destination");
-    assert_eq!(check, "ok");
+    assert_alive_with_data(&src, &dst);
 }
 
 /// `--guest-drop-caches`: a guest that read 192 MiB of files from its disk
@@ -363,33 +345,12 @@ fn guest_drop_caches_frees_the_page_cache_before_the_report() {
         cache: DiskCache::Writeback,
         aio: DiskAio::Threads,
     });
-    let mut bed = Testbed::new(&s, "agent-drop-caches").unwrap();
-    bed.agent = true;
-    let FreehintPair {
-        src,
-        dst,
-        src_daemon,
-        dst_daemon,
-        addr,
-    } = bed.freehint_pair(&[]).unwrap();
-    assert!(poll(Duration::from_secs(30), || src
-        .said("freehint-agent: ready")));
-    bed.settle_destination(&dst_daemon).unwrap();
-    let stats = freehint_migrate(
-        &s.bin_dir,
-        &src_daemon.control,
-        &addr,
-        true,
-        &[
-            "--mode",
-            "precopy",
-            "--hint-wait-ms",
-            "10000",
-            "--guest-drop-caches",
-        ],
-    )
-    .unwrap();
-    eprintln!("{}", serde_json::to_string(&stats).unwrap());
+    let (_bed, pair) = agent_pair(&s, "agent-drop-caches", &[]);
+    let stats = migrate(
+        &s,
+        &pair,
+        &[&AFTER_THE_REPORT[..], &["--guest-drop-caches"]].concat(),
+    );
     assert_eq!(stats.hint_source.as_deref(), Some("agent"), "{stats:?}");
     let freed = stats.guest_prepare_freed_bytes.expect("the guest prepared");
     assert!(freed >= 150 << 20, "only {freed} bytes freed: {stats:?}");
@@ -400,9 +361,7 @@ fn guest_drop_caches_frees_the_page_cache_before_the_report() {
         "{} bytes sent: {stats:?}",
         stats.bytes_on_wire
     );
-    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
-    assert!(alive, "no heartbeat on the destination");
-    assert_eq!(check, "ok");
+    assert_alive_with_data(&pair.src, &pair.dst);
 }
 
 /// Postcopy with the agent's hints, on a poisoning guest: the report ends
@@ -416,36 +375,13 @@ fn postcopy_with_the_agent_on_a_poisoning_guest() {
     };
     let _alone = one_real_guest_test_at_a_time();
     s.append = "page_poison=1".into();
-    let mut bed = Testbed::new(&s, "agent-postcopy").unwrap();
-    bed.agent = true;
-    let FreehintPair {
-        src,
-        dst,
-        src_daemon,
-        dst_daemon,
-        addr,
-    } = bed.freehint_pair(&[]).unwrap();
-    assert!(poll(Duration::from_secs(30), || src
-        .said("freehint-agent: ready")));
-    bed.settle_destination(&dst_daemon).unwrap();
-    let stats = freehint_migrate(
-        &s.bin_dir,
-        &src_daemon.control,
-        &addr,
-        true,
-        &["--mode", "postcopy"],
-    )
-    .unwrap();
-    eprintln!("{}", serde_json::to_string(&stats).unwrap());
+    let (_bed, pair) = agent_pair(&s, "agent-postcopy", &[]);
+    let stats = migrate(&s, &pair, &["--mode", "postcopy"]);
     assert!(stats.postcopy.switched, "{stats:?}");
     assert_eq!(stats.hint_source.as_deref(), Some("agent"), "{stats:?}");
     assert!(stats.hint_report_ms.is_some(), "{stats:?}");
     assert!(stats.pages_filled > 0, "{stats:?}");
-    let (alive, check) = check_after(&src, &dst, Duration::from_secs(30));
-    assert!(alive, "no heartbeat on the destination");
-    assert_eq!(check, "ok");
+    assert_alive_with_data(&pair.src, &pair.dst);
     std::thread::sleep(Duration::from_secs(2));
-    for bad in ["BUG", "corruption", "Oops"] {
-        assert!(!dst.said(bad), "the destination guest says {bad:?}");
-    }
+    assert_no_kernel_complaint(&pair.dst);
 }
