@@ -248,19 +248,15 @@ impl AgentLink {
         compact: bool,
         timeout: Duration,
     ) -> Result<Prepared, AgentError> {
-        let mut frame = Vec::new();
-        Message::Prepare {
+        self.send(&Message::Prepare {
             cmd_id: PREPARE_ID,
             drop_caches,
             compact,
-        }
-        .encode(&mut frame);
-        lock(&self.writer)
-            .write_all(&frame)
-            .map_err(|source| AgentError::Socket {
-                path: "(the agent's port)".into(),
-                source,
-            })?;
+        })
+        .map_err(|source| AgentError::Socket {
+            path: "(the agent's port)".into(),
+            source,
+        })?;
         let t = Instant::now();
         let mut st = lock(&self.shared.state);
         loop {
@@ -281,6 +277,13 @@ impl AgentLink {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Writes one message to the agent.
+    fn send(&self, m: &Message) -> std::io::Result<()> {
+        let mut frame = Vec::new();
+        m.encode(&mut frame);
+        lock(&self.writer).write_all(&frame)
     }
 
     /// The counts so far.
@@ -552,15 +555,11 @@ impl HintSource for AgentLink {
             });
             st.stats.reports_asked += 1;
         }
-        let mut frame = Vec::new();
-        Message::Report {
+        self.send(&Message::Report {
             cmd_id: cmd_id.0,
             min_order: self.min_order,
-        }
-        .encode(&mut frame);
-        lock(&self.writer)
-            .write_all(&frame)
-            .map_err(|e| HintSourceError::new(HintCommand::StartRound(cmd_id), e))
+        })
+        .map_err(|e| HintSourceError::new(HintCommand::StartRound(cmd_id), e))
     }
 
     fn stop_round(&self) -> Result<(), HintSourceError> {

@@ -300,32 +300,7 @@ impl HintFilter {
 
     /// Applies free-page hints tagged `cmd_id`.
     pub fn apply_hints(&self, cmd_id: CmdId, ranges: &[RamRange]) -> HintOutcome {
-        let mut out = HintOutcome::default();
-        let mut st = self.lock();
-        if st.open_epoch != Some(cmd_id) {
-            out.hint_ranges_dropped_stale = ranges.len() as u64;
-            st.stats.hint_ranges_dropped_stale += out.hint_ranges_dropped_stale;
-            return out;
-        }
-        for r in ranges {
-            match st.bitmap.runs_inside(*r) {
-                Some(runs) => {
-                    for run in runs {
-                        out.pages_cleared += st.bitmap.clear_run(run);
-                    }
-                    out.hint_ranges_applied += 1;
-                    st.stats.hinted_bytes += r.len_bytes;
-                }
-                None => {
-                    tracing::debug!("hint {r} rejected: not inside guest RAM");
-                    out.hint_ranges_rejected_invalid += 1;
-                }
-            }
-        }
-        st.stats.hint_ranges_applied += out.hint_ranges_applied;
-        st.stats.hint_ranges_rejected_invalid += out.hint_ranges_rejected_invalid;
-        st.stats.pages_skipped_free += out.pages_cleared;
-        out
+        self.apply_epoch_hints(cmd_id, ranges, None)
     }
 
     /// Applies free-page hints tagged `cmd_id` from a guest whose free
@@ -339,6 +314,18 @@ impl HintFilter {
     /// sent with the content they have had since: freeing a page zeroes
     /// or poisons it, a write the dirty log catches.
     pub fn apply_filled_hints(&self, cmd_id: CmdId, ranges: &[RamRange], byte: u8) -> HintOutcome {
+        self.apply_epoch_hints(cmd_id, ranges, Some(byte))
+    }
+
+    /// Hints tagged `cmd_id`, applied if it is the open epoch: the pages
+    /// still to be sent are cleared; with `fill`, they are also queued as
+    /// zero (byte 0) or fill records for the round after the next sync.
+    fn apply_epoch_hints(
+        &self,
+        cmd_id: CmdId,
+        ranges: &[RamRange],
+        fill: Option<u8>,
+    ) -> HintOutcome {
         let mut out = HintOutcome::default();
         let mut st = self.lock();
         if st.open_epoch != Some(cmd_id) {
@@ -346,27 +333,31 @@ impl HintFilter {
             st.stats.hint_ranges_dropped_stale += out.hint_ranges_dropped_stale;
             return out;
         }
-        let mut to_zero = Vec::new();
+        let mut still_to_send = Vec::new();
         for r in ranges {
-            match st.bitmap.runs_inside(*r) {
-                Some(runs) => {
-                    for run in runs {
-                        to_zero.clear();
-                        st.bitmap.set_subruns(run, &mut to_zero);
-                        for z in &to_zero {
-                            out.pages_cleared += st.bitmap.clear_run(*z);
-                        }
-                        if byte == 0 {
-                            st.reported.extend_from_slice(&to_zero);
-                        } else {
-                            st.filled.extend(to_zero.iter().map(|z| (*z, byte)));
-                        }
-                    }
-                    out.hint_ranges_applied += 1;
-                    st.stats.hinted_bytes += r.len_bytes;
+            let Some(runs) = st.bitmap.runs_inside(*r) else {
+                tracing::debug!("hint {r} rejected: not inside guest RAM");
+                out.hint_ranges_rejected_invalid += 1;
+                continue;
+            };
+            for run in runs {
+                let Some(byte) = fill else {
+                    out.pages_cleared += st.bitmap.clear_run(run);
+                    continue;
+                };
+                still_to_send.clear();
+                st.bitmap.set_subruns(run, &mut still_to_send);
+                for z in &still_to_send {
+                    out.pages_cleared += st.bitmap.clear_run(*z);
                 }
-                None => out.hint_ranges_rejected_invalid += 1,
+                if byte == 0 {
+                    st.reported.extend_from_slice(&still_to_send);
+                } else {
+                    st.filled.extend(still_to_send.iter().map(|z| (*z, byte)));
+                }
             }
+            out.hint_ranges_applied += 1;
+            st.stats.hinted_bytes += r.len_bytes;
         }
         st.stats.hint_ranges_applied += out.hint_ranges_applied;
         st.stats.hint_ranges_rejected_invalid += out.hint_ranges_rejected_invalid;
