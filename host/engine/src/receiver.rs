@@ -692,11 +692,12 @@ impl Receiver {
         let ctx = inc.ctx.clone().expect("set before the switch");
         pc.dest.finish();
         let report = pc.dest.report();
-        let (requested, streamed) = pc.dest.pages_requested_and_streamed();
+        let arrived = pc.dest.pages_arrived();
         let st = &mut inc.stats;
         st.postcopy.take_faults(&report);
-        st.postcopy.pages_requested = requested;
-        st.postcopy.pages_streamed = streamed;
+        st.postcopy.pages_requested = arrived.requested;
+        st.postcopy.pages_read_ahead = arrived.read_ahead;
+        st.postcopy.pages_streamed = arrived.streamed;
         st.postcopy.postcopy_ms = pc.resumed_at.map_or(0, |t| t.elapsed().as_millis() as u64);
         st.bytes_received = ctx.bytes.load(Ordering::Relaxed);
         control
@@ -1064,6 +1065,7 @@ impl Receiver {
                 }
                 ChannelRole::Urgent if hello.postcopy && urgent.is_none() => {
                     crate::tune_socket(&s, timeout).map_err(MigrateError::io("socket option"))?;
+                    crate::mark_urgent(&s);
                     let ack = Message::HelloAck {
                         postcopy: hello.postcopy,
                     };

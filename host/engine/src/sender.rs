@@ -491,7 +491,9 @@ impl PrecopySender {
         }
         let urgent = if urgent {
             let hello = self.hello(session_id, ChannelRole::Urgent, resume);
-            Some(self.connect(dest, hello).await?.0)
+            let s = self.connect(dest, hello).await?.0;
+            crate::mark_urgent(&s);
+            Some(s)
         } else {
             None
         };
@@ -783,6 +785,7 @@ impl PrecopySender {
         st.bytes_on_wire += c.bytes.load(Ordering::Relaxed);
         let pc = &mut st.postcopy;
         pc.pages_requested = c.pages_requested.load(Ordering::Relaxed);
+        pc.pages_read_ahead = c.pages_read_ahead.load(Ordering::Relaxed);
         pc.pages_streamed = c.pages_streamed.load(Ordering::Relaxed);
         pc.take_faults(&report);
         pc.postcopy_ms = started.elapsed().as_millis() as u64;
@@ -824,6 +827,7 @@ impl PrecopySender {
         let c = &src.counters;
         let sent = freehint_wire::PostcopyReport {
             pages_placed: c.pages_requested.load(Ordering::Relaxed)
+                + c.pages_read_ahead.load(Ordering::Relaxed)
                 + c.pages_streamed.load(Ordering::Relaxed),
             ..Default::default()
         };

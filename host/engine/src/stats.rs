@@ -113,12 +113,17 @@ pub struct PostcopyStats {
     /// source: taken to be sent, a write a broken link cut short included;
     /// on the destination: placed).
     pub pages_requested: u64,
+    /// Pages sent on the urgent channel after a requested one, unasked:
+    /// the pages following it that were still pending (a few KiB; see
+    /// `READ_AHEAD_BYTES`), counted as `pages_requested`.
+    pub pages_read_ahead: u64,
     /// Pages sent on the bulk channels during postcopy (counted as
     /// `pages_requested`).
     pub pages_streamed: u64,
-    /// Of the source's pages requested or streamed, those sent again after
-    /// a reconnect: the destination had not placed them when the link
-    /// broke. Requested + streamed − resent = pending.
+    /// Of the source's pages requested, read ahead or streamed, those sent
+    /// again after a reconnect: the destination had not placed them when
+    /// the link broke. Requested + read ahead + streamed − resent =
+    /// pending.
     pub pages_resent: u64,
     /// Faults answered by the source (page requests).
     pub faults_remote: u64,

@@ -67,7 +67,9 @@ fn postcopy_and_hybrid_with_hints_arrive_alive_and_postcopy_sends_no_more_than_p
     let pending = d["postcopy_pending_pages"].as_u64().unwrap();
     assert!(pending > 0, "{r:?}");
     assert_eq!(
-        d["pages_requested"].as_u64().unwrap() + d["pages_streamed"].as_u64().unwrap(),
+        d["pages_requested"].as_u64().unwrap()
+            + d["pages_read_ahead"].as_u64().unwrap()
+            + d["pages_streamed"].as_u64().unwrap(),
         pending,
         "every pending page crosses once: {r:?}"
     );
@@ -127,7 +129,9 @@ fn in_postcopy_without_hints_destination_ram_equals_the_source_page_by_page() {
     assert!(stats.postcopy.switched, "{stats:?}");
     assert_eq!(stats.pages_skipped_free, 0);
     assert_eq!(
-        stats.postcopy.pages_requested + stats.postcopy.pages_streamed,
+        stats.postcopy.pages_requested
+            + stats.postcopy.pages_read_ahead
+            + stats.postcopy.pages_streamed,
         stats.postcopy.postcopy_pending_pages,
         "{stats:?}"
     );

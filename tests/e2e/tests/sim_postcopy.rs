@@ -22,7 +22,9 @@ fn check_postcopy(v: &serde_json::Value) {
     let pending = v["postcopy_pending_pages"].as_u64().unwrap();
     assert!(pending > 0, "{v}");
     assert_eq!(
-        v["pages_requested"].as_u64().unwrap() + v["pages_streamed"].as_u64().unwrap(),
+        v["pages_requested"].as_u64().unwrap()
+            + v["pages_read_ahead"].as_u64().unwrap()
+            + v["pages_streamed"].as_u64().unwrap(),
         pending,
         "each pending page crosses the wire once: {v}"
     );
@@ -118,13 +120,14 @@ fn check_recovered(v: &serde_json::Value) {
     let pending = v["postcopy_pending_pages"].as_u64().unwrap();
     let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
     assert_eq!(
-        n(v, "pages_requested") + n(v, "pages_streamed") - n(v, "pages_resent"),
+        n(v, "pages_requested") + n(v, "pages_read_ahead") + n(v, "pages_streamed")
+            - n(v, "pages_resent"),
         pending,
         "{v}"
     );
     let r = &v["receiver"];
     assert_eq!(
-        n(r, "pages_requested") + n(r, "pages_streamed"),
+        n(r, "pages_requested") + n(r, "pages_read_ahead") + n(r, "pages_streamed"),
         pending,
         "{v}"
     );
@@ -369,7 +372,9 @@ fn on_hugetlbfs_postcopy_and_hybrid_place_whole_huge_pages_and_match() {
         let pending = v["postcopy_pending_pages"].as_u64().unwrap();
         assert!(pending > 0 && pending <= 1024, "{v}");
         assert_eq!(
-            v["pages_requested"].as_u64().unwrap() + v["pages_streamed"].as_u64().unwrap(),
+            v["pages_requested"].as_u64().unwrap()
+                + v["pages_read_ahead"].as_u64().unwrap()
+                + v["pages_streamed"].as_u64().unwrap(),
             pending,
             "{v}"
         );

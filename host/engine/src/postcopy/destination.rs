@@ -35,7 +35,19 @@ struct Counters {
     faults_local: AtomicU64,
     pages_placed: AtomicU64,
     pages_requested: AtomicU64,
+    pages_read_ahead: AtomicU64,
     pages_streamed: AtomicU64,
+}
+
+/// Pages that arrived in postcopy, by how.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PagesArrived {
+    /// On the urgent channel, asked for by a fault.
+    pub(crate) requested: u64,
+    /// On the urgent channel, unasked: the source's read-ahead.
+    pub(crate) read_ahead: u64,
+    /// On the bulk channels.
+    pub(crate) streamed: u64,
 }
 
 /// Where a guest page is in the destination VMM.
@@ -182,11 +194,21 @@ impl PostcopyDestination {
                     self.place_run(region, first_page, count, None, page_bytes)?;
                 }
             }
-            let n = entry.pages();
+            let (first_page, n) = match *entry {
+                BatchEntry::Data { first_page, count } | BatchEntry::Zero { first_page, count } => {
+                    (first_page, count)
+                }
+            };
             if requested {
+                let asked = (first_page..first_page + n)
+                    .filter(|&p| self.requested.contains(region, p))
+                    .count() as u64;
                 self.counters
                     .pages_requested
-                    .fetch_add(n, Ordering::Relaxed);
+                    .fetch_add(asked, Ordering::Relaxed);
+                self.counters
+                    .pages_read_ahead
+                    .fetch_add(n - asked, Ordering::Relaxed);
             } else {
                 self.counters.pages_streamed.fetch_add(n, Ordering::Relaxed);
             }
@@ -457,12 +479,14 @@ impl PostcopyDestination {
         }
     }
 
-    /// Pages that arrived on the urgent channel and on the bulk ones.
-    pub(crate) fn pages_requested_and_streamed(&self) -> (u64, u64) {
-        (
-            self.counters.pages_requested.load(Ordering::Relaxed),
-            self.counters.pages_streamed.load(Ordering::Relaxed),
-        )
+    /// Pages that arrived on the urgent channel (asked for, read ahead)
+    /// and on the bulk ones.
+    pub(crate) fn pages_arrived(&self) -> PagesArrived {
+        PagesArrived {
+            requested: self.counters.pages_requested.load(Ordering::Relaxed),
+            read_ahead: self.counters.pages_read_ahead.load(Ordering::Relaxed),
+            streamed: self.counters.pages_streamed.load(Ordering::Relaxed),
+        }
     }
 }
 

@@ -20,6 +20,13 @@ use crate::page_set::PageSet;
 use crate::sender::{join_channels, BatchWriter};
 use crate::MigrateError;
 
+/// Most guest bytes sent after a requested page on the urgent channel:
+/// 7 pages of 4 KiB, a fraction of a millisecond on any link this serves;
+/// none on huge pages (a 2 MiB page is its own read-ahead). Measured on the real after-job guest (2 GiB, unshaped link, 5 runs
+/// each): remote faults' p99 went from 950-2950 µs to 360-750 µs, p50
+/// from ~72 to ~88 µs (before the read-ahead had batches of its own).
+pub(crate) const READ_AHEAD_BYTES: u64 = 28 << 10;
+
 /// Where the background stream goes next: the page after the last one
 /// requested (0 = no request since the stream last looked).
 #[derive(Debug, Default)]
@@ -47,6 +54,10 @@ pub(crate) struct SourceCounters {
     /// pending set, so that a page whose write a broken link cut short
     /// counts once here and once in the resent pages of the reconnect.
     pub(crate) pages_requested: AtomicU64,
+    /// Pages taken after requested ones and sent with them on the urgent
+    /// channel (see `PostcopySource::read_ahead`), counted as
+    /// `pages_requested`.
+    pub(crate) pages_read_ahead: AtomicU64,
     /// Pages the background stream took, counted as `pages_requested`.
     pub(crate) pages_streamed: AtomicU64,
     /// Of the pages written whole, those sent with their data.
@@ -167,27 +178,74 @@ impl PostcopySource {
             self.counters
                 .pages_requested
                 .fetch_add(taken, Ordering::Relaxed);
-            let mut start = 0;
-            while start < runs.len() {
-                let region = runs[start].region;
-                let end = runs[start..]
-                    .iter()
-                    .position(|r| r.region != region)
-                    .map_or(runs.len(), |i| start + i);
-                let sent = writer
-                    .write(
-                        wr.as_ref(),
-                        &self.ram,
-                        region,
-                        &runs[start..end],
-                        self.timeout,
-                        name,
-                    )
-                    .await?;
-                self.counters.count_written(&sent);
-                start = end;
+            // The faulting vCPUs' pages first, in batches of their own, so
+            // their wake-up never waits for the read-ahead.
+            self.write_runs(&mut writer, wr.as_ref(), &runs, name)
+                .await?;
+            let ahead = self.read_ahead(&runs);
+            self.counters
+                .pages_read_ahead
+                .fetch_add(ahead.iter().map(|r| r.count).sum(), Ordering::Relaxed);
+            self.write_runs(&mut writer, wr.as_ref(), &ahead, name)
+                .await?;
+        }
+    }
+
+    /// The pages after each of `requested` (runs in page order) that are
+    /// still pending, up to [`READ_AHEAD_BYTES`] each, taken from the
+    /// pending set. A guest touches the pages after a faulting one soon
+    /// (a kernel walking a structure, a program its heap); without this,
+    /// the next fault finds its page taken by the background stream that
+    /// the request pointed there, and waits behind that channel's queue:
+    /// measured on the real after-job guest, 2 GiB, unshaped link, every
+    /// remote fault slower than 400 µs was such a page.
+    fn read_ahead(&self, requested: &[PageRun]) -> Vec<PageRun> {
+        let mut ahead: Vec<PageRun> = Vec::new();
+        for r in requested {
+            let from = r.first_page + r.count;
+            let page_bytes = self.ram.regions()[r.region].page_bytes();
+            let to = self
+                .pending
+                .region_pages(r.region)
+                .min(from + READ_AHEAD_BYTES / page_bytes);
+            for page in from..to {
+                if !self.pending.take(r.region, page) {
+                    break;
+                }
+                match ahead.last_mut() {
+                    Some(a) if a.region == r.region && a.first_page + a.count == page => {
+                        a.count += 1
+                    }
+                    _ => ahead.push(PageRun::page(r.region, page)),
+                }
             }
         }
+        ahead
+    }
+
+    /// Writes `runs` (in region order) on the urgent channel: one batch per
+    /// region.
+    async fn write_runs(
+        &self,
+        writer: &mut BatchWriter,
+        wr: &TcpStream,
+        runs: &[PageRun],
+        name: &str,
+    ) -> Result<(), MigrateError> {
+        let mut start = 0;
+        while start < runs.len() {
+            let region = runs[start].region;
+            let end = runs[start..]
+                .iter()
+                .position(|r| r.region != region)
+                .map_or(runs.len(), |i| start + i);
+            let sent = writer
+                .write(wr, &self.ram, region, &runs[start..end], self.timeout, name)
+                .await?;
+            self.counters.count_written(&sent);
+            start = end;
+        }
+        Ok(())
     }
 
     /// Streams every pending page over `bulk` (one task a channel), from
