@@ -1,5 +1,6 @@
 //! The link between source and destination: two network namespaces the
-//! suite creates, joined by a veth pair, shaped with `tc tbf` each way, and
+//! suite creates, joined by a veth pair, shaped with `tc` each way (a
+//! rate, and a priority queue for DSCP-marked traffic), and
 //! the veth's byte counters for what crossed it.
 //!
 //! Addresses come from 198.18.0.0/15, the range reserved for network
@@ -66,6 +67,48 @@ fn run(args: &[&str]) -> Result<String, LinkError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The `tc` commands that shape `interface` in namespace `ns` to
+/// `rate_bits_per_s` (see [`TestLink::shape`]).
+fn shaping_commands(ns: &str, interface: &str, rate_bits_per_s: u64) -> Vec<Vec<String>> {
+    let burst_bytes = (rate_bits_per_s / 8 / 100).max(64 << 10);
+    // 50 ms at the rate, plus the burst: what `tbf ... latency 50ms` holds.
+    let queue_bytes = rate_bits_per_s / 8 / 20 + burst_bytes;
+    let tc = |args: &str| -> Vec<String> {
+        ["tc", "-n", ns]
+            .into_iter()
+            .map(str::to_string)
+            .chain(args.split_whitespace().map(str::to_string))
+            .collect()
+    };
+    vec![
+        tc(&format!(
+            "qdisc add dev {interface} root handle 1: tbf rate {rate_bits_per_s}bit \
+             burst {burst_bytes} latency 50ms"
+        )),
+        tc(&format!(
+            "qdisc add dev {interface} parent 1:1 handle 10: htb default 20"
+        )),
+        // Never the limit (the tbf is): rates far above any link here.
+        tc(&format!(
+            "class add dev {interface} parent 10: classid 10:10 htb rate 400gbit quantum 200000 prio 0"
+        )),
+        tc(&format!(
+            "class add dev {interface} parent 10: classid 10:20 htb rate 400gbit quantum 200000 prio 1"
+        )),
+        tc(&format!(
+            "qdisc add dev {interface} parent 10:10 bfifo limit {queue_bytes}"
+        )),
+        tc(&format!(
+            "qdisc add dev {interface} parent 10:20 bfifo limit {queue_bytes}"
+        )),
+        // DSCP 46 in the upper six bits of the TOS byte (0xb8).
+        tc(&format!(
+            "filter add dev {interface} parent 10: protocol ip prio 1 u32 \
+             match ip dsfield 0xb8 0xfc flowid 10:10"
+        )),
+    ]
+}
+
 /// Bytes an interface has sent and received.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -110,31 +153,28 @@ impl TestLink {
         Ok(link)
     }
 
-    /// Shapes both directions to `link` (`tbf`; a burst of 10 ms at the
-    /// rate), or removes the shaping for [`Link::Unlimited`].
+    /// Shapes both directions to `link`, or removes the shaping for
+    /// [`Link::Unlimited`].
+    ///
+    /// The rate is a `tbf` (a burst of 10 ms at the rate). What waits for
+    /// it queues as on a network with a DiffServ priority queue: packets
+    /// marked Expedited Forwarding (DSCP 46, what freehint marks its
+    /// postcopy page requests and their answers with) in a first class,
+    /// everything else in a second, each a byte FIFO as deep as `tbf`'s own
+    /// (50 ms at the rate). An `htb` under the `tbf`, its classes never
+    /// limiting, serves the first class ahead of the second: this host's
+    /// kernel has `tbf`, `htb`, the FIFOs and the `u32` filter, not `prio`
+    /// or `fq_codel`. Unmarked traffic (every other mode's, QEMU's included)
+    /// sees one FIFO, as with a plain `tbf`.
     pub fn shape(&mut self, link: Link) -> Result<(), LinkError> {
         for (ns, interface) in [(SRC_NS, SRC_IF), (DST_NS, DST_IF)] {
             // Removing a qdisc that is not there fails; that is fine.
             let _ = run(&["tc", "-n", ns, "qdisc", "del", "dev", interface, "root"]);
             if let Some(rate) = link.rate_bits_per_s() {
-                let burst_bytes = (rate / 8 / 100).max(64 << 10);
-                run(&[
-                    "tc",
-                    "-n",
-                    ns,
-                    "qdisc",
-                    "add",
-                    "dev",
-                    interface,
-                    "root",
-                    "tbf",
-                    "rate",
-                    &format!("{rate}bit"),
-                    "burst",
-                    &burst_bytes.to_string(),
-                    "latency",
-                    "50ms",
-                ])?;
+                for command in shaping_commands(ns, interface, rate) {
+                    let args: Vec<&str> = command.iter().map(String::as_str).collect();
+                    run(&args)?;
+                }
             }
         }
         self.shaped = Some(link);

@@ -224,6 +224,58 @@ fn measured(profile: Profile, mem_mib: u64, mode: Mode, rep: u32, total_ms: u64)
 }
 
 #[test]
+fn fault_latency_is_judged_on_the_unshaped_link_and_shown_for_shaped_ones() {
+    let s = Setup::new();
+    let postcopy = |link: Link, rep: u32, p50: u64, p99: u64| {
+        let mut r = measured(Profile::AfterJob, 2048, Mode::FreehintPostcopy, rep, 1200);
+        r.link = link;
+        r.tool_stats = serde_json::json!({
+            "faults_remote": 120,
+            "fault_latency_us_p50": p50,
+            "fault_latency_us_p99": p99,
+            "fault_latency_us_max": p99 + 100,
+        });
+        r
+    };
+    let suite = SuiteReport {
+        command: "freehint-bench --modes freehint-postcopy --json target/bench/suite-5.json".into(),
+        started: "2026-11-24T08:00:00Z".into(),
+        machine: "test machine".into(),
+        runs: vec![
+            postcopy(Link::Unlimited, 1, 70, 400),
+            postcopy(Link::Unlimited, 2, 90, 700),
+            postcopy(Link::Unlimited, 3, 80, 500),
+            postcopy(Link::Gbit1, 1, 520, 5500),
+        ],
+    };
+    s.write("suite-5.json", &serde_json::to_string(&suite).unwrap());
+    let md = s.report();
+    assert_has(
+        &md,
+        "| 8. postcopy's remote faults: p50 ≤ 100 µs, p99 ≤ 1000 µs | met |",
+    );
+    assert_has(
+        &md,
+        "| after-job | 2048 | unlimited | 30 | 120 | 80 | 500 | 600 | met | suite-5.json |",
+    );
+    assert_has(
+        &md,
+        "| after-job | 2048 | 1gbit | 30 | 120 | 520 | 5500 | 5600 | not judged (shaped link) | suite-5.json |",
+    );
+
+    // An unshaped row whose median is over the target fails the goal.
+    let mut slow = suite;
+    for r in slow.runs.iter_mut().filter(|r| r.link == Link::Unlimited) {
+        r.tool_stats["fault_latency_us_p99"] = serde_json::json!(1500);
+    }
+    s.write("suite-5.json", &serde_json::to_string(&slow).unwrap());
+    assert_has(
+        &s.report(),
+        "| 8. postcopy's remote faults: p50 ≤ 100 µs, p99 ≤ 1000 µs | **not met** |",
+    );
+}
+
+#[test]
 fn suites_in_file_name_order_with_goals_over_all_of_them() {
     let s = Setup::new().with_fixture();
     let other = SuiteReport {

@@ -193,8 +193,8 @@ live rounds (`--min-rounds 3 --max-rounds 3`) and switches at the round limit. \
 Fault latency: from the fault event on the destination to its wake-up, while \
 the bulk stream runs; targets p50 ≤ 100 µs, p99 ≤ 1000 µs.
 
-| mode | hints | MiB on wire | total ms | downtime ms | pending pages | requested | streamed | remote faults | local faults | p50 µs | p99 µs | max µs | mismatched | p50/p99 |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| mode | hints | MiB on wire | total ms | downtime ms | pending pages | requested | read ahead | streamed | remote faults | local faults | p50 µs | p99 µs | max µs | mismatched | p50/p99 |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 ",
     );
     for (mode, h) in &runs {
@@ -221,12 +221,14 @@ the bulk stream runs; targets p50 ≤ 100 µs, p99 ≤ 1000 µs.
         };
         let _ = writeln!(
             md,
-            "| {mode} | {h} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {p50:.0} | {p99:.0} | {:.0} | {mismatched:.0} | {verdict} |",
+            "| {mode} | {h} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {p50:.0} | {p99:.0} | {:.0} | {mismatched:.0} | {verdict} |",
             mib(med("bytes_on_wire")?),
             med("total_time_ms")?,
             med("downtime_ms")?,
             med("postcopy_pending_pages")?,
             med("pages_requested")?,
+            // Absent from runs made before the urgent channel read ahead.
+            med("pages_read_ahead").unwrap_or(0.0),
             med("pages_streamed")?,
             med("faults_remote")?,
             med("faults_local")?,
