@@ -1,12 +1,16 @@
 # The two commands a new user needs (see README.md), plus the benchmarks,
 # and the installation of the product.
-.PHONY: demo test bench release install uninstall
+.PHONY: demo test bench fuzz release install uninstall
 demo:
 	./tests/scripts/demo.sh
 test:
 	./tests/scripts/test.sh
 bench:
 	./tests/scripts/bench.sh
+# The fuzz targets (tests/fuzz) for 10 minutes each; `make test` runs them
+# for seconds.
+fuzz:
+	./tests/scripts/fuzz.sh 600
 
 # make install [PREFIX=/usr/local] [DESTDIR=staging-dir]: the freehint
 # binary (a plain release build: no fault points, no benchmark runner), the

@@ -3,7 +3,8 @@
 # tests, the loom model check, end-to-end migrations of the SIMULATED VM
 # (with the fault matrix: every fault point of docs/FAULTS.md), the
 # hugetlbfs test, and the real-guest tests (QEMU + Linux: migration, faults,
-# handover fault matrix, disks, page poisoning). Does its own set-up.
+# handover fault matrix, disks, page poisoning), then short runs of the
+# fuzz targets (tests/fuzz). Does its own set-up.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ./tests/scripts/setup-host.sh
@@ -36,6 +37,9 @@ fi
 
 echo "== tests"
 cargo test --workspace "${features[@]}" 2>&1 | tee target/test.log
+
+echo "== fuzz: each target of tests/fuzz for a few seconds (make fuzz: 10 minutes)"
+./tests/scripts/fuzz.sh "${FREEHINT_FUZZ_SECONDS:-10}" 2>&1 | tee target/test-fuzz.log
 
 # One closing line for everything above.
 awk '/^test result:/ { passed += $4; failed += $6 }

@@ -55,6 +55,15 @@ pub const MAX_MIN_ORDER: u8 = 10;
 /// Longest reason a [`Message::Failed`] carries, bytes.
 pub const MAX_REASON_BYTES: usize = 512;
 
+/// `reason` cut to at most [`MAX_REASON_BYTES`], at a character boundary.
+fn cut_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(MAX_REASON_BYTES);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
 /// What a protocol violation is.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProtocolError {
@@ -315,11 +324,7 @@ impl Message {
             }
             Message::Failed { cmd_id, reason } => {
                 p.extend_from_slice(&cmd_id.to_le_bytes());
-                let mut end = reason.len().min(MAX_REASON_BYTES);
-                while !reason.is_char_boundary(end) {
-                    end -= 1;
-                }
-                p.extend_from_slice(&reason.as_bytes()[..end]);
+                p.extend_from_slice(cut_reason(reason).as_bytes());
             }
         }
         out.extend_from_slice(&MAGIC.to_le_bytes());
@@ -451,9 +456,13 @@ impl Message {
                 if payload.len() < 4 || payload.len() > 4 + MAX_REASON_BYTES {
                     return Err(malformed(format!("{} bytes of payload", payload.len())));
                 }
+                // Invalid UTF-8 becomes U+FFFD, 3 bytes for each bad
+                // byte: cut again, so a reason is never longer than the
+                // limit (and encodes to itself).
+                let reason = String::from_utf8_lossy(&payload[4..]);
                 Message::Failed {
                     cmd_id: u32_at(0),
-                    reason: String::from_utf8_lossy(&payload[4..]).into_owned(),
+                    reason: cut_reason(&reason).to_string(),
                 }
             }
         })
@@ -674,6 +683,32 @@ mod tests {
             ]
         );
         assert_eq!(d.pending_bytes(), 0);
+    }
+
+    /// Found by the `agent_protocol` fuzz target: a reason of invalid
+    /// UTF-8 decoded to a string three times the limit, which encoding
+    /// then cut.
+    #[test]
+    fn a_reason_of_invalid_utf8_stays_within_the_limit_and_round_trips() {
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&MAGIC.to_le_bytes());
+        frame.extend_from_slice(&VERSION.to_le_bytes());
+        frame.extend_from_slice(&(Kind::Failed as u16).to_le_bytes());
+        frame.extend_from_slice(&((4 + MAX_REASON_BYTES) as u32).to_le_bytes());
+        frame.extend_from_slice(&7u32.to_le_bytes());
+        frame.extend(std::iter::repeat_n(0xff, MAX_REASON_BYTES));
+        let mut d = Decoder::default();
+        d.push(&frame);
+        let m = d.next_message().unwrap().unwrap();
+        let Message::Failed { cmd_id: 7, reason } = &m else {
+            panic!("{m:?}");
+        };
+        assert!(reason.len() <= MAX_REASON_BYTES, "{} bytes", reason.len());
+        let mut again = Vec::new();
+        m.encode(&mut again);
+        let mut d = Decoder::default();
+        d.push(&again);
+        assert_eq!(d.next_message(), Some(Ok(m)));
     }
 
     #[test]

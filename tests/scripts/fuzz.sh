@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Fuzzes what freehint reads from peers and guests: the coverage-guided
+# targets of tests/fuzz (cargo fuzz, libFuzzer; nightly toolchain, which
+# this script installs with the cargo-fuzz tool if missing).
+#
+#   tests/scripts/fuzz.sh [SECONDS]   every target for SECONDS each
+#                                     (default 10: the short runs of
+#                                     `make test`; `make fuzz` runs 600)
+#
+# Each target starts from its committed seeds (tests/fuzz/seeds/TARGET:
+# inputs that once crashed it stay there as regression inputs) and a
+# corpus kept in target/fuzz-corpus/TARGET between runs. A crash stops the
+# script with libFuzzer's report; the input is in
+# tests/fuzz/artifacts/TARGET/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+seconds=${1:-10}
+
+if ! rustup toolchain list | grep -q '^nightly'; then
+  rustup toolchain install nightly --profile minimal
+fi
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  cargo install cargo-fuzz --locked
+fi
+
+mkdir -p target
+summary=()
+for t in $(cargo +nightly fuzz list --fuzz-dir tests/fuzz); do
+  corpus=target/fuzz-corpus/$t
+  seeds=tests/fuzz/seeds/$t
+  mkdir -p "$corpus" "$seeds"
+  log=target/fuzz-$t.log
+  echo "== fuzz $t: ${seconds}s"
+  if ! cargo +nightly fuzz run --fuzz-dir tests/fuzz "$t" "$corpus" "$seeds" -- \
+      -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=65536 >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "fuzz: $t failed (its log: $log)" >&2
+    exit 1
+  fi
+  runs=$(grep -o 'Done [0-9]* runs' "$log" | tail -n 1 | awk '{print $2}')
+  summary+=("$t: ${runs:-?} executions in ${seconds}s")
+done
+printf 'fuzz: %s\n' "${summary[@]}"
