@@ -4,8 +4,8 @@
 //! decodes must encode to bytes that decode to the same message.
 #![no_main]
 
-use freehint_wire::{Frame, FrameHeader, Kind, BATCH_PREFIX_BYTES, HEADER_BYTES};
 use freehint_wire::PageBatchHead;
+use freehint_wire::{Frame, FrameHeader, Kind, BATCH_PREFIX_BYTES, HEADER_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 /// Two regions: 4 KiB pages and 2 MiB pages, as a guest with a hugetlbfs
