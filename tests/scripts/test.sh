@@ -38,7 +38,7 @@ fi
 echo "== tests"
 cargo test --workspace "${features[@]}" 2>&1 | tee target/test.log
 
-echo "== fuzz: each target of tests/fuzz for a few seconds (make fuzz: 10 minutes)"
+echo "== fuzz: each target of tests/fuzz for a few seconds (make fuzz: 10 million executions each)"
 ./tests/scripts/fuzz.sh "${FREEHINT_FUZZ_SECONDS:-10}" 2>&1 | tee target/test-fuzz.log
 
 # One closing line for everything above.

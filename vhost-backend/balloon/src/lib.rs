@@ -101,6 +101,8 @@ pub mod config;
 mod device;
 mod error;
 mod fence;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod gate;
 pub mod layout;
 mod message;

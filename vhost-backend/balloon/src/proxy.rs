@@ -583,6 +583,32 @@ fn restart_ring(inner: &Inner, kick: VringFd, fds: &[OwnedFd]) -> Option<std::fs
     }
 }
 
+/// The fuzz target's path through the proxy (see [`crate::fuzzing`]):
+/// `bytes` as the frontend's stream, read, parsed and checked message by
+/// message as [`run`] does, until the stream ends or a message cannot be
+/// read; returns the messages accepted. Nothing is forwarded.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_frontend_stream(bytes: &[u8], inner: &Inner) -> usize {
+    use std::io::Write;
+    let (mut tx, mut rx) = UnixStream::pair().expect("socketpair");
+    // The input is at most 64 KiB (the fuzzer's limit), within a Unix
+    // socket's buffer: the whole stream is written before it is read.
+    let _ = tx.set_nonblocking(true);
+    let _ = tx.write_all(bytes);
+    drop(tx);
+    let mut session = Session::default();
+    let mut accepted = 0;
+    while let Ok(Some(msg)) = read_message(&mut rx) {
+        let request = parse(msg.header.code(), msg.body(), msg.fds.len())
+            .and_then(|r| check(&mut session, inner, &r).map(|()| r));
+        match request {
+            Ok(_) => accepted += 1,
+            Err(refused) => inner.reject(refused.reason(), format_args!("frontend: {refused}")),
+        }
+    }
+    accepted
+}
+
 /// Runs the proxy until either side closes.
 pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
     let (Ok(mut f_read), Ok(f_write), Ok(mut d_read), Ok(mut d_write)) = (
