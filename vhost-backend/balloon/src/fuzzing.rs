@@ -8,7 +8,7 @@
 //! stats, free-page hint, reporting), maps a small anonymous guest RAM,
 //! lays out one split virtqueue at its top from the input, publishes a
 //! `free_page_hint_cmd_id` from the input and runs
-//! [`crate::device::process_queue`] on the queue the input picks, with a
+//! the device's kick handler (`device::process_queue`) on the queue the input picks, with a
 //! sink that checks every range it is handed lies inside guest RAM.
 
 use std::sync::atomic::{AtomicU64, Ordering};
