@@ -34,9 +34,10 @@ fi
 
 mkdir -p target
 # The harnesses behind the balloon's `fuzzing` feature reach the code they
-# fuzz (their own unit tests), and lint clean.
+# fuzz (their own unit tests), and lint and document clean.
 cargo test -q -p freehint-balloon --features fuzzing --lib fuzzing
 cargo clippy -q -p freehint-balloon --features fuzzing --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc -q --no-deps -p freehint-balloon --features fuzzing
 
 summary=()
 for t in $(cargo +nightly fuzz list --fuzz-dir tests/fuzz); do
