@@ -19,27 +19,82 @@ use crate::status::RejectReason;
 use crate::{lock, BalloonError, Inner, Mem, State, BALLOON_PAGE_BYTES};
 
 /// A set of disjoint half-open ranges, to refuse overlapping input.
+/// Ranges that touch are kept as one, so a guest that hints contiguous
+/// blocks costs one entry however many blocks it hints.
 #[derive(Debug, Default)]
 pub(crate) struct RangeSet {
     by_start: BTreeMap<u64, u64>,
 }
 
+/// What [`RangeSet::insert_disjoint`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Inserted {
+    /// The range is in the set now.
+    Yes,
+    /// It overlaps a range already in the set; the set is unchanged.
+    Overlaps,
+    /// It would be a separate range beyond the set's limit; unchanged.
+    Full,
+}
+
 impl RangeSet {
-    /// Inserts `[start, end)` if it overlaps nothing already in the set.
-    pub(crate) fn insert_disjoint(&mut self, start: u64, end: u64) -> bool {
-        if let Some((_, &e)) = self.by_start.range(..end).next_back() {
+    /// Inserts `[start, end)` if it overlaps nothing already in the set,
+    /// and if the set then holds at most `max_ranges` separate ranges.
+    pub(crate) fn insert_disjoint(&mut self, start: u64, end: u64, max_ranges: usize) -> Inserted {
+        let before = self
+            .by_start
+            .range(..end)
+            .next_back()
+            .map(|(&s, &e)| (s, e));
+        if let Some((_, e)) = before {
             if e > start {
-                return false;
+                return Inserted::Overlaps;
             }
         }
-        self.by_start.insert(start, end);
-        true
+        let joins_before = before.filter(|&(_, e)| e == start).map(|(s, _)| s);
+        let joins_after = self.by_start.get(&end).copied();
+        if joins_before.is_none() && joins_after.is_none() && self.by_start.len() >= max_ranges {
+            return Inserted::Full;
+        }
+        let first = joins_before.unwrap_or(start);
+        let last = match joins_after {
+            Some(after_end) => {
+                self.by_start.remove(&end);
+                after_end
+            }
+            None => end,
+        };
+        self.by_start.insert(first, last);
+        Inserted::Yes
+    }
+
+    /// Separate ranges held.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.by_start.len()
     }
 
     pub(crate) fn clear(&mut self) {
         self.by_start.clear();
     }
 }
+
+/// Most separate ranges one free-page batch keeps for its overlap check,
+/// for `memory_bytes` of guest memory: one per 8 MiB, plus 1024. Linux
+/// hints 4 MiB blocks, so even free memory that alternates with used
+/// memory at that grain fits; a guest hinting many tiny disjoint ranges
+/// (the memory this costs the host grows with every one) has the rest of
+/// its batch refused and counted ([`RejectReason::BatchRangesFull`]).
+pub(crate) fn max_batch_ranges(memory_bytes: u64) -> usize {
+    usize::try_from(memory_bytes / (8 << 20))
+        .unwrap_or(usize::MAX)
+        .saturating_add(1024)
+}
+
+/// Most hints and reported ranges a pass collects before it hands them on
+/// (and then goes on with its chains): bounds what a pass holds however
+/// many descriptors the guest puts in its chains.
+const MAX_ACTIONS_PER_DELIVERY: usize = 1 << 16;
 
 /// An open free-page hint batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -373,6 +428,10 @@ pub(crate) fn process_queue(inner: &Inner, index: usize, vring: &VringRwLock, ga
             if !keep {
                 used.push(head);
             }
+            if actions.hints.len() + actions.reported.len() >= MAX_ACTIONS_PER_DELIVERY {
+                // Handed on before their buffers are returned, as always.
+                deliver(inner, std::mem::take(&mut actions));
+            }
         }
         deliver(inner, actions);
         return_used(inner, vring, index, &used);
@@ -555,16 +614,31 @@ fn free_page_chain(
             );
             continue;
         };
-        if !st
-            .batch_ranges
-            .insert_disjoint(range.start, range.start + range.len_bytes)
-        {
-            drop(st);
-            inner.reject(
-                RejectReason::OverlappingRange,
-                format_args!("free-page hint {range} overlaps an earlier hint of batch {cmd}"),
-            );
-            continue;
+        let max_ranges = max_batch_ranges(memory_bytes(mem));
+        match st.batch_ranges.insert_disjoint(
+            range.start,
+            range.start + range.len_bytes,
+            max_ranges,
+        ) {
+            Inserted::Yes => {}
+            Inserted::Overlaps => {
+                drop(st);
+                inner.reject(
+                    RejectReason::OverlappingRange,
+                    format_args!("free-page hint {range} overlaps an earlier hint of batch {cmd}"),
+                );
+                continue;
+            }
+            Inserted::Full => {
+                drop(st);
+                inner.reject(
+                    RejectReason::BatchRangesFull,
+                    format_args!(
+                        "free-page hint {range}: batch {cmd} already holds {max_ranges} separate ranges"
+                    ),
+                );
+                continue;
+            }
         }
         actions.hints.push((cmd, range));
     }
@@ -589,7 +663,10 @@ fn reporting_chain(inner: &Inner, mem: &Mem, descs: &[Descriptor], actions: &mut
                 continue;
             }
         };
-        if !seen.insert_disjoint(range.start, range.start + range.len_bytes) {
+        // Bounded by the chain's length.
+        if seen.insert_disjoint(range.start, range.start + range.len_bytes, usize::MAX)
+            != Inserted::Yes
+        {
             inner.reject(
                 RejectReason::OverlappingRange,
                 format_args!("reported range {range} overlaps another of the same report"),
@@ -762,13 +839,47 @@ mod tests {
     #[test]
     fn range_set_refuses_overlaps() {
         let mut s = RangeSet::default();
-        assert!(s.insert_disjoint(100, 200));
-        assert!(s.insert_disjoint(200, 300));
-        assert!(s.insert_disjoint(0, 100));
-        assert!(!s.insert_disjoint(150, 160));
-        assert!(!s.insert_disjoint(50, 150));
-        assert!(!s.insert_disjoint(299, 400));
-        assert!(!s.insert_disjoint(0, 1000));
-        assert!(s.insert_disjoint(300, 301));
+        let mut insert = |a, b| s.insert_disjoint(a, b, usize::MAX) == Inserted::Yes;
+        assert!(insert(100, 200));
+        assert!(insert(200, 300));
+        assert!(insert(0, 100));
+        assert!(!insert(150, 160));
+        assert!(!insert(50, 150));
+        assert!(!insert(299, 400));
+        assert!(!insert(0, 1000));
+        assert!(insert(300, 301));
+    }
+
+    #[test]
+    fn touching_ranges_are_one_entry_and_the_limit_counts_entries() {
+        let mut s = RangeSet::default();
+        // Contiguous blocks, in any order: one entry once the gaps close.
+        for (a, b) in [(4, 8), (0, 4), (12, 16), (8, 12)] {
+            assert_eq!(s.insert_disjoint(a, b, 2), Inserted::Yes);
+        }
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.insert_disjoint(2, 3, 1), Inserted::Overlaps);
+        // A separate range beyond the limit is refused, one that touches
+        // is not.
+        assert_eq!(s.insert_disjoint(20, 24, 1), Inserted::Full);
+        assert_eq!(s.insert_disjoint(16, 20, 1), Inserted::Yes);
+        assert_eq!(s.insert_disjoint(30, 40, 2), Inserted::Yes);
+        assert_eq!(s.len(), 2);
+        // Filling the gap joins both sides into one.
+        assert_eq!(s.insert_disjoint(20, 30, 2), Inserted::Yes);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.insert_disjoint(0, 40, 9), Inserted::Overlaps);
+        assert_eq!(s.insert_disjoint(39, 41, 9), Inserted::Overlaps);
+        assert_eq!(s.insert_disjoint(40, 41, 9), Inserted::Yes);
+    }
+
+    #[test]
+    fn a_batch_keeps_one_range_per_8_mib_of_memory_plus_1024() {
+        assert_eq!(max_batch_ranges(0), 1024);
+        assert_eq!(max_batch_ranges(2 << 30), 256 + 1024);
+        assert_eq!(
+            max_batch_ranges(u64::MAX),
+            (u64::MAX / (8 << 20)) as usize + 1024
+        );
     }
 }

@@ -78,12 +78,16 @@ reasons! {
     VringEnableWithoutProtocolFeatures => "vring_enable_without_protocol_features",
     /// A frontend message that is malformed (size, missing fd).
     MalformedMessage => "malformed_message",
+    /// A free-page hint that would make its batch hold more separate
+    /// ranges than the device keeps for one batch (one per 8 MiB of guest
+    /// memory, plus 1024).
+    BatchRangesFull => "batch_ranges_full",
 }
 
 /// Counters of rejected input, one per [`RejectReason`].
 #[derive(Debug, Default)]
 pub struct RejectCounters {
-    counts: [AtomicU64; 21],
+    counts: [AtomicU64; 22],
 }
 
 impl RejectCounters {

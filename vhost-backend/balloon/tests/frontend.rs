@@ -177,6 +177,9 @@ struct Vq {
     kick: EventFd,
     call: EventFd,
     free: Vec<u16>,
+    /// The descriptors of each chain added and not yet used, by head: a
+    /// used chain's descriptors are free again, as in Linux's driver.
+    chains: std::collections::HashMap<u16, Vec<u16>>,
     avail_idx: u16,
     last_used: u16,
 }
@@ -192,6 +195,7 @@ impl Vq {
             kick: EventFd::new(0).unwrap(),
             call: EventFd::new(0).unwrap(),
             free: (0..QSIZE).rev().collect(),
+            chains: std::collections::HashMap::new(),
             avail_idx: 0,
             last_used: 0,
         }
@@ -239,6 +243,7 @@ impl Vq {
             self.write_desc(mem, ids[k], *addr, *len, flags, next);
         }
         self.publish(mem, ids[0]);
+        self.chains.insert(ids[0], ids.clone());
         ids[0]
     }
 
@@ -291,6 +296,9 @@ impl Vq {
             let e = self.used + 4 + 8 * u64::from(self.last_used % QSIZE);
             let id: u32 = mem.read_obj(GuestAddress(e)).unwrap();
             let len: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
+            if let Some(ids) = u16::try_from(id).ok().and_then(|h| self.chains.remove(&h)) {
+                self.free.extend(ids);
+            }
             out.push((id, len));
             self.last_used = self.last_used.wrapping_add(1);
         }
@@ -613,6 +621,51 @@ impl Drop for Harness {
 }
 
 // ------------------------------------------------------------- tests
+
+/// A hostile guest hinting many tiny disjoint ranges in one batch: the
+/// device keeps at most one range per 8 MiB of guest memory plus 1024 for
+/// the batch, hands on those, and refuses and counts the rest.
+#[test]
+fn a_batch_of_many_tiny_disjoint_hints_is_bounded_and_the_rest_counted() {
+    let mut h = Harness::start(ALL_BALLOON);
+    let fp = 3;
+    h.config_change(|b| b.start_round(CmdId(7)));
+    h.send_cmd_id(fp, 7);
+    h.kick_and_wait(fp, 1);
+    let limit = RAM_BYTES / (8 * MIB) + 1024;
+    // Every other 4 KiB page of the first 10 MiB: 1250 separate ranges,
+    // in chains of 250 (the queue has 256 descriptors).
+    let (chains, per_chain) = (5u64, 250u64);
+    for c in 0..chains {
+        let bufs: Vec<(u64, u32, bool)> = (0..per_chain)
+            .map(|k| ((c * per_chain + k) * 8192, 4096, true))
+            .collect();
+        let mem = h.mem.clone();
+        h.vq(fp).add(&mem, &bufs);
+        h.kick_and_wait(fp, 1);
+    }
+    h.send_cmd_id(fp, 0);
+    h.kick_and_wait(fp, 1);
+    let hints = h.sink.hints();
+    assert_eq!(hints.len() as u64, limit);
+    assert!(hints
+        .iter()
+        .all(|&(id, r)| id == CmdId(7) && r.len_bytes == 4096));
+    assert_eq!(
+        h.handle.rejected(RejectReason::BatchRangesFull),
+        chains * per_chain - limit
+    );
+    // Contiguous hints merge: a new batch of 4 MiB blocks side by side is
+    // handed on whole, however many blocks.
+    h.config_change(|b| b.start_round(CmdId(8)));
+    h.send_cmd_id(fp, 8);
+    for i in 0..12 {
+        h.send_hint(fp, 12 * MIB + i * HINT_BLOCK / 4, (HINT_BLOCK / 4) as u32);
+    }
+    h.send_cmd_id(fp, 0);
+    h.kick_and_wait(fp, 14);
+    assert_eq!(h.sink.hints().len() as u64, limit + 12);
+}
 
 #[test]
 fn hint_round_reaches_sink_with_cmd_id_and_done_is_sent() {
