@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use freehint_dirty_log::DirtyLog;
 use freehint_hint_filter::{Cursor, HintFilter, SyncReport};
 use freehint_memory::{is_zero_volatile, GuestRam};
-use freehint_types::{CmdId, ErrorChain, HintSource, PageRun, Vmm};
+use freehint_types::{merge_runs, CmdId, ErrorChain, HintSource, PageRun, Vmm};
 use freehint_wire::{
     ChannelRole, DeviceStateEncoding, Hello, Message, PageBatchHead, MAX_CONTROL_PAYLOAD_BYTES,
     MAX_DEVICE_STATE_BYTES,
@@ -400,6 +400,7 @@ impl PrecopySender {
             still_zero
         });
         at.zero_runs.extend(first.discarded);
+        merge_runs(&mut at.zero_runs);
         at.fill_runs.extend(first.filled);
         Ok(())
     }
@@ -532,7 +533,10 @@ impl PrecopySender {
             }
             hit("src.before-sync")?;
             let report = self.sync(true, &mut at.stats)?;
+            // Merged: a guest that reports block after block side by side
+            // leaves one run, not one per report, to the convergence test.
             at.zero_runs = report.discarded;
+            merge_runs(&mut at.zero_runs);
             at.fill_runs.extend(report.filled);
             let left = self.filter.bytes_to_send();
             let estimate_ms = left as f64 / at.bandwidth_bytes_per_s.max(1.0) * 1000.0;
@@ -652,6 +656,7 @@ impl PrecopySender {
     fn sync_before_switch(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
         let report = self.sync(false, &mut at.stats)?;
         at.zero_runs.extend(report.discarded);
+        merge_runs(&mut at.zero_runs);
         at.fill_runs.extend(report.filled);
         Ok(())
     }
@@ -662,6 +667,7 @@ impl PrecopySender {
         let report = self.sync(false, &mut at.stats)?;
         let mut zero_runs = std::mem::take(&mut at.zero_runs);
         zero_runs.extend(report.discarded);
+        merge_runs(&mut zero_runs);
         at.fill_runs.extend(report.filled);
         at.round += 1;
         self.phase.set_round(at.round);

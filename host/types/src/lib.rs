@@ -24,7 +24,7 @@ mod vmm;
 
 pub use addr::{GpaRange, RamRange};
 pub use hint::{CmdId, HintCommand, HintOutcome, HintSink, HintSource, HintSourceError};
-pub use run::PageRun;
+pub use run::{merge_runs, PageRun};
 pub use vmm::{DestinationVmm, Vmm, VmmError, VmmOp};
 
 /// An error and its chain of causes on one line, each said once:

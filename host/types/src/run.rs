@@ -44,6 +44,26 @@ impl PageRun {
     }
 }
 
+/// Sorts `runs` and joins the ones that overlap or touch, so the same pages
+/// are described by the fewest runs. Runs whose end overflows are kept as
+/// they are.
+pub fn merge_runs(runs: &mut Vec<PageRun>) {
+    runs.sort_unstable();
+    let mut merged: Vec<PageRun> = Vec::with_capacity(runs.len());
+    for r in runs.drain(..) {
+        if let Some(last) = merged.last_mut() {
+            if let (Some(last_end), Some(end)) = (last.end_page(), r.end_page()) {
+                if last.region == r.region && r.first_page <= last_end {
+                    last.count = last_end.max(end) - last.first_page;
+                    continue;
+                }
+            }
+        }
+        merged.push(r);
+    }
+    *runs = merged;
+}
+
 impl fmt::Display for PageRun {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -51,5 +71,36 @@ impl fmt::Display for PageRun {
             "region {} pages {}+{}",
             self.region, self.first_page, self.count
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merging_joins_touching_and_overlapping_runs_per_region() {
+        let mut runs = vec![
+            PageRun::new(0, 10, 5),
+            PageRun::new(1, 0, 2),
+            PageRun::new(0, 0, 10),
+            PageRun::new(0, 12, 1),
+            PageRun::new(0, 20, 1),
+            PageRun::new(1, 2, 2),
+            PageRun::new(0, u64::MAX - 1, 5),
+        ];
+        merge_runs(&mut runs);
+        assert_eq!(
+            runs,
+            vec![
+                PageRun::new(0, 0, 15),
+                PageRun::new(0, 20, 1),
+                PageRun::new(0, u64::MAX - 1, 5),
+                PageRun::new(1, 0, 4),
+            ]
+        );
+        let mut none = Vec::new();
+        merge_runs(&mut none);
+        assert!(none.is_empty());
     }
 }
