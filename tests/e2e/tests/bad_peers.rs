@@ -107,18 +107,18 @@ async fn receive_from(
     (f.error, resumed)
 }
 
-async fn connect_both(addr: std::net::SocketAddr) -> (TcpStream, TcpStream) {
-    let mut c = TcpStream::connect(addr).await.unwrap();
-    c.write_all(&hello(ChannelRole::Control, layout()))
-        .await
-        .unwrap();
+/// Opens one channel: connects, sends `hello` and reads the receiver's ack.
+async fn open_channel(addr: std::net::SocketAddr, hello: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(hello).await.unwrap();
     let mut ack = [0u8; ACK_BYTES];
-    c.read_exact(&mut ack).await.unwrap();
-    let mut b = TcpStream::connect(addr).await.unwrap();
-    b.write_all(&hello(ChannelRole::Bulk(0), layout()))
-        .await
-        .unwrap();
-    b.read_exact(&mut ack).await.unwrap();
+    s.read_exact(&mut ack).await.unwrap();
+    s
+}
+
+async fn connect_both(addr: std::net::SocketAddr) -> (TcpStream, TcpStream) {
+    let c = open_channel(addr, &hello(ChannelRole::Control, layout())).await;
+    let b = open_channel(addr, &hello(ChannelRole::Bulk(0), layout())).await;
     (c, b)
 }
 
@@ -196,19 +196,10 @@ async fn silent_connections_do_not_hold_up_the_real_source() {
             let _silent = TcpStream::connect(addr).await.unwrap();
             tokio::time::sleep(Duration::from_millis(100)).await;
             let t = std::time::Instant::now();
-            let mut c = TcpStream::connect(addr).await.unwrap();
-            c.write_all(&hello(ChannelRole::Control, layout()))
-                .await
-                .unwrap();
-            let mut ack = [0u8; ACK_BYTES];
-            c.read_exact(&mut ack).await.unwrap();
+            let _c = open_channel(addr, &hello(ChannelRole::Control, layout())).await;
             let _silent_too = TcpStream::connect(addr).await.unwrap();
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let mut b = TcpStream::connect(addr).await.unwrap();
-            b.write_all(&hello(ChannelRole::Bulk(0), layout()))
-                .await
-                .unwrap();
-            b.read_exact(&mut ack).await.unwrap();
+            let _b = open_channel(addr, &hello(ChannelRole::Bulk(0), layout())).await;
             let _ = done_tx.send(t.elapsed());
             // The source then goes away: the receiver fails, as it must.
         })
@@ -621,12 +612,7 @@ fn scripted_source(
 ) -> impl FnOnce(std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
     move |addr| {
         tokio::spawn(async move {
-            let mut c = TcpStream::connect(addr).await.unwrap();
-            c.write_all(&hello(ChannelRole::Control, layout()))
-                .await
-                .unwrap();
-            let mut ack = [0u8; ACK_BYTES];
-            c.read_exact(&mut ack).await.unwrap();
+            let mut c = open_channel(addr, &hello(ChannelRole::Control, layout())).await;
             if stray {
                 let mut s = TcpStream::connect(addr).await.unwrap();
                 let mut h = Vec::new();
@@ -649,11 +635,7 @@ fn scripted_source(
                     "the stray connection was not turned away"
                 );
             }
-            let mut b = TcpStream::connect(addr).await.unwrap();
-            b.write_all(&hello(ChannelRole::Bulk(0), layout()))
-                .await
-                .unwrap();
-            b.read_exact(&mut ack).await.unwrap();
+            let mut b = open_channel(addr, &hello(ChannelRole::Bulk(0), layout())).await;
             b.write_all(&frame(Message::RoundEnd { round: 1 }))
                 .await
                 .unwrap();
@@ -754,17 +736,8 @@ async fn a_silent_source_is_given_up_after_its_own_timeout() {
     let t = std::time::Instant::now();
     let (e, resumed) = receive_from(|addr| {
         tokio::spawn(async move {
-            let mut c = TcpStream::connect(addr).await.unwrap();
-            c.write_all(&hello_with(ChannelRole::Control, layout(), 1))
-                .await
-                .unwrap();
-            let mut ack = [0u8; ACK_BYTES];
-            c.read_exact(&mut ack).await.unwrap();
-            let mut b = TcpStream::connect(addr).await.unwrap();
-            b.write_all(&hello_with(ChannelRole::Bulk(0), layout(), 1))
-                .await
-                .unwrap();
-            b.read_exact(&mut ack).await.unwrap();
+            let _c = open_channel(addr, &hello_with(ChannelRole::Control, layout(), 1)).await;
+            let _b = open_channel(addr, &hello_with(ChannelRole::Bulk(0), layout(), 1)).await;
             // Then nothing, on any channel, with both connections open.
             tokio::time::sleep(Duration::from_secs(30)).await;
         })
