@@ -49,24 +49,34 @@ impl VmDaemon {
     }
 
     fn answer_inner(&self, conn: UnixStream) {
-        let mut line = String::new();
         let Ok(mut writer) = conn.try_clone() else {
             return;
         };
-        if let Err(why) = allowed_peer(&conn) {
-            tracing::warn!("control request refused: {why}");
-            let reply = ControlReply::Error {
-                message: format!("refused: {why}"),
-            };
-            let mut out = serde_json::to_string(&reply).unwrap_or_default();
-            out.push('\n');
-            let _ = writer.write_all(out.as_bytes());
-            return;
-        }
-        if BufReader::new(conn).read_line(&mut line).is_err() {
-            return;
-        }
-        let reply = match serde_json::from_str::<ControlRequest>(&line) {
+        let reply = match allowed_peer(&conn) {
+            Err(why) => {
+                tracing::warn!("control request refused: {why}");
+                ControlReply::Error {
+                    message: format!("refused: {why}"),
+                }
+            }
+            Ok(()) => {
+                let mut line = String::new();
+                if BufReader::new(conn).read_line(&mut line).is_err() {
+                    return;
+                }
+                self.reply_to(&line)
+            }
+        };
+        let mut out = serde_json::to_string(&reply).unwrap_or_else(|e| {
+            format!(r#"{{"result":"error","message":"cannot encode the reply: {e}"}}"#)
+        });
+        out.push('\n');
+        let _ = writer.write_all(out.as_bytes());
+    }
+
+    /// The reply to one request line.
+    fn reply_to(&self, line: &str) -> ControlReply {
+        match serde_json::from_str::<ControlRequest>(line) {
             Err(e) => ControlReply::Error {
                 message: format!("bad request: {e}"),
             },
@@ -90,12 +100,7 @@ impl VmDaemon {
                     },
                 }
             }
-        };
-        let mut out = serde_json::to_string(&reply).unwrap_or_else(|e| {
-            format!(r#"{{"result":"error","message":"cannot encode the reply: {e}"}}"#)
-        });
-        out.push('\n');
-        let _ = writer.write_all(out.as_bytes());
+        }
     }
 
     /// Carries out one control request.
