@@ -1167,7 +1167,6 @@ async fn source_answered_error(control: &mut ControlChannel, wait: Duration) -> 
     }
 }
 
-/// Tells the peer why it is turned away; returns the reason.
 /// Most connections whose first frame is awaited at once while a
 /// destination accepts; more are closed at once (a flood of silent
 /// connections costs a socket each, not the migration).
@@ -1229,6 +1228,7 @@ impl Hellos {
     }
 }
 
+/// Tells the peer why it is turned away; returns the reason.
 async fn reject(s: &mut TcpStream, why: String) -> String {
     let _ = write_message(
         s,
