@@ -597,6 +597,7 @@ fn free_page_chain(
         }
         return;
     }
+    let max_ranges = max_batch_ranges(memory_bytes(mem));
     for d in descs {
         let range = match check_desc(mem, d) {
             Ok(r) => r,
@@ -614,7 +615,6 @@ fn free_page_chain(
             );
             continue;
         };
-        let max_ranges = max_batch_ranges(memory_bytes(mem));
         match st.batch_ranges.insert_disjoint(
             range.start,
             range.start + range.len_bytes,
