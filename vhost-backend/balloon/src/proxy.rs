@@ -599,14 +599,25 @@ pub(crate) fn fuzz_frontend_stream(bytes: &[u8], inner: &Inner) -> usize {
     let mut session = Session::default();
     let mut accepted = 0;
     while let Ok(Some(msg)) = read_message(&mut rx) {
-        let request = parse(msg.header.code(), msg.body(), msg.fds.len())
-            .and_then(|r| check(&mut session, inner, &r).map(|()| r));
-        match request {
-            Ok(_) => accepted += 1,
-            Err(refused) => inner.reject(refused.reason(), format_args!("frontend: {refused}")),
+        if admit(&mut session, inner, &msg).is_some() {
+            accepted += 1;
         }
     }
     accepted
+}
+
+/// Reads and checks one frontend message ([`parse`], then [`check`]);
+/// a refusal is logged and counted, and gives `None`.
+fn admit(session: &mut Session, inner: &Inner, msg: &Message) -> Option<Request> {
+    let request = parse(msg.header.code(), msg.body(), msg.fds.len())
+        .and_then(|r| check(session, inner, &r).map(|()| r));
+    match request {
+        Ok(r) => Some(r),
+        Err(refused) => {
+            inner.reject(refused.reason(), format_args!("frontend: {refused}"));
+            None
+        }
+    }
 }
 
 /// Runs the proxy until either side closes.
@@ -663,12 +674,9 @@ pub(crate) fn run(frontend: UnixStream, daemon: UnixStream, inner: Arc<Inner>) {
         };
         let header = msg.header;
         let code = header.code();
-        let request = parse(code, msg.body(), msg.fds.len())
-            .and_then(|r| check(&mut session, &inner, &r).map(|()| r));
-        let request = match request {
-            Ok(r) => r,
-            Err(refused) => {
-                inner.reject(refused.reason(), format_args!("frontend: {refused}"));
+        let request = match admit(&mut session, &inner, &msg) {
+            Some(r) => r,
+            None => {
                 let answer = if code == Some(FrontendReq::SET_LOG_BASE) {
                     // QEMU waits for this reply whatever happens (see below).
                     Some(reply(&header, &VhostUserEmpty))
