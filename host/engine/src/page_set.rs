@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use freehint_memory::GuestRam;
-use freehint_types::PageRun;
+use freehint_types::{append_run, PageRun};
 
 /// A set of pages per region, as atomic bits: the pages still to come (or
 /// still to send). Any task may take a page; exactly one succeeds.
@@ -145,10 +145,7 @@ impl PageSet {
                     continue;
                 }
                 taken += 1;
-                match out.last_mut() {
-                    Some(r) if r.region == region && r.first_page + r.count == page => r.count += 1,
-                    _ => out.push(PageRun::page(region, page)),
-                }
+                append_run(out, PageRun::page(region, page));
             }
             if put_back != 0 {
                 word.fetch_or(put_back, Ordering::AcqRel);
@@ -225,12 +222,7 @@ fn push_runs(out: &mut Vec<PageRun>, region: usize, wi: u64, mut bits: u64) {
         let b = bits.trailing_zeros();
         let len = (bits >> b).trailing_ones();
         let page = wi * 64 + b as u64;
-        match out.last_mut() {
-            Some(r) if r.region == region && r.first_page + r.count == page => {
-                r.count += len as u64
-            }
-            _ => out.push(PageRun::new(region, page, len as u64)),
-        }
+        append_run(out, PageRun::new(region, page, len as u64));
         if b + len >= 64 {
             break;
         }

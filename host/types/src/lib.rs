@@ -24,7 +24,7 @@ mod vmm;
 
 pub use addr::{GpaRange, RamRange};
 pub use hint::{CmdId, HintCommand, HintOutcome, HintSink, HintSource, HintSourceError};
-pub use run::{merge_runs, PageRun};
+pub use run::{append_run, merge_runs, PageRun};
 pub use vmm::{DestinationVmm, Vmm, VmmError, VmmOp};
 
 /// An error and its chain of causes on one line, each said once:

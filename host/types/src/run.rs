@@ -44,6 +44,14 @@ impl PageRun {
     }
 }
 
+/// Appends `run` to `runs`, extending the last run if `run` continues it.
+pub fn append_run(runs: &mut Vec<PageRun>, run: PageRun) {
+    match runs.last_mut() {
+        Some(last) if last.is_followed_by(&run) => last.count += run.count,
+        _ => runs.push(run),
+    }
+}
+
 /// Sorts `runs` and joins the ones that overlap or touch, so the same pages
 /// are described by the fewest runs. Runs whose end overflows are kept as
 /// they are.
@@ -77,6 +85,23 @@ impl fmt::Display for PageRun {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn appending_extends_the_last_run_only_where_it_continues() {
+        let mut runs = Vec::new();
+        append_run(&mut runs, PageRun::new(0, 4, 2));
+        append_run(&mut runs, PageRun::page(0, 6));
+        append_run(&mut runs, PageRun::page(1, 7));
+        append_run(&mut runs, PageRun::page(1, 9));
+        assert_eq!(
+            runs,
+            vec![
+                PageRun::new(0, 4, 3),
+                PageRun::page(1, 7),
+                PageRun::page(1, 9)
+            ]
+        );
+    }
 
     #[test]
     fn merging_joins_touching_and_overlapping_runs_per_region() {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use freehint_memory::GuestRam;
-use freehint_types::PageRun;
+use freehint_types::{append_run, PageRun};
 use freehint_wire::{Frame, Message, HEADER_BYTES};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
@@ -22,9 +22,10 @@ use crate::MigrateError;
 
 /// Most guest bytes sent after a requested page on the urgent channel:
 /// 7 pages of 4 KiB, a fraction of a millisecond on any link this serves;
-/// none on huge pages (a 2 MiB page is its own read-ahead). Measured on the real after-job guest (2 GiB, unshaped link, 5 runs
-/// each): remote faults' p99 went from 950-2950 µs to 360-750 µs, p50
-/// from ~72 to ~88 µs (before the read-ahead had batches of its own).
+/// none on huge pages (a 2 MiB page is its own read-ahead). Measured on
+/// the real after-job guest (2 GiB, unshaped link, 5 runs each): remote
+/// faults' p99 went from 950-2950 µs to 360-750 µs, p50 from ~72 to ~88
+/// µs (before the read-ahead had batches of its own).
 pub(crate) const READ_AHEAD_BYTES: u64 = 28 << 10;
 
 /// Where the background stream goes next: the page after the last one
@@ -166,10 +167,7 @@ impl PostcopySource {
                         .fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                match runs.last_mut() {
-                    Some(r) if r.region == region && r.first_page + r.count == page => r.count += 1,
-                    _ => runs.push(PageRun::page(region, page)),
-                }
+                append_run(&mut runs, PageRun::page(region, page));
             }
             if let Some(&(region, page)) = wanted.last() {
                 self.hint.set(region, page + 1);
@@ -212,12 +210,7 @@ impl PostcopySource {
                 if !self.pending.take(r.region, page) {
                     break;
                 }
-                match ahead.last_mut() {
-                    Some(a) if a.region == r.region && a.first_page + a.count == page => {
-                        a.count += 1
-                    }
-                    _ => ahead.push(PageRun::page(r.region, page)),
-                }
+                append_run(&mut ahead, PageRun::page(r.region, page));
             }
         }
         ahead
