@@ -30,6 +30,15 @@ pub enum MigrateError {
         /// What was wrong.
         source: WireError,
     },
+    /// TLS could not be set up, or the peer failed its checks (or we
+    /// failed the peer's).
+    #[error("{context}")]
+    Tls {
+        /// Which connection.
+        context: String,
+        /// What went wrong.
+        source: crate::transport::TlsError,
+    },
     /// The peer sent a valid message at the wrong time.
     #[error("{0}")]
     Unexpected(String),

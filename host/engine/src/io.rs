@@ -3,13 +3,12 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::pin::Pin;
 use std::time::Duration;
 
 use freehint_wire::{
     Frame, FrameHeader, Kind, Message, PageBatchHead, BATCH_PREFIX_BYTES, HEADER_BYTES,
 };
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use vm_memory::VolatileSlice;
 
@@ -142,7 +141,12 @@ pub(crate) async fn write_message<W: AsyncWrite + Unpin>(
 ) -> Result<u64, MigrateError> {
     let mut b = Vec::new();
     m.encode(&mut b);
-    match tokio::time::timeout(timeout, w.write_all(&b)).await {
+    let write = async {
+        w.write_all(&b).await?;
+        // Out of a TLS connection's state too, not only into it.
+        w.flush().await
+    };
+    match tokio::time::timeout(timeout, write).await {
         Err(_) => {
             return Err(MigrateError::Timeout {
                 what: format!("{context}: the peer to take our data"),
@@ -226,6 +230,26 @@ impl RawPages {
             len: slice.len(),
         }
     }
+
+    /// How many bytes the pages span.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Copies `bytes` into the pages from byte `offset` on, with volatile
+    /// writes (the guest's memory, never a Rust reference to it).
+    ///
+    /// # Panics
+    ///
+    /// If `offset + bytes.len()` is beyond the pages: a caller's bug.
+    pub(crate) fn write_at(&self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= self.len, "write beyond the pages");
+        // SAFETY: `ptr + offset .. + bytes.len()` lies inside the mapping
+        // (see the type's doc, and the check above); the slice is only
+        // written through, and dropped before return.
+        let dst = unsafe { VolatileSlice::new(self.ptr.add(offset), bytes.len()) };
+        dst.copy_from(bytes);
+    }
 }
 
 // SAFETY: the pointer refers to the guest RAM mapping, which the receiver
@@ -234,27 +258,16 @@ impl RawPages {
 // `ptr::copy_nonoverlapping`, from whichever thread runs the future.
 unsafe impl Send for RawPages {}
 
-/// Reads exactly `dst.len` bytes of page data into guest memory: first
-/// what `r` has buffered, then straight from the socket into the mapping,
-/// through raw pointers only.
-pub(crate) async fn read_into_pages(
-    r: &mut BufReader<TcpStream>,
+/// Reads the rest of `dst` (from byte `done` on) straight from `stream`
+/// into the mapping, through raw pointers only.
+pub(crate) async fn read_socket_into_pages(
+    stream: &TcpStream,
     dst: RawPages,
+    mut done: usize,
     context: &str,
 ) -> Result<(), MigrateError> {
     let len = dst.len;
-    let mut done = 0;
-    let buffered = r.buffer();
-    if !buffered.is_empty() {
-        let n = buffered.len().min(len);
-        // SAFETY: `ptr..ptr + len` lies inside the mapping (see `RawPages`)
-        // and `n <= len`; the buffer is ours and does not overlap it.
-        unsafe { std::ptr::copy_nonoverlapping(buffered.as_ptr(), dst.ptr, n) };
-        Pin::new(&mut *r).consume(n);
-        done = n;
-    }
     while done < len {
-        let stream = r.get_ref();
         stream
             .readable()
             .await
@@ -288,7 +301,7 @@ pub(crate) async fn read_into_pages(
 /// abandoned at any moment (a `select!`, a timeout) without losing half a
 /// frame; writes go straight to the socket, each within a timeout.
 pub(crate) struct ControlChannel {
-    tx: tokio::net::tcp::OwnedWriteHalf,
+    tx: crate::transport::ChannelWriter,
     rx: tokio::sync::mpsc::UnboundedReceiver<Result<Message, MigrateError>>,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -296,11 +309,11 @@ pub(crate) struct ControlChannel {
 impl ControlChannel {
     /// The connection's socket, to duplicate (see `postcopy::Links`).
     pub(crate) fn socket(&self) -> &TcpStream {
-        self.tx.as_ref()
+        self.tx.channel().socket()
     }
 
     /// Starts reading `stream`.
-    pub(crate) fn new(stream: TcpStream) -> Self {
+    pub(crate) fn new(stream: crate::transport::Channel) -> Self {
         let (mut rx_half, tx) = stream.into_split();
         let (forward, rx) = tokio::sync::mpsc::unbounded_channel();
         let reader = tokio::spawn(async move {

@@ -37,6 +37,7 @@ mod progress;
 mod receiver;
 mod sender;
 mod stats;
+mod transport;
 mod vmm;
 
 pub use error::{MigrateError, MigrationFailure};
@@ -48,6 +49,7 @@ pub use receiver::{ReceiveFailure, ReceiveStats, Receiver};
 pub use sender::PrecopySender;
 pub use stats::{DowntimeBreakdown, MigrationStats, PostcopyStats};
 pub use tokio_util::sync::CancellationToken;
+pub use transport::tls::{self, TlsConfig, TlsError};
 pub use vmm::ImageVmm;
 
 use freehint_dirty_log::{find_mappings, TrackedRange};

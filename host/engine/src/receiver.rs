@@ -16,17 +16,16 @@ use freehint_types::{DestinationVmm, ErrorChain, PageRun};
 use freehint_wire::{BatchEntry, ChannelRole, Frame, Hello, Message, MAX_DEVICE_STATE_BYTES};
 use serde::{Deserialize, Serialize};
 use tokio::io::BufReader;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+
+use crate::transport::{read_into_pages, Channel, TlsConfig};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{cancellable, caught, panic_text};
 use crate::fault::hit;
-use crate::io::{
-    expect_message, read_exact, read_frame, read_into_pages, write_message, ControlChannel,
-    RawPages,
-};
+use crate::io::{expect_message, read_exact, read_frame, write_message, ControlChannel, RawPages};
 use crate::page_set::PageSet;
 use crate::params::MAX_BULK_CHANNELS;
 use crate::phase::{Phase, PhaseWatch, Side};
@@ -138,6 +137,8 @@ pub struct Receiver {
     written: Option<Arc<PageSet>>,
     phase: PhaseWatch,
     cancel: CancellationToken,
+    /// TLS for every connection; `None`: plain TCP.
+    tls: Option<Arc<TlsConfig>>,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -195,7 +196,7 @@ struct Incoming {
     resumed: bool,
     bulk_tasks: JoinSet<Result<u32, MigrateError>>,
     ctx: Option<BulkCtx>,
-    urgent: Option<TcpStream>,
+    urgent: Option<Channel>,
     /// Pages still to come, once the source said it switches to postcopy.
     pending: Option<Arc<PageSet>>,
     postcopy: Option<Postcopy>,
@@ -231,7 +232,18 @@ impl Receiver {
             written: None,
             phase: PhaseWatch::new(Side::Destination),
             cancel: CancellationToken::new(),
+            tls: None,
         }
+    }
+
+    /// Accepts only TLS connections whose certificate chains to the CA of
+    /// `tls` (see [`crate::tls`]); any other connection is refused with a
+    /// log line, before a byte of it is read as a frame, and the wait goes
+    /// on. `None`, the default: plain TCP, which anyone who can reach the
+    /// port can use to write guest RAM.
+    pub fn with_tls(mut self, tls: Option<Arc<TlsConfig>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Allocate all of the destination's RAM before the source connects
@@ -800,7 +812,7 @@ impl Receiver {
         let (control, hello, bulk, urgent) = loop {
             let accepted = tokio::select! {
                 _ = self.cancel.cancelled() => return Err(MigrateError::Cancelled),
-                r = accept_resume(listener, inc.session_id, &local, timeout) => r,
+                r = accept_resume(listener, self.tls.clone(), inc.session_id, &local, timeout) => r,
             };
             let (control, hello) = match accepted {
                 Ok(x) => x,
@@ -824,8 +836,8 @@ impl Receiver {
         let ctx = inc.ctx.clone().expect("set before the switch");
         inc.links = Links::of(
             std::iter::once(control.socket())
-                .chain(&bulk)
-                .chain(std::iter::once(&urgent)),
+                .chain(bulk.iter().map(Channel::socket))
+                .chain(std::iter::once(urgent.socket())),
         );
         for (i, s) in bulk
             .into_iter()
@@ -900,9 +912,9 @@ impl Receiver {
         &self,
         listener: &TcpListener,
         local: &[freehint_wire::RegionDesc],
-    ) -> Result<(TcpStream, Hello), MigrateError> {
+    ) -> Result<(Channel, Hello), MigrateError> {
         let timeout = self.accept_timeout.unwrap_or(Duration::from_secs(30));
-        let mut hellos = Hellos::new(timeout);
+        let mut hellos = Hellos::new(timeout, self.tls.clone());
         loop {
             let accepted = match self.accept_timeout {
                 Some(t) => tokio::time::timeout(t, hellos.next(listener))
@@ -998,7 +1010,7 @@ impl Receiver {
                 continue;
             }
             let t = Duration::from_secs(hello.peer_timeout_s.into());
-            crate::tune_socket(&s, t).map_err(MigrateError::io("socket option"))?;
+            crate::tune_socket(s.socket(), t).map_err(MigrateError::io("socket option"))?;
             let ack = Message::HelloAck {
                 postcopy: hello.postcopy,
             };
@@ -1015,12 +1027,12 @@ impl Receiver {
         hello: &Hello,
         local: &[freehint_wire::RegionDesc],
         timeout: Duration,
-    ) -> Result<(Vec<TcpStream>, Option<TcpStream>), MigrateError> {
+    ) -> Result<(Vec<Channel>, Option<Channel>), MigrateError> {
         let n = hello.bulk_channels as usize;
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut bulk: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
-        let mut urgent: Option<TcpStream> = None;
-        let mut hellos = Hellos::new(timeout);
+        let mut bulk: Vec<Option<Channel>> = (0..n).map(|_| None).collect();
+        let mut urgent: Option<Channel> = None;
+        let mut hellos = Hellos::new(timeout, self.tls.clone());
         while bulk.iter().any(|b| b.is_none()) || (hello.postcopy && urgent.is_none()) {
             let (mut s, peer, first) = tokio::time::timeout_at(deadline, hellos.next(listener))
                 .await
@@ -1056,7 +1068,8 @@ impl Receiver {
             }
             match h.role {
                 ChannelRole::Bulk(i) if (i as usize) < n && bulk[i as usize].is_none() => {
-                    crate::tune_socket(&s, timeout).map_err(MigrateError::io("socket option"))?;
+                    crate::tune_socket(s.socket(), timeout)
+                        .map_err(MigrateError::io("socket option"))?;
                     let ack = Message::HelloAck {
                         postcopy: hello.postcopy,
                     };
@@ -1064,8 +1077,9 @@ impl Receiver {
                     bulk[i as usize] = Some(s);
                 }
                 ChannelRole::Urgent if hello.postcopy && urgent.is_none() => {
-                    crate::tune_socket(&s, timeout).map_err(MigrateError::io("socket option"))?;
-                    crate::mark_urgent(&s);
+                    crate::tune_socket(s.socket(), timeout)
+                        .map_err(MigrateError::io("socket option"))?;
+                    crate::mark_urgent(s.socket());
                     let ack = Message::HelloAck {
                         postcopy: hello.postcopy,
                     };
@@ -1093,7 +1107,7 @@ impl Receiver {
 /// requests (`requests`) out, the pages that answer them in.
 fn spawn_urgent(
     tasks: &mut JoinSet<Result<(), MigrateError>>,
-    urgent: TcpStream,
+    urgent: Channel,
     requests: tokio::sync::mpsc::UnboundedReceiver<(usize, u64)>,
     timeout: Duration,
     ctx: &BulkCtx,
@@ -1119,17 +1133,21 @@ fn spawn_urgent(
 /// away, and the wait goes on.
 async fn accept_resume(
     listener: &TcpListener,
+    tls: Option<Arc<TlsConfig>>,
     session_id: u64,
     local: &[freehint_wire::RegionDesc],
     timeout: Duration,
-) -> Result<(TcpStream, Hello), MigrateError> {
+) -> Result<(Channel, Hello), MigrateError> {
+    // Each connection says hello in a task of its own: one that says
+    // nothing holds up no one else.
+    let mut hellos = Hellos::new(timeout, tls);
     loop {
-        let (mut s, peer) = listener
-            .accept()
+        let (mut s, peer, first) = hellos
+            .next(listener)
             .await
             .map_err(MigrateError::io("accepting a connection"))?;
         let ctx = format!("hello from {peer}");
-        let hello = match expect_message(&mut s, &ctx, timeout).await {
+        let hello = match first {
             Ok(Message::Hello(h)) => h,
             Ok(_) | Err(_) => {
                 tracing::warn!("{ctx}: not a hello; turned away");
@@ -1148,7 +1166,7 @@ async fn accept_resume(
             reject(&mut s, format!("{ctx}: another guest RAM layout")).await;
             continue;
         }
-        crate::tune_socket(&s, timeout).map_err(MigrateError::io("socket option"))?;
+        crate::tune_socket(s.socket(), timeout).map_err(MigrateError::io("socket option"))?;
         write_message(&mut s, &Message::HelloAck { postcopy: true }, &ctx, timeout).await?;
         return Ok((s, hello));
     }
@@ -1176,50 +1194,57 @@ const MAX_PENDING_HELLOS: usize = 64;
 /// task of its own: one that connects and says nothing, or says it slowly,
 /// holds up no one else while the real source connects.
 struct Hellos {
-    pending: JoinSet<(
-        TcpStream,
-        std::net::SocketAddr,
-        Result<Message, MigrateError>,
-    )>,
+    /// Each connection after its TLS handshake and first frame; `None`:
+    /// refused in the handshake (logged there).
+    pending: JoinSet<Option<Accepted>>,
     timeout: Duration,
+    tls: Option<Arc<TlsConfig>>,
 }
 
+/// A connection that has said its first frame (or failed to).
+type Accepted = (Channel, std::net::SocketAddr, Result<Message, MigrateError>);
+
 impl Hellos {
-    /// Each connection's first frame may take `timeout`.
-    fn new(timeout: Duration) -> Self {
+    /// Each connection's TLS handshake, and then its first frame, may take
+    /// `timeout`; with `tls`, only connections that pass its checks count.
+    fn new(timeout: Duration, tls: Option<Arc<TlsConfig>>) -> Self {
         Self {
             pending: JoinSet::new(),
             timeout,
+            tls,
         }
     }
 
     /// The next connection whose first frame has arrived (or failed), in
     /// the order they complete. Connections still waiting are closed when
     /// this is dropped.
-    async fn next(
-        &mut self,
-        listener: &TcpListener,
-    ) -> std::io::Result<(
-        TcpStream,
-        std::net::SocketAddr,
-        Result<Message, MigrateError>,
-    )> {
+    async fn next(&mut self, listener: &TcpListener) -> std::io::Result<Accepted> {
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let (mut s, peer) = accepted?;
+                    let (tcp, peer) = accepted?;
                     if self.pending.len() >= MAX_PENDING_HELLOS {
                         tracing::warn!(%peer, "{MAX_PENDING_HELLOS} connections already wait to say hello; closed");
                         continue;
                     }
-                    let timeout = self.timeout;
+                    let (timeout, tls) = (self.timeout, self.tls.clone());
                     self.pending.spawn(async move {
+                        let mut s = match crate::transport::accepted(tcp, tls.as_deref(), timeout).await {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::warn!(
+                                    "refused a connection from {peer}: {}",
+                                    ErrorChain(&e)
+                                );
+                                return None;
+                            }
+                        };
                         let first = expect_message(&mut s, &format!("hello from {peer}"), timeout).await;
-                        (s, peer, first)
+                        Some((s, peer, first))
                     });
                 }
                 Some(done) = self.pending.join_next(), if !self.pending.is_empty() => {
-                    if let Ok(v) = done {
+                    if let Ok(Some(v)) = done {
                         return Ok(v);
                     }
                 }
@@ -1229,7 +1254,7 @@ impl Hellos {
 }
 
 /// Tells the peer why it is turned away; returns the reason.
-async fn reject(s: &mut TcpStream, why: String) -> String {
+async fn reject(s: &mut Channel, why: String) -> String {
     let _ = write_message(
         s,
         &Message::Error(why.clone()),
@@ -1257,13 +1282,14 @@ fn flatten(
 /// round it completed.
 async fn receive_bulk(
     index: usize,
-    mut r: BufReader<TcpStream>,
+    mut r: BufReader<Channel>,
     ctx: BulkCtx,
 ) -> Result<u32, MigrateError> {
     let name = format!("bulk channel {index}");
     let mut round = 0u32;
     let mut frame_buf = Vec::new();
     let mut data: Vec<u8> = Vec::new();
+    let mut bounce: Vec<u8> = Vec::new();
     let mut reporter = PlacedReporter::default();
     let ram = ctx.ram.clone();
     let region_pages =
@@ -1337,7 +1363,7 @@ async fn receive_bulk(
                         // raw pointers (the decoder checked the run lies in
                         // the region).
                         let dst = RawPages::of(&region.volatile_pages(page, run)?);
-                        read_into_pages(&mut r, dst, &name).await?;
+                        read_into_pages(&mut r, dst, &mut bounce, &name).await?;
                     } else {
                         let len = run as usize * page_bytes;
                         // SAFETY: the destination VM is not running (it
@@ -1387,7 +1413,7 @@ async fn receive_bulk(
 /// Places the pages the source sends on the urgent channel in answer to
 /// page requests, until it closes the channel.
 async fn receive_urgent(
-    mut r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    mut r: BufReader<crate::transport::ChannelReader>,
     ctx: BulkCtx,
     dest: Arc<PostcopyDestination>,
 ) -> Result<(), MigrateError> {

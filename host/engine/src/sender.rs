@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::transport::{Channel, TlsConfig};
 use freehint_dirty_log::DirtyLog;
 use freehint_hint_filter::{Cursor, HintFilter, SyncReport};
 use freehint_memory::{is_zero_volatile, GuestRam};
@@ -22,13 +23,12 @@ use freehint_wire::{
     MAX_DEVICE_STATE_BYTES,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{cancellable, caught, panic_text};
 use crate::fault::hit;
-use crate::io::{expect_message, write_message, writev_all, ControlChannel, IoVecs};
+use crate::io::{expect_message, write_message, ControlChannel, IoVecs};
 use crate::page_set::PageSet;
 use crate::phase::{Phase, PhaseWatch, Side};
 use crate::postcopy::source::{PostcopySource, SourceCounters, StreamHint};
@@ -52,6 +52,8 @@ pub struct PrecopySender {
     params: MigrationParams,
     phase: PhaseWatch,
     cancel: CancellationToken,
+    /// TLS for every connection; `None`: plain TCP.
+    tls: Option<Arc<TlsConfig>>,
     progress: ProgressWatch,
     /// Hint rounds still pay: the guest's reports take pages off the send
     /// list (see [`watch_hint_payoff`]). Once they do not, no more rounds
@@ -83,7 +85,7 @@ struct RoundCounters {
 
 /// A resumed postcopy's pages still lacking, bulk channels and urgent
 /// channel.
-type PostcopyChannels = (Arc<PageSet>, Vec<TcpStream>, TcpStream);
+type PostcopyChannels = (Arc<PageSet>, Vec<Channel>, Channel);
 
 /// Everything one migration attempt holds between its phases.
 struct Attempt {
@@ -93,7 +95,7 @@ struct Attempt {
     vm_stopped: bool,
     stop_at: Option<Instant>,
     control: Option<ControlChannel>,
-    bulk: Vec<TcpStream>,
+    bulk: Vec<Channel>,
     /// Zero runs to send at the start of the next round.
     zero_runs: Vec<PageRun>,
     /// Fill runs (pages every byte of which is `.1`) to send at the start
@@ -104,7 +106,7 @@ struct Attempt {
     /// Bytes of populated guest memory when the migration began.
     populated_bytes: u64,
     /// The urgent channel (postcopy), until the switch.
-    urgent: Option<TcpStream>,
+    urgent: Option<Channel>,
     /// After the switch to postcopy: what the postcopy tasks share, and
     /// the task answering page requests (aborted if the attempt is
     /// dropped).
@@ -155,7 +157,16 @@ impl PrecopySender {
             hints_paying: Arc::new(AtomicBool::new(true)),
             postcopy_now: Arc::new(AtomicBool::new(false)),
             postcopy_resume: PostcopyResume::default(),
+            tls: None,
         })
+    }
+
+    /// Opens every connection with TLS (mutual authentication, see
+    /// [`crate::tls`]); `None`, the default: plain TCP, which anyone on
+    /// the path can read and change.
+    pub fn with_tls(mut self, tls: Option<Arc<TlsConfig>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The operator's `freehint migrate --resume`: once the link of a
@@ -411,16 +422,11 @@ impl PrecopySender {
         &self,
         dest: SocketAddr,
         hello: Hello,
-    ) -> Result<(TcpStream, bool), MigrateError> {
+    ) -> Result<(Channel, bool), MigrateError> {
         let what = format!("connecting to {dest} ({:?} channel)", hello.role);
-        let mut s = tokio::time::timeout(self.timeout(), TcpStream::connect(dest))
-            .await
-            .map_err(|_| MigrateError::Timeout {
-                what: what.clone(),
-                seconds: self.params.peer_timeout_s,
-            })?
-            .map_err(MigrateError::io(what.clone()))?;
-        crate::tune_socket(&s, self.timeout()).map_err(MigrateError::io(what.clone()))?;
+        let mut s =
+            crate::transport::connect(dest, self.tls.as_deref(), self.timeout(), &what).await?;
+        crate::tune_socket(s.socket(), self.timeout()).map_err(MigrateError::io(what.clone()))?;
         write_message(&mut s, &Message::Hello(hello), &what, self.timeout()).await?;
         match expect_message(&mut s, &format!("{what}: hello answer"), self.timeout()).await? {
             Message::HelloAck { postcopy } => Ok((s, postcopy)),
@@ -484,7 +490,7 @@ impl PrecopySender {
         session_id: u64,
         resume: bool,
         urgent: bool,
-    ) -> Result<(Vec<TcpStream>, Option<TcpStream>), MigrateError> {
+    ) -> Result<(Vec<Channel>, Option<Channel>), MigrateError> {
         let mut bulk = Vec::new();
         for i in 0..self.params.bulk_channels {
             let hello = self.hello(session_id, ChannelRole::Bulk(i), resume);
@@ -493,7 +499,7 @@ impl PrecopySender {
         let urgent = if urgent {
             let hello = self.hello(session_id, ChannelRole::Urgent, resume);
             let s = self.connect(dest, hello).await?.0;
-            crate::mark_urgent(&s);
+            crate::mark_urgent(s.socket());
             Some(s)
         } else {
             None
@@ -733,8 +739,8 @@ impl PrecopySender {
             .take()
             .ok_or_else(|| MigrateError::Postcopy("no urgent channel was opened".into()))?;
         at.links = Links::of(
-            std::iter::once(&urgent)
-                .chain(&at.bulk)
+            std::iter::once(urgent.socket())
+                .chain(at.bulk.iter().map(Channel::socket))
                 .chain(at.control.as_ref().map(|c| c.socket())),
         );
         let tasks = src.spawn_urgent(urgent)?;
@@ -815,7 +821,7 @@ impl PrecopySender {
         at: &mut Attempt,
         src: &PostcopySource,
         tasks: &mut JoinSet<Result<(), MigrateError>>,
-        bulk: Vec<TcpStream>,
+        bulk: Vec<Channel>,
     ) -> Result<freehint_wire::PostcopyReport, MigrateError> {
         let stream = src.clone().stream_pending(bulk, self.params.batch_bytes);
         tokio::pin!(stream);
@@ -974,8 +980,8 @@ impl PrecopySender {
         let urgent = urgent.expect("asked for");
         at.links = Links::of(
             std::iter::once(control.socket())
-                .chain(&bulk)
-                .chain(std::iter::once(&urgent)),
+                .chain(bulk.iter().map(Channel::socket))
+                .chain(std::iter::once(urgent.socket())),
         );
         at.control = Some(control);
         Ok((pending, bulk, urgent))
@@ -1234,9 +1240,9 @@ fn device_state_encoding(state_bytes: u64, bandwidth_bytes_per_s: f64) -> Device
 /// Waits for every channel task (each ends with its index and its stream
 /// back); the streams in index order, or the first error.
 pub(crate) async fn join_channels(
-    mut tasks: JoinSet<(usize, Result<TcpStream, MigrateError>)>,
-) -> Result<Vec<TcpStream>, MigrateError> {
-    let mut streams: Vec<Option<TcpStream>> = Vec::new();
+    mut tasks: JoinSet<(usize, Result<Channel, MigrateError>)>,
+) -> Result<Vec<Channel>, MigrateError> {
+    let mut streams: Vec<Option<Channel>> = Vec::new();
     let mut first_err = None;
     while let Some(done) = tasks.join_next().await {
         match done {
@@ -1266,7 +1272,7 @@ pub(crate) async fn join_channels(
 }
 
 /// Closes the bulk channels (the receiver reads their end), each within `t`.
-async fn close_bulk(bulk: Vec<TcpStream>, t: Duration) -> Result<(), MigrateError> {
+async fn close_bulk(bulk: Vec<Channel>, t: Duration) -> Result<(), MigrateError> {
     for mut b in bulk {
         match tokio::time::timeout(t, b.shutdown()).await {
             Ok(r) => r.map_err(MigrateError::io("closing a bulk channel"))?,
@@ -1313,7 +1319,7 @@ const DRAINED_BYTES: u64 = 256 << 10;
 /// A socket whose
 /// queue cannot be read counts as drained: this only shortens the
 /// downtime, it never decides correctness.
-async fn drain_bulk(bulk: &[TcpStream], bandwidth_bytes_per_s: f64, max: Duration) -> u64 {
+async fn drain_bulk(bulk: &[Channel], bandwidth_bytes_per_s: f64, max: Duration) -> u64 {
     let queued = || -> u64 {
         bulk.iter()
             .map(|s| freehint_linux_sys::unacknowledged_bytes(s).unwrap_or(0))
@@ -1349,7 +1355,7 @@ struct ChannelJob {
 }
 
 impl ChannelJob {
-    async fn run(self, mut stream: TcpStream) -> Result<TcpStream, MigrateError> {
+    async fn run(self, mut stream: Channel) -> Result<Channel, MigrateError> {
         let ctx = self.context.as_str();
         for z in &self.zero_runs {
             let n = write_message(&mut stream, &Message::Zero(*z), ctx, self.timeout).await?;
@@ -1423,6 +1429,8 @@ pub(crate) struct BatchWriter {
     head: PageBatchHead,
     head_buf: Vec<u8>,
     iovs: IoVecs,
+    /// Plaintext on its way into TLS (unused on plain TCP).
+    bounce: Vec<u8>,
     /// (address, length) of runs of data pages in the mapping.
     spans: Vec<(usize, usize)>,
 }
@@ -1432,7 +1440,7 @@ impl BatchWriter {
     /// zero pages as zero entries, the others straight from the mapping.
     pub(crate) async fn write(
         &mut self,
-        stream: &TcpStream,
+        stream: &Channel,
         ram: &GuestRam,
         region_idx: usize,
         runs: &[PageRun],
@@ -1480,7 +1488,12 @@ impl BatchWriter {
                 iov_len: len,
             });
         }
-        match tokio::time::timeout(timeout, writev_all(stream, &mut self.iovs)).await {
+        match tokio::time::timeout(
+            timeout,
+            stream.write_pages(&mut self.iovs, &mut self.bounce),
+        )
+        .await
+        {
             Ok(r) => r.map_err(MigrateError::io(ctx))?,
             Err(_) => {
                 return Err(MigrateError::Timeout {

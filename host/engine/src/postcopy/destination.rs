@@ -507,7 +507,7 @@ impl Drop for PostcopyDestination {
 /// Writes the page requests that `requests` carries to the urgent channel,
 /// those that queued up together in one write.
 pub(crate) async fn send_requests(
-    mut w: tokio::net::tcp::OwnedWriteHalf,
+    mut w: crate::transport::ChannelWriter,
     mut requests: tokio::sync::mpsc::UnboundedReceiver<(usize, u64)>,
     timeout: Duration,
 ) -> Result<(), MigrateError> {
@@ -526,7 +526,11 @@ pub(crate) async fn send_requests(
         while let Ok(more) = requests.try_recv() {
             push(more);
         }
-        match tokio::time::timeout(timeout, w.write_all(&buf)).await {
+        let write = async {
+            w.write_all(&buf).await?;
+            w.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
             Ok(r) => r.map_err(MigrateError::io("urgent channel: sending page requests"))?,
             Err(_) => {
                 return Err(MigrateError::Timeout {

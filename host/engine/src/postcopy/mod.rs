@@ -49,15 +49,15 @@ pub(crate) fn run_urgently(what: &str) {
 /// ends with the work's result.
 pub(crate) fn on_own_thread<F, Fut>(
     name: &str,
-    stream: tokio::net::TcpStream,
+    stream: crate::transport::Channel,
     work: F,
 ) -> Result<impl Future<Output = Result<(), MigrateError>>, MigrateError>
 where
-    F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+    F: FnOnce(crate::transport::Channel) -> Fut + Send + 'static,
     Fut: Future<Output = Result<(), MigrateError>>,
 {
-    let std_stream = stream
-        .into_std()
+    let detached = stream
+        .detach()
         .map_err(MigrateError::io("moving the urgent channel to its thread"))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -70,7 +70,8 @@ where
                 .map_err(MigrateError::io("starting the urgent channel's runtime"))
                 .and_then(|rt| {
                     rt.block_on(async move {
-                        let s = tokio::net::TcpStream::from_std(std_stream)
+                        let s = detached
+                            .attach()
                             .map_err(MigrateError::io("registering the urgent channel"))?;
                         work(s).await
                     })
@@ -157,8 +158,7 @@ pub(crate) struct Links(Vec<std::net::TcpStream>);
 impl Links {
     /// Adds a duplicate of `s`'s socket (none if the fd cannot be
     /// duplicated: that connection is then cut only by its peer).
-    pub(crate) fn add(&mut self, s: &tokio::net::TcpStream) {
-        use std::os::fd::AsFd;
+    pub(crate) fn add(&mut self, s: &impl std::os::fd::AsFd) {
         match s.as_fd().try_clone_to_owned() {
             Ok(fd) => self.0.push(std::net::TcpStream::from(fd)),
             Err(e) => tracing::warn!("postcopy: cannot duplicate a socket to cut it later: {e}"),

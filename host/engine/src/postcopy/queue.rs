@@ -35,9 +35,9 @@
 
 use std::time::Duration;
 
+use crate::transport::Channel;
 use freehint_wire::{FrameHeader, Kind, Message, HEADER_BYTES};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::MigrateError;
 
@@ -141,7 +141,7 @@ impl PlacedReports {
     }
 
     /// Takes every report already received on `s`, without waiting.
-    pub(crate) fn read_available(&mut self, s: &TcpStream, name: &str) -> Result<(), MigrateError> {
+    pub(crate) fn read_available(&mut self, s: &Channel, name: &str) -> Result<(), MigrateError> {
         let mut chunk = [0u8; 1024];
         loop {
             match s.try_read(&mut chunk) {
@@ -228,7 +228,7 @@ impl PlacedReporter {
     /// out on a broken link.
     pub(crate) async fn placed(
         &mut self,
-        s: &mut TcpStream,
+        s: &mut Channel,
         bytes: u64,
         busy: Duration,
         timeout: Duration,
@@ -251,7 +251,11 @@ impl PlacedReporter {
             budget_bytes,
         }
         .encode(&mut self.out);
-        match tokio::time::timeout(timeout, s.write_all(&self.out)).await {
+        let write = async {
+            s.write_all(&self.out).await?;
+            s.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
             Ok(r) => r.map_err(MigrateError::io(format!("{name}: reporting placed pages"))),
             Err(_) => Err(MigrateError::Timeout {
                 what: format!("{name}: the source to take a report of placed pages"),

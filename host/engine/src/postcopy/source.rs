@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::transport::Channel;
 use freehint_memory::GuestRam;
 use freehint_types::{append_run, PageRun};
 use freehint_wire::{Frame, Message, HEADER_BYTES};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::queue::{PlacedReports, QueueBudget};
@@ -100,7 +100,7 @@ impl PostcopySource {
     /// (see [`super::on_own_thread`]); the set holds that one task.
     pub(crate) fn spawn_urgent(
         &self,
-        urgent: TcpStream,
+        urgent: Channel,
     ) -> Result<JoinSet<Result<(), MigrateError>>, MigrateError> {
         let server = self.clone();
         let mut tasks = JoinSet::new();
@@ -114,9 +114,9 @@ impl PostcopySource {
     /// closes it. Requests that arrive together are answered together;
     /// a page already sent (or on its way on a bulk channel) is not sent
     /// again.
-    pub(crate) async fn serve_requests(self, mut stream: TcpStream) -> Result<(), MigrateError> {
+    pub(crate) async fn serve_requests(self, stream: Channel) -> Result<(), MigrateError> {
         let name = "urgent channel";
-        let (rd, wr) = stream.split();
+        let (rd, wr) = (&stream, &stream);
         let mut rd = BufReader::with_capacity(64 << 10, rd);
         let mut writer = BatchWriter::default();
         let mut frame_buf = Vec::new();
@@ -178,14 +178,12 @@ impl PostcopySource {
                 .fetch_add(taken, Ordering::Relaxed);
             // The faulting vCPUs' pages first, in batches of their own, so
             // their wake-up never waits for the read-ahead.
-            self.write_runs(&mut writer, wr.as_ref(), &runs, name)
-                .await?;
+            self.write_runs(&mut writer, wr, &runs, name).await?;
             let ahead = self.read_ahead(&runs);
             self.counters
                 .pages_read_ahead
                 .fetch_add(ahead.iter().map(|r| r.count).sum(), Ordering::Relaxed);
-            self.write_runs(&mut writer, wr.as_ref(), &ahead, name)
-                .await?;
+            self.write_runs(&mut writer, wr, &ahead, name).await?;
         }
     }
 
@@ -221,7 +219,7 @@ impl PostcopySource {
     async fn write_runs(
         &self,
         writer: &mut BatchWriter,
-        wr: &TcpStream,
+        wr: &Channel,
         runs: &[PageRun],
         name: &str,
     ) -> Result<(), MigrateError> {
@@ -246,9 +244,9 @@ impl PostcopySource {
     /// channels once nothing is pending.
     pub(crate) async fn stream_pending(
         self,
-        bulk: Vec<TcpStream>,
+        bulk: Vec<Channel>,
         batch_bytes: u64,
-    ) -> Result<Vec<TcpStream>, MigrateError> {
+    ) -> Result<Vec<Channel>, MigrateError> {
         let cursor = Arc::new(Mutex::new((0usize, 0u64)));
         let mut tasks = JoinSet::new();
         for (i, stream) in bulk.into_iter().enumerate() {
@@ -264,7 +262,7 @@ impl PostcopySource {
 
     async fn stream_one(
         &self,
-        stream: &TcpStream,
+        stream: &Channel,
         cursor: &Mutex<(usize, u64)>,
         batch_bytes: u64,
         index: usize,
@@ -351,10 +349,7 @@ impl PostcopySource {
 /// the destination's last reports of placed pages until it closes its end
 /// (closing with unread reports would reset the connection, and with it
 /// pages the destination has not read yet).
-pub(crate) async fn close_bulk(
-    bulk: Vec<TcpStream>,
-    timeout: Duration,
-) -> Result<(), MigrateError> {
+pub(crate) async fn close_bulk(bulk: Vec<Channel>, timeout: Duration) -> Result<(), MigrateError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let name = "closing a bulk channel (postcopy)";
     let close = async {

@@ -1,0 +1,800 @@
+//! Migration connections: one TCP socket each, plain or inside TLS 1.3.
+//!
+//! A [`Channel`] is what the engine reads frames from and writes frames
+//! and guest pages to, whatever is underneath. Like tokio's `TcpStream`,
+//! it is read and written through a shared reference (one task reads the
+//! destination's reports while another writes pages on the same bulk
+//! channel), and its socket stays reachable ([`Channel::socket`]) for what
+//! only the kernel knows: the bytes not yet acknowledged (`SIOCOUTQ`), the
+//! round trip (`tcp_info`), socket options, and duplicates to cut a link.
+//!
+//! With TLS, the kernel's queue holds ciphertext and the TLS state holds
+//! at most one record's worth more, so the postcopy queue budgets (see
+//! `postcopy::queue`) measure the same queue as on plain TCP.
+//!
+//! Why not `tokio-rustls`: its stream needs `&mut` for both directions
+//! (tokio's `split` puts a lock around the whole stream, which a
+//! `try_read` cannot take without waiting), it cannot be moved to the
+//! urgent channel's own runtime, and it has no non-blocking read. The
+//! TLS itself is `rustls`'s; this module only moves its records between
+//! the connection state and the socket.
+//!
+//! Guest pages go out and come in through [`Channel::write_pages`] and
+//! [`read_into_pages`]: on plain TCP the kernel copies them between the
+//! socket and the mapping (`writev`/`read` through raw pointers); with TLS
+//! they are copied with volatile accesses through a buffer of ours, which
+//! the cipher reads or writes.
+
+pub mod tls;
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::net::TcpStream;
+use vm_memory::VolatileSlice;
+
+use crate::io::{writev_all, IoVecs, RawPages};
+use crate::MigrateError;
+
+pub use tls::{TlsConfig, TlsError};
+
+/// Plaintext bytes moved through a TLS record at a time: the largest
+/// record TLS allows.
+const TLS_CHUNK_BYTES: usize = 16 << 10;
+
+/// One migration connection (see the module's doc).
+pub(crate) struct Channel {
+    tcp: TcpStream,
+    tls: Option<Tls>,
+}
+
+/// A TLS connection's state beside its socket.
+struct Tls {
+    conn: Mutex<rustls::Connection>,
+}
+
+impl Channel {
+    /// A plain TCP connection.
+    pub(crate) fn plain(tcp: TcpStream) -> Self {
+        Self { tcp, tls: None }
+    }
+
+    /// A TLS connection whose handshake is still to be done
+    /// ([`Self::handshake`]).
+    pub(crate) fn tls(tcp: TcpStream, conn: rustls::Connection) -> Self {
+        Self {
+            tcp,
+            tls: Some(Tls {
+                conn: Mutex::new(conn),
+            }),
+        }
+    }
+
+    /// The socket underneath, for socket options and the kernel's figures.
+    pub(crate) fn socket(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Runs the TLS handshake (nothing on plain TCP): certificates are
+    /// checked here, so a peer without the right one is refused before a
+    /// single frame is read from it.
+    pub(crate) async fn handshake(&self) -> Result<(), TlsError> {
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        loop {
+            let interest = {
+                let mut conn = lock(&tls.conn);
+                match flush_records(&mut conn, &self.tcp) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(TlsError::Io(e)),
+                }
+                if !conn.is_handshaking() {
+                    if !conn.wants_write() {
+                        return Ok(());
+                    }
+                    tokio::io::Interest::WRITABLE
+                } else if conn.wants_write() {
+                    tokio::io::Interest::WRITABLE
+                } else {
+                    match conn.read_tls(&mut SocketIo(&self.tcp)) {
+                        Ok(0) => return Err(TlsError::ClosedInHandshake),
+                        Ok(_) => {
+                            if let Err(e) = conn.process_new_packets() {
+                                // Tell the peer why (the alert rustls
+                                // queued), best effort.
+                                let _ = flush_records(&mut conn, &self.tcp);
+                                return Err(TlsError::Handshake(e));
+                            }
+                            continue;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            tokio::io::Interest::READABLE
+                        }
+                        Err(e) => return Err(TlsError::Io(e)),
+                    }
+                }
+            };
+            self.tcp.ready(interest).await.map_err(TlsError::Io)?;
+        }
+    }
+
+    /// Reads what has arrived without waiting: `WouldBlock` if nothing
+    /// has, `Ok(0)` at the end of the stream.
+    pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = &self.tls else {
+            return self.tcp.try_read(buf);
+        };
+        let mut conn = lock(&tls.conn);
+        loop {
+            match conn.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The peer closed its socket without TLS's close_notify.
+                // Counted as the end of the stream, as on plain TCP: every
+                // migration frame says how long it is and the protocol
+                // says when it ends, so a cut is seen at that level.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            let got = conn.read_tls(&mut SocketIo(&self.tcp))?;
+            if let Err(e) = conn.process_new_packets() {
+                let _ = flush_records(&mut conn, &self.tcp);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            if got == 0 {
+                return match conn.reader().read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+                    r => r,
+                };
+            }
+        }
+    }
+
+    /// Writes what the socket takes without waiting: `WouldBlock` if it
+    /// takes nothing. With TLS, bytes taken may still wait in the
+    /// connection's state until the next write or [`Self::try_flush`].
+    pub(crate) fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        let Some(tls) = &self.tls else {
+            return self.tcp.try_write(buf);
+        };
+        let mut conn = lock(&tls.conn);
+        flush_records(&mut conn, &self.tcp)?;
+        let n = conn
+            .writer()
+            .write(&buf[..buf.len().min(TLS_CHUNK_BYTES)])?;
+        match flush_records(&mut conn, &self.tcp) {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+            _ if n == 0 && !buf.is_empty() => Err(io::ErrorKind::WouldBlock.into()),
+            _ => Ok(n),
+        }
+    }
+
+    /// Writes every record the TLS state holds, without waiting.
+    fn try_flush(&self) -> io::Result<()> {
+        match &self.tls {
+            None => Ok(()),
+            Some(tls) => flush_records(&mut lock(&tls.conn), &self.tcp),
+        }
+    }
+
+    /// Waits until a read may find something (it may still find nothing).
+    pub(crate) async fn readable(&self) -> io::Result<()> {
+        if let Some(tls) = &self.tls {
+            let has_plaintext = lock(&tls.conn)
+                .process_new_packets()
+                .map(|s| s.plaintext_bytes_to_read() > 0)
+                .unwrap_or(true);
+            if has_plaintext {
+                return Ok(());
+            }
+        }
+        self.tcp.readable().await
+    }
+
+    fn poll_read_shared(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            match self.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.tcp.poll_read_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_write_shared(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            match self.try_write(buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.tcp.poll_write_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_flush_shared(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.try_flush() {
+                Ok(()) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.tcp.poll_write_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Ends our direction: TLS's close_notify (once), every record out,
+    /// then the socket's write side.
+    fn poll_shutdown_shared(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(tls) = &self.tls {
+            let mut conn = lock(&tls.conn);
+            if !conn.is_handshaking() {
+                // Sent once: rustls ignores a second call.
+                conn.send_close_notify();
+            }
+        }
+        ready!(self.poll_flush_shared(cx))?;
+        Poll::Ready(
+            match socket2::SockRef::from(&self.tcp).shutdown(std::net::Shutdown::Write) {
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                r => r,
+            },
+        )
+    }
+
+    /// Writes every byte `iovs` describes (a batch head of ours and runs of
+    /// guest pages), then flushes.
+    pub(crate) async fn write_pages(
+        &self,
+        iovs: &mut IoVecs,
+        bounce: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        if self.tls.is_none() {
+            return writev_all(&self.tcp, iovs).await;
+        }
+        let mut w = self;
+        for i in 0..iovs.0.len() {
+            // Copied out: a reference to an iovec (raw pointers) must not
+            // be held across an await.
+            let (base, len) = (iovs.0[i].iov_base as usize, iovs.0[i].iov_len);
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(TLS_CHUNK_BYTES);
+                // SAFETY: the iovec describes readable memory for as long
+                // as this call runs (see `IoVecs`): our batch head, or
+                // guest pages in the mapping the caller keeps alive.
+                // The slice is read only through volatile copies (the
+                // guest may write it meanwhile) and dropped before return.
+                bounce.resize(n, 0);
+                unsafe { VolatileSlice::new((base as *mut u8).add(done), n) }
+                    .copy_to(&mut bounce[..n]);
+                w.write_all(&bounce[..n]).await?;
+                done += n;
+            }
+        }
+        w.flush().await
+    }
+
+    /// Moves the connection off its runtime, to be attached to another
+    /// ([`DetachedChannel::attach`]).
+    pub(crate) fn detach(self) -> io::Result<DetachedChannel> {
+        Ok(DetachedChannel {
+            tcp: self.tcp.into_std()?,
+            tls: self.tls,
+        })
+    }
+
+    /// Splits the connection into a reader and a writer that may live in
+    /// different tasks.
+    pub(crate) fn into_split(self) -> (ChannelReader, ChannelWriter) {
+        let me = Arc::new(self);
+        (ChannelReader(me.clone()), ChannelWriter(me))
+    }
+}
+
+fn lock(m: &Mutex<rustls::Connection>) -> MutexGuard<'_, rustls::Connection> {
+    // A panic while holding it leaves a connection whose records may be
+    // half-written: the next read or write fails in rustls, not here.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes the records `conn` holds; `WouldBlock` if the socket is full.
+fn flush_records(conn: &mut rustls::Connection, tcp: &TcpStream) -> io::Result<()> {
+    while conn.wants_write() {
+        if conn.write_tls(&mut SocketIo(tcp))? == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+    }
+    Ok(())
+}
+
+/// The socket as `std::io` for rustls: non-blocking reads and writes
+/// that keep tokio's readiness tracking right.
+struct SocketIo<'a>(&'a TcpStream);
+
+impl Read for SocketIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for SocketIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsRawFd for Channel {
+    fn as_raw_fd(&self) -> RawFd {
+        self.tcp.as_raw_fd()
+    }
+}
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.tcp.as_fd()
+    }
+}
+
+impl AsyncRead for &Channel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.poll_read_shared(cx, buf)
+    }
+}
+
+impl AsyncWrite for &Channel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_shared(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_flush_shared(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_shutdown_shared(cx)
+    }
+}
+
+impl AsyncRead for Channel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.poll_read_shared(cx, buf)
+    }
+}
+
+impl AsyncWrite for Channel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_shared(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_flush_shared(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_shutdown_shared(cx)
+    }
+}
+
+/// The reading half of a [`Channel::into_split`].
+pub(crate) struct ChannelReader(Arc<Channel>);
+
+/// The writing half of a [`Channel::into_split`].
+pub(crate) struct ChannelWriter(Arc<Channel>);
+
+impl ChannelWriter {
+    /// The connection both halves share.
+    pub(crate) fn channel(&self) -> &Channel {
+        &self.0
+    }
+}
+
+impl AsyncRead for ChannelReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.0.poll_read_shared(cx, buf)
+    }
+}
+
+impl AsyncWrite for ChannelWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.0.poll_write_shared(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.poll_flush_shared(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.poll_shutdown_shared(cx)
+    }
+}
+
+/// A [`Channel`] between two runtimes.
+pub(crate) struct DetachedChannel {
+    tcp: std::net::TcpStream,
+    tls: Option<Tls>,
+}
+
+impl DetachedChannel {
+    /// The channel on the current runtime.
+    pub(crate) fn attach(self) -> io::Result<Channel> {
+        Ok(Channel {
+            tcp: TcpStream::from_std(self.tcp)?,
+            tls: self.tls,
+        })
+    }
+}
+
+/// Reads exactly `dst`'s length of page data into guest memory: first what
+/// `r` has buffered, then the rest. On plain TCP the socket reads
+/// straight into the mapping; with TLS the plaintext goes through a buffer
+/// of ours, copied in with volatile writes. Guest memory is only reached
+/// through raw pointers, never a Rust reference.
+pub(crate) async fn read_into_pages(
+    r: &mut BufReader<Channel>,
+    dst: RawPages,
+    bounce: &mut Vec<u8>,
+    context: &str,
+) -> Result<(), MigrateError> {
+    let len = dst.len();
+    let mut done = 0;
+    let buffered = r.buffer();
+    if !buffered.is_empty() {
+        let n = buffered.len().min(len);
+        dst.write_at(0, &buffered[..n]);
+        Pin::new(&mut *r).consume(n);
+        done = n;
+    }
+    if done == len {
+        return Ok(());
+    }
+    let channel: &Channel = r.get_ref();
+    if channel.tls.is_none() {
+        return crate::io::read_socket_into_pages(&channel.tcp, dst, done, context).await;
+    }
+    while done < len {
+        let want = (len - done).min(TLS_CHUNK_BYTES * 4);
+        bounce.resize(want, 0);
+        let n = std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut bounce[..want]);
+            ready!(channel.poll_read_shared(cx, &mut rb))?;
+            Poll::Ready(Ok::<_, io::Error>(rb.filled().len()))
+        })
+        .await
+        .map_err(MigrateError::io(context.to_string()))?;
+        if n == 0 {
+            return Err(MigrateError::Disconnected(format!(
+                "{context}: peer disconnected in the middle of a frame (truncated frame)"
+            )));
+        }
+        dst.write_at(done, &bounce[..n]);
+        done += n;
+    }
+    Ok(())
+}
+
+/// Opens a connection to `dest`: TCP, then TLS's handshake when `tls` is
+/// given; each step within `timeout`. `what` names the connection in
+/// errors.
+pub(crate) async fn connect(
+    dest: std::net::SocketAddr,
+    tls: Option<&TlsConfig>,
+    timeout: std::time::Duration,
+    what: &str,
+) -> Result<Channel, MigrateError> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(dest))
+        .await
+        .map_err(|_| MigrateError::Timeout {
+            what: what.to_string(),
+            seconds: timeout.as_secs(),
+        })?
+        .map_err(MigrateError::io(what.to_string()))?;
+    let Some(tls) = tls else {
+        return Ok(Channel::plain(tcp));
+    };
+    let tls_error = |source| MigrateError::Tls {
+        context: format!("{what}: TLS with {dest}"),
+        source,
+    };
+    let channel = Channel::tls(tcp, tls.connection_to(dest).map_err(tls_error)?);
+    handshake_within(&channel, timeout)
+        .await
+        .map_err(tls_error)?;
+    Ok(channel)
+}
+
+/// An accepted connection, after TLS's handshake when `tls` is given
+/// (within `timeout`): a peer without a certificate from our CA fails
+/// here, before any frame of it is read.
+pub(crate) async fn accepted(
+    tcp: TcpStream,
+    tls: Option<&TlsConfig>,
+    timeout: std::time::Duration,
+) -> Result<Channel, TlsError> {
+    let Some(tls) = tls else {
+        return Ok(Channel::plain(tcp));
+    };
+    let channel = Channel::tls(tcp, tls.accepted_connection()?);
+    handshake_within(&channel, timeout).await?;
+    Ok(channel)
+}
+
+async fn handshake_within(channel: &Channel, timeout: std::time::Duration) -> Result<(), TlsError> {
+    tokio::time::timeout(timeout, channel.handshake())
+        .await
+        .unwrap_or(Err(TlsError::Timeout(timeout.as_secs())))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn test_set() -> (tempfile::TempDir, Arc<TlsConfig>) {
+        let dir = tempfile::tempdir().unwrap();
+        tls::make_test_set(dir.path(), &[]).unwrap();
+        let config = Arc::new(TlsConfig::from_dir(dir.path()).unwrap());
+        (dir, config)
+    }
+
+    /// A connected pair over loopback: (source's, destination's).
+    async fn pair(
+        client: Option<&TlsConfig>,
+        server: Option<&TlsConfig>,
+    ) -> (Result<Channel, MigrateError>, Result<Channel, TlsError>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let accept = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accepted(tcp, server, T).await
+        };
+        tokio::join!(connect(addr, client, T, "test"), accept)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[0] ^ seed)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn tls_carries_bytes_both_ways_at_once_and_ends_cleanly() {
+        let (_dir, tls) = test_set();
+        let (c, s) = pair(Some(&tls), Some(&tls)).await;
+        let (c, s) = (c.unwrap(), s.unwrap());
+        let (a, b) = (pattern(8 << 20, 1), pattern(8 << 20, 2));
+        // Each side writes through one shared reference while it reads
+        // through another, as the bulk channels do.
+        async fn side(ch: &Channel, out: Vec<u8>) -> Vec<u8> {
+            let write = async {
+                let mut w = ch;
+                w.write_all(&out).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let read = async {
+                let mut r = ch;
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).await.unwrap();
+                got
+            };
+            tokio::join!(write, read).1
+        }
+        let (got_by_server, got_by_client) = tokio::join!(side(&s, b.clone()), side(&c, a.clone()));
+        assert!(
+            got_by_server == a,
+            "the destination read other bytes than were sent"
+        );
+        assert!(
+            got_by_client == b,
+            "the source read other bytes than were sent"
+        );
+    }
+
+    #[tokio::test]
+    async fn guest_pages_cross_tls_intact() {
+        let (_dir, tls) = test_set();
+        let (c, s) = pair(Some(&tls), Some(&tls)).await;
+        let (c, s) = (c.unwrap(), s.unwrap());
+        let src = pattern(3 << 20, 7);
+        let mut dst = vec![0u8; src.len()];
+        let head = b"head".to_vec();
+        let mut iovs = IoVecs::default();
+        iovs.0.push(libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        });
+        iovs.0.push(libc::iovec {
+            iov_base: src.as_ptr() as *mut libc::c_void,
+            iov_len: src.len(),
+        });
+        // SAFETY: `dst` outlives the slice and nothing else touches it
+        // until the read is done.
+        let dst_slice = unsafe { VolatileSlice::new(dst.as_mut_ptr(), dst.len()) };
+        let pages = RawPages::of(&dst_slice);
+        let mut r = BufReader::new(s);
+        let write = async {
+            c.write_pages(&mut iovs, &mut Vec::new()).await.unwrap();
+        };
+        let read = async {
+            let mut h = [0u8; 4];
+            r.read_exact(&mut h).await.unwrap();
+            assert_eq!(&h, b"head");
+            read_into_pages(&mut r, pages, &mut Vec::new(), "test")
+                .await
+                .unwrap();
+        };
+        tokio::join!(write, read);
+        assert!(dst == src, "pages differ after crossing TLS");
+    }
+
+    #[tokio::test]
+    async fn plain_tcp_to_a_tls_destination_is_refused() {
+        let (_dir, tls) = test_set();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let plain_source = async {
+            let c = connect(addr, None, T, "test").await.unwrap();
+            // What a plain source says first: a frame, not a TLS hello.
+            let mut hello = Vec::new();
+            freehint_wire::Message::Error("not TLS".into()).encode(&mut hello);
+            let _ = (&c).write_all(&hello).await;
+            let mut b = [0u8; 16];
+            let _ = (&c).read(&mut b).await;
+        };
+        let destination = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accepted(tcp, Some(&tls), T).await
+        };
+        let (_, s) = tokio::join!(plain_source, destination);
+        let e = s.err().expect("refused");
+        assert!(matches!(e, TlsError::Handshake(_)), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_source_without_a_certificate_is_refused() {
+        let (dir, tls) = test_set();
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read(dir.path().join(tls::CA_CERT_FILE)).unwrap();
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let no_cert = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let conn =
+                rustls::ClientConnection::new(no_cert, "localhost".try_into().unwrap()).unwrap();
+            let ch = Channel::tls(tcp, conn.into());
+            let _ = ch.handshake().await;
+            // TLS 1.3: the client's side may finish before the server's
+            // verdict; a read then sees it.
+            let mut b = [0u8; 1];
+            let _ = (&ch).read(&mut b).await;
+        };
+        let server = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accepted(tcp, Some(&tls), T).await
+        };
+        let (_, s) = tokio::join!(client, server);
+        let e = s.err().expect("refused");
+        assert!(
+            e.to_string().contains("certificate"),
+            "the error should say why: {e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn certificates_of_another_ca_are_refused_both_ways() {
+        let (_d1, ours) = test_set();
+        let (_d2, theirs) = test_set();
+        // Their source, our destination.
+        let (c, s) = pair(Some(&theirs), Some(&ours)).await;
+        assert!(s.is_err(), "our destination took a source of another CA");
+        drop(c);
+        // Our source, their destination: the source refuses it.
+        let (c, _s) = pair(Some(&ours), Some(&theirs)).await;
+        let e = c
+            .err()
+            .expect("our source took a destination of another CA");
+        let text = freehint_types::ErrorChain(&e).to_string();
+        assert!(text.contains("invalid peer certificate"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_destination_certificate_for_another_name_is_refused() {
+        let (dir, _) = test_set();
+        let tls = TlsConfig::from_dir(dir.path())
+            .unwrap()
+            .with_peer_name("dst.example.org")
+            .unwrap();
+        let (c, _s) = pair(Some(&tls), Some(&tls)).await;
+        let e = c
+            .err()
+            .expect("a certificate without the expected name was taken");
+        let text = freehint_types::ErrorChain(&e).to_string();
+        assert!(text.contains("not valid for name"), "{text}");
+    }
+
+    #[test]
+    fn a_directory_without_certificates_says_what_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = TlsConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("ca-cert.pem"), "{e}");
+        tls::make_test_set(dir.path(), &[]).unwrap();
+        std::fs::remove_file(dir.path().join(tls::CLIENT_KEY_FILE)).unwrap();
+        let e = TlsConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("go together"), "{e}");
+        std::fs::remove_file(dir.path().join(tls::CLIENT_CERT_FILE)).unwrap();
+        let receive_only = TlsConfig::from_dir(dir.path()).unwrap();
+        assert!(receive_only.can_receive() && !receive_only.can_send());
+        let e = receive_only.check_role(true).unwrap_err().to_string();
+        assert!(e.contains("client-cert.pem"), "{e}");
+    }
+}

@@ -1,0 +1,422 @@
+//! TLS 1.3 with mutual x509 authentication, from a directory of PEM files
+//! laid out as QEMU's `tls-creds-x509` object reads them:
+//!
+//! | file | who needs it |
+//! |---|---|
+//! | `ca-cert.pem` | both: the CA every peer's certificate must chain to |
+//! | `server-cert.pem`, `server-key.pem` | a destination (it accepts) |
+//! | `client-cert.pem`, `client-key.pem` | a source (it connects) |
+//!
+//! A host that both sends and receives migrations (`freehint vm`) has all
+//! five. The source checks that the destination's certificate names the
+//! host it connects to (its IP address, or the name given with
+//! [`TlsConfig::with_peer_name`]); the destination checks that the
+//! source's certificate chains to the CA. Only TLS 1.3 is offered, with
+//! `rustls`'s `ring` cipher suites; no session tickets, no early data.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// The CA's certificate, in a TLS directory.
+pub const CA_CERT_FILE: &str = "ca-cert.pem";
+/// A destination's certificate chain.
+pub const SERVER_CERT_FILE: &str = "server-cert.pem";
+/// A destination's private key.
+pub const SERVER_KEY_FILE: &str = "server-key.pem";
+/// A source's certificate chain.
+pub const CLIENT_CERT_FILE: &str = "client-cert.pem";
+/// A source's private key.
+pub const CLIENT_KEY_FILE: &str = "client-key.pem";
+
+/// Why TLS could not be set up, or a TLS connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file of the TLS directory could not be read.
+    #[error("{}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file is not what it should be (no PEM object of the right kind).
+    #[error("{}: {what}", path.display())]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// The directory has neither a source's nor a destination's pair, or
+    /// half of one.
+    #[error("{0}")]
+    Incomplete(String),
+    /// The directory's certificates and keys do not make a TLS set-up
+    /// (a key that does not match its certificate, say).
+    #[error("TLS settings from {}", dir.display())]
+    Config {
+        /// The directory.
+        dir: PathBuf,
+        /// What rustls refused.
+        source: rustls::Error,
+    },
+    /// The CA certificate cannot check peers.
+    #[error("{}: cannot check peers against it: {message}", path.display())]
+    Ca {
+        /// The CA file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The name to expect in the destination's certificate is not a DNS
+    /// name or an IP address.
+    #[error("invalid TLS peer name {0:?}: give a DNS name or an IP address")]
+    PeerName(String),
+    /// This side has no certificate for its role.
+    #[error("{0}")]
+    NotForRole(String),
+    /// The handshake failed: the peer's certificate, or the peer's verdict
+    /// on ours, or a peer that does not speak TLS.
+    #[error("TLS handshake failed: {0}{hint}", hint = handshake_hint(.0))]
+    Handshake(rustls::Error),
+    /// The peer closed the connection during the handshake.
+    #[error("the peer closed the connection during the TLS handshake (it may have refused our certificate, or not speak TLS)")]
+    ClosedInHandshake,
+    /// The handshake took too long.
+    #[error("timed out after {0} s in the TLS handshake")]
+    Timeout(u64),
+    /// The socket failed.
+    #[error("TLS connection")]
+    Io(#[source] std::io::Error),
+    /// A test set of certificates could not be made.
+    #[error("making test certificates")]
+    Generate(#[from] rcgen::Error),
+    /// A name for a test certificate is neither a DNS name nor an IP
+    /// address.
+    #[error("{0:?} is neither a DNS name nor an IP address")]
+    CertificateName(String),
+    /// A file could not be written.
+    #[error("{}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// What an operator most likely has to fix after handshake error `e`.
+fn handshake_hint(e: &rustls::Error) -> &'static str {
+    match e {
+        rustls::Error::InvalidMessage(_) => {
+            " (the peer does not speak TLS: a source started without --tls-dir?)"
+        }
+        rustls::Error::NoCertificatesPresented => " (the peer showed no certificate)",
+        rustls::Error::InvalidCertificate(_) => {
+            " (the certificate is not from our CA, or not for the expected name)"
+        }
+        _ => "",
+    }
+}
+
+/// TLS settings for migration connections (see the module's doc).
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    dir: PathBuf,
+    client: Option<Arc<ClientConfig>>,
+    server: Option<Arc<ServerConfig>>,
+    peer_name: Option<ServerName<'static>>,
+}
+
+impl TlsConfig {
+    /// Reads the TLS directory `dir`: the CA certificate, and whichever of
+    /// the destination's and the source's pairs it has (at least one).
+    pub fn from_dir(dir: &Path) -> Result<Self, TlsError> {
+        let ca_path = dir.join(CA_CERT_FILE);
+        let mut roots = RootCertStore::empty();
+        for cert in read_certs(&ca_path)? {
+            roots.add(cert).map_err(|e| TlsError::Ca {
+                path: ca_path.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        let roots = Arc::new(roots);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = |source| TlsError::Config {
+            dir: dir.to_path_buf(),
+            source,
+        };
+
+        let server = match read_pair(dir, SERVER_CERT_FILE, SERVER_KEY_FILE)? {
+            None => None,
+            Some((certs, key)) => {
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    roots.clone(),
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| TlsError::Ca {
+                    path: ca_path.clone(),
+                    message: e.to_string(),
+                })?;
+                let mut c = ServerConfig::builder_with_provider(provider.clone())
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .map_err(config)?
+                    .with_client_cert_verifier(verifier)
+                    .with_single_cert(certs, key)
+                    .map_err(config)?;
+                c.send_tls13_tickets = 0;
+                Some(Arc::new(c))
+            }
+        };
+        let client = match read_pair(dir, CLIENT_CERT_FILE, CLIENT_KEY_FILE)? {
+            None => None,
+            Some((certs, key)) => {
+                let mut c = ClientConfig::builder_with_provider(provider.clone())
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .map_err(config)?
+                    .with_root_certificates(roots.clone())
+                    .with_client_auth_cert(certs, key)
+                    .map_err(config)?;
+                c.resumption = rustls::client::Resumption::disabled();
+                Some(Arc::new(c))
+            }
+        };
+        if server.is_none() && client.is_none() {
+            return Err(TlsError::Incomplete(format!(
+                "{}: no certificate to migrate with: a destination needs {SERVER_CERT_FILE} and {SERVER_KEY_FILE}, a source {CLIENT_CERT_FILE} and {CLIENT_KEY_FILE} (`freehint tls init DIR` makes a test set)",
+                dir.display()
+            )));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            client,
+            server,
+            peer_name: None,
+        })
+    }
+
+    /// Expects `name` (a DNS name or an IP address) in the destination's
+    /// certificate, instead of the IP address connected to.
+    pub fn with_peer_name(mut self, name: &str) -> Result<Self, TlsError> {
+        let n = ServerName::try_from(name.to_string())
+            .map_err(|_| TlsError::PeerName(name.to_string()))?;
+        self.peer_name = Some(n);
+        Ok(self)
+    }
+
+    /// The directory the settings came from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether these settings can send a migration (they hold a source's
+    /// certificate).
+    pub fn can_send(&self) -> bool {
+        self.client.is_some()
+    }
+
+    /// Whether these settings can receive a migration (they hold a
+    /// destination's certificate).
+    pub fn can_receive(&self) -> bool {
+        self.server.is_some()
+    }
+
+    /// A source's TLS state for a connection to `dest`.
+    pub(crate) fn connection_to(&self, dest: SocketAddr) -> Result<rustls::Connection, TlsError> {
+        let config = self.client.clone().ok_or_else(|| {
+            TlsError::NotForRole(format!(
+                "{}: a source needs {CLIENT_CERT_FILE} and {CLIENT_KEY_FILE}",
+                self.dir.display()
+            ))
+        })?;
+        let name = self
+            .peer_name
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(dest.ip().into()));
+        let mut c = rustls::ClientConnection::new(config, name).map_err(TlsError::Handshake)?;
+        c.set_buffer_limit(Some(super::TLS_CHUNK_BYTES * 4));
+        Ok(c.into())
+    }
+
+    /// A destination's TLS state for an accepted connection.
+    pub(crate) fn accepted_connection(&self) -> Result<rustls::Connection, TlsError> {
+        let config = self.server.clone().ok_or_else(|| {
+            TlsError::NotForRole(format!(
+                "{}: a destination needs {SERVER_CERT_FILE} and {SERVER_KEY_FILE}",
+                self.dir.display()
+            ))
+        })?;
+        let mut c = rustls::ServerConnection::new(config).map_err(TlsError::Handshake)?;
+        c.set_buffer_limit(Some(super::TLS_CHUNK_BYTES * 4));
+        Ok(c.into())
+    }
+
+    /// Checks that these settings can serve `role` before anything
+    /// connects: an error naming the missing files.
+    pub fn check_role(&self, sending: bool) -> Result<(), TlsError> {
+        if sending {
+            self.connection_to(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .map(drop)
+        } else {
+            self.accepted_connection().map(drop)
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read_file(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            what: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_path_buf(),
+            what: "no PEM certificate in it".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// A certificate chain and its key, if `dir` has both files; half a pair
+/// is an error.
+fn read_pair(
+    dir: &Path,
+    cert_file: &str,
+    key_file: &str,
+) -> Result<Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>, TlsError> {
+    let (cert_path, key_path) = (dir.join(cert_file), dir.join(key_file));
+    match (cert_path.exists(), key_path.exists()) {
+        (false, false) => return Ok(None),
+        (true, false) | (false, true) => {
+            return Err(TlsError::Incomplete(format!(
+                "{}: {cert_file} and {key_file} go together; only one of them is there",
+                dir.display()
+            )))
+        }
+        (true, true) => {}
+    }
+    let certs = read_certs(&cert_path)?;
+    let pem = read_file(&key_path)?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
+        path: key_path.clone(),
+        what: format!("no private key: {e}"),
+    })?;
+    Ok(Some((certs, key)))
+}
+
+/// The CA's private key, in a test set ([`make_test_set`]).
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+
+/// The files [`make_test_set`] writes.
+pub const TEST_SET_FILES: [&str; 6] = [
+    CA_CERT_FILE,
+    CA_KEY_FILE,
+    SERVER_CERT_FILE,
+    SERVER_KEY_FILE,
+    CLIENT_CERT_FILE,
+    CLIENT_KEY_FILE,
+];
+
+/// Writes a test set into `dir` (made if missing; files there are
+/// replaced): a new CA (ECDSA P-256), a destination certificate naming
+/// localhost, 127.0.0.1, ::1 and each of `names`, and a source
+/// certificate, each signed by the CA. Private keys are written 0600.
+/// `freehint tls init` runs this; for production, use your own CA.
+pub fn make_test_set(dir: &Path, names: &[String]) -> Result<(), TlsError> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "freehint test CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key)?;
+
+    let mut server_names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    for n in names {
+        if !server_names.contains(n) {
+            server_names.push(n.clone());
+        }
+    }
+    let server_key = KeyPair::generate()?;
+    let mut server = CertificateParams::new(Vec::<String>::new())?;
+    server.subject_alt_names = server_names
+        .iter()
+        .map(|n| subject_alt_name(n))
+        .collect::<Result<_, _>>()?;
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "freehint destination");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key)?;
+
+    let client_key = KeyPair::generate()?;
+    let mut client = CertificateParams::new(vec!["freehint-source".to_string()])?;
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "freehint source");
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client.signed_by(&client_key, &ca_cert, &ca_key)?;
+
+    write_pem(dir, CA_CERT_FILE, &ca_cert.pem(), false)?;
+    write_pem(dir, CA_KEY_FILE, &ca_key.serialize_pem(), true)?;
+    write_pem(dir, SERVER_CERT_FILE, &server_cert.pem(), false)?;
+    write_pem(dir, SERVER_KEY_FILE, &server_key.serialize_pem(), true)?;
+    write_pem(dir, CLIENT_CERT_FILE, &client_cert.pem(), false)?;
+    write_pem(dir, CLIENT_KEY_FILE, &client_key.serialize_pem(), true)?;
+    Ok(())
+}
+
+fn subject_alt_name(name: &str) -> Result<rcgen::SanType, TlsError> {
+    Ok(match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => rcgen::SanType::IpAddress(ip),
+        Err(_) => rcgen::SanType::DnsName(
+            name.to_string()
+                .try_into()
+                .map_err(|_| TlsError::CertificateName(name.to_string()))?,
+        ),
+    })
+}
+
+fn write_pem(dir: &Path, file: &str, text: &str, private: bool) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(file);
+    let write = || -> std::io::Result<()> {
+        // A key replaced in place keeps its old mode: start afresh.
+        let _ = std::fs::remove_file(&path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(if private { 0o600 } else { 0o644 })
+            .open(&path)?
+            .write_all(text.as_bytes())
+    };
+    write().map_err(|source| TlsError::Write {
+        path: path.clone(),
+        source,
+    })
+}
