@@ -11,6 +11,7 @@ mod qemu_args;
 mod qemu_cmds;
 mod status;
 mod table;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,10 +31,11 @@ pub use params::ParamArgs;
 
 const SEND_EXAMPLE: &str = "\
 Example (any process whose guest RAM is a shared file, started with the preload library):
+  freehint tls init /tmp/fh-tls
   LD_PRELOAD=target/release/libfreehint_preload.so my-vmm --ram /dev/shm/vm.ram &
-  freehint receive --listen 127.0.0.1:7070 --ram /dev/shm/vm-dst.ram --mem-mib 1024 &
-  freehint send --pid $! --ram /dev/shm/vm.ram --to 127.0.0.1:7070
-  freehint send --pid $! --ram /dev/shm/vm.ram --to 127.0.0.1:7070 --config send.toml
+  freehint receive --listen 127.0.0.1:7070 --ram /dev/shm/vm-dst.ram --mem-mib 1024 --tls-dir /tmp/fh-tls &
+  freehint send --pid $! --ram /dev/shm/vm.ram --to 127.0.0.1:7070 --tls-dir /tmp/fh-tls
+  freehint send --pid $! --ram /dev/shm/vm.ram --to 127.0.0.1:7070 --insecure --config send.toml
 
 Migration parameters: flags, then --config FILE (TOML, see `freehint config
 show --help`), then the defaults; `send` has no free-page hints.
@@ -51,10 +53,12 @@ the destination did not take over.";
 
 const RECEIVE_EXAMPLE: &str = "\
 Example:
-  freehint receive --listen 0.0.0.0:7070 --ram /dev/shm/vm-dst.ram --mem-mib 1024 --json
+  freehint receive --listen 0.0.0.0:7070 --ram /dev/shm/vm-dst.ram --mem-mib 1024 --tls-dir /etc/freehint/tls --json
 
 Prints `listening on ADDR` once it accepts connections, then the stats of
-the migration it received. The RAM file is created if missing; it must be
+the migration it received. With --tls-dir, a connection without a
+certificate from the CA is refused (one log line each) and the wait goes
+on. The RAM file is created if missing; it must be
 on tmpfs or hugetlbfs for the VMM to share it. The image counts as resumed
 only once the source commits; until then Ctrl-C gives up cleanly.";
 
@@ -103,6 +107,11 @@ enum Command {
     Bench {
         #[command(subcommand)]
         which: bench::BenchCommand,
+    },
+    /// TLS for migration connections: make a test CA and certificates.
+    Tls {
+        #[command(subcommand)]
+        which: tls::TlsCommand,
     },
     /// Show the effective migration parameters (defaults, --config FILE,
     /// flags).
@@ -167,6 +176,8 @@ struct SendArgs {
     progress: progress::ProgressArgs,
     #[command(flatten)]
     params: ParamArgs,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -174,6 +185,8 @@ struct ReceiveArgs {
     /// Address to listen on (port 0 picks one).
     #[arg(long)]
     listen: SocketAddr,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
     /// The destination RAM file.
     #[arg(long)]
     ram: PathBuf,
@@ -230,6 +243,7 @@ fn main() {
         Command::Cancel(a) => qemu_cmds::cancel(a),
         Command::QemuArgs(a) => qemu_args::qemu_args(a),
         Command::Send(a) => send(a),
+        Command::Tls { which } => tls::run(which),
         Command::Receive(a) => receive(a),
         #[cfg(feature = "bench")]
         Command::Bench { which } => bench::run(which),
@@ -353,6 +367,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn send(a: SendArgs) -> Result<()> {
     let params = a.params.resolve_without_hints()?;
+    let tls = a.tls.resolve(tls::Role::Send)?;
     let size = std::fs::metadata(&a.ram)
         .with_context(|| format!("reading {}", a.ram.display()))?
         .len();
@@ -360,7 +375,7 @@ fn send(a: SendArgs) -> Result<()> {
     let log = UffdWpDirtyLog::attach_process(a.pid, vmm_ram_ranges(a.pid, &ram)?)?;
     let filter = Arc::new(HintFilter::new(empty_bitmap(&ram)));
     let vmm = Arc::new(process_vmm::SignalVmm::new(a.pid));
-    let sender = PrecopySender::new(ram, filter, Box::new(log), None, vmm, params)?;
+    let sender = PrecopySender::new(ram, filter, Box::new(log), None, vmm, params)?.with_tls(tls);
     cancel_on_signals(sender.cancel_token())?;
     let watch = sender.progress_watch();
     let reporter = progress::Reporter::start(&a.progress, move || Some(watch.get()));
@@ -453,10 +468,12 @@ impl ReceivingVm {
 }
 
 fn receive(a: ReceiveArgs) -> Result<()> {
+    let tls = a.tls.resolve(tls::Role::Receive)?;
     let ram = Arc::new(GuestRam::open_file(&a.ram, a.mem_mib << 20)?);
     let vm = ReceivingVm::open(&a)?;
     let mut receiver = Receiver::new(ram, vm.vmm(), a.accept_timeout_s.map(Duration::from_secs))
-        .preallocate(a.preallocate);
+        .preallocate(a.preallocate)
+        .with_tls(tls);
     receiver.prepare()?;
     if let Some(path) = a.state_file.clone() {
         write_state_file(&receiver.phase_watch(), path, vm.running_fn());

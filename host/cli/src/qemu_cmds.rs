@@ -14,8 +14,10 @@ use crate::{OnOff, ParamArgs};
 pub const VM_EXAMPLE: &str = "\
 Run one daemon per QEMU, started BEFORE QEMU (QEMU connects to its socket).
 
-Source host:
-  freehint vm --vhost-socket /run/fh/a.vhost --qmp /run/fh/a.qmp --control /run/fh/a.ctl &
+Both hosts hold the same TLS directory (`freehint tls init DIR` makes a test
+CA and certificates; see --tls-dir). Source host:
+  freehint vm --vhost-socket /run/fh/a.vhost --qmp /run/fh/a.qmp --control /run/fh/a.ctl \
+      --tls-dir /etc/freehint/tls &
   LD_PRELOAD=/usr/lib/freehint/libfreehint_preload.so qemu-system-x86_64 \\
       -object memory-backend-file,id=mem0,size=2G,mem-path=/dev/shm/a.ram,share=on \\
       -machine q35,memory-backend=mem0 -m 2G \\
@@ -27,7 +29,7 @@ Source host:
 
 Destination host (same QEMU command line plus -incoming defer, its own paths):
   freehint vm --vhost-socket /run/fh/b.vhost --qmp /run/fh/b.qmp --control /run/fh/b.ctl \\
-      --incoming 0.0.0.0:4444 &
+      --incoming 0.0.0.0:4444 --tls-dir /etc/freehint/tls &
   LD_PRELOAD=... qemu-system-x86_64 ... -incoming defer
 
 Then, on the source host:
@@ -137,6 +139,9 @@ pub struct VmArgs {
     /// answer.
     #[arg(long, value_name = "PATH")]
     agent_socket: Option<PathBuf>,
+    /// How this daemon's migration connections (in and out) are secured.
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -203,6 +208,11 @@ pub struct ResumeArgs {
 }
 
 pub fn vm(a: VmArgs) -> Result<()> {
+    let tls = a.tls.resolve(if a.incoming.is_some() {
+        crate::tls::Role::Receive
+    } else {
+        crate::tls::Role::Either
+    })?;
     let incoming = match &a.incoming {
         None => None,
         Some(addr) => {
@@ -229,6 +239,7 @@ pub fn vm(a: VmArgs) -> Result<()> {
         preallocate: a.preallocate,
         state_dir,
         agent_socket: a.agent_socket,
+        tls,
     })?;
     daemon.run()?;
     eprintln!("freehint: QEMU disconnected; exiting");

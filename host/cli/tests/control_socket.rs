@@ -40,6 +40,7 @@ fn the_control_socket_is_0600_and_refuses_other_users() {
     let _daemon = Daemon(
         Command::new(env!("CARGO_BIN_EXE_freehint"))
             .arg("vm")
+            .arg("--insecure")
             .arg("--vhost-socket")
             .arg(dir.path().join("vm.vhost"))
             .arg("--qmp")

@@ -69,7 +69,8 @@ impl VmDaemon {
         let cancel = CancellationToken::new();
         let mut receiver = Receiver::new(ram, vmm, None)
             .preallocate(self.cfg.preallocate)
-            .with_cancel_token(cancel.clone());
+            .with_cancel_token(cancel.clone())
+            .with_tls(self.cfg.tls.clone());
         {
             let mut sh = lock(&self.shared);
             sh.state = DaemonState::Receiving;

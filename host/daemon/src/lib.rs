@@ -162,6 +162,9 @@ pub struct DaemonConfig {
     pub control_socket: PathBuf,
     /// Destination role: take one incoming migration on this listener.
     pub incoming: Option<std::net::TcpListener>,
+    /// TLS for every migration connection, in and out; `None`: plain TCP
+    /// (the operator's `--insecure`).
+    pub tls: Option<Arc<freehint_engine::TlsConfig>>,
     /// Destination: resume the guest as soon as the source commits
     /// (otherwise leave it paused until [`ControlRequest::Resume`]).
     pub resume: bool,

@@ -261,7 +261,8 @@ impl VmDaemon {
         let hybrid = params.mode == freehint_engine::MigrationMode::Hybrid;
         let sender =
             PrecopySender::new(ram, filter.clone(), Box::new(log), hint_source, vmm, params)?
-                .with_cancel_token(cancel);
+                .with_cancel_token(cancel)
+                .with_tls(self.cfg.tls.clone());
         {
             let mut sh = lock(&self.shared);
             sh.migration = Some(sender.phase_watch());

@@ -15,6 +15,7 @@ fn a_daemon_without_a_migration_reports_no_progress() {
         preallocate: false,
         state_dir: dir.path().to_path_buf(),
         agent_socket: None,
+        tls: None,
     })
     .unwrap();
     let req: ControlRequest = serde_json::from_str(r#"{"cmd":"progress"}"#).unwrap();

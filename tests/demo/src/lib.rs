@@ -54,6 +54,9 @@ pub enum DemoError {
     /// QEMU's own migration failed.
     #[error("QEMU migration: {0}")]
     Qemu(String),
+    /// A freehint helper command failed.
+    #[error("{0}")]
+    Setup(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
@@ -394,6 +397,10 @@ pub struct Testbed {
     pub agent: bool,
     /// More arguments for every `freehint vm` this testbed starts.
     pub daemon_args: Vec<String>,
+    /// Every `freehint vm` migrates over TLS with mutual authentication
+    /// (certificates from `freehint tls init`, made for this testbed); off:
+    /// `--insecure`, plain TCP.
+    pub tls: bool,
     sockets: tempfile::TempDir,
     ram: tempfile::TempDir,
 }
@@ -409,6 +416,7 @@ impl Testbed {
             logs,
             agent: false,
             daemon_args: Vec::new(),
+            tls: true,
             sockets: tempfile::Builder::new()
                 .prefix("freehint-demo")
                 .tempdir()
@@ -418,6 +426,29 @@ impl Testbed {
                 .tempdir_in("/dev/shm")
                 .map_err(io("creating a RAM folder in /dev/shm"))?,
         })
+    }
+
+    /// The TLS directory of this testbed's daemons, made on first use: a
+    /// CA, and certificates naming the destination's address.
+    pub fn tls_dir(&self) -> Result<PathBuf, DemoError> {
+        let dir = self.sockets.path().join("tls");
+        if dir.join("ca-cert.pem").exists() {
+            return Ok(dir);
+        }
+        let mut c = Command::new(self.setup.bin_dir.join("freehint"));
+        c.arg("tls").arg("init").arg(&dir);
+        if let Some(n) = &self.setup.netns {
+            c.arg("--name").arg(&n.dst_ip);
+        }
+        let out = c.output().map_err(io("running freehint tls init"))?;
+        if !out.status.success() {
+            return Err(DemoError::Setup(format!(
+                "freehint tls init {}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(dir)
     }
 
     /// A socket path in this testbed.
@@ -487,6 +518,11 @@ impl Testbed {
         } else {
             Vec::new()
         };
+        let tls_args = if self.tls {
+            vec!["--tls-dir".into(), self.tls_dir()?.into_os_string()]
+        } else {
+            vec!["--insecure".into()]
+        };
         let child = self
             .command(vm, &self.setup.bin_dir.join("freehint"))
             .arg("vm")
@@ -497,6 +533,7 @@ impl Testbed {
             .arg("--control")
             .arg(&control)
             .args(agent_args)
+            .args(tls_args)
             .args(&self.daemon_args)
             .args(extra)
             .env("FREEHINT_LOG", "info")

@@ -69,6 +69,7 @@ fn wrong_socket_paths_are_one_clear_error() {
     let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
     let mut daemon = Command::new(bin_dir().join("freehint"))
         .args(["vm", "--vhost-socket", &p("v.sock"), "--qmp", &p("q.sock")])
+        .arg("--insecure")
         .args(["--control", &p("c.sock")])
         .spawn()
         .unwrap();

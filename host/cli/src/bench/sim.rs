@@ -76,6 +76,12 @@ pub struct SimArgs {
     /// placed whole) or another tmpfs. They are removed at the end.
     #[arg(long, value_name = "DIR")]
     pub ram_dir: Option<PathBuf>,
+    /// Migrate over TLS 1.3 with mutual authentication, with the
+    /// certificates in DIR (see `freehint tls init`). Without it, plain TCP
+    /// on loopback: this is a benchmark of the engine, not a migration
+    /// between hosts.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
     #[command(flatten)]
     pub params: ParamArgs,
 }
@@ -96,6 +102,8 @@ pub struct SimReport {
     /// `precopy`, `postcopy` or `hybrid` (what was asked; `postcopy` in
     /// the stats says whether the switch happened).
     pub migration_mode: &'static str,
+    /// What carried the migration: `tcp` (plain) or `tls`.
+    pub transport: &'static str,
     /// The sender's stats.
     #[serde(flatten)]
     pub stats: MigrationStats,
@@ -265,6 +273,16 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
     if postcopy {
         recv_cmd.arg("--sim-vm-control").arg(&dst_control);
     }
+    let tls_args = crate::tls::TlsArgs {
+        insecure: a.tls_dir.is_none(),
+        tls_dir: a.tls_dir.clone(),
+        tls_peer_name: None,
+    };
+    recv_cmd.args(tls_args.to_args());
+    let tls = match &a.tls_dir {
+        Some(_) => tls_args.resolve(crate::tls::Role::Send)?,
+        None => None,
+    };
     let mut recv_child = ChildGuard(
         recv_cmd
             .args(["--listen", "127.0.0.1:0", "--json", "--mem-mib"])
@@ -307,7 +325,8 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
         hint_source,
         client.clone(),
         params,
-    )?;
+    )?
+    .with_tls(tls);
     crate::cancel_on_signals(sender.cancel_token())?;
     // A source in postcopy never gives its guest up on its own: it waits
     // for the destination to come back. Here nothing restarts a receiver
@@ -411,6 +430,7 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
         dirty_mib_per_s: a.dirty_mib_per_s,
         hints,
         migration_mode: mode.name(),
+        transport: if a.tls_dir.is_some() { "tls" } else { "tcp" },
         stats,
         pages_compared,
         mismatched_pages,

@@ -1,0 +1,162 @@
+//! `--tls-dir` / `--insecure` on every command that opens migration
+//! connections, and `freehint tls init`, which makes a test CA and
+//! certificates for trying TLS.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use freehint_engine::tls::{make_test_set, TlsConfig, TEST_SET_FILES};
+use freehint_types::ErrorChain;
+
+/// How migration connections are secured. One of the two is required:
+/// plain TCP is never a default.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// TLS 1.3 with mutual x509 authentication on every migration
+    /// connection. DIR holds ca-cert.pem, and server-cert.pem +
+    /// server-key.pem to receive, client-cert.pem + client-key.pem to send
+    /// (the layout of QEMU's tls-creds-x509). `freehint tls init DIR`
+    /// makes a test set.
+    #[arg(long, value_name = "DIR", conflicts_with = "insecure")]
+    pub tls_dir: Option<PathBuf>,
+    /// Sending with --tls-dir: the name the destination's certificate
+    /// must hold (default: the IP address connected to).
+    #[arg(long, value_name = "NAME", requires = "tls_dir")]
+    pub tls_peer_name: Option<String>,
+    /// Plain TCP: no encryption and no authentication. Anyone who can
+    /// reach the destination's port can write guest RAM, and anyone on the
+    /// path can read it. Only for a trusted, isolated network.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// Which end of a migration the settings are for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Connects (a source).
+    Send,
+    /// Accepts (a destination).
+    Receive,
+    /// Both (a daemon that may do either).
+    Either,
+}
+
+impl TlsArgs {
+    /// The TLS settings, `None` for `--insecure` (with a warning), or an
+    /// error if neither was chosen or DIR cannot serve `role`.
+    pub fn resolve(&self, role: Role) -> Result<Option<Arc<TlsConfig>>> {
+        let Some(dir) = &self.tls_dir else {
+            if !self.insecure {
+                bail!(
+                    "migration connections need --tls-dir DIR (TLS with mutual authentication; `freehint tls init DIR` makes a test set) or --insecure (plain TCP, for a trusted network)"
+                );
+            }
+            tracing::warn!(
+                "--insecure: migration connections are plain TCP, neither encrypted nor authenticated"
+            );
+            return Ok(None);
+        };
+        let mut tls =
+            TlsConfig::from_dir(dir).map_err(|e| anyhow::anyhow!(ErrorChain(&e).to_string()))?;
+        if let Some(name) = &self.tls_peer_name {
+            tls = tls
+                .with_peer_name(name)
+                .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+        }
+        let check = |sending| {
+            tls.check_role(sending)
+                .map_err(|e| anyhow::anyhow!(e.to_string()))
+        };
+        match role {
+            Role::Send => check(true)?,
+            Role::Receive => check(false)?,
+            Role::Either => {
+                if !tls.can_send() && !tls.can_receive() {
+                    check(true)?;
+                }
+            }
+        }
+        Ok(Some(Arc::new(tls)))
+    }
+
+    /// The same choice as arguments for another freehint command.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(d) = &self.tls_dir {
+            v.push("--tls-dir".to_string());
+            v.push(d.display().to_string());
+        }
+        if let Some(n) = &self.tls_peer_name {
+            v.push("--tls-peer-name".to_string());
+            v.push(n.clone());
+        }
+        if self.insecure {
+            v.push("--insecure".to_string());
+        }
+        v
+    }
+}
+
+/// `freehint tls …`.
+#[derive(Subcommand, Debug)]
+pub enum TlsCommand {
+    /// Make a test CA and certificates in DIR, for trying --tls-dir: a CA,
+    /// a destination certificate (server-*) naming localhost, 127.0.0.1,
+    /// ::1 and every --name, and a source certificate (client-*). Keys are
+    /// written 0600. For production, use your own CA.
+    #[command(after_help = TLS_INIT_EXAMPLE)]
+    Init(TlsInitArgs),
+}
+
+/// Examples for `freehint tls init --help`.
+pub const TLS_INIT_EXAMPLE: &str = "\
+Example: both hosts share one directory (copy it; keep the keys private)
+  freehint tls init /etc/freehint/tls --name dst.example.org --name 192.0.2.7
+  freehint vm ... --incoming 0.0.0.0:4444 --tls-dir /etc/freehint/tls    (destination)
+  freehint vm ... --tls-dir /etc/freehint/tls                            (source)";
+
+/// `freehint tls init`.
+#[derive(Args, Debug)]
+pub struct TlsInitArgs {
+    /// The directory to write (made if missing).
+    pub dir: PathBuf,
+    /// Another name (DNS name or IP address) the destination certificate
+    /// holds; repeat for several.
+    #[arg(long = "name", value_name = "NAME")]
+    pub names: Vec<String>,
+    /// Replace certificates already in DIR.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Runs `freehint tls …`.
+pub fn run(cmd: TlsCommand) -> Result<()> {
+    match cmd {
+        TlsCommand::Init(a) => {
+            init(&a.dir, &a.names, a.force)?;
+            println!(
+                "wrote a test CA and certificates to {} (destination names: localhost, 127.0.0.1, ::1{})",
+                a.dir.display(),
+                a.names.iter().map(|n| format!(", {n}")).collect::<String>()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Writes a CA, a destination pair and a source pair into `dir`, unless
+/// one of their files is there already (`force`: replaces them).
+pub fn init(dir: &Path, names: &[String], force: bool) -> Result<()> {
+    if !force {
+        if let Some(f) = TEST_SET_FILES.iter().find(|f| dir.join(f).exists()) {
+            bail!(
+                "{} exists already; use --force to replace the certificates in {}",
+                dir.join(f).display(),
+                dir.display()
+            );
+        }
+    }
+    make_test_set(dir, names).map_err(|e| anyhow::anyhow!(ErrorChain(&e).to_string()))
+}
