@@ -25,6 +25,11 @@ pub struct TlsArgs {
     /// must hold (default: the IP address connected to).
     #[arg(long, value_name = "NAME", requires = "tls_dir")]
     pub tls_peer_name: Option<String>,
+    /// Receiving with --tls-dir: accept only a source whose certificate
+    /// names NAME (default: any certificate from the CA; a test set's
+    /// source certificate names freehint-source).
+    #[arg(long, value_name = "NAME", requires = "tls_dir")]
+    pub tls_source_name: Option<String>,
     /// Plain TCP: no encryption and no authentication. Anyone who can
     /// reach the destination's port can write guest RAM, and anyone on the
     /// path can read it. Only for a trusted, isolated network.
@@ -58,8 +63,11 @@ impl TlsArgs {
             );
             return Ok(None);
         };
-        let mut tls =
-            TlsConfig::from_dir(dir).map_err(|e| anyhow::anyhow!(ErrorChain(&e).to_string()))?;
+        let loaded = match &self.tls_source_name {
+            None => TlsConfig::from_dir(dir),
+            Some(name) => TlsConfig::from_dir_accepting_only(dir, name),
+        };
+        let mut tls = loaded.map_err(|e| anyhow::anyhow!(ErrorChain(&e).to_string()))?;
         if let Some(name) = &self.tls_peer_name {
             tls = tls
                 .with_peer_name(name)
@@ -78,6 +86,10 @@ impl TlsArgs {
                 }
             }
         }
+        tracing::info!(
+            "migration connections: TLS 1.3 with mutual authentication, certificates from {}",
+            dir.display()
+        );
         Ok(Some(Arc::new(tls)))
     }
 
@@ -90,6 +102,10 @@ impl TlsArgs {
         }
         if let Some(n) = &self.tls_peer_name {
             v.push("--tls-peer-name".to_string());
+            v.push(n.clone());
+        }
+        if let Some(n) = &self.tls_source_name {
+            v.push("--tls-source-name".to_string());
             v.push(n.clone());
         }
         if self.insecure {

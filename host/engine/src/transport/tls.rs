@@ -18,9 +18,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::UnixTime;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig};
 
 /// The CA's certificate, in a TLS directory.
 pub const CA_CERT_FILE: &str = "ca-cert.pem";
@@ -135,8 +138,23 @@ pub struct TlsConfig {
 
 impl TlsConfig {
     /// Reads the TLS directory `dir`: the CA certificate, and whichever of
-    /// the destination's and the source's pairs it has (at least one).
+    /// the destination's and the source's pairs it has (at least one). As
+    /// a destination, it accepts any source whose certificate chains to
+    /// the CA.
     pub fn from_dir(dir: &Path) -> Result<Self, TlsError> {
+        Self::load(dir, None)
+    }
+
+    /// Like [`Self::from_dir`], but as a destination it accepts only a
+    /// source whose certificate also names `source_name` (a DNS name or an
+    /// IP address, in its subject alternative names).
+    pub fn from_dir_accepting_only(dir: &Path, source_name: &str) -> Result<Self, TlsError> {
+        let name = ServerName::try_from(source_name.to_string())
+            .map_err(|_| TlsError::PeerName(source_name.to_string()))?;
+        Self::load(dir, Some(name))
+    }
+
+    fn load(dir: &Path, source_name: Option<ServerName<'static>>) -> Result<Self, TlsError> {
         let ca_path = dir.join(CA_CERT_FILE);
         let mut roots = RootCertStore::empty();
         for cert in read_certs(&ca_path)? {
@@ -164,6 +182,13 @@ impl TlsConfig {
                     path: ca_path.clone(),
                     message: e.to_string(),
                 })?;
+                let verifier: Arc<dyn ClientCertVerifier> = match source_name {
+                    None => verifier,
+                    Some(name) => Arc::new(NamedSourceVerifier {
+                        chain: verifier,
+                        name,
+                    }),
+                };
                 let mut c = ServerConfig::builder_with_provider(provider.clone())
                     .with_protocol_versions(&[&rustls::version::TLS13])
                     .map_err(config)?
@@ -269,6 +294,69 @@ impl TlsConfig {
     }
 }
 
+/// A destination's check of a source's certificate: the CA's chain
+/// (`chain`), then `name` among the certificate's names.
+#[derive(Debug)]
+struct NamedSourceVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ClientCertVerifier for NamedSourceVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        cert.verify_is_valid_for_subject_name(&self.name)
+            .map_err(|e| {
+                rustls::Error::InvalidCertificate(match e {
+                    webpki::Error::CertNotValidForName(c) => {
+                        rustls::CertificateError::NotValidForNameContext {
+                            expected: c.expected,
+                            presented: c.presented,
+                        }
+                    }
+                    _ => rustls::CertificateError::NotValidForName,
+                })
+            })?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
+
 fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_path_buf(),
@@ -319,6 +407,9 @@ fn read_pair(
     })?;
     Ok(Some((certs, key)))
 }
+
+/// The name a test set's source certificate holds ([`make_test_set`]).
+pub const TEST_SOURCE_NAME: &str = "freehint-source";
 
 /// The CA's private key, in a test set ([`make_test_set`]).
 pub const CA_KEY_FILE: &str = "ca-key.pem";
@@ -374,7 +465,7 @@ pub fn make_test_set(dir: &Path, names: &[String]) -> Result<(), TlsError> {
     let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key)?;
 
     let client_key = KeyPair::generate()?;
-    let mut client = CertificateParams::new(vec!["freehint-source".to_string()])?;
+    let mut client = CertificateParams::new(vec![TEST_SOURCE_NAME.to_string()])?;
     client
         .distinguished_name
         .push(DnType::CommonName, "freehint source");
