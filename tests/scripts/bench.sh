@@ -67,6 +67,12 @@ $bench --profiles after-job,fragmented,page-cache --mem-mib 2048 \
   --modes freehint-hints,freehint-agent,freehint-agent-drop-caches \
   --link unlimited --repeat $reps --json $out/suite-6-agent.json
 
+# 7. What TLS costs: freehint-hints (TLS, as every freehint mode runs)
+# beside the same over plain TCP, on the unshaped link.
+$bench --profiles after-job --mem-mib 2048 \
+  --modes freehint-hints,freehint-hints-insecure \
+  --link unlimited --repeat $reps --json $out/suite-7-tls.json
+
 # The simulated VM and the micro benchmarks (loopback, no guest).
 sim=(bench sim --mem-mib 4096 --used-percent 15 --dirty-mib-per-s 16 --json)
 for i in 1 2 3; do

@@ -276,6 +276,54 @@ fn fault_latency_is_judged_on_the_unshaped_link_and_shown_for_shaped_ones() {
 }
 
 #[test]
+fn tls_cost_is_judged_against_plain_tcp_on_the_unshaped_link() {
+    let s = Setup::new();
+    let run = |mode: Mode, rep: u32, total_ms: u64| {
+        let mut r = measured(Profile::AfterJob, 2048, mode, rep, total_ms);
+        r.link = Link::Unlimited;
+        r
+    };
+    let suite = |tls_ms: u64| {
+        SuiteReport {
+        command: "freehint-bench --modes freehint-hints,freehint-hints-insecure --json target/bench/suite-7.json"
+            .into(),
+        started: "2026-11-24T08:00:00Z".into(),
+        machine: "test machine".into(),
+        runs: (1..=3)
+            .flat_map(|rep| {
+                [
+                    run(Mode::FreehintHints, rep, tls_ms),
+                    run(Mode::FreehintHintsInsecure, rep, 1000),
+                ]
+            })
+            .collect(),
+    }
+    };
+    s.write(
+        "suite-7.json",
+        &serde_json::to_string(&suite(1100)).unwrap(),
+    );
+    let md = s.report();
+    assert_has(
+        &md,
+        "| 11. TLS costs ≤ 1.15× plain TCP in bytes and time | met |",
+    );
+    assert_has(
+        &md,
+        "| after-job | 2048 | unlimited | 30 | 210 | 210 | 1.00× | 1100 | 1000 | 1.10× | met | suite-7.json |",
+    );
+    // 20% slower over TLS fails the goal.
+    s.write(
+        "suite-7.json",
+        &serde_json::to_string(&suite(1200)).unwrap(),
+    );
+    assert_has(
+        &s.report(),
+        "| 11. TLS costs ≤ 1.15× plain TCP in bytes and time | **not met** |",
+    );
+}
+
+#[test]
 fn suites_in_file_name_order_with_goals_over_all_of_them() {
     let s = Setup::new().with_fixture();
     let other = SuiteReport {

@@ -86,6 +86,10 @@ pub enum Mode {
     /// [`HINT_WAIT_MS`] for the guest's first report before sending (fewer
     /// bytes on a link faster than the guest reports).
     FreehintHintsWait,
+    /// [`Mode::FreehintHints`] over plain TCP (`--insecure`): every other
+    /// freehint mode migrates over TLS with mutual authentication, and
+    /// this one shows what TLS costs.
+    FreehintHintsInsecure,
     /// freehint without hints.
     FreehintNohints,
     /// freehint in postcopy with hints: the guest moves at once and its
@@ -128,8 +132,9 @@ impl Mode {
     ];
 
     /// Every mode, in report order (the benchmark suite's default).
-    pub const EVERY: [Mode; 12] = [
+    pub const EVERY: [Mode; 13] = [
         Mode::FreehintHints,
+        Mode::FreehintHintsInsecure,
         Mode::FreehintHintsWait,
         Mode::FreehintAgent,
         Mode::FreehintAgentDropCaches,
@@ -148,6 +153,7 @@ impl Mode {
         match self {
             Mode::FreehintHints => "freehint-hints",
             Mode::FreehintHintsWait => "freehint-hints-wait",
+            Mode::FreehintHintsInsecure => "freehint-hints-insecure",
             Mode::FreehintNohints => "freehint-nohints",
             Mode::FreehintPostcopy => "freehint-postcopy",
             Mode::FreehintHybrid => "freehint-hybrid",
@@ -167,6 +173,7 @@ impl Mode {
             self,
             Mode::FreehintHints
                 | Mode::FreehintHintsWait
+                | Mode::FreehintHintsInsecure
                 | Mode::FreehintNohints
                 | Mode::FreehintPostcopy
                 | Mode::FreehintHybrid
@@ -191,6 +198,7 @@ impl Mode {
             self,
             Mode::FreehintHints
                 | Mode::FreehintHintsWait
+                | Mode::FreehintHintsInsecure
                 | Mode::FreehintPostcopy
                 | Mode::FreehintHybrid
                 | Mode::FreehintAgent
@@ -854,6 +862,7 @@ pub fn interactive(setup: &DemoSetup) -> Result<(bool, String), DemoError> {
 pub fn run_mode(setup: &DemoSetup, mode: Mode) -> Result<RunReport, DemoError> {
     let mut bed = Testbed::new(setup, mode.name())?;
     bed.agent = matches!(mode, Mode::FreehintAgent | Mode::FreehintAgentDropCaches);
+    bed.tls = mode != Mode::FreehintHintsInsecure;
     if mode.is_freehint() {
         run_freehint(&bed, mode)
     } else {

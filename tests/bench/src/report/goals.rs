@@ -30,6 +30,10 @@ pub(crate) const AGENT_PER_HINTS_MAX: f64 = 0.5;
 /// Goal 9: the agent's first report of a 2 GiB guest within this, ms.
 pub(crate) const AGENT_REPORT_MAX_MS: f64 = 20.0;
 
+/// Goal 11: freehint-hints over TLS costs at most this × the same over
+/// plain TCP, in bytes and in time.
+pub(crate) const TLS_PER_PLAIN_MAX: f64 = 1.15;
+
 /// Every run of every suite, grouped.
 struct Pool<'a> {
     groups: Groups<'a>,
@@ -116,6 +120,7 @@ pub(crate) fn section(suites: &[Suite]) -> String {
         goal_fault_latency(&pool),
         goal_agent(&pool),
         goal_drop_caches(&pool),
+        goal_tls(&pool),
     ];
     let mut md = String::from(
         "## Goals\n\n\
@@ -594,6 +599,66 @@ fn goal_drop_caches(pool: &Pool) -> Goal {
         body,
         &verdicts,
         "no freehint-agent-drop-caches runs on page-cache.",
+    )
+}
+
+/// Goal 11: TLS with mutual authentication costs at most 15% in bytes and
+/// in time against plain TCP, judged on the unshaped link (loopback), where
+/// the cipher's CPU cost shows most.
+fn goal_tls(pool: &Pool) -> Goal {
+    let mut body = format!(
+        "freehint-hints (TLS 1.3, mutual x509 authentication, as every freehint mode          runs) vs freehint-hints-insecure (plain TCP, `--insecure`): median link bytes          and median total time, each within {TLS_PER_PLAIN_MAX}× of plain TCP's; judged          on the unshaped link (loopback), shown for shaped ones.\n\n"
+    );
+    let keys = pool.keys_with(Mode::FreehintHintsInsecure, |_| true);
+    let mut verdicts = Vec::new();
+    if !keys.is_empty() {
+        body.push_str(
+            "| profile | RAM MiB | link | idle s | TLS link MiB | plain link MiB | bytes | TLS ms | plain ms | time | verdict | from |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+    }
+    for key in keys {
+        let tls = load::summarize(pool.runs(&key, Mode::FreehintHints));
+        let plain = load::summarize(pool.runs(&key, Mode::FreehintHintsInsecure));
+        let bytes = ratio(tls.link_mib, plain.link_mib);
+        let time = ratio(
+            pool.total_ms(&key, Mode::FreehintHints),
+            pool.total_ms(&key, Mode::FreehintHintsInsecure),
+        );
+        let v = match (bytes, time) {
+            (Some(b), Some(t)) => {
+                Verdict::from_bool(b <= TLS_PER_PLAIN_MAX && t <= TLS_PER_PLAIN_MAX)
+            }
+            _ => Verdict::NotMeasured,
+        };
+        let shown = if key.link == Link::Unlimited {
+            verdicts.push(v);
+            v.to_string()
+        } else {
+            "not judged (shaped link)".to_string()
+        };
+        let _ = writeln!(
+            body,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {shown} | {} |",
+            key.profile.name(),
+            key.mem_mib,
+            key.link.name(),
+            key.idle_s,
+            whole(tls.link_mib),
+            whole(plain.link_mib),
+            times(bytes),
+            whole(pool.total_ms(&key, Mode::FreehintHints)),
+            whole(pool.total_ms(&key, Mode::FreehintHintsInsecure)),
+            times(time),
+            pool.sources(&[key], &[Mode::FreehintHints, Mode::FreehintHintsInsecure]),
+        );
+    }
+    body.push('\n');
+    finish(
+        &format!("TLS costs ≤ {TLS_PER_PLAIN_MAX}× plain TCP in bytes and time"),
+        body,
+        &verdicts,
+        "no freehint-hints-insecure runs beside freehint-hints on the unshaped link.",
     )
 }
 

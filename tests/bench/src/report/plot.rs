@@ -60,6 +60,7 @@ fn mode_color(mode: Mode) -> RGBColor {
     match mode {
         Mode::FreehintHints => RGBColor(0, 158, 115),
         Mode::FreehintHintsWait => RGBColor(0, 90, 60),
+        Mode::FreehintHintsInsecure => RGBColor(120, 200, 170),
         Mode::FreehintNohints => RGBColor(86, 180, 233),
         Mode::FreehintPostcopy => RGBColor(240, 228, 66),
         Mode::FreehintHybrid => RGBColor(0, 0, 0),
