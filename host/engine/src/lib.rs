@@ -47,7 +47,7 @@ pub use postcopy::PostcopyResume;
 pub use progress::{Progress, ProgressWatch};
 pub use receiver::{ReceiveFailure, ReceiveStats, Receiver};
 pub use sender::PrecopySender;
-pub use stats::{DowntimeBreakdown, MigrationStats, PostcopyStats};
+pub use stats::{DowntimeBreakdown, MigrationStats, PostcopyStats, TransportKind};
 pub use tokio_util::sync::CancellationToken;
 pub use transport::tls::{self, TlsConfig, TlsError};
 pub use vmm::ImageVmm;

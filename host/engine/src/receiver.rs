@@ -37,6 +37,9 @@ use crate::{region_descs, MigrateError, PostcopyStats};
 /// What the receiver measured, and how the migration ended for it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReceiveStats {
+    /// What carried the migration's connections.
+    #[serde(default)]
+    pub transport: crate::TransportKind,
     /// Bytes read from all sockets.
     pub bytes_received: u64,
     /// Pages written with data from the source.
@@ -296,7 +299,14 @@ impl Receiver {
     /// or failed. The VM is resumed only after the source's commit.
     pub async fn receive(&self, listener: &TcpListener) -> Result<ReceiveStats, ReceiveFailure> {
         let mut inc = Incoming {
-            stats: ReceiveStats::default(),
+            stats: ReceiveStats {
+                transport: if self.tls.is_some() {
+                    crate::TransportKind::Tls
+                } else {
+                    crate::TransportKind::Tcp
+                },
+                ..Default::default()
+            },
             started: Instant::now(),
             control: None,
             timeout: self.accept_timeout.unwrap_or(Duration::from_secs(30)),

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::transport::{Channel, TlsConfig};
+use crate::TransportKind;
 use freehint_dirty_log::DirtyLog;
 use freehint_hint_filter::{Cursor, HintFilter, SyncReport};
 use freehint_memory::{is_zero_volatile, GuestRam};
@@ -221,6 +222,11 @@ impl PrecopySender {
         let mut at = Attempt {
             stats: MigrationStats {
                 guest_ram_bytes: self.ram.size_bytes(),
+                transport: if self.tls.is_some() {
+                    TransportKind::Tls
+                } else {
+                    TransportKind::Tcp
+                },
                 ..Default::default()
             },
             started: Instant::now(),

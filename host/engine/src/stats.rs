@@ -6,6 +6,9 @@ use crate::Phase;
 /// unit; the same names appear in the JSON, the logs and the summary.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrationStats {
+    /// What carried the migration's connections.
+    #[serde(default)]
+    pub transport: TransportKind,
     /// Bytes written to all sockets, headers included.
     pub bytes_on_wire: u64,
     /// Pages sent with their data.
@@ -95,6 +98,17 @@ pub struct MigrationStats {
     /// Whether the destination runs the guest at the end, as far as this
     /// side knows (`null` when the outcome is uncertain).
     pub destination_running: Option<bool>,
+}
+
+/// What carries a migration's connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// Plain TCP (`--insecure`): neither encrypted nor authenticated.
+    #[default]
+    Tcp,
+    /// TLS 1.3 with mutual x509 authentication, over TCP.
+    Tls,
 }
 
 /// What postcopy measured, the same on either side (the source gets the

@@ -281,6 +281,8 @@ fn tls_cost_is_judged_against_plain_tcp_on_the_unshaped_link() {
     let run = |mode: Mode, rep: u32, total_ms: u64| {
         let mut r = measured(Profile::AfterJob, 2048, mode, rep, total_ms);
         r.link = Link::Unlimited;
+        let transport = if mode == Mode::FreehintHints { "tls" } else { "tcp" };
+        r.tool_stats = serde_json::json!({ "transport": transport });
         r
     };
     let suite = |tls_ms: u64| {
@@ -311,6 +313,11 @@ fn tls_cost_is_judged_against_plain_tcp_on_the_unshaped_link() {
     assert_has(
         &md,
         "| after-job | 2048 | unlimited | 30 | 210 | 210 | 1.00× | 1100 | 1000 | 1.10× | met | suite-7.json |",
+    );
+    // The suite says what carried each freehint mode.
+    assert_has(
+        &md,
+        "freehint's connections: freehint-hints TLS; freehint-hints-insecure plain TCP.",
     );
     // 20% slower over TLS fails the goal.
     s.write(

@@ -102,8 +102,6 @@ pub struct SimReport {
     /// `precopy`, `postcopy` or `hybrid` (what was asked; `postcopy` in
     /// the stats says whether the switch happened).
     pub migration_mode: &'static str,
-    /// What carried the migration: `tcp` (plain) or `tls`.
-    pub transport: &'static str,
     /// The sender's stats.
     #[serde(flatten)]
     pub stats: MigrationStats,
@@ -431,7 +429,6 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
         dirty_mib_per_s: a.dirty_mib_per_s,
         hints,
         migration_mode: mode.name(),
-        transport: if a.tls_dir.is_some() { "tls" } else { "tcp" },
         stats,
         pages_compared,
         mismatched_pages,

@@ -24,6 +24,9 @@ pub(crate) fn suite_section(suite: &Suite) -> String {
         md.push_str("It has no runs.\n\n");
         return md;
     }
+    if let Some(line) = transports(suite) {
+        let _ = writeln!(md, "{line}\n");
+    }
     let _ = writeln!(
         md,
         "{} runs in {} groups; medians over each mode's measured runs.\n",
@@ -55,6 +58,38 @@ pub(crate) fn suite_section(suite: &Suite) -> String {
         md.push('\n');
     }
     md
+}
+
+/// What carried each freehint mode's runs, from their stats' `transport`
+/// (`None` for a suite without freehint runs). Runs whose stats have no
+/// `transport` were made before freehint had TLS: they ran over plain TCP.
+fn transports(suite: &Suite) -> Option<String> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut by_mode: BTreeMap<crate::record::Mode, BTreeSet<String>> = BTreeMap::new();
+    for r in suite.report.runs.iter().filter(|r| r.mode.is_freehint()) {
+        let t = match r.tool_stats.get("transport").and_then(|v| v.as_str()) {
+            Some("tls") => "TLS".to_string(),
+            Some("tcp") => "plain TCP".to_string(),
+            Some(other) => other.to_string(),
+            None if r.status == RunStatus::Ok => "plain TCP (before TLS existed)".to_string(),
+            None => continue,
+        };
+        by_mode.entry(r.mode).or_default().insert(t);
+    }
+    if by_mode.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = by_mode
+        .iter()
+        .map(|(m, t)| {
+            format!(
+                "{} {}",
+                m.name(),
+                t.iter().cloned().collect::<Vec<_>>().join(" and ")
+            )
+        })
+        .collect();
+    Some(format!("freehint's connections: {}.", parts.join("; ")))
 }
 
 /// `2 of 3 (1 failed)`.
