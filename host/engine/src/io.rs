@@ -258,6 +258,12 @@ impl RawPages {
 // `ptr::copy_nonoverlapping`, from whichever thread runs the future.
 unsafe impl Send for RawPages {}
 
+// SAFETY: through a shared reference a `RawPages` gives only its length
+// and `write_at`, whose writes are volatile copies into guest memory: a
+// shared mapping that the guest (another thread, another process) may
+// write at any moment anyway, and that no Rust reference ever covers.
+unsafe impl Sync for RawPages {}
+
 /// Reads the rest of `dst` (from byte `done` on) straight from `stream`
 /// into the mapping, through raw pointers only.
 pub(crate) async fn read_socket_into_pages(

@@ -1299,7 +1299,6 @@ async fn receive_bulk(
     let mut round = 0u32;
     let mut frame_buf = Vec::new();
     let mut data: Vec<u8> = Vec::new();
-    let mut bounce: Vec<u8> = Vec::new();
     let mut reporter = PlacedReporter::default();
     let ram = ctx.ram.clone();
     let region_pages =
@@ -1373,7 +1372,7 @@ async fn receive_bulk(
                         // raw pointers (the decoder checked the run lies in
                         // the region).
                         let dst = RawPages::of(&region.volatile_pages(page, run)?);
-                        read_into_pages(&mut r, dst, &mut bounce, &name).await?;
+                        read_into_pages(&mut r, dst, &name).await?;
                     } else {
                         let len = run as usize * page_bytes;
                         // SAFETY: the destination VM is not running (it

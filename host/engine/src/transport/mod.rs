@@ -27,7 +27,7 @@
 
 pub mod tls;
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,9 +42,16 @@ use crate::MigrateError;
 
 pub use tls::{TlsConfig, TlsError};
 
-/// Plaintext bytes moved through a TLS record at a time: the largest
-/// record TLS allows.
-const TLS_CHUNK_BYTES: usize = 16 << 10;
+/// Plaintext bytes handed to TLS at a time (rustls cuts them into
+/// records of at most 16 KiB).
+const TLS_CHUNK_BYTES: usize = 64 << 10;
+/// Records a TLS connection encrypts ahead before writing them, in bytes:
+/// they go out in one `writev` when full, or at a flush.
+pub(crate) const TLS_SEND_BUFFER_BYTES: usize = 256 << 10;
+/// Ciphertext read from the socket at a time. rustls reads at most a few
+/// KiB per call on its own: through this buffer, one `read` takes what the
+/// socket holds.
+const TLS_RECEIVE_BUFFER_BYTES: usize = 256 << 10;
 
 /// One migration connection (see the module's doc).
 pub(crate) struct Channel {
@@ -54,7 +61,37 @@ pub(crate) struct Channel {
 
 /// A TLS connection's state beside its socket.
 struct Tls {
-    conn: Mutex<rustls::Connection>,
+    state: Mutex<TlsState>,
+}
+
+/// What one lock holds: the TLS connection, and ciphertext read from the
+/// socket that it has not taken yet.
+struct TlsState {
+    conn: rustls::Connection,
+    incoming: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl TlsState {
+    /// Hands the connection more ciphertext: from the buffer, refilled
+    /// from the socket (without waiting) when empty. `Ok(None)` at the end
+    /// of the stream; `WouldBlock` if the socket has nothing.
+    fn read_tls(&mut self, tcp: &TcpStream) -> io::Result<Option<usize>> {
+        if self.start == self.end {
+            let n = tcp.try_read(&mut self.incoming)?;
+            if n == 0 {
+                // Tells rustls the stream ended.
+                self.conn.read_tls(&mut io::empty())?;
+                return Ok(None);
+            }
+            (self.start, self.end) = (0, n);
+        }
+        let mut pending = &self.incoming[self.start..self.end];
+        let n = self.conn.read_tls(&mut pending)?;
+        self.start += n;
+        Ok(Some(n))
+    }
 }
 
 impl Channel {
@@ -69,7 +106,12 @@ impl Channel {
         Self {
             tcp,
             tls: Some(Tls {
-                conn: Mutex::new(conn),
+                state: Mutex::new(TlsState {
+                    conn,
+                    incoming: vec![0u8; TLS_RECEIVE_BUFFER_BYTES].into_boxed_slice(),
+                    start: 0,
+                    end: 0,
+                }),
             }),
         }
     }
@@ -88,8 +130,10 @@ impl Channel {
         };
         loop {
             let interest = {
-                let mut conn = lock(&tls.conn);
-                match flush_records(&mut conn, &self.tcp) {
+                let mut st = lock(&tls.state);
+                let st = &mut *st;
+                let conn = &mut st.conn;
+                match flush_records(conn, &self.tcp) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(TlsError::Io(e)),
@@ -102,13 +146,13 @@ impl Channel {
                 } else if conn.wants_write() {
                     tokio::io::Interest::WRITABLE
                 } else {
-                    match conn.read_tls(&mut SocketIo(&self.tcp)) {
-                        Ok(0) => return Err(TlsError::ClosedInHandshake),
-                        Ok(_) => {
-                            if let Err(e) = conn.process_new_packets() {
+                    match st.read_tls(&self.tcp) {
+                        Ok(None) => return Err(TlsError::ClosedInHandshake),
+                        Ok(Some(_)) => {
+                            if let Err(e) = st.conn.process_new_packets() {
                                 // Tell the peer why (the alert rustls
                                 // queued), best effort.
-                                let _ = flush_records(&mut conn, &self.tcp);
+                                let _ = flush_records(&mut st.conn, &self.tcp);
                                 return Err(TlsError::Handshake(e));
                             }
                             continue;
@@ -130,10 +174,44 @@ impl Channel {
         let Some(tls) = &self.tls else {
             return self.tcp.try_read(buf);
         };
-        let mut conn = lock(&tls.conn);
+        self.try_read_tls(tls, |plain| {
+            let n = plain.len().min(buf.len());
+            buf[..n].copy_from_slice(&plain[..n]);
+            n
+        })
+    }
+
+    /// Like [`Self::try_read`], but the bytes go into `dst` from byte
+    /// `offset` on, copied straight out of the TLS connection's plaintext
+    /// (with TLS; plain TCP reads them straight from the socket).
+    fn try_read_pages(&self, dst: &RawPages, offset: usize) -> io::Result<usize> {
+        let Some(tls) = &self.tls else {
+            return Err(io::Error::other("plain TCP reads pages from the socket"));
+        };
+        self.try_read_tls(tls, |plain| {
+            let n = plain.len().min(dst.len() - offset);
+            dst.write_at(offset, &plain[..n]);
+            n
+        })
+    }
+
+    /// Gives `take` the plaintext the connection holds (decrypting what
+    /// the socket has, without waiting); `take` returns how much it took.
+    /// `WouldBlock` if nothing has arrived, `Ok(0)` at the end of the
+    /// stream.
+    fn try_read_tls(&self, tls: &Tls, mut take: impl FnMut(&[u8]) -> usize) -> io::Result<usize> {
+        let mut st = lock(&tls.state);
+        let mut ended = false;
         loop {
-            match conn.reader().read(buf) {
-                Ok(n) => return Ok(n),
+            let mut reader = st.conn.reader();
+            match reader.fill_buf() {
+                Ok([]) => return Ok(0),
+                Ok(plain) => {
+                    let n = take(plain);
+                    reader.consume(n);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && ended => return Ok(0),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // The peer closed its socket without TLS's close_notify.
                 // Counted as the end of the stream, as on plain TCP: every
@@ -142,37 +220,47 @@ impl Channel {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 Err(e) => return Err(e),
             }
-            let got = conn.read_tls(&mut SocketIo(&self.tcp))?;
-            if let Err(e) = conn.process_new_packets() {
-                let _ = flush_records(&mut conn, &self.tcp);
+            let got = st.read_tls(&self.tcp)?;
+            if let Err(e) = st.conn.process_new_packets() {
+                let _ = flush_records(&mut st.conn, &self.tcp);
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
             }
-            if got == 0 {
-                return match conn.reader().read(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
-                    r => r,
-                };
+            match got {
+                None => ended = true,
+                // rustls took nothing although ciphertext waits (it
+                // refuses what it cannot hold with an error, so this is
+                // not expected): failing beats spinning here.
+                Some(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "TLS: the connection took none of the ciphertext waiting",
+                    ));
+                }
+                Some(_) => {}
             }
         }
     }
 
     /// Writes what the socket takes without waiting: `WouldBlock` if it
-    /// takes nothing. With TLS, bytes taken may still wait in the
-    /// connection's state until the next write or [`Self::try_flush`].
+    /// takes nothing. With TLS, bytes taken are encrypted into records
+    /// that wait in the connection's state (up to
+    /// [`TLS_SEND_BUFFER_BYTES`]) until it is full or flushed: every
+    /// writer of the engine flushes once its frame or batch is written.
     pub(crate) fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         let Some(tls) = &self.tls else {
             return self.tcp.try_write(buf);
         };
-        let mut conn = lock(&tls.conn);
-        flush_records(&mut conn, &self.tcp)?;
-        let n = conn
-            .writer()
-            .write(&buf[..buf.len().min(TLS_CHUNK_BYTES)])?;
-        match flush_records(&mut conn, &self.tcp) {
-            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
-            _ if n == 0 && !buf.is_empty() => Err(io::ErrorKind::WouldBlock.into()),
-            _ => Ok(n),
+        let mut st = lock(&tls.state);
+        let chunk = &buf[..buf.len().min(TLS_CHUNK_BYTES)];
+        let n = st.conn.writer().write(chunk)?;
+        if n > 0 || chunk.is_empty() {
+            return Ok(n);
+        }
+        // Its records fill the buffer: write them out first.
+        flush_records(&mut st.conn, &self.tcp)?;
+        match st.conn.writer().write(chunk)? {
+            0 => Err(io::ErrorKind::WouldBlock.into()),
+            n => Ok(n),
         }
     }
 
@@ -180,18 +268,20 @@ impl Channel {
     fn try_flush(&self) -> io::Result<()> {
         match &self.tls {
             None => Ok(()),
-            Some(tls) => flush_records(&mut lock(&tls.conn), &self.tcp),
+            Some(tls) => flush_records(&mut lock(&tls.state).conn, &self.tcp),
         }
     }
 
     /// Waits until a read may find something (it may still find nothing).
     pub(crate) async fn readable(&self) -> io::Result<()> {
         if let Some(tls) = &self.tls {
-            let has_plaintext = lock(&tls.conn)
+            let mut st = lock(&tls.state);
+            let has_plaintext = st
+                .conn
                 .process_new_packets()
                 .map(|s| s.plaintext_bytes_to_read() > 0)
                 .unwrap_or(true);
-            if has_plaintext {
+            if has_plaintext || st.start < st.end {
                 return Ok(());
             }
         }
@@ -245,10 +335,10 @@ impl Channel {
     /// then the socket's write side.
     fn poll_shutdown_shared(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if let Some(tls) = &self.tls {
-            let mut conn = lock(&tls.conn);
-            if !conn.is_handshaking() {
+            let mut st = lock(&tls.state);
+            if !st.conn.is_handshaking() {
                 // Sent once: rustls ignores a second call.
-                conn.send_close_notify();
+                st.conn.send_close_notify();
             }
         }
         ready!(self.poll_flush_shared(cx))?;
@@ -310,7 +400,7 @@ impl Channel {
     }
 }
 
-fn lock(m: &Mutex<rustls::Connection>) -> MutexGuard<'_, rustls::Connection> {
+fn lock(m: &Mutex<TlsState>) -> MutexGuard<'_, TlsState> {
     // A panic while holding it leaves a connection whose records may be
     // half-written: the next read or write fails in rustls, not here.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -326,15 +416,9 @@ fn flush_records(conn: &mut rustls::Connection, tcp: &TcpStream) -> io::Result<(
     Ok(())
 }
 
-/// The socket as `std::io` for rustls: non-blocking reads and writes
-/// that keep tokio's readiness tracking right.
+/// The socket as `std::io::Write` for rustls: non-blocking writes that
+/// keep tokio's readiness tracking right.
 struct SocketIo<'a>(&'a TcpStream);
-
-impl Read for SocketIo<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
-    }
-}
 
 impl Write for SocketIo<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -477,13 +561,12 @@ impl DetachedChannel {
 
 /// Reads exactly `dst`'s length of page data into guest memory: first what
 /// `r` has buffered, then the rest. On plain TCP the socket reads
-/// straight into the mapping; with TLS the plaintext goes through a buffer
-/// of ours, copied in with volatile writes. Guest memory is only reached
-/// through raw pointers, never a Rust reference.
+/// straight into the mapping; with TLS the plaintext is copied out of the
+/// connection's own buffer with volatile writes. Guest memory is only
+/// reached through raw pointers, never a Rust reference.
 pub(crate) async fn read_into_pages(
     r: &mut BufReader<Channel>,
     dst: RawPages,
-    bounce: &mut Vec<u8>,
     context: &str,
 ) -> Result<(), MigrateError> {
     let len = dst.len();
@@ -503,12 +586,14 @@ pub(crate) async fn read_into_pages(
         return crate::io::read_socket_into_pages(&channel.tcp, dst, done, context).await;
     }
     while done < len {
-        let want = (len - done).min(TLS_CHUNK_BYTES * 4);
-        bounce.resize(want, 0);
-        let n = std::future::poll_fn(|cx| {
-            let mut rb = ReadBuf::new(&mut bounce[..want]);
-            ready!(channel.poll_read_shared(cx, &mut rb))?;
-            Poll::Ready(Ok::<_, io::Error>(rb.filled().len()))
+        let n = std::future::poll_fn(|cx| loop {
+            match channel.try_read_pages(&dst, done) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(channel.tcp.poll_read_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         })
         .await
         .map_err(MigrateError::io(context.to_string()))?;
@@ -517,7 +602,6 @@ pub(crate) async fn read_into_pages(
                 "{context}: peer disconnected in the middle of a frame (truncated frame)"
             )));
         }
-        dst.write_at(done, &bounce[..n]);
         done += n;
     }
     Ok(())
@@ -676,9 +760,7 @@ mod tests {
             let mut h = [0u8; 4];
             r.read_exact(&mut h).await.unwrap();
             assert_eq!(&h, b"head");
-            read_into_pages(&mut r, pages, &mut Vec::new(), "test")
-                .await
-                .unwrap();
+            read_into_pages(&mut r, pages, "test").await.unwrap();
         };
         tokio::join!(write, read);
         assert!(dst == src, "pages differ after crossing TLS");

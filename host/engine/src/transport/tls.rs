@@ -164,7 +164,7 @@ impl TlsConfig {
             })?;
         }
         let roots = Arc::new(roots);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(provider());
         let config = |source| TlsError::Config {
             dir: dir.to_path_buf(),
             source,
@@ -265,7 +265,7 @@ impl TlsConfig {
             .clone()
             .unwrap_or_else(|| ServerName::IpAddress(dest.ip().into()));
         let mut c = rustls::ClientConnection::new(config, name).map_err(TlsError::Handshake)?;
-        c.set_buffer_limit(Some(super::TLS_CHUNK_BYTES * 4));
+        c.set_buffer_limit(Some(super::TLS_SEND_BUFFER_BYTES));
         Ok(c.into())
     }
 
@@ -278,7 +278,7 @@ impl TlsConfig {
             ))
         })?;
         let mut c = rustls::ServerConnection::new(config).map_err(TlsError::Handshake)?;
-        c.set_buffer_limit(Some(super::TLS_CHUNK_BYTES * 4));
+        c.set_buffer_limit(Some(super::TLS_SEND_BUFFER_BYTES));
         Ok(c.into())
     }
 
@@ -354,6 +354,22 @@ impl ClientCertVerifier for NamedSourceVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.chain.supported_verify_schemes()
+    }
+}
+
+/// rustls's `ring` provider with AES-128-GCM first: on a CPU with AES
+/// instructions it is the fastest TLS 1.3 suite (about 9% faster than
+/// AES-256-GCM here, `openssl speed`), and the cipher's CPU time is most
+/// of what TLS costs a migration (docs/SECURITY.md).
+fn provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::ring::cipher_suite;
+    rustls::crypto::CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
     }
 }
 
