@@ -281,7 +281,11 @@ fn tls_cost_is_judged_against_plain_tcp_on_the_unshaped_link() {
     let run = |mode: Mode, rep: u32, total_ms: u64| {
         let mut r = measured(Profile::AfterJob, 2048, mode, rep, total_ms);
         r.link = Link::Unlimited;
-        let transport = if mode == Mode::FreehintHints { "tls" } else { "tcp" };
+        let transport = if mode == Mode::FreehintHints {
+            "tls"
+        } else {
+            "tcp"
+        };
         r.tool_stats = serde_json::json!({ "transport": transport });
         r
     };
@@ -305,6 +309,14 @@ fn tls_cost_is_judged_against_plain_tcp_on_the_unshaped_link() {
         "suite-7.json",
         &serde_json::to_string(&suite(1100)).unwrap(),
     );
+    // An older suite's freehint-hints ran over plain TCP (its stats have no
+    // transport): it must not count as TLS.
+    let mut older = suite(5000);
+    older.runs.retain(|r| r.mode == Mode::FreehintHints);
+    for r in &mut older.runs {
+        r.tool_stats = serde_json::json!({});
+    }
+    s.write("suite-1.json", &serde_json::to_string(&older).unwrap());
     let md = s.report();
     assert_has(
         &md,
