@@ -272,33 +272,30 @@ fn the_simulated_vm_migrates_over_tls_in_every_mode() {
 
 #[test]
 fn migration_commands_need_tls_or_an_explicit_insecure() {
-    let (ok, _, err) = freehint(&[
-        "receive",
-        "--listen",
-        "127.0.0.1:0",
-        "--ram",
-        "/dev/shm/freehint-never-made.ram",
-        "--mem-mib",
-        "16",
-    ]);
-    assert!(!ok);
+    const RAM: &str = "/dev/shm/freehint-never-made.ram";
+    // `freehint receive` with `security` (the rest is valid): it must fail.
+    let refused = |security: &[&str]| {
+        let mut args = vec![
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--ram",
+            RAM,
+            "--mem-mib",
+            "16",
+        ];
+        args.extend_from_slice(security);
+        let (ok, _, err) = freehint(&args);
+        assert!(!ok, "receive {security:?} started");
+        err
+    };
+    let err = refused(&[]);
     assert!(
         err.contains("--tls-dir") && err.contains("--insecure"),
         "{err}"
     );
     let dir = tempfile::tempdir().unwrap();
-    let (ok, _, err) = freehint(&[
-        "receive",
-        "--listen",
-        "127.0.0.1:0",
-        "--ram",
-        "/dev/shm/freehint-never-made.ram",
-        "--mem-mib",
-        "16",
-        "--tls-dir",
-        dir.path().to_str().unwrap(),
-    ]);
-    assert!(!ok);
+    let err = refused(&["--tls-dir", dir.path().to_str().unwrap()]);
     assert!(err.contains("ca-cert.pem"), "{err}");
-    assert!(!Path::new("/dev/shm/freehint-never-made.ram").exists());
+    assert!(!Path::new(RAM).exists());
 }

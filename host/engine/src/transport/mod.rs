@@ -446,61 +446,54 @@ impl AsFd for Channel {
     }
 }
 
-impl AsyncRead for &Channel {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        self.poll_read_shared(cx, buf)
-    }
+/// `AsyncRead` for `$ty`, reading through the `Channel` `$ch` gives.
+macro_rules! channel_read {
+    ($ty:ty, |$me:ident| $ch:expr) => {
+        impl AsyncRead for $ty {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                let $me = self.get_mut();
+                $ch.poll_read_shared(cx, buf)
+            }
+        }
+    };
 }
 
-impl AsyncWrite for &Channel {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_write_shared(cx, buf)
-    }
+/// `AsyncWrite` for `$ty`, writing through the `Channel` `$ch` gives.
+macro_rules! channel_write {
+    ($ty:ty, |$me:ident| $ch:expr) => {
+        impl AsyncWrite for $ty {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                let $me = self.get_mut();
+                $ch.poll_write_shared(cx, buf)
+            }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_flush_shared(cx)
-    }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                let $me = self.get_mut();
+                $ch.poll_flush_shared(cx)
+            }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_shutdown_shared(cx)
-    }
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                let $me = self.get_mut();
+                $ch.poll_shutdown_shared(cx)
+            }
+        }
+    };
 }
 
-impl AsyncRead for Channel {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        self.poll_read_shared(cx, buf)
-    }
-}
-
-impl AsyncWrite for Channel {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.poll_write_shared(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_flush_shared(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_shutdown_shared(cx)
-    }
-}
+channel_read!(&Channel, |me| me);
+channel_write!(&Channel, |me| me);
+channel_read!(Channel, |me| me);
+channel_write!(Channel, |me| me);
+channel_read!(ChannelReader, |me| me.0);
+channel_write!(ChannelWriter, |me| me.0);
 
 /// The reading half of a [`Channel::into_split`].
 pub(crate) struct ChannelReader(Arc<Channel>);
@@ -512,34 +505,6 @@ impl ChannelWriter {
     /// The connection both halves share.
     pub(crate) fn channel(&self) -> &Channel {
         &self.0
-    }
-}
-
-impl AsyncRead for ChannelReader {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        self.0.poll_read_shared(cx, buf)
-    }
-}
-
-impl AsyncWrite for ChannelWriter {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.0.poll_write_shared(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.0.poll_flush_shared(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.0.poll_shutdown_shared(cx)
     }
 }
 
