@@ -7,8 +7,8 @@ test:
 	./tests/scripts/test.sh
 bench:
 	./tests/scripts/bench.sh
-# The fuzz targets (tests/fuzz) for 10 million executions each (about an
-# hour); `make test` runs them for seconds.
+# The fuzz targets (tests/fuzz) for 10 million executions or an hour each,
+# whichever comes first; `make test` runs them for seconds.
 fuzz:
 	./tests/scripts/fuzz.sh --runs 10000000
 

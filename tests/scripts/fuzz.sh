@@ -6,7 +6,8 @@
 #   tests/scripts/fuzz.sh [SECONDS]   every target for SECONDS each
 #                                     (default 10: the short runs of
 #                                     `make test`)
-#   tests/scripts/fuzz.sh --runs N    every target for N executions
+#   tests/scripts/fuzz.sh --runs N    every target for N executions or an
+#                                     hour, whichever comes first
 #                                     (`make fuzz`: 10 million each, about
 #                                     an hour on 2 cores)
 #
@@ -18,8 +19,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "${1:-}" = --runs ]; then
-  limit=(-runs="${2:?--runs needs a count}")
-  what="${2} executions"
+  # N executions or an hour (FREEHINT_FUZZ_MAX_S), whichever comes first:
+  # the slower targets run about a thousand executions a second.
+  max_s=${FREEHINT_FUZZ_MAX_S:-3600}
+  limit=(-runs="${2:?--runs needs a count}" -max_total_time="$max_s")
+  what="${2} executions or ${max_s}s"
 else
   limit=(-max_total_time="${1:-10}")
   what="${1:-10}s"
