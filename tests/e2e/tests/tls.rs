@@ -299,3 +299,55 @@ fn migration_commands_need_tls_or_an_explicit_insecure() {
     assert!(err.contains("ca-cert.pem"), "{err}");
     assert!(!Path::new(RAM).exists());
 }
+
+#[test]
+fn the_pinned_mode_migrates_with_fingerprints_and_refuses_others() {
+    let ours = tempfile::tempdir().unwrap();
+    let theirs = tempfile::tempdir().unwrap();
+    let init = |dir: &Path| {
+        let (ok, out, err) = freehint(&["tls", "init", dir.to_str().unwrap(), "--pinned"]);
+        assert!(ok, "freehint tls init --pinned: {err}");
+        out.lines().last().unwrap().to_string()
+    };
+    let our_pin = init(ours.path());
+    let their_pin = init(theirs.path());
+    let (ok, shown, err) = freehint(&["tls", "fingerprint", ours.path().to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        shown.trim(),
+        our_pin,
+        "tls fingerprint and tls init disagree"
+    );
+    let (ok, _, err) = freehint(&["tls", "init", ours.path().to_str().unwrap(), "--pinned"]);
+    assert!(
+        !ok && err.contains("--force"),
+        "a host key was replaced: {err}"
+    );
+
+    // Both sides of bench sim hold our certificate and pin it: it migrates.
+    let sim = |pin: &str| {
+        bench_sim(&[
+            "--mem-mib",
+            "256",
+            "--used-percent",
+            "20",
+            "--hints",
+            "on",
+            "--tls-dir",
+            ours.path().to_str().unwrap(),
+            "--tls-pin",
+            pin,
+        ])
+    };
+    let v = sim(&our_pin).unwrap();
+    assert_eq!(v["transport"], "tls", "{v}");
+    assert_eq!(v["state"], "completed", "{v}");
+    assert_eq!(v["mismatched_pages"], 0, "{v}");
+    // Pinned to another host's fingerprint, the source refuses the
+    // destination and says why.
+    let e = sim(&their_pin).expect_err("migrated to a destination that was not pinned");
+    assert!(e.contains("--tls-pin"), "{e}");
+    // A fingerprint that is not one is refused before anything starts.
+    let e = sim("AB:CD").expect_err("took a malformed fingerprint");
+    assert!(e.contains("64 hex digits"), "{e}");
+}

@@ -82,6 +82,10 @@ pub struct SimArgs {
     /// between hosts.
     #[arg(long, value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// With --tls-dir: the pinned mode (see `freehint vm --help`); both
+    /// sides use DIR's host certificate, so pin its own fingerprint.
+    #[arg(long, value_name = "SHA256", requires = "tls_dir")]
+    pub tls_pin: Vec<freehint_engine::tls::CertificateFingerprint>,
     #[command(flatten)]
     pub params: ParamArgs,
 }
@@ -276,6 +280,7 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
         tls_dir: a.tls_dir.clone(),
         tls_peer_name: None,
         tls_source_name: None,
+        tls_pin: a.tls_pin.clone(),
     };
     recv_cmd.args(tls_args.to_args());
     let tls = match &a.tls_dir {

@@ -844,6 +844,98 @@ mod tests {
         s.unwrap();
     }
 
+    fn pinned_host() -> (tempfile::TempDir, tls::CertificateFingerprint) {
+        let dir = tempfile::tempdir().unwrap();
+        let fingerprint = tls::make_host_certificate(dir.path()).unwrap();
+        (dir, fingerprint)
+    }
+
+    #[tokio::test]
+    async fn pinned_hosts_take_each_other_and_refuse_strangers() {
+        let (a_dir, a) = pinned_host();
+        let (b_dir, b) = pinned_host();
+        let (c_dir, c) = pinned_host();
+        let a_tls = TlsConfig::pinned(a_dir.path(), &[b]).unwrap();
+        let b_tls = TlsConfig::pinned(b_dir.path(), &[a]).unwrap();
+        let c_tls = TlsConfig::pinned(c_dir.path(), &[b]).unwrap();
+
+        // A to B: each has pinned the other; bytes cross.
+        let (src, dst) = pair(Some(&a_tls), Some(&b_tls)).await;
+        let (src, dst) = (src.unwrap(), dst.unwrap());
+        (&src).write_all(b"pinned").await.unwrap();
+        (&src).shutdown().await.unwrap();
+        let mut got = Vec::new();
+        (&dst).read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"pinned");
+
+        // C knows B's fingerprint, but B has not pinned C: B refuses it
+        // and names the fingerprint it saw.
+        let (_src, dst) = pair(Some(&c_tls), Some(&b_tls)).await;
+        let e = dst
+            .err()
+            .expect("a destination took a source it has not pinned");
+        let text = e.to_string();
+        assert!(
+            text.contains(&c.to_string()) && text.contains("--tls-pin"),
+            "{text}"
+        );
+
+        // A source pinned to C reaches B: the source refuses B.
+        let a_to_c = TlsConfig::pinned(a_dir.path(), &[c]).unwrap();
+        let (src, _dst) = pair(Some(&a_to_c), Some(&b_tls)).await;
+        let e = src
+            .err()
+            .expect("a source took a destination it has not pinned");
+        let text = freehint_types::ErrorChain(&e).to_string();
+        assert!(text.contains(&b.to_string()), "{text}");
+
+        // A CA set's source is a stranger to a pinned destination.
+        let (_ca_dir, ca_tls) = test_set();
+        let (_src, dst) = pair(Some(&ca_tls), Some(&b_tls)).await;
+        assert!(dst.is_err(), "a pinned destination took a CA-signed source");
+    }
+
+    #[test]
+    fn fingerprints_read_as_openssl_and_freehint_print_them() {
+        let (dir, fp) = pinned_host();
+        let shown = fp.to_string();
+        assert_eq!(shown.len(), 32 * 3 - 1);
+        assert_eq!(shown.parse::<tls::CertificateFingerprint>().unwrap(), fp);
+        let bare = shown.replace(':', "").to_lowercase();
+        assert_eq!(bare.parse::<tls::CertificateFingerprint>().unwrap(), fp);
+        let openssl = format!("sha256 Fingerprint={shown}");
+        assert_eq!(openssl.parse::<tls::CertificateFingerprint>().unwrap(), fp);
+        let prefixed = format!("SHA256:{bare}");
+        assert_eq!(prefixed.parse::<tls::CertificateFingerprint>().unwrap(), fp);
+        assert_eq!(
+            tls::CertificateFingerprint::of_file(&dir.path().join(tls::HOST_CERT_FILE)).unwrap(),
+            fp
+        );
+        let not_hex = "zz".repeat(32);
+        for bad in ["", "AB:CD", &bare[1..], &format!("{bare}00"), &not_hex] {
+            let e = bad.parse::<tls::CertificateFingerprint>();
+            let e = e.expect_err(bad).to_string();
+            assert!(e.contains("64 hex digits"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_pinned_mode_says_what_is_missing() {
+        let (dir, fp) = pinned_host();
+        let e = TlsConfig::pinned(dir.path(), &[]).unwrap_err().to_string();
+        assert!(e.contains("--tls-pin"), "{e}");
+        let e = TlsConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("--tls-pin"), "{e}");
+        let empty = tempfile::tempdir().unwrap();
+        let e = TlsConfig::pinned(empty.path(), &[fp])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--pinned"), "{e}");
+        let both = TlsConfig::pinned(dir.path(), &[fp]).unwrap();
+        assert!(both.can_send() && both.can_receive());
+        assert_eq!(both.pins(), &[fp]);
+    }
+
     #[test]
     fn a_directory_without_certificates_says_what_is_missing() {
         let dir = tempfile::tempdir().unwrap();

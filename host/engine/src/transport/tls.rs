@@ -13,6 +13,12 @@
 //! [`TlsConfig::with_peer_name`]); the destination checks that the
 //! source's certificate chains to the CA. Only TLS 1.3 is offered, with
 //! `rustls`'s `ring` cipher suites; no session tickets, no early data.
+//!
+//! The pinned mode ([`TlsConfig::pinned`]) needs no CA: each host has a
+//! self-signed certificate (`host-cert.pem`, `host-key.pem`, made by
+//! [`make_host_certificate`]) and accepts only peers whose certificate has
+//! one of the SHA-256 fingerprints it is given, as SSH's `known_hosts`
+//! does. Only fingerprints travel between hosts, never keys.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,6 +41,10 @@ pub const SERVER_KEY_FILE: &str = "server-key.pem";
 pub const CLIENT_CERT_FILE: &str = "client-cert.pem";
 /// A source's private key.
 pub const CLIENT_KEY_FILE: &str = "client-key.pem";
+/// This host's self-signed certificate, in the pinned mode.
+pub const HOST_CERT_FILE: &str = "host-cert.pem";
+/// This host's private key, in the pinned mode.
+pub const HOST_KEY_FILE: &str = "host-key.pem";
 
 /// Why TLS could not be set up, or a TLS connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +133,15 @@ fn handshake_hint(e: &rustls::Error) -> &'static str {
         rustls::Error::InvalidCertificate(_) => {
             " (the certificate is not from our CA, or not for the expected name)"
         }
+        rustls::Error::AlertReceived(
+            rustls::AlertDescription::HandshakeFailure
+            | rustls::AlertDescription::CertificateUnknown
+            | rustls::AlertDescription::BadCertificate
+            | rustls::AlertDescription::UnknownCA
+            | rustls::AlertDescription::AccessDenied,
+        ) => {
+            " (the peer refused our certificate: is it signed by the peer's CA, or pinned there with --tls-pin?)"
+        }
         _ => "",
     }
 }
@@ -134,6 +153,7 @@ pub struct TlsConfig {
     client: Option<Arc<ClientConfig>>,
     server: Option<Arc<ServerConfig>>,
     peer_name: Option<ServerName<'static>>,
+    pins: Vec<CertificateFingerprint>,
 }
 
 impl TlsConfig {
@@ -154,8 +174,65 @@ impl TlsConfig {
         Self::load(dir, Some(name))
     }
 
+    /// The pinned mode: reads this host's self-signed pair
+    /// (`host-cert.pem`, `host-key.pem`) from `dir`, which serves both to
+    /// send and to receive, and accepts as a peer (either way) only a
+    /// certificate whose SHA-256 fingerprint is among `pins`. No CA, no
+    /// names, no validity dates are checked: the fingerprint is the
+    /// identity.
+    pub fn pinned(dir: &Path, pins: &[CertificateFingerprint]) -> Result<Self, TlsError> {
+        if pins.is_empty() {
+            return Err(TlsError::Incomplete(
+                "the pinned mode needs at least one peer fingerprint (--tls-pin)".into(),
+            ));
+        }
+        let Some((certs, key)) = read_pair(dir, HOST_CERT_FILE, HOST_KEY_FILE)? else {
+            return Err(TlsError::Incomplete(format!(
+                "{}: no {HOST_CERT_FILE} and {HOST_KEY_FILE} for the pinned mode (`freehint tls init DIR --pinned` makes them)",
+                dir.display()
+            )));
+        };
+        let provider = Arc::new(provider());
+        let verifier = Arc::new(PinnedPeerVerifier {
+            pins: pins.to_vec(),
+            algorithms: provider.signature_verification_algorithms,
+        });
+        let config = |source| TlsError::Config {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(config)?
+            .with_client_cert_verifier(verifier.clone())
+            .with_single_cert(certs.clone(), key.clone_key())
+            .map_err(config)?;
+        server.send_tls13_tickets = 0;
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(config)?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(certs, key)
+            .map_err(config)?;
+        client.resumption = rustls::client::Resumption::disabled();
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            client: Some(Arc::new(client)),
+            server: Some(Arc::new(server)),
+            peer_name: None,
+            pins: pins.to_vec(),
+        })
+    }
+
     fn load(dir: &Path, source_name: Option<ServerName<'static>>) -> Result<Self, TlsError> {
         let ca_path = dir.join(CA_CERT_FILE);
+        if !ca_path.exists() && dir.join(HOST_CERT_FILE).exists() {
+            return Err(TlsError::Incomplete(format!(
+                "{} holds a pinned host certificate ({HOST_CERT_FILE}) and no {CA_CERT_FILE}: give the peer's fingerprint with --tls-pin",
+                dir.display()
+            )));
+        }
         let mut roots = RootCertStore::empty();
         for cert in read_certs(&ca_path)? {
             roots.add(cert).map_err(|e| TlsError::Ca {
@@ -223,6 +300,7 @@ impl TlsConfig {
             client,
             server,
             peer_name: None,
+            pins: Vec::new(),
         })
     }
 
@@ -238,6 +316,12 @@ impl TlsConfig {
     /// The directory the settings came from.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The peers' fingerprints accepted in the pinned mode; empty with a
+    /// CA.
+    pub fn pins(&self) -> &[CertificateFingerprint] {
+        &self.pins
     }
 
     /// Whether these settings can send a migration (they hold a source's
@@ -354,6 +438,177 @@ impl ClientCertVerifier for NamedSourceVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.chain.supported_verify_schemes()
+    }
+}
+
+/// The SHA-256 digest of a certificate's DER encoding: a peer's identity
+/// in the pinned mode. Written as 32 colon-separated hex bytes, as
+/// `openssl x509 -noout -fingerprint -sha256` prints it; read with or
+/// without colons, a `sha256:` prefix or openssl's whole line.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CertificateFingerprint([u8; 32]);
+
+impl CertificateFingerprint {
+    /// The fingerprint of `cert`.
+    pub fn of(cert: &CertificateDer<'_>) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(digest.as_ref());
+        Self(bytes)
+    }
+
+    /// The fingerprint of the first certificate in the PEM file `path`.
+    pub fn of_file(path: &Path) -> Result<Self, TlsError> {
+        Ok(Self::of(&read_certs(path)?[0]))
+    }
+}
+
+impl std::fmt::Display for CertificateFingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(":")?;
+            }
+            write!(f, "{b:02X}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for CertificateFingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sha256 {self}")
+    }
+}
+
+/// A fingerprint that is not 32 hex bytes.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a SHA-256 fingerprint: give 64 hex digits, with or without colons, as `freehint tls fingerprint DIR` prints it")]
+pub struct BadFingerprint(String);
+
+impl std::str::FromStr for CertificateFingerprint {
+    type Err = BadFingerprint;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || BadFingerprint(text.to_string());
+        let mut hex = text.trim();
+        // openssl's "sha256 Fingerprint=AB:…" or "SHA256:AB…".
+        if let Some((_, rest)) = hex.split_once('=') {
+            hex = rest;
+        } else if hex.len() > 7 && hex[..7].eq_ignore_ascii_case("sha256:") {
+            hex = &hex[7..];
+        }
+        let digits: Vec<u8> = hex.bytes().filter(|&b| b != b':').collect();
+        if digits.len() != 64 || !digits.iter().all(u8::is_ascii_hexdigit) {
+            return Err(bad());
+        }
+        let mut bytes = [0u8; 32];
+        for (i, pair) in digits.chunks(2).enumerate() {
+            let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
+            bytes[i] = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+        }
+        Ok(Self(bytes))
+    }
+}
+
+/// A certificate whose fingerprint is not pinned.
+#[derive(Debug, thiserror::Error)]
+#[error("the peer's certificate has SHA-256 fingerprint {0}, which is not among those given with --tls-pin")]
+struct NotPinned(CertificateFingerprint);
+
+/// The pinned mode's check of a peer, as source or destination: its
+/// certificate's fingerprint is among `pins`, and it signed the handshake
+/// with that certificate's key.
+#[derive(Debug)]
+struct PinnedPeerVerifier {
+    pins: Vec<CertificateFingerprint>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl PinnedPeerVerifier {
+    fn check(&self, cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        let fingerprint = CertificateFingerprint::of(cert);
+        if self.pins.contains(&fingerprint) {
+            Ok(())
+        } else {
+            Err(rustls::Error::Other(rustls::OtherError(Arc::new(
+                NotPinned(fingerprint),
+            ))))
+        }
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedPeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.check(end_entity)?;
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for PinnedPeerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -495,6 +750,33 @@ pub fn make_test_set(dir: &Path, names: &[String]) -> Result<(), TlsError> {
     write_pem(dir, CLIENT_CERT_FILE, &client_cert.pem(), false)?;
     write_pem(dir, CLIENT_KEY_FILE, &client_key.serialize_pem(), true)?;
     Ok(())
+}
+
+/// The files [`make_host_certificate`] writes.
+pub const HOST_FILES: [&str; 2] = [HOST_CERT_FILE, HOST_KEY_FILE];
+
+/// Writes this host's self-signed certificate and key for the pinned mode
+/// into `dir` (made if missing; files there are replaced; the key 0600),
+/// and returns the certificate's fingerprint, which the peers pin.
+pub fn make_host_certificate(dir: &Path) -> Result<CertificateFingerprint, TlsError> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "freehint host (pinned)");
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.self_signed(&key)?;
+    write_pem(dir, HOST_CERT_FILE, &cert.pem(), false)?;
+    write_pem(dir, HOST_KEY_FILE, &key.serialize_pem(), true)?;
+    Ok(CertificateFingerprint::of(cert.der()))
 }
 
 fn subject_alt_name(name: &str) -> Result<rcgen::SanType, TlsError> {
