@@ -67,6 +67,18 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     region_pages: Option<&(dyn Fn(usize) -> Option<(u64, u64)> + Sync)>,
     buf: &mut Vec<u8>,
 ) -> Result<Option<(Frame, u64)>, MigrateError> {
+    read_frame_within(r, context, region_pages, buf, u32::MAX).await
+}
+
+/// [`read_frame`], refusing a frame whose payload (a batch's head) is over
+/// `max_payload_bytes`, before reading it.
+async fn read_frame_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    context: &str,
+    region_pages: Option<&(dyn Fn(usize) -> Option<(u64, u64)> + Sync)>,
+    buf: &mut Vec<u8>,
+    max_payload_bytes: u32,
+) -> Result<Option<(Frame, u64)>, MigrateError> {
     let Some(h) = read_header(r, context).await? else {
         return Ok(None);
     };
@@ -92,10 +104,38 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
         h.payload_bytes as usize
     };
     let start = buf.len();
-    buf.resize(payload_bytes, 0);
-    read_exact(r, &mut buf[start..], context).await?;
+    if payload_bytes > max_payload_bytes as usize {
+        return Err(MigrateError::Unexpected(format!(
+            "{context}: a frame of {payload_bytes} bytes where at most {max_payload_bytes} fit"
+        )));
+    }
+    read_growing(r, buf, payload_bytes - start, context).await?;
     let frame = Frame::decode(&h, buf, region_pages).map_err(protocol)?;
     Ok(Some((frame, HEADER_BYTES as u64 + h.payload_bytes)))
+}
+
+/// The first step of [`read_growing`].
+const GROW_FROM_BYTES: usize = 64 << 10;
+
+/// Appends `len` bytes from `r` to `buf`, growing `buf` as they arrive
+/// (doubling, from 64 KiB), not by what a frame header claims: a peer
+/// that announces a 16 MiB frame and sends nothing more makes no one hold
+/// 16 MiB. What is held is at most twice what was received, plus 64 KiB.
+async fn read_growing<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    len: usize,
+    context: &str,
+) -> Result<(), MigrateError> {
+    let end = buf.len() + len;
+    let mut at = buf.len();
+    while at < end {
+        let step = (end - at).min(at.max(GROW_FROM_BYTES));
+        buf.resize(at + step, 0);
+        read_exact(r, &mut buf[at..], context).await?;
+        at += step;
+    }
+    Ok(())
 }
 
 /// Reads one whole message (no page batch); `Ok(None)` on a clean end of
@@ -104,7 +144,16 @@ pub(crate) async fn read_message<R: AsyncRead + Unpin>(
     r: &mut R,
     context: &str,
 ) -> Result<Option<Message>, MigrateError> {
-    match read_frame(r, context, None, &mut Vec::new()).await? {
+    read_message_within(r, context, u32::MAX).await
+}
+
+/// [`read_message`] of at most `max_payload_bytes` of payload.
+async fn read_message_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    context: &str,
+    max_payload_bytes: u32,
+) -> Result<Option<Message>, MigrateError> {
+    match read_frame_within(r, context, None, &mut Vec::new(), max_payload_bytes).await? {
         None => Ok(None),
         Some((Frame::Message(m), _)) => Ok(Some(m)),
         Some((Frame::PageBatch(_), _)) => Err(MigrateError::Unexpected(format!(
@@ -119,7 +168,18 @@ pub(crate) async fn expect_message<R: AsyncRead + Unpin>(
     context: &str,
     timeout: Duration,
 ) -> Result<Message, MigrateError> {
-    match tokio::time::timeout(timeout, read_message(r, context)).await {
+    expect_message_within(r, context, timeout, u32::MAX).await
+}
+
+/// [`expect_message`] of at most `max_payload_bytes` of payload: a
+/// connection's first frame, a hello, is small.
+pub(crate) async fn expect_message_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    context: &str,
+    timeout: Duration,
+    max_payload_bytes: u32,
+) -> Result<Message, MigrateError> {
+    match tokio::time::timeout(timeout, read_message_within(r, context, max_payload_bytes)).await {
         Err(_) => Err(MigrateError::Timeout {
             what: context.to_string(),
             seconds: timeout.as_secs(),

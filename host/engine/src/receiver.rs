@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{cancellable, caught, panic_text};
 use crate::fault::hit;
-use crate::io::{expect_message, read_exact, read_frame, write_message, ControlChannel, RawPages};
+use crate::io::{
+    expect_message_within, read_exact, read_frame, write_message, ControlChannel, RawPages,
+};
 use crate::page_set::PageSet;
 use crate::params::MAX_BULK_CHANNELS;
 use crate::phase::{Phase, PhaseWatch, Side};
@@ -1249,7 +1251,13 @@ impl Hellos {
                                 return None;
                             }
                         };
-                        let first = expect_message(&mut s, &format!("hello from {peer}"), timeout).await;
+                        let first = expect_message_within(
+                            &mut s,
+                            &format!("hello from {peer}"),
+                            timeout,
+                            freehint_wire::MAX_HELLO_PAYLOAD_BYTES,
+                        )
+                        .await;
                         Some((s, peer, first))
                     });
                 }
@@ -1335,12 +1343,22 @@ async fn receive_bulk(
                     let here = r.buffer().len() as u64
                         + freehint_linux_sys::readable_bytes(r.get_ref()).unwrap_or(0);
                     let mut busy_from = freehint_linux_sys::thread_cpu_time();
-                    data.resize(data_bytes, 0);
-                    read_exact(&mut r, &mut data, &name).await?;
-                    if here < data_bytes as u64 {
-                        busy_from = freehint_linux_sys::thread_cpu_time();
+                    for piece in BatchPieces::of(head.entries(), page_bytes as u64) {
+                        data.resize(piece.data_bytes, 0);
+                        read_exact(&mut r, &mut data, &name).await?;
+                        if here < data_bytes as u64 {
+                            // Not all here at the start: the waiting is
+                            // not busy time.
+                            busy_from = freehint_linux_sys::thread_cpu_time();
+                        }
+                        pc.place_batch(
+                            region_idx,
+                            &piece.entries,
+                            &data,
+                            page_bytes as u64,
+                            false,
+                        )?;
                     }
-                    pc.place_batch(region_idx, head.entries(), &data, page_bytes as u64, false)?;
                     ctx.progress();
                     reporter
                         .placed(
@@ -1353,38 +1371,48 @@ async fn receive_bulk(
                         .await?;
                     continue;
                 }
-                if !ctx.direct {
-                    data.resize(head.data_pages() as usize * page_bytes, 0);
-                    read_exact(&mut r, &mut data, &name).await?;
-                }
-                let mut at = 0usize;
-                for entry in head.entries() {
-                    let (page, run) = match *entry {
-                        BatchEntry::Zero { first_page, count } => {
-                            discard_written(&ctx, PageRun::new(region_idx, first_page, count))?;
-                            ctx.pages_zero.fetch_add(count, Ordering::Relaxed);
-                            continue;
-                        }
-                        BatchEntry::Data { first_page, count } => (first_page, count),
-                    };
-                    if ctx.direct {
-                        // Straight from the socket into the mapping, through
-                        // raw pointers (the decoder checked the run lies in
-                        // the region).
-                        let dst = RawPages::of(&region.volatile_pages(page, run)?);
-                        read_into_pages(&mut r, dst, &name).await?;
-                    } else {
-                        let len = run as usize * page_bytes;
-                        // SAFETY: the destination VM is not running (it
-                        // resumes only after the commit, once every channel
-                        // has ended), and within a round no other channel
-                        // places these pages (each page is sent at most once
-                        // a round; rounds end with a barrier).
-                        unsafe { region.write_pages(page, &data[at..at + len])? };
-                        at += len;
+                // hugetlbfs has no write(2): its pages are copied into the
+                // mapping either way, so straight from the socket.
+                let direct = ctx.direct
+                    || matches!(
+                        region.page_size(),
+                        freehint_memory::PageSize::HugeTlb { .. }
+                    );
+                for piece in BatchPieces::of(head.entries(), page_bytes as u64) {
+                    if !direct {
+                        data.resize(piece.data_bytes, 0);
+                        read_exact(&mut r, &mut data, &name).await?;
                     }
-                    ctx.written.insert(PageRun::new(region_idx, page, run));
-                    ctx.pages_placed.fetch_add(run, Ordering::Relaxed);
+                    let mut at = 0usize;
+                    for entry in &piece.entries {
+                        let (page, run) = match *entry {
+                            BatchEntry::Zero { first_page, count } => {
+                                discard_written(&ctx, PageRun::new(region_idx, first_page, count))?;
+                                ctx.pages_zero.fetch_add(count, Ordering::Relaxed);
+                                continue;
+                            }
+                            BatchEntry::Data { first_page, count } => (first_page, count),
+                        };
+                        if direct {
+                            // Straight from the socket into the mapping,
+                            // through raw pointers (the decoder checked the
+                            // run lies in the region).
+                            let dst = RawPages::of(&region.volatile_pages(page, run)?);
+                            read_into_pages(&mut r, dst, &name).await?;
+                        } else {
+                            let len = run as usize * page_bytes;
+                            // SAFETY: the destination VM is not running (it
+                            // resumes only after the commit, once every
+                            // channel has ended), and within a round no other
+                            // channel places these pages (each page is sent
+                            // at most once a round; rounds end with a
+                            // barrier).
+                            unsafe { region.write_pages(page, &data[at..at + len])? };
+                            at += len;
+                        }
+                        ctx.written.insert(PageRun::new(region_idx, page, run));
+                        ctx.pages_placed.fetch_add(run, Ordering::Relaxed);
+                    }
                 }
                 ctx.progress();
                 hit("dst.mid-round")?;
@@ -1443,9 +1471,11 @@ async fn receive_urgent(
         match frame {
             Frame::PageBatch(head) => {
                 let page_bytes = ctx.ram.regions()[head.region()].page_bytes();
-                data.resize((head.data_pages() * page_bytes) as usize, 0);
-                read_exact(&mut r, &mut data, name).await?;
-                dest.place_batch(head.region(), head.entries(), &data, page_bytes, true)?;
+                for piece in BatchPieces::of(head.entries(), page_bytes) {
+                    data.resize(piece.data_bytes, 0);
+                    read_exact(&mut r, &mut data, name).await?;
+                    dest.place_batch(head.region(), &piece.entries, &data, page_bytes, true)?;
+                }
             }
             Frame::Message(other) => {
                 return Err(MigrateError::Unexpected(format!(
@@ -1454,6 +1484,78 @@ async fn receive_urgent(
                 )))
             }
         }
+    }
+}
+
+/// At most this many bytes of page data a receiving channel holds at once,
+/// whatever batch its peer sends; more only for one page bigger than this
+/// (a 1 GiB huge page, placed whole).
+pub const RECEIVE_PIECE_BYTES: u64 = 4 << 20;
+
+/// A page batch's entries cut, in order, into pieces of at most
+/// [`RECEIVE_PIECE_BYTES`] of data each (at least one page): data runs are
+/// split where needed, zero runs (no data) stay whole.
+struct BatchPieces<'a> {
+    entries: std::slice::Iter<'a, BatchEntry>,
+    /// What is left of a data run cut at the end of the last piece.
+    rest: Option<(u64, u64)>,
+    page_bytes: u64,
+}
+
+/// One piece of a batch: its entries and the bytes of data they carry.
+#[derive(Debug, PartialEq, Eq)]
+struct BatchPiece {
+    entries: Vec<BatchEntry>,
+    data_bytes: usize,
+}
+
+impl<'a> BatchPieces<'a> {
+    fn of(entries: &'a [BatchEntry], page_bytes: u64) -> Self {
+        Self {
+            entries: entries.iter(),
+            rest: None,
+            page_bytes: page_bytes.max(1),
+        }
+    }
+}
+
+impl Iterator for BatchPieces<'_> {
+    type Item = BatchPiece;
+
+    fn next(&mut self) -> Option<BatchPiece> {
+        let max_pages = (RECEIVE_PIECE_BYTES / self.page_bytes).max(1);
+        let mut piece = BatchPiece {
+            entries: Vec::new(),
+            data_bytes: 0,
+        };
+        let mut pages = 0u64;
+        loop {
+            let (first_page, count) = match self.rest.take() {
+                Some(run) => run,
+                None => match self.entries.next() {
+                    None => break,
+                    Some(&zero @ BatchEntry::Zero { .. }) => {
+                        piece.entries.push(zero);
+                        continue;
+                    }
+                    Some(&BatchEntry::Data { first_page, count }) => (first_page, count),
+                },
+            };
+            let take = count.min(max_pages - pages);
+            if take > 0 {
+                piece.entries.push(BatchEntry::Data {
+                    first_page,
+                    count: take,
+                });
+                pages += take;
+            }
+            if take < count {
+                self.rest = Some((first_page + take, count - take));
+                break;
+            }
+        }
+        piece.data_bytes = (pages * self.page_bytes) as usize;
+        (!piece.entries.is_empty()).then_some(piece)
     }
 }
 
@@ -1523,3 +1625,63 @@ fn place_fill_run(ctx: &BulkCtx, run: PageRun, byte: u8, name: &str) -> Result<(
 
 /// Bytes of pattern a fill run writes at a time.
 const FILL_CHUNK_BYTES: u64 = 256 << 10;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pages of `entries`, each with whether it carries data, in order.
+    fn pages(entries: &[BatchEntry]) -> Vec<(u64, bool)> {
+        entries
+            .iter()
+            .flat_map(|e| match *e {
+                BatchEntry::Data { first_page, count } => (first_page..first_page + count)
+                    .map(|p| (p, true))
+                    .collect::<Vec<_>>(),
+                BatchEntry::Zero { first_page, count } => (first_page..first_page + count)
+                    .map(|p| (p, false))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batch_pieces_keep_every_page_in_order_and_stay_bounded() {
+        let data = |first_page, count| BatchEntry::Data { first_page, count };
+        let zero = |first_page, count| BatchEntry::Zero { first_page, count };
+        let batches: Vec<(Vec<BatchEntry>, u64)> = vec![
+            // A hostile peer's one batch of 4096 small pages (16 MiB).
+            (vec![data(0, 4096)], 4096),
+            (
+                vec![
+                    data(0, 1000),
+                    zero(1000, 5000),
+                    data(6000, 1500),
+                    data(9000, 1),
+                ],
+                4096,
+            ),
+            (vec![zero(0, 10)], 4096),
+            // Huge pages: 2 MiB pieces of two pages; 1 GiB, one page each.
+            (vec![data(0, 5), zero(5, 1), data(6, 1)], 2 << 20),
+            (vec![data(0, 3)], 1 << 30),
+        ];
+        for (entries, page_bytes) in batches {
+            let pieces: Vec<BatchPiece> = BatchPieces::of(&entries, page_bytes).collect();
+            let mut again = Vec::new();
+            for piece in &pieces {
+                assert!(
+                    piece.data_bytes as u64 <= RECEIVE_PIECE_BYTES.max(page_bytes),
+                    "a piece of {} bytes",
+                    piece.data_bytes
+                );
+                let data_pages = pages(&piece.entries).iter().filter(|p| p.1).count() as u64;
+                assert_eq!(piece.data_bytes as u64, data_pages * page_bytes);
+                again.extend_from_slice(&piece.entries);
+            }
+            assert_eq!(pages(&again), pages(&entries), "{entries:?} in pieces");
+        }
+        assert_eq!(BatchPieces::of(&[], 4096).count(), 0);
+        assert_eq!(BatchPieces::of(&[data(0, 4096)], 4096).count(), 4);
+    }
+}

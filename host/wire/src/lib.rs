@@ -44,6 +44,10 @@ pub const PROTOCOL_VERSION: u16 = 8;
 pub const HEADER_BYTES: usize = 16;
 /// Largest payload accepted for any frame but a page batch.
 pub const MAX_CONTROL_PAYLOAD_BYTES: u32 = 16 << 20;
+/// Largest payload of a connection's first frame, its hello (room for
+/// over 3000 RAM regions): a destination waiting for its source holds at
+/// most this much for each connection that has not yet said hello.
+pub const MAX_HELLO_PAYLOAD_BYTES: u32 = 64 << 10;
 /// Largest device state a migration carries (in chunks of at most
 /// [`MAX_CONTROL_PAYLOAD_BYTES`]). Real devices fit: a VGA card's VRAM is
 /// 16 MiB, a virtio-gpu or QXL card's up to a few hundred MiB.
