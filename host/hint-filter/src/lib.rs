@@ -71,13 +71,34 @@ struct State {
     stats: HintStats,
     /// Pages the guest reported (and the device discarded), or hinted
     /// free while they read as zeros, since the last sync; they become
-    /// zero records in the next round.
+    /// zero records in the next round. Merged whenever it doubles (see
+    /// [`State::note_reported`]), so a guest reporting the same pages in a
+    /// loop cannot grow it: at most one run per two pages of RAM.
     reported: Vec<PageRun>,
+    /// `reported`'s length at which it is next merged.
+    merge_reported_at: usize,
     /// Pages hinted free while every byte of them is `.1` (a poisoning
     /// guest), since the last sync; they become fill records.
     filled: Vec<(PageRun, u8)>,
     /// The final sync has run: nothing may change the bitmap but claims.
     frozen: bool,
+}
+
+/// The fewest reported runs [`State::note_reported`] merges.
+const MERGE_REPORTED_MIN: usize = 4096;
+
+impl State {
+    /// Notes that `run` was discarded by the device, merging the runs
+    /// noted so far whenever their number has doubled since the last
+    /// merge: amortised O(log n) a run, and the list never holds more
+    /// than twice the disjoint runs it stands for.
+    fn note_reported(&mut self, run: PageRun) {
+        self.reported.push(run);
+        if self.reported.len() >= self.merge_reported_at {
+            freehint_types::merge_runs(&mut self.reported);
+            self.merge_reported_at = (2 * self.reported.len()).max(MERGE_REPORTED_MIN);
+        }
+    }
 }
 
 /// What a sync did.
@@ -176,6 +197,7 @@ impl HintFilter {
                 last_cmd_id,
                 stats: HintStats::default(),
                 reported: Vec::new(),
+                merge_reported_at: MERGE_REPORTED_MIN,
                 filled: Vec::new(),
                 frozen: false,
             }),
@@ -231,6 +253,7 @@ impl HintFilter {
         st.frozen |= freeze;
         merge(&mut st.bitmap)?;
         let reported = std::mem::take(&mut st.reported);
+        st.merge_reported_at = MERGE_REPORTED_MIN;
         let mut discarded = Vec::with_capacity(reported.len());
         for run in reported {
             // A page written after it was discarded is set again: it will
@@ -385,7 +408,7 @@ impl HintFilter {
                         let cleared = st.bitmap.clear_run(run);
                         out.pages_cleared += cleared;
                         st.stats.pages_skipped_reported += cleared;
-                        st.reported.push(run);
+                        st.note_reported(run);
                     }
                     out.hint_ranges_applied += 1;
                 }

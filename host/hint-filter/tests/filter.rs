@@ -372,6 +372,34 @@ fn the_final_sync_freezes_the_bitmap() {
     );
 }
 
+#[test]
+fn a_guest_reporting_in_a_loop_does_not_grow_what_the_filter_holds() {
+    let f = two_regions();
+    f.sync(true, no_merge).unwrap();
+    // The same two pages, and every other page of the first 64, reported
+    // over and over within one round.
+    for i in 0..200_000u64 {
+        let page = if i % 2 == 0 { 3 } else { 2 * ((i / 2) % 32) };
+        f.apply_reported(&[RamRange::new(page * 4096, 4096)]);
+    }
+    let r = f.sync(true, no_merge).unwrap();
+    assert!(
+        r.discarded.len() <= 4096,
+        "{} zero runs held for 33 distinct pages",
+        r.discarded.len()
+    );
+    let mut pages: Vec<u64> = r
+        .discarded
+        .iter()
+        .flat_map(|run| run.first_page..run.first_page + run.count)
+        .collect();
+    pages.sort_unstable();
+    pages.dedup();
+    let mut expected: Vec<u64> = (0..32).map(|i| 2 * i).chain([3]).collect();
+    expected.sort_unstable();
+    assert_eq!(pages, expected, "the zero records are for other pages");
+}
+
 /// One region of `pages` 4 KiB pages, nothing to send yet.
 fn bitmap(pages: u64) -> MigrationBitmap {
     MigrationBitmap::new(vec![RegionLayout {
