@@ -121,12 +121,21 @@ fn with_the_agent_only_pages_hinted_free_differ_and_the_guest_runs_on() {
     assert!(stats.hint_wait_ms >= report_ms, "{stats:?}");
     assert_eq!(stats.hint_guest_errors, 0, "{stats:?}");
     // 200 MiB written and freed, 32 MiB of checker data kept: most of the
-    // 512 MiB is free.
+    // 512 MiB is free, and the freed 200 MiB never cross as page data.
+    // Which path keeps them off the wire depends on timing: the agent's
+    // hints, or, if the guest's free page reporting discarded the blocks
+    // before the migration began (2 s after the free), holes in the RAM
+    // file that go as zero runs and are never in the bitmap to be hinted.
+    // The agent's hints must still have skipped pages of their own.
     let page = 4096;
     assert!(
-        stats.pages_skipped_free * page >= 200 << 20,
-        "only {} pages skipped: {stats:?}",
-        stats.pages_skipped_free
+        stats.pages_sent * page <= (512 - 200) << 20,
+        "{} pages sent as data: the freed memory crossed: {stats:?}",
+        stats.pages_sent
+    );
+    assert!(
+        stats.pages_skipped_free > 0,
+        "the agent's hints skipped nothing: {stats:?}"
     );
     assert!(
         src.wait_exit(Duration::from_secs(10)),
