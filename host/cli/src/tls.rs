@@ -30,10 +30,10 @@ pub struct TlsArgs {
     #[arg(long, value_name = "NAME", requires = "tls_dir")]
     pub tls_peer_name: Option<String>,
     /// Receiving with --tls-dir: accept only a source whose certificate
-    /// names NAME (default: any certificate from the CA; a test set's
-    /// source certificate names freehint-source).
+    /// names NAME; repeat for several (default: any certificate from the
+    /// CA; a test set's source certificate names freehint-source).
     #[arg(long, value_name = "NAME", requires = "tls_dir")]
-    pub tls_source_name: Option<String>,
+    pub tls_source_name: Vec<String>,
     /// The pinned mode, with no CA: DIR holds this host's self-signed
     /// host-cert.pem + host-key.pem (`freehint tls init DIR --pinned`),
     /// and a peer is accepted, either way, only if its certificate has
@@ -79,10 +79,12 @@ impl TlsArgs {
             );
             return Ok(None);
         };
-        let loaded = match &self.tls_source_name {
-            _ if !self.tls_pin.is_empty() => TlsConfig::pinned(dir, &self.tls_pin),
-            None => TlsConfig::from_dir(dir),
-            Some(name) => TlsConfig::from_dir_accepting_only(dir, name),
+        let loaded = if !self.tls_pin.is_empty() {
+            TlsConfig::pinned(dir, &self.tls_pin)
+        } else if self.tls_source_name.is_empty() {
+            TlsConfig::from_dir(dir)
+        } else {
+            TlsConfig::from_dir_accepting_only(dir, &self.tls_source_name)
         };
         let mut tls = loaded.map_err(|e| anyhow::anyhow!(ErrorChain(&e).to_string()))?;
         if let Some(name) = &self.tls_peer_name {
@@ -129,7 +131,7 @@ impl TlsArgs {
             v.push("--tls-peer-name".to_string());
             v.push(n.clone());
         }
-        if let Some(n) = &self.tls_source_name {
+        for n in &self.tls_source_name {
             v.push("--tls-source-name".to_string());
             v.push(n.clone());
         }

@@ -279,7 +279,7 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
         insecure: a.tls_dir.is_none(),
         tls_dir: a.tls_dir.clone(),
         tls_peer_name: None,
-        tls_source_name: None,
+        tls_source_name: Vec::new(),
         tls_pin: a.tls_pin.clone(),
     };
     recv_cmd.args(tls_args.to_args());

@@ -832,13 +832,19 @@ mod tests {
     #[tokio::test]
     async fn a_destination_expecting_a_source_name_refuses_other_sources() {
         let (dir, tls) = test_set();
-        let picky = TlsConfig::from_dir_accepting_only(dir.path(), "src.example.org").unwrap();
+        let picky =
+            TlsConfig::from_dir_accepting_only(dir.path(), &["src.example.org".into()]).unwrap();
         let (_c, s) = pair(Some(&tls), Some(&picky)).await;
         let e = s
             .err()
             .expect("a source without the expected name was taken");
         assert!(e.to_string().contains("not valid for name"), "{e}");
-        let named = TlsConfig::from_dir_accepting_only(dir.path(), tls::TEST_SOURCE_NAME).unwrap();
+        // One name of a list is enough.
+        let named = TlsConfig::from_dir_accepting_only(
+            dir.path(),
+            &["src.example.org".into(), tls::TEST_SOURCE_NAME.into()],
+        )
+        .unwrap();
         let (c, s) = pair(Some(&tls), Some(&named)).await;
         c.unwrap();
         s.unwrap();

@@ -162,16 +162,24 @@ impl TlsConfig {
     /// a destination, it accepts any source whose certificate chains to
     /// the CA.
     pub fn from_dir(dir: &Path) -> Result<Self, TlsError> {
-        Self::load(dir, None)
+        Self::load(dir, Vec::new())
     }
 
     /// Like [`Self::from_dir`], but as a destination it accepts only a
-    /// source whose certificate also names `source_name` (a DNS name or an
-    /// IP address, in its subject alternative names).
-    pub fn from_dir_accepting_only(dir: &Path, source_name: &str) -> Result<Self, TlsError> {
-        let name = ServerName::try_from(source_name.to_string())
-            .map_err(|_| TlsError::PeerName(source_name.to_string()))?;
-        Self::load(dir, Some(name))
+    /// source whose certificate also names one of `source_names` (DNS
+    /// names or IP addresses, in its subject alternative names), as
+    /// QEMU's `tls-authz` list does.
+    pub fn from_dir_accepting_only(dir: &Path, source_names: &[String]) -> Result<Self, TlsError> {
+        let names = source_names
+            .iter()
+            .map(|n| ServerName::try_from(n.clone()).map_err(|_| TlsError::PeerName(n.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        if names.is_empty() {
+            return Err(TlsError::Incomplete(
+                "no source name to accept (--tls-source-name)".into(),
+            ));
+        }
+        Self::load(dir, names)
     }
 
     /// The pinned mode: reads this host's self-signed pair
@@ -225,7 +233,7 @@ impl TlsConfig {
         })
     }
 
-    fn load(dir: &Path, source_name: Option<ServerName<'static>>) -> Result<Self, TlsError> {
+    fn load(dir: &Path, source_names: Vec<ServerName<'static>>) -> Result<Self, TlsError> {
         let ca_path = dir.join(CA_CERT_FILE);
         if !ca_path.exists() && dir.join(HOST_CERT_FILE).exists() {
             return Err(TlsError::Incomplete(format!(
@@ -259,12 +267,13 @@ impl TlsConfig {
                     path: ca_path.clone(),
                     message: e.to_string(),
                 })?;
-                let verifier: Arc<dyn ClientCertVerifier> = match source_name {
-                    None => verifier,
-                    Some(name) => Arc::new(NamedSourceVerifier {
+                let verifier: Arc<dyn ClientCertVerifier> = if source_names.is_empty() {
+                    verifier
+                } else {
+                    Arc::new(NamedSourceVerifier {
                         chain: verifier,
-                        name,
-                    }),
+                        names: source_names,
+                    })
                 };
                 let mut c = ServerConfig::builder_with_provider(provider.clone())
                     .with_protocol_versions(&[&rustls::version::TLS13])
@@ -379,11 +388,11 @@ impl TlsConfig {
 }
 
 /// A destination's check of a source's certificate: the CA's chain
-/// (`chain`), then `name` among the certificate's names.
+/// (`chain`), then one of `names` among the certificate's names.
 #[derive(Debug)]
 struct NamedSourceVerifier {
     chain: Arc<dyn ClientCertVerifier>,
-    name: ServerName<'static>,
+    names: Vec<ServerName<'static>>,
 }
 
 impl ClientCertVerifier for NamedSourceVerifier {
@@ -403,19 +412,22 @@ impl ClientCertVerifier for NamedSourceVerifier {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| {
             rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
         })?;
-        cert.verify_is_valid_for_subject_name(&self.name)
-            .map_err(|e| {
-                rustls::Error::InvalidCertificate(match e {
-                    webpki::Error::CertNotValidForName(c) => {
-                        rustls::CertificateError::NotValidForNameContext {
-                            expected: c.expected,
-                            presented: c.presented,
-                        }
-                    }
-                    _ => rustls::CertificateError::NotValidForName,
-                })
-            })?;
-        Ok(verified)
+        let mut refusal = None;
+        for name in &self.names {
+            match cert.verify_is_valid_for_subject_name(name) {
+                Ok(()) => return Ok(verified),
+                Err(e) => refusal = Some(e),
+            }
+        }
+        Err(rustls::Error::InvalidCertificate(match refusal {
+            Some(webpki::Error::CertNotValidForName(c)) => {
+                rustls::CertificateError::NotValidForNameContext {
+                    expected: c.expected,
+                    presented: c.presented,
+                }
+            }
+            _ => rustls::CertificateError::NotValidForName,
+        }))
     }
 
     fn verify_tls12_signature(
