@@ -166,9 +166,10 @@ struct SendArgs {
     /// The VMM's guest RAM file (as mapped by the VMM, shared).
     #[arg(long)]
     ram: PathBuf,
-    /// Address of the receiver.
+    /// Address of the receiver: HOST:PORT (TCP), or rdma://HOST:PORT
+    /// (RDMA through the device that serves HOST; no TLS: give --insecure).
     #[arg(long)]
-    to: SocketAddr,
+    to: freehint_engine::Endpoint,
     /// Print the stats as JSON instead of a summary.
     #[arg(long)]
     json: bool,
@@ -182,9 +183,11 @@ struct SendArgs {
 
 #[derive(Args, Debug)]
 struct ReceiveArgs {
-    /// Address to listen on (port 0 picks one).
+    /// Address to listen on: HOST:PORT (TCP), or rdma://HOST:PORT (RDMA
+    /// on the device that serves HOST; no TLS: give --insecure). Port 0
+    /// picks one.
     #[arg(long)]
-    listen: SocketAddr,
+    listen: freehint_engine::Endpoint,
     #[command(flatten)]
     tls: tls::TlsArgs,
     /// The destination RAM file.
@@ -375,11 +378,16 @@ fn send(a: SendArgs) -> Result<()> {
     let log = UffdWpDirtyLog::attach_process(a.pid, vmm_ram_ranges(a.pid, &ram)?)?;
     let filter = Arc::new(HintFilter::new(empty_bitmap(&ram)));
     let vmm = Arc::new(process_vmm::SignalVmm::new(a.pid));
-    let sender = PrecopySender::new(ram, filter, Box::new(log), None, vmm, params)?.with_tls(tls);
+    if a.to.scheme == freehint_engine::Scheme::Rdma && tls.is_some() {
+        bail!("--to rdma://...: RDMA connections carry no TLS; run them on a trusted fabric with --insecure");
+    }
+    let sender = PrecopySender::new(ram, filter, Box::new(log), None, vmm, params)?
+        .with_tls(tls)
+        .with_scheme(a.to.scheme);
     cancel_on_signals(sender.cancel_token())?;
     let watch = sender.progress_watch();
     let reporter = progress::Reporter::start(&a.progress, move || Some(watch.get()));
-    let result = runtime()?.block_on(sender.migrate(a.to));
+    let result = runtime()?.block_on(sender.migrate(a.to.addr));
     reporter.stop();
     match result {
         Ok(stats) => report(a.json, &stats, stats.summary(), None),
@@ -467,8 +475,35 @@ impl ReceivingVm {
     }
 }
 
+/// Receives one migration on an RDMA listener at `addr`.
+#[cfg(feature = "rdma")]
+async fn receive_rdma(
+    receiver: &Receiver,
+    addr: SocketAddr,
+) -> Result<Result<freehint_engine::ReceiveStats, freehint_engine::ReceiveFailure>> {
+    use std::io::Write;
+    let listener = freehint_engine::RdmaListener::bind(addr)?;
+    println!("listening on rdma://{}", listener.local_addr());
+    std::io::stdout().flush()?;
+    Ok(receiver
+        .receive_on(&freehint_engine::Listener::Rdma(&listener))
+        .await)
+}
+
+#[cfg(not(feature = "rdma"))]
+async fn receive_rdma(
+    _receiver: &Receiver,
+    _addr: SocketAddr,
+) -> Result<Result<freehint_engine::ReceiveStats, freehint_engine::ReceiveFailure>> {
+    bail!("this freehint was built without RDMA (build it with the cargo feature `rdma`)")
+}
+
 fn receive(a: ReceiveArgs) -> Result<()> {
     let tls = a.tls.resolve(tls::Role::Receive)?;
+    let rdma = a.listen.scheme == freehint_engine::Scheme::Rdma;
+    if rdma && tls.is_some() {
+        bail!("--listen rdma://...: RDMA connections carry no TLS; run them on a trusted fabric with --insecure");
+    }
     let ram = Arc::new(GuestRam::open_file(&a.ram, a.mem_mib << 20)?);
     let vm = ReceivingVm::open(&a)?;
     let mut receiver = Receiver::new(ram, vm.vmm(), a.accept_timeout_s.map(Duration::from_secs))
@@ -481,11 +516,14 @@ fn receive(a: ReceiveArgs) -> Result<()> {
     cancel_on_signals(receiver.cancel_token())?;
     let rt = runtime()?;
     let result = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(a.listen)
+        use std::io::Write;
+        if rdma {
+            return receive_rdma(&receiver, a.listen.addr).await;
+        }
+        let listener = tokio::net::TcpListener::bind(a.listen.addr)
             .await
             .with_context(|| format!("listening on {}", a.listen))?;
         println!("listening on {}", listener.local_addr()?);
-        use std::io::Write;
         std::io::stdout().flush()?;
         Ok::<_, anyhow::Error>(receiver.receive(&listener).await)
     })?;

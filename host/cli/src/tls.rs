@@ -75,7 +75,7 @@ impl TlsArgs {
                 );
             }
             tracing::warn!(
-                "--insecure: migration connections are plain TCP, neither encrypted nor authenticated"
+                "--insecure: migration connections are neither encrypted nor authenticated"
             );
             return Ok(None);
         };
@@ -121,6 +121,7 @@ impl TlsArgs {
     }
 
     /// The same choice as arguments for another freehint command.
+    #[cfg(feature = "bench")]
     pub fn to_args(&self) -> Vec<String> {
         let mut v = Vec::new();
         if let Some(d) = &self.tls_dir {

@@ -186,6 +186,13 @@ pub const POINTS: &[FaultPoint] = &[
         false,
         "postcopy: each attempt to reconnect after a broken link; `return` fails the attempt, as a link still down does",
     ),
+    // RDMA (`rdma://`, the `rdma` feature; TCP never passes it).
+    point(
+        "src.rdma-wrong-rkey",
+        Side::Source,
+        false,
+        "every page reference an RDMA source sends; `return` sends it with a memory key the source never registered",
+    ),
 ];
 
 /// Whether this build has fault points.

@@ -373,9 +373,9 @@ pub(crate) struct ControlChannel {
 }
 
 impl ControlChannel {
-    /// The connection's socket, to duplicate (see `postcopy::Links`).
-    pub(crate) fn socket(&self) -> &TcpStream {
-        self.tx.channel().socket()
+    /// The connection (to cut it: see `postcopy::Links`).
+    pub(crate) fn channel(&self) -> &crate::transport::Channel {
+        self.tx.channel()
     }
 
     /// Starts reading `stream`.

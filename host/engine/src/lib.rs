@@ -41,6 +41,9 @@ mod transport;
 mod vmm;
 
 pub use error::{MigrateError, MigrationFailure};
+/// Listens for sources over RDMA ([`Listener::Rdma`]).
+#[cfg(feature = "rdma")]
+pub use freehint_rdma::RdmaListener;
 pub use params::{MigrationMode, MigrationParams, ParamsError};
 pub use phase::{Phase, PhaseInfo, PhaseWatch, Side};
 pub use postcopy::PostcopyResume;
@@ -50,6 +53,7 @@ pub use sender::PrecopySender;
 pub use stats::{DowntimeBreakdown, MigrationStats, PostcopyStats, TransportKind};
 pub use tokio_util::sync::CancellationToken;
 pub use transport::tls::{self, TlsConfig, TlsError};
+pub use transport::{Endpoint, Listener, Scheme};
 pub use vmm::ImageVmm;
 
 use freehint_dirty_log::{find_mappings, TrackedRange};

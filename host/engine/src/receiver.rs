@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::BufReader;
 use tokio::net::TcpListener;
 
-use crate::transport::{read_into_pages, Channel, TlsConfig};
+use crate::transport::{read_into_pages, Channel, Listener, TlsConfig};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -297,9 +297,18 @@ impl Receiver {
         Ok(written)
     }
 
-    /// Accepts connections on `listener` until one migration has completed
-    /// or failed. The VM is resumed only after the source's commit.
+    /// Accepts connections on the TCP `listener` until one migration has
+    /// completed or failed. The VM is resumed only after the source's
+    /// commit.
     pub async fn receive(&self, listener: &TcpListener) -> Result<ReceiveStats, ReceiveFailure> {
+        self.receive_on(&Listener::Tcp(listener)).await
+    }
+
+    /// [`Self::receive`] on any [`Listener`] (TCP or RDMA).
+    pub async fn receive_on(
+        &self,
+        listener: &Listener<'_>,
+    ) -> Result<ReceiveStats, ReceiveFailure> {
         let mut inc = Incoming {
             stats: ReceiveStats {
                 transport: if self.tls.is_some() {
@@ -391,7 +400,7 @@ impl Receiver {
     /// Everything up to the source's commit.
     async fn until_commit(
         &self,
-        listener: &TcpListener,
+        listener: &Listener<'_>,
         inc: &mut Incoming,
     ) -> Result<(), MigrateError> {
         let written = match &self.written {
@@ -402,6 +411,7 @@ impl Receiver {
         // The control channel comes first, then the bulk channels it
         // announces, all with the same session id.
         let (control, hello) = self.accept_control(listener, &local).await?;
+        inc.stats.transport = control.kind();
         inc.started = Instant::now();
         inc.session_id = hello.session_id;
         if hello.postcopy {
@@ -623,7 +633,7 @@ impl Receiver {
     async fn take_over(
         &self,
         inc: &mut Incoming,
-        listener: &TcpListener,
+        listener: &Listener<'_>,
     ) -> Result<(), MigrateError> {
         self.phase.enter(Phase::Committed);
         hit("dst.after-commit")?;
@@ -691,7 +701,7 @@ impl Receiver {
     async fn finish_postcopy(
         &self,
         inc: &mut Incoming,
-        listener: &TcpListener,
+        listener: &Listener<'_>,
     ) -> Result<(), MigrateError> {
         loop {
             match self.postcopy_session(inc).await {
@@ -794,7 +804,7 @@ impl Receiver {
     async fn await_source_again(
         &self,
         inc: &mut Incoming,
-        listener: &TcpListener,
+        listener: &Listener<'_>,
         why: MigrateError,
     ) -> Result<(), MigrateError> {
         self.phase.enter(Phase::PostcopyPaused);
@@ -847,9 +857,9 @@ impl Receiver {
         };
         let ctx = inc.ctx.clone().expect("set before the switch");
         inc.links = Links::of(
-            std::iter::once(control.socket())
-                .chain(bulk.iter().map(Channel::socket))
-                .chain(std::iter::once(urgent.socket())),
+            std::iter::once(control.channel())
+                .chain(bulk.iter())
+                .chain(std::iter::once(&urgent)),
         );
         for (i, s) in bulk
             .into_iter()
@@ -922,7 +932,7 @@ impl Receiver {
 
     async fn accept_control(
         &self,
-        listener: &TcpListener,
+        listener: &Listener<'_>,
         local: &[freehint_wire::RegionDesc],
     ) -> Result<(Channel, Hello), MigrateError> {
         let timeout = self.accept_timeout.unwrap_or(Duration::from_secs(30));
@@ -1022,7 +1032,7 @@ impl Receiver {
                 continue;
             }
             let t = Duration::from_secs(hello.peer_timeout_s.into());
-            crate::tune_socket(s.socket(), t).map_err(MigrateError::io("socket option"))?;
+            s.tune(t).map_err(MigrateError::io("socket option"))?;
             let ack = Message::HelloAck {
                 postcopy: hello.postcopy,
             };
@@ -1035,7 +1045,7 @@ impl Receiver {
     /// connections of other sessions are turned away, not fatal.
     async fn accept_bulk(
         &self,
-        listener: &TcpListener,
+        listener: &Listener<'_>,
         hello: &Hello,
         local: &[freehint_wire::RegionDesc],
         timeout: Duration,
@@ -1080,8 +1090,7 @@ impl Receiver {
             }
             match h.role {
                 ChannelRole::Bulk(i) if (i as usize) < n && bulk[i as usize].is_none() => {
-                    crate::tune_socket(s.socket(), timeout)
-                        .map_err(MigrateError::io("socket option"))?;
+                    s.tune(timeout).map_err(MigrateError::io("socket option"))?;
                     let ack = Message::HelloAck {
                         postcopy: hello.postcopy,
                     };
@@ -1089,9 +1098,8 @@ impl Receiver {
                     bulk[i as usize] = Some(s);
                 }
                 ChannelRole::Urgent if hello.postcopy && urgent.is_none() => {
-                    crate::tune_socket(s.socket(), timeout)
-                        .map_err(MigrateError::io("socket option"))?;
-                    crate::mark_urgent(s.socket());
+                    s.tune(timeout).map_err(MigrateError::io("socket option"))?;
+                    s.mark_urgent();
                     let ack = Message::HelloAck {
                         postcopy: hello.postcopy,
                     };
@@ -1144,7 +1152,7 @@ fn spawn_urgent(
 /// its control channel, with a `resume` hello. Anything else is turned
 /// away, and the wait goes on.
 async fn accept_resume(
-    listener: &TcpListener,
+    listener: &Listener<'_>,
     tls: Option<Arc<TlsConfig>>,
     session_id: u64,
     local: &[freehint_wire::RegionDesc],
@@ -1178,7 +1186,7 @@ async fn accept_resume(
             reject(&mut s, format!("{ctx}: another guest RAM layout")).await;
             continue;
         }
-        crate::tune_socket(s.socket(), timeout).map_err(MigrateError::io("socket option"))?;
+        s.tune(timeout).map_err(MigrateError::io("socket option"))?;
         write_message(&mut s, &Message::HelloAck { postcopy: true }, &ctx, timeout).await?;
         return Ok((s, hello));
     }
@@ -1230,18 +1238,18 @@ impl Hellos {
     /// The next connection whose first frame has arrived (or failed), in
     /// the order they complete. Connections still waiting are closed when
     /// this is dropped.
-    async fn next(&mut self, listener: &TcpListener) -> std::io::Result<Accepted> {
+    async fn next(&mut self, listener: &Listener<'_>) -> std::io::Result<Accepted> {
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let (tcp, peer) = accepted?;
+                    let (incoming, peer) = accepted?;
                     if self.pending.len() >= MAX_PENDING_HELLOS {
                         tracing::warn!(%peer, "{MAX_PENDING_HELLOS} connections already wait to say hello; closed");
                         continue;
                     }
                     let (timeout, tls) = (self.timeout, self.tls.clone());
                     self.pending.spawn(async move {
-                        let mut s = match crate::transport::accepted(tcp, tls.as_deref(), timeout).await {
+                        let mut s = match crate::transport::accepted(incoming, tls.as_deref(), timeout).await {
                             Ok(s) => s,
                             Err(e) => {
                                 tracing::warn!(
@@ -1340,8 +1348,7 @@ async fn receive_bulk(
                     // rate of whoever else runs): either way the budget
                     // would be too small to keep the link busy.
                     let data_bytes = head.data_pages() as usize * page_bytes;
-                    let here = r.buffer().len() as u64
-                        + freehint_linux_sys::readable_bytes(r.get_ref()).unwrap_or(0);
+                    let here = r.buffer().len() as u64 + r.get_ref().readable_bytes();
                     let mut busy_from = freehint_linux_sys::thread_cpu_time();
                     for piece in BatchPieces::of(head.entries(), page_bytes as u64) {
                         data.resize(piece.data_bytes, 0);

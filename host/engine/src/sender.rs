@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::transport::Scheme;
 use crate::transport::{Channel, TlsConfig};
 use crate::TransportKind;
 use freehint_dirty_log::DirtyLog;
@@ -54,6 +55,8 @@ pub struct PrecopySender {
     phase: PhaseWatch,
     cancel: CancellationToken,
     /// TLS for every connection; `None`: plain TCP.
+    /// TCP or RDMA ([`Self::with_scheme`]).
+    scheme: Scheme,
     tls: Option<Arc<TlsConfig>>,
     progress: ProgressWatch,
     /// Hint rounds still pay: the guest's reports take pages off the send
@@ -159,7 +162,16 @@ impl PrecopySender {
             postcopy_now: Arc::new(AtomicBool::new(false)),
             postcopy_resume: PostcopyResume::default(),
             tls: None,
+            scheme: Scheme::Tcp,
         })
+    }
+
+    /// Connects over `scheme` ([`Scheme::Tcp`], the default, or
+    /// [`Scheme::Rdma`]: page data then goes as references the
+    /// destination reads with RDMA READ). RDMA takes no TLS.
+    pub fn with_scheme(mut self, scheme: Scheme) -> Self {
+        self.scheme = scheme;
+        self
     }
 
     /// Opens every connection with TLS (mutual authentication, see
@@ -222,10 +234,10 @@ impl PrecopySender {
         let mut at = Attempt {
             stats: MigrationStats {
                 guest_ram_bytes: self.ram.size_bytes(),
-                transport: if self.tls.is_some() {
-                    TransportKind::Tls
-                } else {
-                    TransportKind::Tcp
+                transport: match (self.scheme, self.tls.is_some()) {
+                    (Scheme::Rdma, _) => TransportKind::Rdma,
+                    (Scheme::Tcp, true) => TransportKind::Tls,
+                    (Scheme::Tcp, false) => TransportKind::Tcp,
                 },
                 ..Default::default()
             },
@@ -430,9 +442,17 @@ impl PrecopySender {
         hello: Hello,
     ) -> Result<(Channel, bool), MigrateError> {
         let what = format!("connecting to {dest} ({:?} channel)", hello.role);
-        let mut s =
-            crate::transport::connect(dest, self.tls.as_deref(), self.timeout(), &what).await?;
-        crate::tune_socket(s.socket(), self.timeout()).map_err(MigrateError::io(what.clone()))?;
+        let mut s = crate::transport::connect(
+            dest,
+            self.scheme,
+            self.tls.as_deref(),
+            Some(&self.ram),
+            self.timeout(),
+            &what,
+        )
+        .await?;
+        s.tune(self.timeout())
+            .map_err(MigrateError::io(what.clone()))?;
         write_message(&mut s, &Message::Hello(hello), &what, self.timeout()).await?;
         match expect_message(&mut s, &format!("{what}: hello answer"), self.timeout()).await? {
             Message::HelloAck { postcopy } => Ok((s, postcopy)),
@@ -505,7 +525,7 @@ impl PrecopySender {
         let urgent = if urgent {
             let hello = self.hello(session_id, ChannelRole::Urgent, resume);
             let s = self.connect(dest, hello).await?.0;
-            crate::mark_urgent(s.socket());
+            s.mark_urgent();
             Some(s)
         } else {
             None
@@ -745,9 +765,9 @@ impl PrecopySender {
             .take()
             .ok_or_else(|| MigrateError::Postcopy("no urgent channel was opened".into()))?;
         at.links = Links::of(
-            std::iter::once(urgent.socket())
-                .chain(at.bulk.iter().map(Channel::socket))
-                .chain(at.control.as_ref().map(|c| c.socket())),
+            std::iter::once(&urgent)
+                .chain(at.bulk.iter())
+                .chain(at.control.as_ref().map(|c| c.channel())),
         );
         let tasks = src.spawn_urgent(urgent)?;
         at.postcopy = Some((src, tasks));
@@ -985,9 +1005,9 @@ impl PrecopySender {
             .await?;
         let urgent = urgent.expect("asked for");
         at.links = Links::of(
-            std::iter::once(control.socket())
-                .chain(bulk.iter().map(Channel::socket))
-                .chain(std::iter::once(urgent.socket())),
+            std::iter::once(control.channel())
+                .chain(bulk.iter())
+                .chain(std::iter::once(&urgent)),
         );
         at.control = Some(control);
         Ok((pending, bulk, urgent))
@@ -1326,11 +1346,7 @@ const DRAINED_BYTES: u64 = 256 << 10;
 /// queue cannot be read counts as drained: this only shortens the
 /// downtime, it never decides correctness.
 async fn drain_bulk(bulk: &[Channel], bandwidth_bytes_per_s: f64, max: Duration) -> u64 {
-    let queued = || -> u64 {
-        bulk.iter()
-            .map(|s| freehint_linux_sys::unacknowledged_bytes(s).unwrap_or(0))
-            .sum()
-    };
+    let queued = || -> u64 { bulk.iter().map(Channel::unacknowledged_bytes).sum() };
     let started = Instant::now();
     let first = queued();
     if first <= DRAINED_BYTES {

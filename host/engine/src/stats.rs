@@ -109,6 +109,9 @@ pub enum TransportKind {
     Tcp,
     /// TLS 1.3 with mutual x509 authentication, over TCP.
     Tls,
+    /// RDMA (rdma_cm, SEND messages and RDMA READ of guest pages):
+    /// neither encrypted nor authenticated.
+    Rdma,
 }
 
 /// What postcopy measured, the same on either side (the source gets the

@@ -247,7 +247,12 @@ fn every_fault_point_leaves_the_guest_on_one_side_or_says_uncertain() {
     let work = tempfile::tempdir_in("/dev/shm").unwrap();
     let mut failures = Vec::new();
     let mut table = Vec::new();
-    for p in &points {
+    // The RDMA points are passed only over RDMA: tests/scripts/rdma-in-guest.sh
+    // runs them on soft-RoCE.
+    for p in points
+        .iter()
+        .filter(|p| !p["name"].as_str().unwrap().contains("rdma"))
+    {
         for action in ["return", "panic", "return(kill)"] {
             let case = Case {
                 point: p["name"].as_str().unwrap().to_string(),

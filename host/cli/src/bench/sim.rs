@@ -86,8 +86,27 @@ pub struct SimArgs {
     /// sides use DIR's host certificate, so pin its own fingerprint.
     #[arg(long, value_name = "SHA256", requires = "tls_dir")]
     pub tls_pin: Vec<freehint_engine::tls::CertificateFingerprint>,
+    /// What carries the migration: tcp, or rdma (page data read by the
+    /// destination with RDMA READ; needs an RDMA device on --address's
+    /// interface, e.g. soft-RoCE: `rdma link add rxe0 type rxe netdev
+    /// eth0`). RDMA takes no TLS.
+    #[arg(long, value_enum, default_value_t = SimTransport::Tcp, conflicts_with = "tls_dir")]
+    pub transport: SimTransport,
+    /// The address the destination listens on and the source connects to
+    /// (with rdma, one that an RDMA device serves).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub address: std::net::IpAddr,
     #[command(flatten)]
     pub params: ParamArgs,
+}
+
+/// What carries a `bench sim` migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SimTransport {
+    /// TCP (plain, or TLS with --tls-dir).
+    Tcp,
+    /// RDMA (rdma_cm; needs a build with the `rdma` feature).
+    Rdma,
 }
 
 /// The result of `bench sim`.
@@ -289,7 +308,12 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
     };
     let mut recv_child = ChildGuard(
         recv_cmd
-            .args(["--listen", "127.0.0.1:0", "--json", "--mem-mib"])
+            .arg("--listen")
+            .arg(match a.transport {
+                SimTransport::Tcp => format!("{}", std::net::SocketAddr::new(a.address, 0)),
+                SimTransport::Rdma => format!("rdma://{}", std::net::SocketAddr::new(a.address, 0)),
+            })
+            .args(["--json", "--mem-mib"])
             .arg(a.mem_mib.to_string())
             .arg("--ram")
             .arg(&dst_path)
@@ -310,11 +334,13 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
     let mut recv_out = BufReader::new(recv_child.0.stdout.take().context("receiver stdout")?);
     let mut line = String::new();
     recv_out.read_line(&mut line)?;
-    let addr = line
+    let endpoint: freehint_engine::Endpoint = line
         .trim()
         .strip_prefix("listening on ")
         .with_context(|| format!("receiver said {line:?}"))?
-        .parse()?;
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let addr = endpoint.addr;
 
     let ram = Arc::new(GuestRam::open_file(&src_path, a.mem_mib << 20)?);
     let log = UffdWpDirtyLog::attach_process(pid, vmm_ram_ranges(pid, &ram)?)?;
@@ -330,7 +356,8 @@ pub fn sim(a: SimArgs) -> Result<SimReport> {
         client.clone(),
         params,
     )?
-    .with_tls(tls);
+    .with_tls(tls)
+    .with_scheme(endpoint.scheme);
     crate::cancel_on_signals(sender.cancel_token())?;
     // A source in postcopy never gives its guest up on its own: it waits
     // for the destination to come back. Here nothing restarts a receiver

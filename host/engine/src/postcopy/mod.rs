@@ -153,22 +153,21 @@ impl PostcopyResume {
 /// starts, so no page of the old session is placed after the destination
 /// has said which pages it still lacks.
 #[derive(Debug, Default)]
-pub(crate) struct Links(Vec<std::net::TcpStream>);
+pub(crate) struct Links(Vec<crate::transport::LinkCut>);
 
 impl Links {
-    /// Adds a duplicate of `s`'s socket (none if the fd cannot be
-    /// duplicated: that connection is then cut only by its peer).
-    pub(crate) fn add(&mut self, s: &impl std::os::fd::AsFd) {
-        match s.as_fd().try_clone_to_owned() {
-            Ok(fd) => self.0.push(std::net::TcpStream::from(fd)),
-            Err(e) => tracing::warn!("postcopy: cannot duplicate a socket to cut it later: {e}"),
-        }
+    /// Adds a way to cut `s` (none if it cannot be made: that connection
+    /// is then cut only by its peer).
+    pub(crate) fn add(&mut self, s: &crate::transport::Channel) {
+        self.0.extend(s.cut_handle());
     }
 
-    /// Duplicates of every socket of one session.
-    pub(crate) fn of<'a>(sockets: impl IntoIterator<Item = &'a tokio::net::TcpStream>) -> Self {
+    /// Ways to cut every connection of one session.
+    pub(crate) fn of<'a>(
+        channels: impl IntoIterator<Item = &'a crate::transport::Channel>,
+    ) -> Self {
         let mut links = Self::default();
-        for s in sockets {
+        for s in channels {
             links.add(s);
         }
         links
@@ -177,7 +176,7 @@ impl Links {
     /// Shuts every connection down, both ways.
     pub(crate) fn cut(&mut self) {
         for s in self.0.drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+            s.cut();
         }
     }
 }

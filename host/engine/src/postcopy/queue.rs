@@ -236,7 +236,8 @@ impl PlacedReporter {
     ) -> Result<(), MigrateError> {
         self.placed_bytes += bytes;
         self.busy += busy;
-        if let Ok(f) = freehint_linux_sys::tcp_figures(s) {
+        {
+            let f = s.figures();
             if f.rcv_rtt_us > 0 && (self.rtt_us == 0 || f.rcv_rtt_us < self.rtt_us) {
                 self.rtt_us = f.rcv_rtt_us;
             }

@@ -272,7 +272,7 @@ impl PostcopySource {
         let mut runs: Vec<PageRun> = Vec::new();
         let regions = self.pending.regions();
         let mut batches = 0u64;
-        let figures = || freehint_linux_sys::tcp_figures(stream).unwrap_or_default();
+        let figures = || stream.figures();
         let started = Instant::now();
         let mut budget = QueueBudget::new(
             Duration::ZERO,
@@ -290,7 +290,7 @@ impl PostcopySource {
                 placed.read_available(stream, &name)?;
                 let f = figures();
                 let limit = budget.limit_bytes(started.elapsed(), f.bytes_acked, f.min_rtt_us);
-                let unacknowledged = freehint_linux_sys::unacknowledged_bytes(stream).unwrap_or(0);
+                let unacknowledged = stream.unacknowledged_bytes();
                 if unacknowledged <= limit
                     && placed.has_room(sent_guest_bytes, unacknowledged, least_bytes)
                 {

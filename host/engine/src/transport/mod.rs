@@ -1,12 +1,20 @@
-//! Migration connections: one TCP socket each, plain or inside TLS 1.3.
+//! Migration connections: one TCP socket each, plain or inside TLS 1.3,
+//! or one RDMA queue pair each (`rdma` feature, `freehint-rdma`).
 //!
 //! A [`Channel`] is what the engine reads frames from and writes frames
-//! and guest pages to, whatever is underneath. Like tokio's `TcpStream`,
-//! it is read and written through a shared reference (one task reads the
-//! destination's reports while another writes pages on the same bulk
-//! channel), and its socket stays reachable ([`Channel::socket`]) for what
-//! only the kernel knows: the bytes not yet acknowledged (`SIOCOUTQ`), the
-//! round trip (`tcp_info`), socket options, and duplicates to cut a link.
+//! and guest pages to, whatever is underneath: the engine has one copy of
+//! the migration, and a channel is the only thing that knows its
+//! transport. Like tokio's `TcpStream`, it is read and written through a
+//! shared reference (one task reads the destination's reports while
+//! another writes pages on the same bulk channel), and it answers for
+//! what only the transport knows: the bytes not yet acknowledged
+//! ([`Channel::unacknowledged_bytes`]: `SIOCOUTQ` on TCP), the round trip
+//! ([`Channel::figures`]: `tcp_info`), its options ([`Channel::tune`],
+//! [`Channel::mark_urgent`]), and a handle to cut it
+//! ([`Channel::cut_handle`]).
+//!
+//! Where a connection goes is an [`Endpoint`] (`tcp://` or `rdma://`);
+//! what a destination accepts on is a [`Listener`].
 //!
 //! With TLS, the kernel's queue holds ciphertext and the TLS state holds
 //! at most one record's worth more, so the postcopy queue budgets (see
@@ -53,14 +61,31 @@ pub(crate) const TLS_SEND_BUFFER_BYTES: usize = 256 << 10;
 /// socket holds.
 const TLS_RECEIVE_BUFFER_BYTES: usize = 256 << 10;
 
-/// One migration connection (see the module's doc).
-pub(crate) struct Channel {
+/// One migration connection (see the module's doc): TCP (plain or TLS),
+/// or RDMA.
+// TLS state lives inline: a migration has a handful of channels, each
+// made once, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Channel {
+    /// Over TCP.
+    Tcp(TcpChannel),
+    /// Over RDMA, and the guest memory its page references point into
+    /// (kept mapped for as long as the stream lives: dropped after it).
+    #[cfg(feature = "rdma")]
+    Rdma {
+        stream: freehint_rdma::RdmaStream,
+        exposed: Option<Arc<freehint_memory::GuestRam>>,
+    },
+}
+
+/// A TCP connection, plain or inside TLS.
+pub(crate) struct TcpChannel {
     tcp: TcpStream,
     tls: Option<Tls>,
 }
 
 /// A TLS connection's state beside its socket.
-struct Tls {
+pub(crate) struct Tls {
     state: Mutex<TlsState>,
 }
 
@@ -94,7 +119,7 @@ impl TlsState {
     }
 }
 
-impl Channel {
+impl TcpChannel {
     /// A plain TCP connection.
     pub(crate) fn plain(tcp: TcpStream) -> Self {
         Self { tcp, tls: None }
@@ -114,11 +139,6 @@ impl Channel {
                 }),
             }),
         }
-    }
-
-    /// The socket underneath, for socket options and the kernel's figures.
-    pub(crate) fn socket(&self) -> &TcpStream {
-        &self.tcp
     }
 
     /// Runs the TLS handshake (nothing on plain TCP): certificates are
@@ -382,22 +402,6 @@ impl Channel {
         }
         w.flush().await
     }
-
-    /// Moves the connection off its runtime, to be attached to another
-    /// ([`DetachedChannel::attach`]).
-    pub(crate) fn detach(self) -> io::Result<DetachedChannel> {
-        Ok(DetachedChannel {
-            tcp: self.tcp.into_std()?,
-            tls: self.tls,
-        })
-    }
-
-    /// Splits the connection into a reader and a writer that may live in
-    /// different tasks.
-    pub(crate) fn into_split(self) -> (ChannelReader, ChannelWriter) {
-        let me = Arc::new(self);
-        (ChannelReader(me.clone()), ChannelWriter(me))
-    }
 }
 
 fn lock(m: &Mutex<TlsState>) -> MutexGuard<'_, TlsState> {
@@ -434,15 +438,293 @@ impl Write for SocketIo<'_> {
     }
 }
 
-impl AsRawFd for Channel {
+impl AsRawFd for TcpChannel {
     fn as_raw_fd(&self) -> RawFd {
         self.tcp.as_raw_fd()
     }
 }
 
-impl AsFd for Channel {
+impl AsFd for TcpChannel {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.tcp.as_fd()
+    }
+}
+
+/// Calls `$body` with `$c` bound to the TCP channel or the RDMA stream.
+macro_rules! each {
+    ($ch:expr, $c:ident => $tcp:expr, $r:ident => $rdma:expr) => {
+        match $ch {
+            Channel::Tcp($c) => $tcp,
+            #[cfg(feature = "rdma")]
+            Channel::Rdma { stream: $r, .. } => $rdma,
+        }
+    };
+}
+
+impl Channel {
+    /// A plain TCP connection.
+    pub(crate) fn plain(tcp: TcpStream) -> Self {
+        Channel::Tcp(TcpChannel::plain(tcp))
+    }
+
+    /// A TLS connection whose handshake is still to be done
+    /// ([`Self::handshake`]).
+    pub(crate) fn tls(tcp: TcpStream, conn: rustls::Connection) -> Self {
+        Channel::Tcp(TcpChannel::tls(tcp, conn))
+    }
+
+    /// What carries the connection.
+    pub(crate) fn kind(&self) -> crate::TransportKind {
+        match self {
+            Channel::Tcp(c) if c.tls.is_some() => crate::TransportKind::Tls,
+            Channel::Tcp(_) => crate::TransportKind::Tcp,
+            #[cfg(feature = "rdma")]
+            Channel::Rdma { .. } => crate::TransportKind::Rdma,
+        }
+    }
+
+    /// Runs the TLS handshake (nothing on plain TCP or RDMA).
+    pub(crate) async fn handshake(&self) -> Result<(), TlsError> {
+        match self {
+            Channel::Tcp(c) => c.handshake().await,
+            #[cfg(feature = "rdma")]
+            Channel::Rdma { .. } => Ok(()),
+        }
+    }
+
+    /// Sets the options every migration connection uses (TCP: see
+    /// `tune_socket`; RDMA has no such options).
+    pub(crate) fn tune(&self, peer_timeout: std::time::Duration) -> io::Result<()> {
+        each!(self, c => crate::tune_socket(&c.tcp, peer_timeout), _r => Ok(()))
+    }
+
+    /// Marks the connection as postcopy's urgent channel (TCP: DSCP and
+    /// priority; an RDMA queue pair of its own already queues apart).
+    pub(crate) fn mark_urgent(&self) {
+        each!(self, c => crate::mark_urgent(&c.tcp), _r => ())
+    }
+
+    /// Bytes written that the peer has not acknowledged (TCP:
+    /// `SIOCOUTQ`; RDMA: messages not completed and page references not
+    /// read); 0 if unknown.
+    pub(crate) fn unacknowledged_bytes(&self) -> u64 {
+        each!(self,
+            c => freehint_linux_sys::unacknowledged_bytes(c).unwrap_or(0),
+            r => r.queued_bytes())
+    }
+
+    /// Bytes received and not yet read (TCP: `FIONREAD`; RDMA: inline
+    /// bytes and pages already READ); 0 if unknown.
+    pub(crate) fn readable_bytes(&self) -> u64 {
+        each!(self,
+            c => freehint_linux_sys::readable_bytes(c).unwrap_or(0),
+            r => r.readable_bytes())
+    }
+
+    /// The kernel's figures of the connection (RDMA: bytes acknowledged,
+    /// no round trip).
+    pub(crate) fn figures(&self) -> freehint_linux_sys::TcpFigures {
+        each!(self,
+        c => freehint_linux_sys::tcp_figures(c).unwrap_or_default(),
+        r => freehint_linux_sys::TcpFigures {
+            bytes_acked: r.bytes_written().saturating_sub(r.queued_bytes()),
+            ..Default::default()
+        })
+    }
+
+    /// A handle that cuts this connection (both ways) later, even after
+    /// it moved to another task; `None` if it cannot be made.
+    pub(crate) fn cut_handle(&self) -> Option<LinkCut> {
+        match self {
+            Channel::Tcp(c) => match c.as_fd().try_clone_to_owned() {
+                Ok(fd) => Some(LinkCut::Tcp(std::net::TcpStream::from(fd))),
+                Err(e) => {
+                    tracing::warn!("cannot duplicate a socket to cut it later: {e}");
+                    None
+                }
+            },
+            #[cfg(feature = "rdma")]
+            Channel::Rdma { stream, .. } => Some(LinkCut::Rdma(stream.cut_handle())),
+        }
+    }
+
+    /// Reads what has arrived without waiting: `WouldBlock` if nothing
+    /// has, `Ok(0)` at the end of the stream.
+    pub(crate) fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        each!(self, c => c.try_read(buf), r => r.try_read(buf))
+    }
+
+    /// Waits until a read may find something (it may still find nothing).
+    pub(crate) async fn readable(&self) -> io::Result<()> {
+        match self {
+            Channel::Tcp(c) => c.readable().await,
+            #[cfg(feature = "rdma")]
+            Channel::Rdma { stream, .. } => {
+                std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await
+            }
+        }
+    }
+
+    fn poll_read_shared(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self {
+            Channel::Tcp(c) => c.poll_read_shared(cx, buf),
+            #[cfg(feature = "rdma")]
+            Channel::Rdma { stream, .. } => loop {
+                match stream.try_read(buf.initialize_unfilled()) {
+                    Ok(n) => {
+                        buf.advance(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        ready!(stream.poll_read_ready(cx))?;
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            },
+        }
+    }
+
+    fn poll_write_shared(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self {
+            Channel::Tcp(c) => c.poll_write_shared(cx, buf),
+            #[cfg(feature = "rdma")]
+            Channel::Rdma { stream, .. } => loop {
+                match stream.try_write(buf) {
+                    Ok(n) => return Poll::Ready(Ok(n)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        ready!(stream.poll_write_ready(cx))?;
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            },
+        }
+    }
+
+    fn poll_flush_shared(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Channel::Tcp(c) => c.poll_flush_shared(cx),
+            #[cfg(feature = "rdma")]
+            Channel::Rdma { stream, .. } => loop {
+                match stream.try_flush() {
+                    Ok(()) => return Poll::Ready(Ok(())),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        ready!(stream.poll_write_ready(cx))?;
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            },
+        }
+    }
+
+    fn poll_shutdown_shared(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, c => c.poll_shutdown_shared(cx), r => r.poll_shutdown(cx))
+    }
+
+    /// Writes every byte `iovs` describes (a batch head of ours and runs of
+    /// guest pages), then flushes. Over RDMA, guest pages go as references
+    /// the destination reads.
+    pub(crate) async fn write_pages(
+        &self,
+        iovs: &mut IoVecs,
+        bounce: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        match self {
+            Channel::Tcp(c) => c.write_pages(iovs, bounce).await,
+            #[cfg(feature = "rdma")]
+            Channel::Rdma { stream, .. } => rdma_write_pages(self, stream, iovs, bounce).await,
+        }
+    }
+
+    /// Moves the connection off its runtime, to be attached to another
+    /// ([`DetachedChannel::attach`]).
+    pub(crate) fn detach(self) -> io::Result<DetachedChannel> {
+        Ok(match self {
+            Channel::Tcp(c) => DetachedChannel::Tcp {
+                tcp: c.tcp.into_std()?,
+                tls: c.tls,
+            },
+            #[cfg(feature = "rdma")]
+            Channel::Rdma { stream, exposed } => DetachedChannel::Rdma {
+                stream: stream.detach(),
+                exposed,
+            },
+        })
+    }
+
+    /// Splits the connection into a reader and a writer that may live in
+    /// different tasks.
+    pub(crate) fn into_split(self) -> (ChannelReader, ChannelWriter) {
+        let me = Arc::new(self);
+        (ChannelReader(me.clone()), ChannelWriter(me))
+    }
+}
+
+/// Writes `iovs` on an RDMA stream: runs in exposed guest memory as
+/// references, the rest (our batch head) copied inline.
+#[cfg(feature = "rdma")]
+async fn rdma_write_pages(
+    w: &Channel,
+    stream: &freehint_rdma::RdmaStream,
+    iovs: &mut IoVecs,
+    bounce: &mut Vec<u8>,
+) -> io::Result<()> {
+    let mut w = w;
+    for i in 0..iovs.0.len() {
+        // Copied out: a reference to an iovec (raw pointers) must not be
+        // held across an await.
+        let (base, len) = (iovs.0[i].iov_base as usize, iovs.0[i].iov_len);
+        let mut done = 0;
+        while done < len {
+            let referenced = std::future::poll_fn(|cx| loop {
+                match stream.try_write_ref((base + done) as *const u8, len - done) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        ready!(stream.poll_write_ready(cx))?;
+                    }
+                    other => return Poll::Ready(other),
+                }
+            })
+            .await?;
+            if let Some(n) = referenced {
+                done += n;
+                continue;
+            }
+            let n = (len - done).min(TLS_CHUNK_BYTES);
+            // SAFETY: the iovec describes readable memory for as long as
+            // this call runs (see `IoVecs`); read only through a volatile
+            // copy, the slice dropped before the next await.
+            bounce.resize(n, 0);
+            unsafe { VolatileSlice::new((base as *mut u8).add(done), n) }.copy_to(&mut bounce[..n]);
+            w.write_all(&bounce[..n]).await?;
+            done += n;
+        }
+    }
+    w.flush().await
+}
+
+/// Cuts one connection of a postcopy session (see `postcopy::Links`).
+#[derive(Debug)]
+pub(crate) enum LinkCut {
+    /// A duplicate of the TCP socket.
+    Tcp(std::net::TcpStream),
+    /// The RDMA stream's cut handle.
+    #[cfg(feature = "rdma")]
+    Rdma(freehint_rdma::RdmaCut),
+}
+
+impl LinkCut {
+    /// Shuts the connection down, both ways.
+    pub(crate) fn cut(self) {
+        match self {
+            LinkCut::Tcp(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            #[cfg(feature = "rdma")]
+            LinkCut::Rdma(r) => r.cut(),
+        }
     }
 }
 
@@ -488,6 +770,7 @@ macro_rules! channel_write {
     };
 }
 
+channel_write!(&TcpChannel, |me| me);
 channel_read!(&Channel, |me| me);
 channel_write!(&Channel, |me| me);
 channel_read!(Channel, |me| me);
@@ -509,17 +792,32 @@ impl ChannelWriter {
 }
 
 /// A [`Channel`] between two runtimes.
-pub(crate) struct DetachedChannel {
-    tcp: std::net::TcpStream,
-    tls: Option<Tls>,
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum DetachedChannel {
+    Tcp {
+        tcp: std::net::TcpStream,
+        tls: Option<Tls>,
+    },
+    #[cfg(feature = "rdma")]
+    Rdma {
+        stream: freehint_rdma::DetachedRdmaStream,
+        exposed: Option<Arc<freehint_memory::GuestRam>>,
+    },
 }
 
 impl DetachedChannel {
     /// The channel on the current runtime.
     pub(crate) fn attach(self) -> io::Result<Channel> {
-        Ok(Channel {
-            tcp: TcpStream::from_std(self.tcp)?,
-            tls: self.tls,
+        Ok(match self {
+            DetachedChannel::Tcp { tcp, tls } => Channel::Tcp(TcpChannel {
+                tcp: TcpStream::from_std(tcp)?,
+                tls,
+            }),
+            #[cfg(feature = "rdma")]
+            DetachedChannel::Rdma { stream, exposed } => Channel::Rdma {
+                stream: stream.attach()?,
+                exposed,
+            },
         })
     }
 }
@@ -546,7 +844,35 @@ pub(crate) async fn read_into_pages(
     if done == len {
         return Ok(());
     }
-    let channel: &Channel = r.get_ref();
+    let channel = match r.get_ref() {
+        Channel::Tcp(c) => c,
+        #[cfg(feature = "rdma")]
+        Channel::Rdma { stream, .. } => {
+            while done < len {
+                let n = std::future::poll_fn(|cx| loop {
+                    match stream.try_read_with(|b| {
+                        let n = b.len().min(len - done);
+                        dst.write_at(done, &b[..n]);
+                        n
+                    }) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            ready!(stream.poll_read_ready(cx))?;
+                        }
+                        other => return Poll::Ready(other),
+                    }
+                })
+                .await
+                .map_err(MigrateError::io(context.to_string()))?;
+                if n == 0 {
+                    return Err(MigrateError::Disconnected(format!(
+                        "{context}: peer disconnected in the middle of a frame (truncated frame)"
+                    )));
+                }
+                done += n;
+            }
+            return Ok(());
+        }
+    };
     if channel.tls.is_none() {
         return crate::io::read_socket_into_pages(&channel.tcp, dst, done, context).await;
     }
@@ -572,15 +898,21 @@ pub(crate) async fn read_into_pages(
     Ok(())
 }
 
-/// Opens a connection to `dest`: TCP, then TLS's handshake when `tls` is
-/// given; each step within `timeout`. `what` names the connection in
-/// errors.
+/// Opens a connection to `dest` over `scheme`: TCP, then TLS's handshake
+/// when `tls` is given; or RDMA, whose page references may point into
+/// `exposed` (the source's guest RAM); each step within `timeout`.
+/// `what` names the connection in errors.
 pub(crate) async fn connect(
     dest: std::net::SocketAddr,
+    scheme: Scheme,
     tls: Option<&TlsConfig>,
+    exposed: Option<&Arc<freehint_memory::GuestRam>>,
     timeout: std::time::Duration,
     what: &str,
 ) -> Result<Channel, MigrateError> {
+    if scheme == Scheme::Rdma {
+        return connect_rdma(dest, tls, exposed, timeout, what).await;
+    }
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(dest))
         .await
         .map_err(|_| MigrateError::Timeout {
@@ -602,14 +934,172 @@ pub(crate) async fn connect(
     Ok(channel)
 }
 
+#[cfg(feature = "rdma")]
+async fn connect_rdma(
+    dest: std::net::SocketAddr,
+    tls: Option<&TlsConfig>,
+    exposed: Option<&Arc<freehint_memory::GuestRam>>,
+    timeout: std::time::Duration,
+    what: &str,
+) -> Result<Channel, MigrateError> {
+    if tls.is_some() {
+        return Err(MigrateError::io(what.to_string())(io::Error::new(
+            io::ErrorKind::Unsupported,
+            RDMA_WITHOUT_TLS,
+        )));
+    }
+    let stream = freehint_rdma::connect(dest, timeout)
+        .await
+        .map_err(|e| MigrateError::io(what.to_string())(io::Error::other(e)))?;
+    if let Some(ram) = exposed {
+        let ranges = ram
+            .regions()
+            .iter()
+            .map(|r| {
+                let start = r.host_ptr() as usize;
+                start..start + r.size_bytes() as usize
+            })
+            .collect();
+        // SAFETY: the channel holds `ram` (dropped after the stream), so
+        // its mappings stay for as long as the stream lives.
+        unsafe { stream.expose_memory(ranges) };
+    }
+    Ok(Channel::Rdma {
+        stream,
+        exposed: exposed.cloned(),
+    })
+}
+
+#[cfg(not(feature = "rdma"))]
+async fn connect_rdma(
+    _dest: std::net::SocketAddr,
+    _tls: Option<&TlsConfig>,
+    _exposed: Option<&Arc<freehint_memory::GuestRam>>,
+    _timeout: std::time::Duration,
+    what: &str,
+) -> Result<Channel, MigrateError> {
+    Err(MigrateError::io(what.to_string())(io::Error::new(
+        io::ErrorKind::Unsupported,
+        NO_RDMA,
+    )))
+}
+
+/// Why a build refuses `rdma://`.
+#[cfg(not(feature = "rdma"))]
+pub(crate) const NO_RDMA: &str =
+    "this freehint was built without RDMA (build it with the cargo feature `rdma`)";
+/// Why RDMA refuses TLS.
+#[cfg(feature = "rdma")]
+pub(crate) const RDMA_WITHOUT_TLS: &str = "RDMA connections carry no TLS: run them on a trusted fabric with --insecure (docs/SECURITY.md)";
+
+/// How a connection reaches its peer: the scheme of an [`Endpoint`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scheme {
+    /// TCP (plain or TLS).
+    #[default]
+    Tcp,
+    /// RDMA through rdma_cm (InfiniBand, RoCE, soft-RoCE).
+    Rdma,
+}
+
+/// Where a destination listens: `tcp://HOST:PORT` (or just
+/// `HOST:PORT`), or `rdma://HOST:PORT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// How to reach it.
+    pub scheme: Scheme,
+    /// Its address (for RDMA, the address of an interface with an RDMA
+    /// device: IPoIB, RoCE, rxe).
+    pub addr: std::net::SocketAddr,
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = match s.split_once("://") {
+            None => (Scheme::Tcp, s),
+            Some(("tcp", rest)) => (Scheme::Tcp, rest),
+            Some(("rdma", rest)) => (Scheme::Rdma, rest),
+            Some((other, _)) => {
+                return Err(format!(
+                    "unknown scheme {other}:// in {s:?}: use tcp://HOST:PORT (or HOST:PORT) or rdma://HOST:PORT"
+                ))
+            }
+        };
+        let addr = rest.parse().map_err(|e| {
+            format!("{rest:?} is not an address and port (like 192.0.2.1:7070 or [::1]:7070): {e}")
+        })?;
+        Ok(Endpoint { scheme, addr })
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.scheme {
+            Scheme::Tcp => write!(f, "{}", self.addr),
+            Scheme::Rdma => write!(f, "rdma://{}", self.addr),
+        }
+    }
+}
+
+/// What a destination accepts connections on.
+#[derive(Clone, Copy)]
+pub enum Listener<'a> {
+    /// A TCP listener.
+    Tcp(&'a tokio::net::TcpListener),
+    /// An RDMA listener.
+    #[cfg(feature = "rdma")]
+    Rdma(&'a freehint_rdma::RdmaListener),
+}
+
+/// A connection just accepted, before its TLS handshake.
+pub(crate) enum NewConnection {
+    Tcp(TcpStream),
+    #[cfg(feature = "rdma")]
+    Rdma(freehint_rdma::RdmaStream),
+}
+
+impl Listener<'_> {
+    /// The next connection and its peer's address. Cancel-safe.
+    pub(crate) async fn accept(&self) -> io::Result<(NewConnection, std::net::SocketAddr)> {
+        match self {
+            Listener::Tcp(l) => l.accept().await.map(|(s, a)| (NewConnection::Tcp(s), a)),
+            #[cfg(feature = "rdma")]
+            Listener::Rdma(l) => l
+                .accept()
+                .await
+                .map(|(s, a)| (NewConnection::Rdma(s), a))
+                .map_err(io::Error::other),
+        }
+    }
+}
+
 /// An accepted connection, after TLS's handshake when `tls` is given
 /// (within `timeout`): a peer without a certificate from our CA fails
-/// here, before any frame of it is read.
+/// here, before any frame of it is read. RDMA connections carry no TLS: a
+/// destination that requires it refuses them.
 pub(crate) async fn accepted(
-    tcp: TcpStream,
+    incoming: NewConnection,
     tls: Option<&TlsConfig>,
     timeout: std::time::Duration,
 ) -> Result<Channel, TlsError> {
+    let tcp = match incoming {
+        NewConnection::Tcp(tcp) => tcp,
+        #[cfg(feature = "rdma")]
+        NewConnection::Rdma(stream) => {
+            if tls.is_some() {
+                return Err(TlsError::Io(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    RDMA_WITHOUT_TLS,
+                )));
+            }
+            return Ok(Channel::Rdma {
+                stream,
+                exposed: None,
+            });
+        }
+    };
     let Some(tls) = tls else {
         return Ok(Channel::plain(tcp));
     };
@@ -652,9 +1142,9 @@ mod tests {
         let addr: SocketAddr = listener.local_addr().unwrap();
         let accept = async {
             let (tcp, _) = listener.accept().await.unwrap();
-            accepted(tcp, server, T).await
+            accepted(NewConnection::Tcp(tcp), server, T).await
         };
-        tokio::join!(connect(addr, client, T, "test"), accept)
+        tokio::join!(connect(addr, Scheme::Tcp, client, None, T, "test"), accept)
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -737,7 +1227,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let plain_source = async {
-            let c = connect(addr, None, T, "test").await.unwrap();
+            let c = connect(addr, Scheme::Tcp, None, None, T, "test")
+                .await
+                .unwrap();
             // What a plain source says first: a frame, not a TLS hello.
             let mut hello = Vec::new();
             freehint_wire::Message::Error("not TLS".into()).encode(&mut hello);
@@ -747,7 +1239,7 @@ mod tests {
         };
         let destination = async {
             let (tcp, _) = listener.accept().await.unwrap();
-            accepted(tcp, Some(&tls), T).await
+            accepted(NewConnection::Tcp(tcp), Some(&tls), T).await
         };
         let (_, s) = tokio::join!(plain_source, destination);
         let e = s.err().expect("refused");
@@ -787,7 +1279,7 @@ mod tests {
         };
         let server = async {
             let (tcp, _) = listener.accept().await.unwrap();
-            accepted(tcp, Some(&tls), T).await
+            accepted(NewConnection::Tcp(tcp), Some(&tls), T).await
         };
         let (_, s) = tokio::join!(client, server);
         let e = s.err().expect("refused");
