@@ -14,7 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ./tests/scripts/setup-host.sh
-cargo build --release -p freehint -p freehint-preload -p freehint-bench \
+# freehint-sim-vm: `freehint bench sim` runs it as its sibling binary.
+cargo build --release -p freehint -p freehint-preload -p freehint-bench -p freehint-sim-vm \
   --features freehint/failpoints,freehint/bench
 FREEHINT_QEMU=$(./tests/qemu/build-qemu.sh)
 FREEHINT_GUEST_DIR=$(./tests/guest/build-guest-image.sh)

@@ -19,6 +19,19 @@ if [ "$(id -u)" = 0 ]; then
   need_cmd mkfs.ext4 || [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
   # The font of the benchmark report's plots (freehint-bench report).
   [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+  # The RDMA transport (freehint-rdma): rdma-sys builds against libibverbs
+  # and librdmacm with bindgen (libclang); tests/scripts/rdma-in-guest.sh
+  # copies the rxe provider, iproute2's ip and rdma, and xz-compressed
+  # kernel modules (xz, cpio, kmod) into its guest.
+  [ -f /usr/include/infiniband/verbs.h ] || missing+=(libibverbs-dev)
+  [ -f /usr/include/rdma/rdma_cma.h ] || missing+=(librdmacm-dev)
+  ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+  ls /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav*.so >/dev/null 2>&1 || missing+=(ibverbs-providers)
+  need_cmd rdma || [ -x /usr/sbin/rdma ] || missing+=(iproute2)
+  need_cmd xz || missing+=(xz-utils)
+  need_cmd cpio || missing+=(cpio)
+  need_cmd depmod || [ -x /usr/sbin/depmod ] || missing+=(kmod)
+  need_cmd pkg-config || missing+=(pkg-config)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     apt-get update -qq

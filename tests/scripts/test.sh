@@ -3,16 +3,18 @@
 # tests, the loom model check, end-to-end migrations of the SIMULATED VM
 # (with the fault matrix: every fault point of docs/FAULTS.md), the
 # hugetlbfs test, and the real-guest tests (QEMU + Linux: migration, faults,
-# handover fault matrix, disks, page poisoning), then short runs of the
-# fuzz targets (tests/fuzz). Does its own set-up.
+# handover fault matrix, disks, page poisoning), the RDMA transport on
+# soft-RoCE inside a guest, then short runs of the fuzz targets
+# (tests/fuzz). Does its own set-up.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ./tests/scripts/setup-host.sh
 
-# Fault points (docs/FAULTS.md) and the benchmark runner (`freehint bench`,
-# which drives the simulated VM) are compiled in for the tests; every cargo
-# command below uses the same features so the binaries are built once.
-features=(--features freehint/failpoints,freehint/bench)
+# Fault points (docs/FAULTS.md), the benchmark runner (`freehint bench`,
+# which drives the simulated VM) and the RDMA transport are compiled in for
+# the tests; every cargo command below uses the same features so the
+# binaries are built once.
+features=(--features freehint/failpoints,freehint/bench,freehint/rdma)
 
 echo "== format and lint"
 cargo fmt --all -- --check
@@ -37,6 +39,11 @@ fi
 
 echo "== tests"
 cargo test --workspace "${features[@]}" 2>&1 | tee target/test.log
+
+if [ "$(id -u)" = 0 ]; then
+  echo "== RDMA: the simulated VM migrated over soft-RoCE inside a Debian guest (docs/RDMA.md)"
+  ./tests/scripts/rdma-in-guest.sh --suite 2>&1 | tee target/test-rdma.log
+fi
 
 echo "== fuzz: each target of tests/fuzz for a few seconds (make fuzz: 10 million executions each)"
 ./tests/scripts/fuzz.sh "${FREEHINT_FUZZ_SECONDS:-10}" 2>&1 | tee target/test-fuzz.log
