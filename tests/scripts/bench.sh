@@ -57,9 +57,10 @@ $bench --profiles after-job --mem-mib 2048 --idle-s 10 \
   --link 1gbit --repeat $reps --json $out/suite-4-idle.json
 
 # 5. Postcopy and hybrid beside precopy with hints and QEMU's own postcopy,
-#    unshaped (where goal 8's fault latency is judged) and on 1 Gbit/s.
+#    unshaped (where goal 8's fault latency is judged) and on 1 Gbit/s;
+#    freehint-postcopy-insecure shows what TLS costs the switch and faults.
 $bench --profiles after-job,busy-idle --mem-mib 2048 \
-  --modes freehint-hints,freehint-postcopy,freehint-hybrid,qemu-postcopy \
+  --modes freehint-hints,freehint-postcopy,freehint-postcopy-insecure,freehint-hybrid,qemu-postcopy \
   --link unlimited,1gbit --repeat $reps --json $out/suite-5-postcopy.json
 
 # 6. freehint's guest agent vs the stock driver's hints, on the demo's

@@ -95,6 +95,9 @@ pub enum Mode {
     /// freehint in postcopy with hints: the guest moves at once and its
     /// pages follow (faults on the destination are served first).
     FreehintPostcopy,
+    /// [`Mode::FreehintPostcopy`] over plain TCP (`--insecure`): what TLS
+    /// costs postcopy's switch and its remote faults.
+    FreehintPostcopyInsecure,
     /// freehint in hybrid mode with hints: precopy rounds, then postcopy if
     /// they stop converging.
     FreehintHybrid,
@@ -132,7 +135,7 @@ impl Mode {
     ];
 
     /// Every mode, in report order (the benchmark suite's default).
-    pub const EVERY: [Mode; 13] = [
+    pub const EVERY: [Mode; 14] = [
         Mode::FreehintHints,
         Mode::FreehintHintsInsecure,
         Mode::FreehintHintsWait,
@@ -140,6 +143,7 @@ impl Mode {
         Mode::FreehintAgentDropCaches,
         Mode::FreehintNohints,
         Mode::FreehintPostcopy,
+        Mode::FreehintPostcopyInsecure,
         Mode::FreehintHybrid,
         Mode::QemuNative,
         Mode::QemuNativeFph,
@@ -156,6 +160,7 @@ impl Mode {
             Mode::FreehintHintsInsecure => "freehint-hints-insecure",
             Mode::FreehintNohints => "freehint-nohints",
             Mode::FreehintPostcopy => "freehint-postcopy",
+            Mode::FreehintPostcopyInsecure => "freehint-postcopy-insecure",
             Mode::FreehintHybrid => "freehint-hybrid",
             Mode::FreehintAgent => "freehint-agent",
             Mode::FreehintAgentDropCaches => "freehint-agent-drop-caches",
@@ -176,6 +181,7 @@ impl Mode {
                 | Mode::FreehintHintsInsecure
                 | Mode::FreehintNohints
                 | Mode::FreehintPostcopy
+                | Mode::FreehintPostcopyInsecure
                 | Mode::FreehintHybrid
                 | Mode::FreehintAgent
                 | Mode::FreehintAgentDropCaches
@@ -188,7 +194,10 @@ impl Mode {
     pub fn postcopy(self) -> bool {
         matches!(
             self,
-            Mode::FreehintPostcopy | Mode::FreehintHybrid | Mode::QemuPostcopy
+            Mode::FreehintPostcopy
+                | Mode::FreehintPostcopyInsecure
+                | Mode::FreehintHybrid
+                | Mode::QemuPostcopy
         )
     }
 
@@ -200,6 +209,7 @@ impl Mode {
                 | Mode::FreehintHintsWait
                 | Mode::FreehintHintsInsecure
                 | Mode::FreehintPostcopy
+                | Mode::FreehintPostcopyInsecure
                 | Mode::FreehintHybrid
                 | Mode::FreehintAgent
                 | Mode::FreehintAgentDropCaches
@@ -862,7 +872,10 @@ pub fn interactive(setup: &DemoSetup) -> Result<(bool, String), DemoError> {
 pub fn run_mode(setup: &DemoSetup, mode: Mode) -> Result<RunReport, DemoError> {
     let mut bed = Testbed::new(setup, mode.name())?;
     bed.agent = matches!(mode, Mode::FreehintAgent | Mode::FreehintAgentDropCaches);
-    bed.tls = mode != Mode::FreehintHintsInsecure;
+    bed.tls = !matches!(
+        mode,
+        Mode::FreehintHintsInsecure | Mode::FreehintPostcopyInsecure
+    );
     if mode.is_freehint() {
         run_freehint(&bed, mode)
     } else {
@@ -898,7 +911,7 @@ fn run_freehint(bed: &Testbed, mode: Mode) -> Result<RunReport, DemoError> {
     let wait = HINT_WAIT_MS.to_string();
     let extra: &[&str] = match mode {
         Mode::FreehintHintsWait => &["--hint-wait-ms", &wait],
-        Mode::FreehintPostcopy => &["--mode", "postcopy"],
+        Mode::FreehintPostcopy | Mode::FreehintPostcopyInsecure => &["--mode", "postcopy"],
         Mode::FreehintHybrid => &["--mode", "hybrid"],
         Mode::FreehintAgentDropCaches => &["--mode", "precopy", "--guest-drop-caches"],
         _ => &["--mode", "precopy"],

@@ -844,6 +844,8 @@ pub(crate) async fn read_into_pages(
     if done == len {
         return Ok(());
     }
+    // Without the rdma feature there is one variant.
+    #[allow(clippy::infallible_destructuring_match)]
     let channel = match r.get_ref() {
         Channel::Tcp(c) => c,
         #[cfg(feature = "rdma")]
@@ -1084,6 +1086,7 @@ pub(crate) async fn accepted(
     tls: Option<&TlsConfig>,
     timeout: std::time::Duration,
 ) -> Result<Channel, TlsError> {
+    #[allow(clippy::infallible_destructuring_match)]
     let tcp = match incoming {
         NewConnection::Tcp(tcp) => tcp,
         #[cfg(feature = "rdma")]

@@ -63,6 +63,7 @@ fn mode_color(mode: Mode) -> RGBColor {
         Mode::FreehintHintsInsecure => RGBColor(120, 200, 170),
         Mode::FreehintNohints => RGBColor(86, 180, 233),
         Mode::FreehintPostcopy => RGBColor(240, 228, 66),
+        Mode::FreehintPostcopyInsecure => RGBColor(250, 240, 150),
         Mode::FreehintHybrid => RGBColor(0, 0, 0),
         Mode::FreehintAgent => RGBColor(150, 60, 150),
         Mode::FreehintAgentDropCaches => RGBColor(90, 30, 90),
