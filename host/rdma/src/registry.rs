@@ -140,11 +140,6 @@ impl Registry {
             self.chunks.remove(&start);
         }
     }
-
-    /// Chunks registered now.
-    pub(crate) fn registered(&self) -> usize {
-        self.chunks.len()
-    }
 }
 
 #[cfg(test)]

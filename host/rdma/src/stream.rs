@@ -364,11 +364,6 @@ impl RdmaStream {
         self.shared.lock().registry.expose(ranges);
     }
 
-    /// Memory registrations held now (for tests and stats).
-    pub fn registered_chunks(&self) -> usize {
-        self.shared.lock().registry.registered()
-    }
-
     /// Reads what has arrived without waiting: `WouldBlock` if nothing
     /// has, `Ok(0)` at the end of the stream.
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
@@ -530,21 +525,8 @@ impl RdmaStream {
         let conn = &self.shared.conn;
         let mut st = self.shared.lock();
         st.progress(conn);
-        if !st.closing {
-            if let Some(f) = &st.failed {
-                return Poll::Ready(Err(f.to_io()));
-            }
-            if st.current.is_some() {
-                if let Err(e) = st.post_current(conn) {
-                    return Poll::Ready(Err(e));
-                }
-            }
-            if st.room_for(conn, Kind::Close) {
-                if let Err(e) = st.post_current(conn) {
-                    return Poll::Ready(Err(e));
-                }
-                st.closing = true;
-            }
+        if let Err(e) = st.close(conn) {
+            return Poll::Ready(Err(e));
         }
         if st.closing {
             if st.unread.is_empty() {
@@ -597,12 +579,6 @@ impl RdmaStream {
     /// Stream bytes written so far, inline or by reference.
     pub fn bytes_written(&self) -> u64 {
         self.shared.lock().bytes_written
-    }
-
-    /// Cuts the connection at once (a link failure, for tests): both
-    /// sides see an error on their next call.
-    pub fn disconnect(&self) {
-        self.shared.conn.disconnect();
     }
 
     /// A handle that cuts this connection later ([`RdmaCut::cut`]), from
@@ -807,23 +783,29 @@ impl State {
     /// delivered and the peer has read every page reference, or the
     /// connection failed, so that it may be torn down.
     fn linger_done(&mut self, conn: &Conn) -> bool {
-        if self.failed.is_some() {
+        if self.failed.is_some() || self.close(conn).is_err() {
             return true;
-        }
-        if !self.closing {
-            if self.current.is_some() && self.post_current(conn).is_err() {
-                return true;
-            }
-            if self.room_for(conn, Kind::Close) {
-                if self.post_current(conn).is_err() {
-                    return true;
-                }
-                self.closing = true;
-            }
         }
         // Every message delivered (a queue pair torn down with a send in
         // flight may never send it), every reference read.
         self.closing && self.unread.is_empty() && self.free_send_slots.len() == SEND_SLOTS
+    }
+
+    /// Sends our close once (the message being filled goes out first,
+    /// in `room_for`); while no credit is free it is sent on a later call.
+    /// `Err` if the stream failed before its close went out.
+    fn close(&mut self, conn: &Conn) -> io::Result<()> {
+        if self.closing {
+            return Ok(());
+        }
+        if self.failed.is_none() && self.room_for(conn, Kind::Close) {
+            self.post_current(conn)?;
+            self.closing = true;
+        }
+        match &self.failed {
+            Some(f) => Err(f.to_io()),
+            None => Ok(()),
+        }
     }
 
     fn writable(&self) -> io::Result<()> {

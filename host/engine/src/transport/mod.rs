@@ -313,42 +313,25 @@ impl TcpChannel {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        loop {
-            match self.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.tcp.poll_read_ready(cx))?;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        let n = ready!(retry(
+            cx,
+            |cx| self.tcp.poll_read_ready(cx),
+            || self.try_read(buf.initialize_unfilled())
+        ))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
     }
 
     fn poll_write_shared(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        loop {
-            match self.try_write(buf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.tcp.poll_write_ready(cx))?;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        retry(
+            cx,
+            |cx| self.tcp.poll_write_ready(cx),
+            || self.try_write(buf),
+        )
     }
 
     fn poll_flush_shared(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            match self.try_flush() {
-                Ok(()) => return Poll::Ready(Ok(())),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.tcp.poll_write_ready(cx))?;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        retry(cx, |cx| self.tcp.poll_write_ready(cx), || self.try_flush())
     }
 
     /// Ends our direction: TLS's close_notify (once), every record out,
@@ -573,18 +556,15 @@ impl Channel {
         match self {
             Channel::Tcp(c) => c.poll_read_shared(cx, buf),
             #[cfg(feature = "rdma")]
-            Channel::Rdma { stream, .. } => loop {
-                match stream.try_read(buf.initialize_unfilled()) {
-                    Ok(n) => {
-                        buf.advance(n);
-                        return Poll::Ready(Ok(()));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        ready!(stream.poll_read_ready(cx))?;
-                    }
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            },
+            Channel::Rdma { stream, .. } => {
+                let n = ready!(retry(
+                    cx,
+                    |cx| stream.poll_read_ready(cx),
+                    || stream.try_read(buf.initialize_unfilled())
+                ))?;
+                buf.advance(n);
+                Poll::Ready(Ok(()))
+            }
         }
     }
 
@@ -592,15 +572,11 @@ impl Channel {
         match self {
             Channel::Tcp(c) => c.poll_write_shared(cx, buf),
             #[cfg(feature = "rdma")]
-            Channel::Rdma { stream, .. } => loop {
-                match stream.try_write(buf) {
-                    Ok(n) => return Poll::Ready(Ok(n)),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        ready!(stream.poll_write_ready(cx))?;
-                    }
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            },
+            Channel::Rdma { stream, .. } => retry(
+                cx,
+                |cx| stream.poll_write_ready(cx),
+                || stream.try_write(buf),
+            ),
         }
     }
 
@@ -608,15 +584,9 @@ impl Channel {
         match self {
             Channel::Tcp(c) => c.poll_flush_shared(cx),
             #[cfg(feature = "rdma")]
-            Channel::Rdma { stream, .. } => loop {
-                match stream.try_flush() {
-                    Ok(()) => return Poll::Ready(Ok(())),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        ready!(stream.poll_write_ready(cx))?;
-                    }
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            },
+            Channel::Rdma { stream, .. } => {
+                retry(cx, |cx| stream.poll_write_ready(cx), || stream.try_flush())
+            }
         }
     }
 
@@ -679,13 +649,12 @@ async fn rdma_write_pages(
         let (base, len) = (iovs.0[i].iov_base as usize, iovs.0[i].iov_len);
         let mut done = 0;
         while done < len {
-            let referenced = std::future::poll_fn(|cx| loop {
-                match stream.try_write_ref((base + done) as *const u8, len - done) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        ready!(stream.poll_write_ready(cx))?;
-                    }
-                    other => return Poll::Ready(other),
-                }
+            let referenced = std::future::poll_fn(|cx| {
+                retry(
+                    cx,
+                    |cx| stream.poll_write_ready(cx),
+                    || stream.try_write_ref((base + done) as *const u8, len - done),
+                )
             })
             .await?;
             if let Some(n) = referenced {
@@ -844,52 +813,52 @@ pub(crate) async fn read_into_pages(
     if done == len {
         return Ok(());
     }
-    // Without the rdma feature there is one variant.
-    #[allow(clippy::infallible_destructuring_match)]
-    let channel = match r.get_ref() {
-        Channel::Tcp(c) => c,
+    match r.get_ref() {
+        Channel::Tcp(c) if c.tls.is_none() => {
+            crate::io::read_socket_into_pages(&c.tcp, dst, done, context).await
+        }
+        Channel::Tcp(c) => {
+            read_pages_from(&dst, done, context, |cx, done| {
+                retry(
+                    cx,
+                    |cx| c.tcp.poll_read_ready(cx),
+                    || c.try_read_pages(&dst, done),
+                )
+            })
+            .await
+        }
         #[cfg(feature = "rdma")]
         Channel::Rdma { stream, .. } => {
-            while done < len {
-                let n = std::future::poll_fn(|cx| loop {
-                    match stream.try_read_with(|b| {
-                        let n = b.len().min(len - done);
-                        dst.write_at(done, &b[..n]);
-                        n
-                    }) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            ready!(stream.poll_read_ready(cx))?;
-                        }
-                        other => return Poll::Ready(other),
-                    }
-                })
-                .await
-                .map_err(MigrateError::io(context.to_string()))?;
-                if n == 0 {
-                    return Err(MigrateError::Disconnected(format!(
-                        "{context}: peer disconnected in the middle of a frame (truncated frame)"
-                    )));
-                }
-                done += n;
-            }
-            return Ok(());
+            read_pages_from(&dst, done, context, |cx, done| {
+                retry(
+                    cx,
+                    |cx| stream.poll_read_ready(cx),
+                    || {
+                        stream.try_read_with(|b| {
+                            let n = b.len().min(dst.len() - done);
+                            dst.write_at(done, &b[..n]);
+                            n
+                        })
+                    },
+                )
+            })
+            .await
         }
-    };
-    if channel.tls.is_none() {
-        return crate::io::read_socket_into_pages(&channel.tcp, dst, done, context).await;
     }
-    while done < len {
-        let n = std::future::poll_fn(|cx| loop {
-            match channel.try_read_pages(&dst, done) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(channel.tcp.poll_read_ready(cx))?;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        })
-        .await
-        .map_err(MigrateError::io(context.to_string()))?;
+}
+
+/// Fills `dst` from byte `done` on, each step `read(cx, done)` (bytes
+/// read, 0 at the end of the stream).
+async fn read_pages_from(
+    dst: &RawPages,
+    mut done: usize,
+    context: &str,
+    mut read: impl FnMut(&mut Context<'_>, usize) -> Poll<io::Result<usize>>,
+) -> Result<(), MigrateError> {
+    while done < dst.len() {
+        let n = std::future::poll_fn(|cx| read(cx, done))
+            .await
+            .map_err(MigrateError::io(context.to_string()))?;
         if n == 0 {
             return Err(MigrateError::Disconnected(format!(
                 "{context}: peer disconnected in the middle of a frame (truncated frame)"
@@ -898,6 +867,21 @@ pub(crate) async fn read_into_pages(
         done += n;
     }
     Ok(())
+}
+
+/// Runs `op` until it says something other than `WouldBlock`, waiting
+/// with `ready` between tries.
+fn retry<T>(
+    cx: &mut Context<'_>,
+    mut ready: impl FnMut(&mut Context<'_>) -> Poll<io::Result<()>>,
+    mut op: impl FnMut() -> io::Result<T>,
+) -> Poll<io::Result<T>> {
+    loop {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(ready(cx))?,
+            other => return Poll::Ready(other),
+        }
+    }
 }
 
 /// Opens a connection to `dest` over `scheme`: TCP, then TLS's handshake
