@@ -97,6 +97,11 @@ if [ ! -s "$base/vmlinuz" ] || [ ! -s "$base/base.cpio.gz" ]; then
   mv "$base.tmp" "$base"
   rm -rf "$work"
   trap - EXIT
+  # Every edit of this script or the guest's init makes a new key: drop
+  # the builds of older keys so that the cache does not grow with them.
+  for old in "$cache"/rdma-guest-*; do
+    [ "$old" = "$base" ] || rm -rf "$old"
+  done
 fi
 
 # 2. freehint's binaries, with RDMA, fault points and the benchmark runner
