@@ -6,7 +6,8 @@
 //! `hints`, `sync`), and writes one Markdown file: the goals and their
 //! verdicts, a section per suite (its command, a summary table per
 //! profile, RAM size, link and idle time, its plots), the micro
-//! benchmarks, and every run of every suite in an appendix. The plots are
+//! benchmarks, the A/B table of tests/scripts/bench-ab.sh if it was run
+//! ([`AB_TABLE`]), and every run of every suite in an appendix. The plots are
 //! PNG files in their own folder, linked by relative path.
 //!
 //! The modules: `load` reads and groups the runs and takes medians,
@@ -54,10 +55,31 @@ pub fn write_report(dir: &Path, out: &Path, plots_dir: &Path) -> anyhow::Result<
     }
     md.push_str("## Simulated VM and micro benchmarks\n\n");
     md.push_str(&micro::sections(dir, &crate::host::machine())?);
+    md.push_str(&ab_section(plots_dir)?);
     for suite in &suites {
         md.push_str(&tables::every_run(suite));
     }
     std::fs::write(out, md).with_context(|| format!("writing {}", out.display()))
+}
+
+/// The A/B table that tests/scripts/bench-ab.sh writes beside the plots: one
+/// build of freehint against another, run in alternation. It is kept across
+/// reports (`make bench` does not run it) and embedded as it is.
+pub const AB_TABLE: &str = "transport-ab.md";
+
+/// The A/B section: the table in `plots_dir` if bench-ab.sh wrote one, else
+/// how to make it.
+fn ab_section(plots_dir: &Path) -> anyhow::Result<String> {
+    let path = plots_dir.join(AB_TABLE);
+    match std::fs::read_to_string(&path) {
+        Ok(table) => Ok(format!("{}\n\n", table.trim_end())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(format!(
+            "## The TCP path before and after the transport abstraction (A/B)\n\n\
+             Not run: `tests/scripts/bench-ab.sh` writes it to {}.\n\n",
+            path.display()
+        )),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 /// The environment variable that names the plots' font file, when it is not
