@@ -123,9 +123,7 @@ impl Qmp {
             source,
         };
         let stream = UnixStream::connect(path).map_err(io)?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(io)?;
+        stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
         let mut qmp = Self {
             path: path.to_path_buf(),
@@ -174,7 +172,7 @@ impl Qmp {
         loop {
             let v = self.read()?;
             if v.get("event").is_some() {
-                self.events.push(v);
+                self.push_event(v);
                 continue;
             }
             if let Some(r) = v.get("return") {
@@ -385,35 +383,111 @@ impl Qmp {
         Ok(())
     }
 
-    /// Polls `query-migrate` until it completes or fails, at most `timeout`.
-    pub fn wait_migration(&mut self, timeout: Duration) -> Result<Value, QmpError> {
-        let start = Instant::now();
+    /// Runs `command` (`migrate` or `migrate-incoming`) to `uri` and waits
+    /// for the `MIGRATION` event that ends it (`completed`, `failed` or
+    /// `cancelled`; [`Self::set_freehint_capabilities`] turns the events
+    /// on), at most `timeout`. Waiting on the event, not polling
+    /// `query-migrate`, costs the stopped guest no polling interval and
+    /// QEMU no QMP traffic while it saves or loads.
+    pub fn migrate_and_wait(
+        &mut self,
+        command: &str,
+        uri: &str,
+        timeout: Duration,
+    ) -> Result<(), QmpError> {
+        // An event of an earlier migration on this connection must not end
+        // this one.
+        self.events.retain(|e| e["event"] != "MIGRATION");
+        self.execute(command, json!({ "uri": uri }))?;
+        let deadline = Instant::now() + timeout;
+        let timed_out = || QmpError::Timeout {
+            what: format!("QEMU's {command} of its device state"),
+            seconds: timeout.as_secs(),
+        };
         loop {
-            let r = self.execute("query-migrate", json!({}))?;
-            match r["status"].as_str() {
-                Some("completed") => return Ok(r),
-                Some("failed") | Some("cancelled") => {
-                    return Err(QmpError::Command {
-                        command: "migrate".into(),
-                        class: r["status"].as_str().unwrap_or("?").to_string(),
-                        desc: r["error-desc"]
-                            .as_str()
-                            .unwrap_or("no reason given")
-                            .to_string(),
-                    })
+            if let Some(status) = self.take_migration_end() {
+                if status == "completed" {
+                    return Ok(());
                 }
-                _ => {}
-            }
-            if start.elapsed() > timeout {
-                return Err(QmpError::Timeout {
-                    what: "QEMU's device-state migration".into(),
-                    seconds: timeout.as_secs(),
+                let r = self.execute("query-migrate", json!({}))?;
+                return Err(QmpError::Command {
+                    command: command.to_string(),
+                    class: status,
+                    desc: r["error-desc"]
+                        .as_str()
+                        .unwrap_or("no reason given")
+                        .to_string(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(1));
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(timed_out());
+            }
+            match self.read_within(left)? {
+                Some(v) if v.get("event").is_some() => self.push_event(v),
+                Some(v) => return Err(QmpError::Protocol(format!("unasked-for reply {v}"))),
+                None => return Err(timed_out()),
+            }
+        }
+    }
+
+    /// Removes the first buffered `MIGRATION` event with an end status and
+    /// returns that status.
+    fn take_migration_end(&mut self) -> Option<String> {
+        let at = self.events.iter().position(|e| {
+            e["event"] == "MIGRATION"
+                && matches!(
+                    e["data"]["status"].as_str(),
+                    Some("completed" | "failed" | "cancelled")
+                )
+        })?;
+        let event = self.events.remove(at);
+        event["data"]["status"].as_str().map(str::to_string)
+    }
+
+    /// Keeps an event for [`Self::take_events`], dropping the oldest beyond
+    /// [`MAX_BUFFERED_EVENTS`] (a long-lived connection sees many).
+    fn push_event(&mut self, event: Value) {
+        if self.events.len() >= MAX_BUFFERED_EVENTS {
+            self.events.remove(0);
+        }
+        self.events.push(event);
+    }
+
+    /// One message, waiting at most `wait`; `None` if none came.
+    fn read_within(&mut self, wait: Duration) -> Result<Option<Value>, QmpError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| QmpError::Io { path, source }
+        };
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+            .map_err(io(&self.path))?;
+        let read = self.read();
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .map_err(io(&self.path))?;
+        match read {
+            Err(QmpError::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
+            other => other.map(Some),
         }
     }
 }
+
+/// How long one QMP read may wait before the connection counts as broken.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Events kept for [`Qmp::take_events`] at most.
+pub const MAX_BUFFERED_EVENTS: usize = 256;
 
 fn read_state(path: &Path) -> Result<Vec<u8>, QmpError> {
     std::fs::read(path).map_err(|source| QmpError::StateFile {
@@ -505,11 +579,11 @@ impl Vmm for QemuVmm {
         let _ = std::fs::remove_file(file);
         let mut q = self.conn.qmp();
         let mut saved = || {
-            q.execute(
+            q.migrate_and_wait(
                 "migrate",
-                json!({ "uri": format!("file:{}", file.display()) }),
+                &format!("file:{}", file.display()),
+                self.conn.timeout,
             )?;
-            q.wait_migration(self.conn.timeout)?;
             read_state(file)
         };
         saved().map_err(|e| VmmError::new(VmmOp::SaveDeviceState, e))
@@ -566,12 +640,11 @@ impl DestinationVmm for QemuDestination {
                 path: file.clone(),
                 source,
             })?;
-            let mut q = self.conn.qmp();
-            q.execute(
+            self.conn.qmp().migrate_and_wait(
                 "migrate-incoming",
-                json!({ "uri": format!("file:{}", file.display()) }),
-            )?;
-            q.wait_migration(timeout).map(|_| ())
+                &format!("file:{}", file.display()),
+                timeout,
+            )
         };
         loaded().map_err(|e| VmmError::new(VmmOp::LoadDeviceState, e))
     }
@@ -661,5 +734,127 @@ mod tests {
                  pc.bios    4 KiB  0x0000000010000000 0x0000000000040000 0x0000000000040000 0x00007f3b5f600000  ro
 ";
         assert_eq!(ramblock_bytes_except(t, "mem0"), (16 << 20) + (256 << 10));
+    }
+
+    /// A QMP peer playing `script` (after the greeting and capabilities),
+    /// and a client connected to it.
+    fn scripted(
+        script: impl FnOnce(&mut BufReader<UnixStream>, &mut UnixStream) + Send + 'static,
+    ) -> (Qmp, std::thread::JoinHandle<()>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut w = stream.try_clone().unwrap();
+            let mut r = BufReader::new(stream);
+            writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            expect_command(&mut r, "qmp_capabilities");
+            writeln!(w, r#"{{"return": {{}}}}"#).unwrap();
+            script(&mut r, &mut w);
+        });
+        (Qmp::connect(&path).unwrap(), peer, dir)
+    }
+
+    fn expect_command(r: &mut BufReader<UnixStream>, command: &str) {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["execute"], command, "{line}");
+    }
+
+    #[test]
+    fn a_migration_ends_at_its_own_completed_event_not_an_earlier_one() {
+        let (mut qmp, peer, _dir) = scripted(|r, w| {
+            // An earlier migration's end, arriving during another command.
+            expect_command(r, "query-status");
+            writeln!(
+                w,
+                r#"{{"event": "MIGRATION", "data": {{"status": "completed"}}}}"#
+            )
+            .unwrap();
+            writeln!(w, r#"{{"return": {{"status": "paused"}}}}"#).unwrap();
+            expect_command(r, "migrate");
+            writeln!(w, r#"{{"return": {{}}}}"#).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            writeln!(
+                w,
+                r#"{{"event": "MIGRATION", "data": {{"status": "active"}}}}"#
+            )
+            .unwrap();
+            writeln!(
+                w,
+                r#"{{"event": "MIGRATION", "data": {{"status": "completed"}}}}"#
+            )
+            .unwrap();
+        });
+        assert_eq!(qmp.status().unwrap(), "paused");
+        let started = Instant::now();
+        qmp.migrate_and_wait("migrate", "file:/x", Duration::from_secs(10))
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        peer.join().unwrap();
+        // The events that ended no migration are still there to take.
+        let left = qmp.take_events();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0]["data"]["status"], "active");
+    }
+
+    #[test]
+    fn a_failed_migration_says_qemus_reason() {
+        let (mut qmp, peer, _dir) = scripted(|r, w| {
+            expect_command(r, "migrate-incoming");
+            writeln!(w, r#"{{"return": {{}}}}"#).unwrap();
+            writeln!(
+                w,
+                r#"{{"event": "MIGRATION", "data": {{"status": "failed"}}}}"#
+            )
+            .unwrap();
+            expect_command(r, "query-migrate");
+            writeln!(
+                w,
+                r#"{{"return": {{"status": "failed", "error-desc": "Unknown savevm section"}}}}"#
+            )
+            .unwrap();
+        });
+        let e = qmp
+            .migrate_and_wait("migrate-incoming", "file:/x", Duration::from_secs(10))
+            .unwrap_err();
+        assert!(
+            matches!(&e, QmpError::Command { class, desc, .. }
+                if class == "failed" && desc == "Unknown savevm section"),
+            "{e:?}"
+        );
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn a_migration_that_never_ends_times_out() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let (mut qmp, peer, _dir) = scripted(move |r, w| {
+            expect_command(r, "migrate");
+            writeln!(w, r#"{{"return": {{}}}}"#).unwrap();
+            let _ = done_rx.recv();
+        });
+        let e = qmp
+            .migrate_and_wait("migrate", "file:/x", Duration::from_millis(200))
+            .unwrap_err();
+        assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
+        drop(done_tx);
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn events_nobody_takes_stay_bounded() {
+        let (mut qmp, peer, _dir) = scripted(|r, w| {
+            expect_command(r, "query-status");
+            for _ in 0..MAX_BUFFERED_EVENTS + 10 {
+                writeln!(w, r#"{{"event": "RESUME", "data": {{}}}}"#).unwrap();
+            }
+            writeln!(w, r#"{{"return": {{"status": "running"}}}}"#).unwrap();
+        });
+        assert_eq!(qmp.status().unwrap(), "running");
+        assert_eq!(qmp.take_events().len(), MAX_BUFFERED_EVENTS);
+        peer.join().unwrap();
     }
 }
