@@ -320,30 +320,13 @@ impl PrecopySender {
         hit("src.before-stop")?;
         self.stop_vm(at).await?;
         hit("src.after-stop")?;
-        // The VMM saves its device state while the last round runs: the two
-        // share nothing (QEMU writes its own state file; the round reads
-        // guest RAM, which no longer changes), so the stopped guest waits
-        // for the longer of the two rather than for both.
-        let vmm = Arc::clone(&self.vmm);
-        let saving = tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            (vmm.device_state(), started.elapsed())
-        });
-        let round = if postcopy {
-            self.switch_round(at).await
+        if postcopy {
+            self.switch_round(at).await?;
         } else {
-            self.final_round(at).await
-        };
-        // Waited for even when the round failed: a fail-back resumes the
-        // VM only once the VMM has finished saving.
-        let saved = saving
-            .await
-            .map_err(|e| MigrateError::Panic(format!("saving the device state: {e}")));
-        round?;
-        let (state, save_time) = saved?;
-        at.stats.downtime_breakdown.device_state_save_us = save_time.as_micros() as u64;
+            self.final_round(at).await?;
+        }
         hit("src.after-final-round")?;
-        self.send_device_state(at, state?).await?;
+        self.send_device_state(at).await?;
         hit("src.after-complete")?;
         self.await_ready(at).await?;
         hit("src.after-ready")?;
@@ -1030,12 +1013,11 @@ impl PrecopySender {
         Ok((pending, bulk, urgent))
     }
 
-    /// Sends the device state the VMM saved, then `Complete`.
-    async fn send_device_state(
-        &mut self,
-        at: &mut Attempt,
-        state: Vec<u8>,
-    ) -> Result<(), MigrateError> {
+    /// Takes the device state and sends it, then `Complete`.
+    async fn send_device_state(&mut self, at: &mut Attempt) -> Result<(), MigrateError> {
+        let started = Instant::now();
+        let state = self.vmm.device_state()?;
+        at.stats.downtime_breakdown.device_state_save_us = started.elapsed().as_micros() as u64;
         let sending = Instant::now();
         if state.len() as u64 > MAX_DEVICE_STATE_BYTES {
             return Err(MigrateError::DeviceStateTooLarge {

@@ -173,19 +173,15 @@ impl PostcopyStats {
 }
 
 /// The downtime of a migration, step by step, in the order they happen on
-/// the source (each from the end of the one before, but for the device
-/// state's save, which runs beside the final round). The source's
-/// `downtime_ms` is, to rounding, `stop_us` + the longer of
-/// `final_round_us` and `device_state_save_us` + the rest.
+/// the source (each from the end of the one before). Their sum is the
+/// source's `downtime_ms`, to rounding.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DowntimeBreakdown {
     /// Stopping the VM (`Vmm::stop`: QEMU's `stop`, the devices quiesced).
     pub stop_us: u64,
     /// The final dirty-log sync and round, and closing the bulk channels.
     pub final_round_us: u64,
-    /// Taking the VMM's device state (`Vmm::device_state`). It runs beside
-    /// the final round (from the stop on), so the downtime holds the longer
-    /// of `final_round_us` and this, not their sum.
+    /// Taking the VMM's device state (`Vmm::device_state`).
     pub device_state_save_us: u64,
     /// Sending the device state and `Complete`.
     pub device_state_send_us: u64,
