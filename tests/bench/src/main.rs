@@ -89,6 +89,11 @@ struct RunArgs {
     /// this program).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// The freehint commit those binaries were built from, recorded in the
+    /// JSON and the report (`make bench` gives `git describe --always
+    /// --dirty`), so that suites run on different days say what they ran.
+    #[arg(long, env = "FREEHINT_BENCH_BUILT_FROM")]
+    built_from: Option<String>,
     /// Consoles and logs of every run go in a folder per run here.
     #[arg(long, default_value = "target/bench/logs")]
     log_dir: PathBuf,
@@ -189,6 +194,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         matrix,
         json_out: a.json_out.clone(),
         scratch_dir: std::path::absolute(&a.scratch_dir)?,
+        built_from: a.built_from.clone(),
     };
     let command = std::env::args()
         .map(|a| if a.contains(' ') { format!("'{a}'") } else { a })

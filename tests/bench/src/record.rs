@@ -262,6 +262,10 @@ pub struct SuiteReport {
     pub started: String,
     /// This machine: CPU model, cores, kernel, RAM.
     pub machine: String,
+    /// The freehint commit the binaries were built from, when the runner
+    /// was told (`--built-from`; bench.sh says it). Older reports lack it.
+    #[serde(default)]
+    pub built_from: Option<String>,
     /// Every run, in the order they ran.
     pub runs: Vec<RunRecord>,
 }

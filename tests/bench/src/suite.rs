@@ -84,6 +84,8 @@ pub struct Suite {
     /// Where the `page-cache` profile's disk image is made (removed at the
     /// end).
     pub scratch_dir: PathBuf,
+    /// The freehint commit the binaries were built from, if known.
+    pub built_from: Option<String>,
 }
 
 impl Suite {
@@ -93,6 +95,7 @@ impl Suite {
             command,
             started: crate::host::now_rfc3339(),
             machine: crate::host::machine(),
+            built_from: self.built_from.clone(),
             runs: Vec::new(),
         };
         let keys = self.matrix.runs();

@@ -241,6 +241,7 @@ fn fault_latency_is_judged_on_the_unshaped_link_and_shown_for_shaped_ones() {
         command: "freehint-bench --modes freehint-postcopy --json target/bench/suite-5.json".into(),
         started: "2026-11-24T08:00:00Z".into(),
         machine: "test machine".into(),
+        built_from: Some("abc1234".into()),
         runs: vec![
             postcopy(Link::Unlimited, 1, 70, 400),
             postcopy(Link::Unlimited, 2, 90, 700),
@@ -250,6 +251,10 @@ fn fault_latency_is_judged_on_the_unshaped_link_and_shown_for_shaped_ones() {
     };
     s.write("suite-5.json", &serde_json::to_string(&suite).unwrap());
     let md = s.report();
+    assert_has(
+        &md,
+        "Started 2026-11-24T08:00:00Z on test machine, freehint built from abc1234.",
+    );
     assert_has(
         &md,
         "| 8. postcopy's remote faults: p50 ≤ 100 µs, p99 ≤ 1000 µs | met |",
@@ -295,6 +300,7 @@ fn tls_cost_is_judged_against_plain_tcp_on_the_unshaped_link() {
             .into(),
         started: "2026-11-24T08:00:00Z".into(),
         machine: "test machine".into(),
+        built_from: Some("abc1234".into()),
         runs: (1..=3)
             .flat_map(|rep| {
                 [
@@ -350,6 +356,7 @@ fn suites_in_file_name_order_with_goals_over_all_of_them() {
             .into(),
         started: "2026-11-22T08:00:00Z".into(),
         machine: "another machine".into(),
+        built_from: None,
         runs: vec![
             measured(Profile::AfterJob, 2048, Mode::FreehintHints, 1, 1000),
             measured(Profile::AfterJob, 16384, Mode::FreehintHints, 1, 1400),

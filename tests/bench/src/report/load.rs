@@ -466,6 +466,7 @@ mod tests {
                 command: "c".into(),
                 started: "s".into(),
                 machine: "m".into(),
+                built_from: None,
                 runs,
             },
             breakdowns: vec![None; n],

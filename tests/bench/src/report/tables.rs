@@ -12,9 +12,12 @@ use crate::record::RunStatus;
 pub(crate) fn suite_section(suite: &Suite) -> String {
     let r = &suite.report;
     let mut md = format!("## Suite: {}\n\n", suite.file_name);
+    let built = r.built_from.as_deref().map_or(String::new(), |c| {
+        format!(", freehint built from {}", c.trim())
+    });
     let _ = writeln!(
         md,
-        "Started {} on {}. Its command:\n\n```\n{}\n```\n",
+        "Started {} on {}{built}. Its command:\n\n```\n{}\n```\n",
         r.started.trim(),
         r.machine.trim(),
         r.command.trim()
