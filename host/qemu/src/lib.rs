@@ -454,21 +454,11 @@ impl Qmp {
         self.events.push(event);
     }
 
-    /// One message, waiting at most `wait`; `None` if none came.
+    /// One message, waiting at most `wait` (not zero); `None` if none came.
     fn read_within(&mut self, wait: Duration) -> Result<Option<Value>, QmpError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| QmpError::Io { path, source }
-        };
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
-            .map_err(io(&self.path))?;
+        self.set_read_timeout(wait)?;
         let read = self.read();
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(READ_TIMEOUT))
-            .map_err(io(&self.path))?;
+        self.set_read_timeout(READ_TIMEOUT)?;
         match read {
             Err(QmpError::Io { source, .. })
                 if matches!(
@@ -480,6 +470,16 @@ impl Qmp {
             }
             other => other.map(Some),
         }
+    }
+
+    fn set_read_timeout(&self, wait: Duration) -> Result<(), QmpError> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(wait))
+            .map_err(|source| QmpError::Io {
+                path: self.path.clone(),
+                source,
+            })
     }
 }
 
